@@ -1,0 +1,192 @@
+"""Typed, validated configuration: the dataset block and one trial's configuration.
+
+Every config is a frozen pydantic model with ``extra="forbid"``, so a typo in a YAML key is an error that
+names the key instead of being silently ignored. YAML files are loaded with :func:`load_yaml_model`, which
+turns pydantic's errors into one message naming the file, the key path and what is allowed.
+
+The study's search-space spec (``study.spec``) embeds the same ``DatasetConfig`` and samples ``TrialConfig``
+fields, so ``study train`` and ``study run`` read the dataset the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file, the key and what is allowed."""
+
+
+def default_cache_dir() -> Path:
+    """Where prepared datasets and feature caches live (``$CAPTION_STUDY_CACHE`` or ``~/.cache/caption-study``)."""
+    env = os.environ.get("CAPTION_STUDY_CACHE")
+    return Path(env).expanduser().resolve() if env else Path.home() / ".cache" / "caption-study"
+
+
+class StrictModel(BaseModel):
+    """Base for every config: frozen after loading, unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShapesDataset(StrictModel):
+    """The embedded, generated dataset: rendered scenes of 1-3 shapes with 5 grammar captions each."""
+
+    kind: Literal["shapes"] = "shapes"
+    images: int = Field(1000, ge=30, description="total images; split 80/10/10 into train/val/test")
+    seed: int = Field(0, description="generator seed: same seed and options give byte-identical files")
+    image_size: int = Field(128, ge=32, le=512, description="rendered side in pixels (resized for the encoder)")
+    encoder: str = Field("efficientnet_lite0", description="image encoder registry name")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="where data and features are cached")
+
+
+class KarpathyDataset(StrictModel):
+    """Flickr8k / Flickr30k / MS-COCO in the Karpathy-split JSON format plus a folder of images."""
+
+    kind: Literal["karpathy"] = "karpathy"
+    json_path: Path = Field(alias="json", description="the dataset_*.json file")
+    images_root: Path | None = Field(
+        None, description="folder the filenames are relative to (default: <json folder>/images)"
+    )
+    restval: Literal["train", "keep", "drop"] = Field(
+        "train", description="what to do with COCO's 'restval' split: fold into train, keep apart, or drop"
+    )
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error", description="a missing or corrupt image: stop with its name, or skip it and count it"
+    )
+    encoder: str = Field("efficientnet_lite0", description="image encoder registry name")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="where features are cached")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("json_path")
+    @classmethod
+    def _json_exists(cls, path: Path) -> Path:
+        path = path.expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"dataset JSON {path} does not exist")
+        return path
+
+    @model_validator(mode="after")
+    def _root_exists(self) -> "KarpathyDataset":
+        root = self.resolved_images_root
+        if not root.is_dir():
+            raise ValueError(f"images_root {root} is not a folder")
+        return self
+
+    @property
+    def resolved_images_root(self) -> Path:
+        root = self.images_root if self.images_root is not None else self.json_path.parent / "images"
+        return root.expanduser().resolve()
+
+
+DatasetConfig = Annotated[Union[ShapesDataset, KarpathyDataset], Field(discriminator="kind")]
+
+
+class TrialConfig(StrictModel):
+    """One trial: the model, its tokens, the optimiser and the dataset. Defaults are sensible on ``shapes``.
+
+    Scientific parameters (what the study asks about): ``inject``, ``cell``, ``tokens``, ``layers``.
+    Nuisance parameters (tuned for fairness): ``hidden``, ``embed``, ``dropout``, ``lr``, ``weight_decay``...
+    """
+
+    dataset: DatasetConfig = Field(default_factory=ShapesDataset)
+
+    # --- model ---------------------------------------------------------------------------------------
+    inject: str = Field("init", description="init | pre | par | merge | attention | none")
+    cell: str = Field("lstm", description="lstm (fused) | gru (fused) | lstm_peephole (seed eq. 1-5)")
+    layers: int = Field(1, ge=1, le=4, description="stacked recurrent layers")
+    hidden: int = Field(256, ge=8, le=4096, description="recurrent width")
+    embed: int = Field(128, ge=8, le=4096, description="token embedding size")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on embeddings, between layers and outputs")
+    seed_h: bool = Field(False, description="init only: also seed h0 of the first layer (c0 is always seeded)")
+    attention_dim: int = Field(256, ge=8, le=4096, description="attention only: size of the attention MLP")
+
+    # --- tokens --------------------------------------------------------------------------------------
+    tokens: Literal["word", "char"] = Field("word", description="word- or character-level captions")
+    min_count: int = Field(2, ge=1, description="word tokens: minimum train-split count to enter the vocabulary")
+    max_len: int | None = Field(None, ge=4, description="max tokens per caption (default: word 20, char 100)")
+
+    # --- optimisation --------------------------------------------------------------------------------
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(2e-3, gt=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    clip: float = Field(5.0, gt=0.0, description="gradient-norm clipping")
+    schedule: Literal["constant", "cosine", "step"] = Field("cosine", description="LR schedule over epochs")
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(10, ge=1, le=1000)
+    seed: int = 0
+
+    # --- evaluation ----------------------------------------------------------------------------------
+    beam_size: int = Field(3, ge=1, le=20, description="beam width for final test captions")
+    length_penalty: float = Field(0.7, ge=0.0, description="beam score / length**length_penalty")
+    val_images: int | None = Field(None, ge=1, description="cap on val images decoded per epoch (None: all)")
+
+    @property
+    def effective_max_len(self) -> int:
+        if self.max_len is not None:
+            return self.max_len
+        return 20 if self.tokens == "word" else 100
+
+    @property
+    def run_name(self) -> str:
+        """A readable name such as ``init-lstm-2x512-word``."""
+        return f"{self.inject}-{self.cell}-{self.layers}x{self.hidden}-{self.tokens}"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One readable message per problem: ``file: key.path: what is wrong (allowed: ...)``."""
+    lines = [f"{source}: invalid configuration"]
+    for problem in err.errors():
+        loc = ".".join(str(part) for part in problem["loc"]) or "<top level>"
+        msg = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        elif problem["type"] == "literal_error" and "expected" in problem.get("ctx", {}):
+            msg = f"got {problem.get('input')!r}; allowed: {problem['ctx']['expected']}"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def validate_model(model: type[M], data: dict[str, Any], source: str) -> M:
+    """``model.model_validate(data)`` with a ``ConfigError`` naming ``source`` and each bad key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_yaml_model(model: type[M], path: Path) -> M:
+    """Load and validate a YAML file into ``model``."""
+    return validate_model(model, read_yaml(path), str(path))
+
+
+def load_trial_config(path: Path, overrides: dict[str, Any] | None = None) -> TrialConfig:
+    """Load a trial YAML (``study train CONFIG.yaml``); ``overrides`` replace top-level keys."""
+    data = read_yaml(path)
+    data.update(overrides or {})
+    return validate_model(TrialConfig, data, str(path))
