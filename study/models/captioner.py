@@ -1,0 +1,92 @@
+"""The one captioner: embedding -> (injection hooks + cell stack) -> vocabulary layer, with decoding.
+
+Every injection method and cell is the same class wired with a different registry entry
+(:data:`~study.models.inject.INJECTIONS`, :data:`~study.models.cells.CELLS`); see ``inject.py`` for the hook
+order. Dropout (``cfg.dropout``) is applied to the word embeddings, the image features (inside the
+injection), between stacked layers (inside the cell) and on the RNN output before the vocabulary layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from study.config import TrialConfig
+from study.data.tokens import PAD
+from study.models import decoding
+from study.models.cells import CellStack, State, build_cell_stack
+from study.models.inject import Ctx, Injection, build_injection
+
+
+class Captioner(nn.Module):
+    """Teacher-forced training forward, plus greedy and batched beam-search decoding."""
+
+    def __init__(self, injection: Injection, cell: CellStack, vocab_size: int, embed: int, dropout: float) -> None:
+        super().__init__()
+        if cell.input_size != injection.rnn_input_size:
+            raise ValueError(f"cell input size {cell.input_size} != injection's {injection.rnn_input_size}")
+        self.injection = injection
+        self.cell = cell
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, embed, padding_idx=PAD)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(injection.output_size, vocab_size)
+
+    @property
+    def needs_grid(self) -> bool:
+        return self.injection.needs_grid
+
+    # --- the hooks in order -----------------------------------------------------------------------------
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+        """Per-image context. Cached features arrive as float16: cast to the model's dtype first."""
+        dtype = self.out.weight.dtype
+        return self.injection.encode(pooled.to(dtype), None if grid is None else grid.to(dtype))
+
+    def start_state(self, ctx: Ctx, batch: int) -> State:
+        """The state in which START is read: the injection's initial state, then its prefix steps (if any)."""
+        state = self.injection.initial_state(ctx, self.cell, batch)
+        if state is None:
+            state = self.cell.zero_state(batch, self.out.weight)
+        prefix = self.injection.prefix_inputs(ctx)  # (B, P, I) or None
+        if prefix is not None:
+            _, state = self.cell(prefix, state)  # outputs at image steps are dropped: logits align with tokens
+        return state
+
+    def step(self, tokens: Tensor, ctx: Ctx, state: State) -> tuple[Tensor, State]:
+        """tokens (B, T) -> logits (B, T, V) and the state after them; T = 1 while decoding."""
+        emb = self.drop(self.embedding(tokens))  # (B, T, E)
+        if self.injection.stepwise:  # the input at step t depends on the state after t-1 (attention)
+            outs = []
+            for t in range(emb.shape[1]):
+                o, state = self.cell(self.injection.step_inputs(emb[:, t : t + 1], ctx, state), state)
+                outs.append(o)
+            out = torch.cat(outs, dim=1)  # (B, T, H)
+        else:
+            out, state = self.cell(self.injection.step_inputs(emb, ctx, state), state)
+        return self.out(self.injection.combine_output(self.drop(out), ctx)), state
+
+    # --- public API -------------------------------------------------------------------------------------
+    def forward(self, pooled: Tensor, grid: Tensor | None, tokens_in: Tensor) -> Tensor:
+        """pooled (B, F), grid (B, G, F) or None, tokens_in (B, T) starting with START -> logits (B, T, V)."""
+        ctx = self.encode(pooled, grid)
+        logits, _ = self.step(tokens_in, ctx, self.start_state(ctx, tokens_in.shape[0]))
+        return logits
+
+    @torch.no_grad()
+    def greedy(self, pooled: Tensor, grid: Tensor | None, max_len: int) -> Tensor:
+        """(B, max_len) token ids: END included, PAD after it."""
+        return decoding.greedy(self, pooled, grid, max_len)
+
+    @torch.no_grad()
+    def beam_search(
+        self, pooled: Tensor, grid: Tensor | None, beam_size: int, max_len: int, length_penalty: float = 0.7
+    ) -> Tensor:
+        """(B, max_len) best ids per image, batched over images; score = log p / length**length_penalty."""
+        return decoding.beam_search(self, pooled, grid, beam_size, max_len, length_penalty)
+
+
+def build_captioner(cfg: TrialConfig, vocab_size: int, feature_dim: int) -> Captioner:
+    """The captioner for one trial: ``cfg.inject`` and ``cfg.cell`` picked from their registries."""
+    injection = build_injection(cfg, feature_dim)
+    cell = build_cell_stack(cfg.cell, injection.rnn_input_size, cfg.hidden, cfg.layers, cfg.dropout)
+    return Captioner(injection, cell, vocab_size, cfg.embed, cfg.dropout)

@@ -1,0 +1,184 @@
+"""Where the image enters the decoder: one small module per injection method, registry :data:`INJECTIONS`.
+
+The :class:`~study.models.captioner.Captioner` owns the embedding, the cell stack and the output layer and
+calls these hooks in this order (self-critical.pytorch's "core" idea: a variant is a hook set, not a model):
+
+1. ``encode(pooled (B, F), grid (B, G, F) | None) -> ctx``: per-image tensors, computed once per image and
+   shared by every step and beam; a dict of batch-first tensors (so beams can index them).
+2. ``initial_state(ctx, cell, batch) -> state | None``: the recurrent state before any input (None: zeros).
+3. ``prefix_inputs(ctx) -> (B, P, I) | None``: input steps run before the first word; their outputs dropped.
+4. ``step_inputs(emb (B, T, E), ctx, state) -> (B, T, I)``: the RNN input for word steps. ``stepwise``
+   injections need the previous state per step, so the captioner feeds them one token at a time.
+5. ``combine_output(out (B, T, H), ctx) -> (B, T, output_size)``: what the vocabulary layer sees.
+
+Each module sets ``rnn_input_size`` (I) and ``output_size`` from the trial config. The defaults below are
+"no image": the ``none`` method is this base class.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+import torch
+
+from study.config import ConfigError, TrialConfig
+from study.models.cells import CellStack, State
+
+Ctx = dict[str, Tensor]
+
+
+class Injection(nn.Module):
+    """No image at all (the language-model floor); the other methods override a few hooks."""
+
+    needs_grid: bool = False  # True: ``encode`` needs the spatial grid (B, G, F)
+    stepwise: bool = False  # True: ``step_inputs`` reads the state, so words go in one at a time
+
+    def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
+        super().__init__()
+        self.rnn_input_size = cfg.embed
+        self.output_size = cfg.hidden
+        self.drop = nn.Dropout(cfg.dropout)  # on image features, like on embeddings
+
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+        return {}
+
+    def initial_state(self, ctx: Ctx, cell: CellStack, batch: int) -> State | None:
+        return None
+
+    def prefix_inputs(self, ctx: Ctx) -> Tensor | None:
+        return None
+
+    def step_inputs(self, emb: Tensor, ctx: Ctx, state: State) -> Tensor:
+        return emb
+
+    def combine_output(self, out: Tensor, ctx: Ctx) -> Tensor:
+        return out
+
+
+class InitInject(Injection):
+    """Memory seeding (the seed's proposal): a linear projection of the pooled image is the first layer's c0.
+
+    With ``cfg.seed_h`` the first layer's h0 is also seeded, as ``tanh`` of a second projection (h is bounded
+    in (-1, 1), c is not). A GRU has no c, so it gets ``tanh`` of the c-projection as its h0 (Tanti et al.'s
+    init). Deeper layers start at zero.
+    """
+
+    def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
+        super().__init__(cfg, feature_dim)
+        self.to_c = nn.Linear(feature_dim, cfg.hidden)
+        self.to_h = nn.Linear(feature_dim, cfg.hidden) if cfg.seed_h else None
+
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+        return {"image": self.drop(pooled)}
+
+    def initial_state(self, ctx: Ctx, cell: CellStack, batch: int) -> State:
+        img = ctx["image"]  # (B, F)
+        h, c = cell.zero_state(batch, img)  # (L, B, H) each (c None for a GRU)
+        seed_c = self.to_c(img)  # (B, H)
+        if c is None:
+            h = torch.cat([torch.tanh(seed_c)[None], h[1:]])
+        else:
+            c = torch.cat([seed_c[None], c[1:]])
+            if self.to_h is not None:
+                h = torch.cat([torch.tanh(self.to_h(img))[None], h[1:]])
+        return h, c
+
+
+class PreInject(Injection):
+    """Show and Tell: the projected image is the input of one step before START; that step's output is dropped."""
+
+    def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
+        super().__init__(cfg, feature_dim)
+        self.proj = nn.Linear(feature_dim, cfg.embed)
+
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+        return {"image": self.proj(self.drop(pooled))}  # (B, E)
+
+    def prefix_inputs(self, ctx: Ctx) -> Tensor:
+        return ctx["image"][:, None]  # (B, 1, E)
+
+
+class ParInject(Injection):
+    """LRCN: the projected image is concatenated to the word embedding at every step."""
+
+    def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
+        super().__init__(cfg, feature_dim)
+        self.proj = nn.Linear(feature_dim, cfg.embed)
+        self.rnn_input_size = 2 * cfg.embed
+
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+        return {"image": self.proj(self.drop(pooled))}  # (B, E)
+
+    def step_inputs(self, emb: Tensor, ctx: Ctx, state: State) -> Tensor:
+        img = ctx["image"][:, None].expand(-1, emb.shape[1], -1)  # (B, T, E)
+        return torch.cat([emb, img], dim=2)  # (B, T, 2E)
+
+
+class MergeInject(Injection):
+    """Merge (m-RNN, Tanti et al.): the RNN sees only words; the projected image is concatenated to its output
+    and the vocabulary layer (a linear map of the concatenation) sees both."""
+
+    def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
+        super().__init__(cfg, feature_dim)
+        self.proj = nn.Linear(feature_dim, cfg.hidden)
+        self.output_size = 2 * cfg.hidden
+
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+        return {"image": self.proj(self.drop(pooled))}  # (B, H)
+
+    def combine_output(self, out: Tensor, ctx: Ctx) -> Tensor:
+        img = ctx["image"][:, None].expand(-1, out.shape[1], -1)  # (B, T, H)
+        return torch.cat([out, img], dim=2)  # (B, T, 2H)
+
+
+class AttentionInject(Injection):
+    """Show, Attend and Tell soft attention: at each step, additive attention over the grid keyed by the
+    previous top-layer hidden state gives a context vector (B, F), concatenated to the word embedding.
+
+    ``alpha = softmax_g(v . tanh(W_a a_g + W_h h_prev))``, ``z = sum_g alpha_g a_g``. The state starts at zero
+    (Xu et al. initialise it from the mean annotation; omitted so the image enters only through attention).
+    """
+
+    needs_grid = True
+    stepwise = True
+
+    def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
+        super().__init__(cfg, feature_dim)
+        self.key = nn.Linear(feature_dim, cfg.attention_dim)
+        self.query = nn.Linear(cfg.hidden, cfg.attention_dim, bias=False)
+        self.score = nn.Linear(cfg.attention_dim, 1, bias=False)
+        self.rnn_input_size = cfg.embed + feature_dim
+
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+        if grid is None:
+            raise ValueError("inject 'attention' needs the spatial grid features (B, G, F), got grid=None")
+        grid = self.drop(grid)  # (B, G, F)
+        return {"grid": grid, "keys": self.key(grid)}  # keys (B, G, A): once per image, not per step
+
+    def attend(self, ctx: Ctx, h_top: Tensor) -> Tensor:
+        """h_top (B, H) -> attention weights (B, G)."""
+        energy = torch.tanh(ctx["keys"] + self.query(h_top)[:, None])  # (B, G, A)
+        return torch.softmax(self.score(energy).squeeze(2), dim=1)  # (B, G)
+
+    def step_inputs(self, emb: Tensor, ctx: Ctx, state: State) -> Tensor:
+        if emb.shape[1] != 1:
+            raise ValueError(f"attention takes one step at a time, got {emb.shape[1]} steps")
+        alpha = self.attend(ctx, state[0][-1])  # (B, G)
+        context = torch.bmm(alpha[:, None], ctx["grid"])  # (B, 1, F)
+        return torch.cat([emb, context], dim=2)  # (B, 1, E + F)
+
+
+INJECTIONS: dict[str, type[Injection]] = {
+    "init": InitInject,
+    "pre": PreInject,
+    "par": ParInject,
+    "merge": MergeInject,
+    "attention": AttentionInject,
+    "none": Injection,
+}
+
+
+def build_injection(cfg: TrialConfig, feature_dim: int) -> Injection:
+    """The injection registered as ``cfg.inject``; an unknown name is a ``ConfigError`` listing the valid ones."""
+    if cfg.inject not in INJECTIONS:
+        raise ConfigError(f"inject: unknown injection {cfg.inject!r}; valid: {', '.join(sorted(INJECTIONS))}")
+    return INJECTIONS[cfg.inject](cfg, feature_dim)
