@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,11 @@ class StrictModel(BaseModel):
     """Base for every config: frozen after loading, unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_paths(info: ValidationInfo) -> bool:
+    """Paths are checked unless the caller validates a config meant for another machine (a cluster spec)."""
+    return not (info.context or {}).get("skip_path_checks", False)
 
 
 class ShapesDataset(StrictModel):
@@ -66,16 +71,16 @@ class KarpathyDataset(StrictModel):
 
     @field_validator("json_path")
     @classmethod
-    def _json_exists(cls, path: Path) -> Path:
+    def _json_exists(cls, path: Path, info: ValidationInfo) -> Path:
         path = path.expanduser().resolve()
-        if not path.is_file():
+        if _check_paths(info) and not path.is_file():
             raise ValueError(f"dataset JSON {path} does not exist")
         return path
 
     @model_validator(mode="after")
-    def _root_exists(self) -> "KarpathyDataset":
+    def _root_exists(self, info: ValidationInfo) -> "KarpathyDataset":
         root = self.resolved_images_root
-        if not root.is_dir():
+        if _check_paths(info) and not root.is_dir():
             raise ValueError(f"images_root {root} is not a folder")
         return self
 
@@ -172,10 +177,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def validate_model(model: type[M], data: dict[str, Any], source: str) -> M:
-    """``model.model_validate(data)`` with a ``ConfigError`` naming ``source`` and each bad key."""
+def validate_model(model: type[M], data: dict[str, Any], source: str, *, check_paths: bool = True) -> M:
+    """``model.model_validate(data)`` with a ``ConfigError`` naming ``source`` and each bad key.
+
+    ``check_paths=False`` skips the existence checks of dataset files (for specs meant for a cluster)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context={"skip_path_checks": not check_paths})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 

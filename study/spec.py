@@ -1,0 +1,233 @@
+"""The study spec: a search-space YAML loaded into a validated, frozen model.
+
+A spec says which dataset to prepare, which trial parameters are fixed, which are searched (and over what
+range, possibly conditionally), how to search (Optuna TPE / random / grid), how ASHA stops trials, what each
+trial may use, where results go and where MLflow tracks them. Everything is checked before Ray starts:
+an unknown key, a wrong type, a parameter that ``TrialConfig`` does not have, or an impossible range fails
+with the file, the key path and what is allowed.
+
+Parameter forms in ``space``::
+
+    cell: {choice: [lstm, gru, lstm_peephole]}
+    lr: {loguniform: [1.0e-4, 1.0e-2]}
+    dropout: {uniform: [0.0, 0.5]}
+    layers: {int: [1, 4]}
+    hidden: {quniform: [128, 1024, 128]}      # low, high, step
+    attention_dim: {choice: [128, 256], when: {inject: attention}}   # only sampled where inject == attention
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from study.config import (
+    ConfigError,
+    DatasetConfig,
+    ShapesDataset,
+    StrictModel,
+    TrialConfig,
+    read_yaml,
+    validate_model,
+)
+
+TRIAL_FIELDS = set(TrialConfig.model_fields) - {"dataset"}
+
+
+class Param(StrictModel):
+    """One searched parameter: exactly one of the distribution keys, plus an optional condition."""
+
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    int_: tuple[int, int] | None = Field(None, alias="int")
+    quniform: tuple[float, float, float] | None = None
+    when: dict[str, list[Any] | Any] | None = Field(
+        None, description="sample only where other (earlier) parameters have these values"
+    )
+
+    model_config = StrictModel.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Param":
+        kinds = [k for k in ("choice", "uniform", "loguniform", "int_", "quniform") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, int, quniform")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        for name in ("uniform", "loguniform", "int_", "quniform"):
+            rng = getattr(self, name)
+            if rng is not None and not rng[0] < rng[1]:
+                raise ValueError(f"{name.rstrip('_')}: low must be below high, got {list(rng)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: low must be positive")
+        if self.quniform is not None and self.quniform[2] <= 0:
+            raise ValueError("quniform: the step must be positive")
+        return self
+
+    @property
+    def kind(self) -> str:
+        for name in ("choice", "uniform", "loguniform", "int_", "quniform"):
+            if getattr(self, name) is not None:
+                return name.rstrip("_")
+        raise AssertionError("validated to have one kind")
+
+    def describe(self) -> dict[str, Any]:
+        """A plain description for logs and the analysis' edge checks."""
+        if self.choice is not None:
+            return {"type": "choice", "values": list(self.choice)}
+        low, high, *step = getattr(self, self.kind if self.kind != "int" else "int_")
+        out = {"type": self.kind, "low": low, "high": high}
+        if step:
+            out["step"] = step[0]
+        return out
+
+    def matches(self, sampled: dict[str, Any]) -> bool:
+        """Whether the condition holds for the values sampled so far."""
+        for key, allowed in (self.when or {}).items():
+            allowed = allowed if isinstance(allowed, list) else [allowed]
+            if sampled.get(key) not in allowed:
+                return False
+        return True
+
+
+class SearchSettings(StrictModel):
+    algorithm: Literal["optuna", "random", "grid"] = Field(
+        "optuna", description="optuna (TPE), random, or grid (choice parameters only)")
+    trials: int = Field(12, ge=1, description="total trials (split equally between methods when stratified)")
+    max_concurrent: int | None = Field(None, ge=1, description="trials at once (default: what resources allow)")
+    seed: int = Field(0, description="searcher seed")
+
+
+class AshaSettings(StrictModel):
+    enabled: bool = True
+    max_epochs: int = Field(10, ge=1, description="epochs of a trial that is never stopped (trial epochs)")
+    grace_period: int = Field(2, ge=1, description="epochs before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1.0, description="keep 1/reduction_factor at each rung")
+
+    @model_validator(mode="after")
+    def _grace_below_max(self) -> "AshaSettings":
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs})")
+        return self
+
+
+class Resources(StrictModel):
+    cpu: float = Field(1.0, gt=0, description="CPUs per trial; torch uses this many threads")
+    gpu: float = Field(0.0, ge=0, le=8, description="GPUs per trial; a fraction lets small trials share one")
+
+
+class Tracking(StrictModel):
+    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite file under storage)")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the study name)")
+
+
+class ConfirmSettings(StrictModel):
+    top_k: int = Field(1, ge=1, description="best configurations of each method to retrain")
+    seeds: int = Field(3, ge=1, description="seeds per configuration")
+    epochs: int | None = Field(None, ge=1, description="epochs for the retrain (default: asha.max_epochs)")
+    beam_size: int = Field(3, ge=1)
+    margin: float = Field(0.02, ge=0, description="equivalence margin on CIDEr-D (0..1 scale) for the verdict")
+
+
+class StudySpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="study name: letters, digits, _ . -")
+    description: str = ""
+    dataset: DatasetConfig = Field(default_factory=ShapesDataset)
+    fixed: dict[str, Any] = Field(default_factory=dict, description="TrialConfig fields held constant")
+    space: dict[str, Param] = Field(default_factory=dict, description="TrialConfig fields searched")
+    metric: str = Field("val_CIDEr-D", description="reported metric to optimise")
+    mode: Literal["max", "min"] = "max"
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    stratify: Literal["inject"] | None = Field(
+        None, description="inject: each injection method gets its own searcher and the same number of trials")
+    asha: AshaSettings = Field(default_factory=AshaSettings)
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(2, ge=0, description="retries of a failed trial, from its last checkpoint")
+    storage: str = Field("runs", description="results folder (relative to the working directory) or an s3:// URI")
+    tracking: Tracking = Field(default_factory=Tracking)
+    confirm: ConfirmSettings = Field(default_factory=ConfirmSettings)
+
+    @model_validator(mode="after")
+    def _check_parameters(self) -> "StudySpec":
+        for where, keys in (("fixed", self.fixed), ("space", self.space)):
+            unknown = sorted(set(keys) - TRIAL_FIELDS)
+            if unknown:
+                raise ValueError(f"{where}: unknown trial parameter(s) {unknown}; allowed: {sorted(TRIAL_FIELDS)}")
+        both = sorted(set(self.fixed) & set(self.space))
+        if both:
+            raise ValueError(f"{both} are both fixed and searched; keep one")
+        for name, param in self.space.items():
+            for key in (param.when or {}):
+                if key not in self.space and key not in self.fixed:
+                    raise ValueError(f"space.{name}.when: {key!r} is neither searched nor fixed")
+        if self.stratify == "inject" and not self.methods:
+            raise ValueError("stratify: inject needs space.inject as a choice of methods")
+        if "epochs" in self.space:
+            raise ValueError("epochs is set by asha.max_epochs, not searched")
+        if self.search.algorithm == "grid":
+            bad = [n for n, p in self.space.items() if p.choice is None]
+            if bad:
+                raise ValueError(f"grid search needs choice parameters only; not choices: {bad}")
+        # Every fixed value, and every choice value, must make a valid TrialConfig.
+        probe = {**self.fixed, "epochs": self.asha.max_epochs}
+        _check_trial(probe, "fixed")
+        for name, param in self.space.items():
+            for value in param.choice or []:
+                _check_trial({**probe, name: value}, f"space.{name}: value {value!r}")
+        return self
+
+    @property
+    def methods(self) -> list[str]:
+        param = self.space.get("inject")
+        return list(param.choice) if param is not None and param.choice is not None else []
+
+    @property
+    def trials_per_method(self) -> int:
+        return math.ceil(self.search.trials / max(1, len(self.methods)))
+
+    def trial_config(self, sampled: dict[str, Any]) -> TrialConfig:
+        """The full trial config of a sampled point."""
+        values = {**self.fixed, "epochs": self.asha.max_epochs, **sampled, "dataset": self.dataset}
+        return TrialConfig.model_validate(values)
+
+    def space_description(self) -> dict[str, dict[str, Any]]:
+        return {name: param.describe() for name, param in self.space.items()}
+
+
+def _check_trial(values: dict[str, Any], where: str) -> None:
+    try:
+        TrialConfig.model_validate(values)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{where}: {problems}") from None
+
+
+def load_spec(path: Path, *, check_paths: bool = True) -> StudySpec:
+    """Load a search-space YAML; relative dataset and storage paths are taken from the spec's folder."""
+    path = Path(path).resolve()
+    data = read_yaml(path)
+    base = path.parent
+    dataset = data.get("dataset")
+    if isinstance(dataset, dict):
+        dataset = dict(dataset)
+        for key in ("json", "images_root", "cache_dir"):
+            if isinstance(dataset.get(key), str) and not Path(dataset[key]).expanduser().is_absolute():
+                dataset[key] = str((base / dataset[key]).resolve())
+        data["dataset"] = dataset
+    storage = data.get("storage")
+    if isinstance(storage, str) and "://" not in storage and not Path(storage).expanduser().is_absolute():
+        data["storage"] = str((Path.cwd() / storage).resolve())
+    elif storage is None:
+        data["storage"] = str((Path.cwd() / "runs").resolve())
+    return validate_model(StudySpec, data, str(path), check_paths=check_paths)
+
+
+def storage_is_remote(storage: str) -> bool:
+    return "://" in storage
+
+
+__all__ = ["ConfigError", "Param", "StudySpec", "load_spec", "storage_is_remote"]
