@@ -17,8 +17,8 @@ Each module sets ``rnn_input_size`` (I) and ``output_size`` from the trial confi
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from study.config import ConfigError, TrialConfig
 from study.models.cells import CellStack, State
@@ -83,47 +83,46 @@ class InitInject(Injection):
         return h, c
 
 
-class PreInject(Injection):
+class ProjectedImage(Injection):
+    """Shared by pre, par and merge: ``ctx["image"]`` is a linear projection of the pooled vector to ``size``."""
+
+    def __init__(self, cfg: TrialConfig, feature_dim: int, size: int) -> None:
+        super().__init__(cfg, feature_dim)
+        self.proj = nn.Linear(feature_dim, size)
+
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+        return {"image": self.proj(self.drop(pooled))}  # (B, size)
+
+
+class PreInject(ProjectedImage):
     """Show and Tell: the projected image is the input of one step before START; that step's output is dropped."""
 
     def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
-        super().__init__(cfg, feature_dim)
-        self.proj = nn.Linear(feature_dim, cfg.embed)
-
-    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
-        return {"image": self.proj(self.drop(pooled))}  # (B, E)
+        super().__init__(cfg, feature_dim, cfg.embed)
 
     def prefix_inputs(self, ctx: Ctx) -> Tensor:
         return ctx["image"][:, None]  # (B, 1, E)
 
 
-class ParInject(Injection):
+class ParInject(ProjectedImage):
     """LRCN: the projected image is concatenated to the word embedding at every step."""
 
     def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
-        super().__init__(cfg, feature_dim)
-        self.proj = nn.Linear(feature_dim, cfg.embed)
+        super().__init__(cfg, feature_dim, cfg.embed)
         self.rnn_input_size = 2 * cfg.embed
-
-    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
-        return {"image": self.proj(self.drop(pooled))}  # (B, E)
 
     def step_inputs(self, emb: Tensor, ctx: Ctx, state: State) -> Tensor:
         img = ctx["image"][:, None].expand(-1, emb.shape[1], -1)  # (B, T, E)
         return torch.cat([emb, img], dim=2)  # (B, T, 2E)
 
 
-class MergeInject(Injection):
+class MergeInject(ProjectedImage):
     """Merge (m-RNN, Tanti et al.): the RNN sees only words; the projected image is concatenated to its output
     and the vocabulary layer (a linear map of the concatenation) sees both."""
 
     def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
-        super().__init__(cfg, feature_dim)
-        self.proj = nn.Linear(feature_dim, cfg.hidden)
+        super().__init__(cfg, feature_dim, cfg.hidden)
         self.output_size = 2 * cfg.hidden
-
-    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
-        return {"image": self.proj(self.drop(pooled))}  # (B, H)
 
     def combine_output(self, out: Tensor, ctx: Ctx) -> Tensor:
         img = ctx["image"][:, None].expand(-1, out.shape[1], -1)  # (B, T, H)
