@@ -1,7 +1,7 @@
 """Model speed: training tokens/s per cell and width, achieved FLOP/s against a measured matmul peak, and
 batched vs per-image beam search.
 
-    PYTHONPATH=. python benchmarks/bench_models.py [--widths 128 256 512] [--steps 10] [--images 100] [--device cpu]
+    PYTHONPATH=. python benchmarks/bench_models.py [--widths 128 256 512] [--steps 10] [--images 100] [--threads 1]
 
 Training setup (the study's defaults for a word model): 1 layer, batch 64, T = 20, vocab 1000, embed 128,
 1280-d image features (EfficientNet-lite0), inject ``init``, Adam. FLOPs are counted analytically for the
@@ -100,7 +100,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:  # on a shared 2-core machine, 1 thread gives steadier numbers than 2 oversubscribed ones
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     peak = matmul_peak(device)
