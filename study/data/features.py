@@ -43,7 +43,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-# Errors a broken or missing image file raises while being decoded (PIL raises all of these in practice).
+from study.data.karpathy import load_image as _load_image  # 8-bit RGB; DatasetError (a ValueError) if bad
+
+# Errors a broken or missing image raises while being decoded and preprocessed (karpathy.load_image raises
+# DatasetError, a ValueError; the rest is belt and braces for PIL).
 IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -182,15 +185,6 @@ else:
 # ---------------------------------------------------------------------------------------------------------
 # Decoding and preprocessing
 # ---------------------------------------------------------------------------------------------------------
-
-try:  # helper A's decoder (EXIF orientation, RGB) when it exists; the same fallback otherwise
-    from study.data.karpathy import load_image as _load_image
-except ImportError:
-    def _load_image(path: Path) -> Image.Image:
-        with Image.open(path) as img:
-            img.load()  # decode now, inside the with: a truncated file fails here, naming this path
-            return img.convert("RGB")
-
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
