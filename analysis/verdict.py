@@ -1,0 +1,257 @@
+"""The verdict: does memory seeding (``init``) compete with the other ways of injecting the image?
+
+Input is the confirm stage's per-image table (one row per method, seed and test image; metric values on
+pycocoevalcap's 0..1 scale) and its per-run table (parameter count, training time). For every method we
+estimate the mean score over seeds and test images with a 95% interval from a two-level bootstrap:
+
+* seeds are resampled with replacement, separately for each method (seed 0 of ``pre`` has nothing to do
+  with seed 0 of ``init``);
+* test images are resampled with replacement, with the *same* image resample for every method (paired),
+  because image difficulty is shared: an easy image is easy for every captioner, and pairing removes that
+  variance from differences between methods.
+
+The difference ``init - best other`` (best other = the real injection among pre/par/merge/attention with
+the highest mean primary metric; ``none`` is only the no-image floor) gets its paired bootstrap interval,
+and the verdict is a non-inferiority test against an equivalence ``margin`` (same 0..1 units):
+
+* "competes": the whole interval lies above ``-margin`` (init is at most ``margin`` worse, or better);
+* "does not compete": the whole interval lies below ``-margin``;
+* otherwise "inconclusive: more seeds needed".
+
+Caveats written into the text: the best other method is chosen on the point estimates and then held fixed
+(choosing it inside every bootstrap resample would widen the interval slightly), and a bootstrap over 3
+seeds understates seed-to-seed variance by a factor of about (n-1)/n.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+METRICS = ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L")
+PRIMARY = "CIDEr-D"
+TARGET = "init"
+OTHERS = ("pre", "par", "merge", "attention")  # the real injections init competes with
+FLOOR = "none"  # no image at all: how much the image helps
+
+COMPETES = "competes"
+DOES_NOT_COMPETE = "does not compete"
+INCONCLUSIVE = "inconclusive: more seeds needed"
+NOT_AVAILABLE = "not available"
+
+
+@dataclass
+class Verdict:
+    """The answer plus everything needed to print or log it.
+
+    ``table`` has one row per method (index ``method``) with columns ``config_rank, seeds, images``, for
+    each metric ``<m>``, ``<m>_lo``, ``<m>_hi`` (0..1 scale), and ``params, train_seconds, epochs`` (means
+    over the method's confirm runs; NaN when unknown).
+    """
+
+    verdict: str
+    diff: float  # init - best other, primary metric, 0..1 scale
+    ci: tuple[float, float]  # 95% paired-bootstrap interval of diff
+    best_other: str | None
+    margin: float
+    metric: str
+    table: pd.DataFrame
+    text: str
+    n_boot: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, JSON-friendly summary for MLflow: numbers stay numbers, per-method means as ``<m>.<metric>``."""
+        out: dict[str, Any] = {
+            "verdict": self.verdict, "metric": self.metric, "best_other": self.best_other,
+            "diff": self.diff, "ci_low": self.ci[0], "ci_high": self.ci[1], "margin": self.margin,
+            "n_boot": self.n_boot, "text": self.text,
+        }
+        for method, row in self.table.iterrows():
+            for metric in METRICS:
+                if metric in row and not pd.isna(row[metric]):
+                    out[f"{method}.{metric}"] = float(row[metric])
+                    out[f"{method}.{metric}_lo"] = float(row[f"{metric}_lo"])
+                    out[f"{method}.{metric}_hi"] = float(row[f"{metric}_hi"])
+            for col in ("params", "train_seconds"):
+                if col in row and not pd.isna(row[col]):
+                    out[f"{method}.{col}"] = float(row[col])
+        return out
+
+
+def _method_arrays(per_image: pd.DataFrame, method: str, rank: int, images: np.ndarray,
+                   metrics: list[str]) -> dict[str, np.ndarray]:
+    """{metric: (S, N) array} of one method's scores, seeds as rows, images in the order of ``images``."""
+    rows = per_image[(per_image["method"] == method) & (per_image["config_rank"] == rank)]
+    out = {}
+    for metric in metrics:
+        wide = rows.groupby(["seed", "image_id"])[metric].mean().unstack("image_id")  # (S, N')
+        out[metric] = wide.reindex(columns=images).to_numpy(dtype=float)  # (S, N), NaN where missing
+    return out
+
+
+def _boot_means(blocks: list[np.ndarray], seed_ws: list[np.ndarray], image_w: np.ndarray) -> list[np.ndarray]:
+    """Bootstrap means, (B,) each, of (S_k, N) score blocks for seed weights (B, S_k) and image weights (B, N).
+
+    A resample is encoded as counts (how often each seed / image was drawn), so the resampled mean is
+    ``sum_s sum_n c_s w_n x_sn / sum_s sum_n c_s w_n [x_sn present]``. Every block's rows (and their
+    presence masks) are stacked so that all methods and metrics cost one (B, N) @ (N, R) product. NaN entries
+    (METEOR without Java, a missing image) drop out of both sums.
+    """
+    present = [~np.isnan(x) for x in blocks]
+    stacked = np.concatenate([np.where(p, x, 0.0) for p, x in zip(present, blocks)]
+                             + [p.astype(float) for p in present])  # (2R, N)
+    per_row = image_w @ stacked.T  # (B, 2R): each row's image-weighted sum per resample
+    num_all, den_all = np.split(per_row, 2, axis=1)
+    out, start = [], 0
+    for x, seed_w in zip(blocks, seed_ws):
+        stop = start + x.shape[0]
+        num = np.einsum("bs,bs->b", seed_w, num_all[:, start:stop])
+        den = np.einsum("bs,bs->b", seed_w, den_all[:, start:stop])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.append(num / den)
+        start = stop
+    return out
+
+
+def _resample_weights(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
+    """(n_boot, n) bootstrap weights: how often each of n items was drawn in each resample, divided by n."""
+    draws = rng.integers(0, n, size=(n_boot, n)) + np.arange(n_boot)[:, None] * n  # row-offset indices
+    return np.bincount(draws.ravel(), minlength=n_boot * n).reshape(n_boot, n) / n
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return (math.nan, math.nan)
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+def _run_costs(runs: pd.DataFrame | None, method: str, rank: int) -> dict[str, float]:
+    cols = ("params", "train_seconds", "epochs")
+    if runs is None or runs.empty or "method" not in runs:
+        return {c: math.nan for c in cols}
+    sel = runs[(runs["method"] == method)]
+    if "config_rank" in sel:
+        sel = sel[sel["config_rank"] == rank]
+    return {c: float(sel[c].mean()) if c in sel and len(sel) else math.nan for c in cols}
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *, margin: float = 0.02,
+                    metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0) -> Verdict:
+    """Per-method means with 95% intervals, ``init - best other`` with its paired interval, and the verdict.
+
+    ``per_image`` columns: ``method, config_rank, seed, image_id`` and the metrics in ``METRICS`` (0..1;
+    missing metrics or NaN values are allowed). Each method is represented by its lowest ``config_rank``
+    (the search's best on validation): picking among confirmed configs by test score would bias it upward.
+    Only images scored for every method enter (paired comparison). Deterministic given ``seed``.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0 (0..1 scale), got {margin}")
+    notes: list[str] = []
+    empty = pd.DataFrame(columns=["config_rank", "seeds", "images"])
+    if per_image is None or per_image.empty:
+        return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, empty,
+                       "No confirm results: the verdict needs the confirm stage's per-image scores.", 0, notes)
+    required = {"method", "seed", "image_id", metric}
+    missing = required - set(per_image.columns)
+    if missing:
+        raise ValueError(f"per_image lacks columns {sorted(missing)}; it has {sorted(per_image.columns)}")
+    per_image = per_image if "config_rank" in per_image else per_image.assign(config_rank=1)
+    metrics = [m for m in dict.fromkeys([metric, *METRICS]) if m in per_image.columns]
+
+    ranks = per_image.groupby("method")["config_rank"].min()
+    # Paired: keep only images that every method scored (normally the whole test split).
+    chosen = per_image[per_image["config_rank"] == per_image["method"].map(ranks)]
+    image_sets = [set(g["image_id"]) for _, g in chosen.groupby("method")]
+    common = set.intersection(*image_sets)
+    dropped = set.union(*image_sets) - common
+    if dropped:
+        notes.append(f"{len(dropped)} images not scored for every method were left out of the comparison.")
+    images = np.array(sorted(common))
+    if images.size == 0:
+        return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, empty,
+                       "The methods share no scored test image, so they cannot be compared.", 0, notes)
+
+    order = [TARGET, *OTHERS, FLOOR]
+    methods = sorted(ranks.index, key=lambda m: (order.index(m) if m in order else len(order), m))
+    arrays = {m: _method_arrays(chosen, m, int(ranks[m]), images, metrics) for m in methods}
+
+    rng = np.random.default_rng(seed)
+    image_w = _resample_weights(rng, n_boot, images.size)  # (B, N): one image resample shared by all: paired
+    seed_w = {m: _resample_weights(rng, n_boot, arrays[m][metric].shape[0]) for m in methods}  # (B, S_m)
+    keys = [(m, k) for m in methods for k in metrics]
+    means = _boot_means([arrays[m][k] for m, k in keys], [seed_w[m] for m, _ in keys], image_w)
+    boots = dict(zip(keys, means))
+    rows = []
+    for m in methods:
+        row: dict[str, Any] = {"method": m, "config_rank": int(ranks[m]), "seeds": arrays[m][metric].shape[0],
+                               "images": images.size}
+        for k in metrics:
+            x = arrays[m][k]
+            row[k] = float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
+            row[f"{k}_lo"], row[f"{k}_hi"] = _interval(boots[m, k])
+        row.update(_run_costs(runs, m, int(ranks[m])))
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("method")
+
+    others = [m for m in OTHERS if m in table.index and not math.isnan(table.loc[m, metric])]
+    if TARGET not in table.index or not others:
+        what = "init" if TARGET not in table.index else "any of " + "/".join(OTHERS)
+        return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, table,
+                       f"The confirm results have no {what}, so there is nothing to compare.", n_boot, notes)
+    best_other = max(others, key=lambda m: table.loc[m, metric])
+    diff_boot = boots[TARGET, metric] - boots[best_other, metric]  # paired through the shared image_w
+    diff = float(table.loc[TARGET, metric] - table.loc[best_other, metric])
+    ci = _interval(diff_boot)
+
+    if ci[0] > -margin:
+        word = COMPETES
+    elif ci[1] < -margin:
+        word = DOES_NOT_COMPETE
+    else:
+        word = INCONCLUSIVE
+    text = _paragraph(word, diff, ci, best_other, margin, metric, table, notes)
+    return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes)
+
+
+def _paragraph(word: str, diff: float, ci: tuple[float, float], best_other: str, margin: float, metric: str,
+               table: pd.DataFrame, notes: list[str]) -> str:
+    """The verdict in words, numbers x100 as the captioning literature prints them."""
+    init, other = table.loc[TARGET], table.loc[best_other]
+    s = (f"Seeding the first LSTM layer's memory (init) scores {metric} {_pct(init[metric])} "
+         f"[{_pct(init[metric + '_lo'])}, {_pct(init[metric + '_hi'])}] against {_pct(other[metric])} "
+         f"[{_pct(other[metric + '_lo'])}, {_pct(other[metric + '_hi'])}] for the best other injection "
+         f"({best_other}); the difference init - {best_other} is {_pct(diff)} with a 95% paired-bootstrap "
+         f"interval [{_pct(ci[0])}, {_pct(ci[1])}] (x100; {int(init['seeds'])} seeds of init, "
+         f"{int(other['seeds'])} of {best_other}, {int(init['images'])} test images). ")
+    if word == COMPETES:
+        s += (f"The whole interval lies above -{_pct(margin)}, the equivalence margin, so init competes: "
+              f"it is at most {_pct(margin)} points worse")
+        s += (" and in fact better." if ci[0] > margin else ".")
+    elif word == DOES_NOT_COMPETE:
+        s += (f"The whole interval lies below -{_pct(margin)}, the equivalence margin, so init does not "
+              f"compete with {best_other}.")
+    else:
+        s += (f"The interval straddles -{_pct(margin)}, the equivalence margin: the data cannot yet tell "
+              f"whether init is within the margin; more seeds (or test images) would narrow it.")
+    if FLOOR in table.index and not math.isnan(table.loc[FLOOR, metric]):
+        s += (f" Without any image (none) the decoder reaches {_pct(table.loc[FLOOR, metric])}, so the image "
+              f"adds {_pct(init[metric] - table.loc[FLOOR, metric])} points to init.")
+    if not (math.isnan(init["params"]) or math.isnan(other["params"])):
+        s += (f" init has {init['params'] / 1e6:.2f} M parameters and trained {init['train_seconds']:.0f} s "
+              f"per run; {best_other} {other['params'] / 1e6:.2f} M and {other['train_seconds']:.0f} s.")
+    s += (f" The best other method was picked on point estimates and held fixed across resamples; with few "
+          f"seeds the bootstrap understates seed variance.")
+    if notes:
+        s += " " + " ".join(notes)
+    return s
