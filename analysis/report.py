@@ -1,0 +1,270 @@
+"""The study report: question, verdict with intervals, effects, figures, context, and what was run.
+
+``build_report`` writes ``report.md`` with its PNGs beside it (relative links) and ``report.html``, the
+same content as one self-contained file (PNGs embedded as base64) for MLflow's artifact viewer or e-mail.
+Both are rendered from one list of blocks, so they cannot drift apart. Every section whose input is empty
+says so instead of failing: a report of a half-finished study is still worth reading.
+
+Input frames (metric values on pycocoevalcap's 0..1 scale; the report prints x100):
+
+* ``trials``: one row per search trial: ``trial_id, inject, <varied params>, status, epochs,
+  val_CIDEr-D, ...`` (best-epoch values), ``train_seconds, params``.
+* ``history``: one row per trial-epoch: ``trial_id, inject, epoch, val_CIDEr-D, ...``.
+* ``per_image``: confirm stage, one row per (method, config_rank, seed, image_id) with the test metrics.
+* ``runs``: confirm stage, one row per (method, config_rank, seed): ``params, train_seconds, epochs`` + metrics.
+* ``space``: ``StudySpec.space_description()``; ``gallery``: ``image_path, method, caption, reference``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import plots
+from analysis.effects import Effects, compute_effects, lower_is_better
+from analysis.verdict import METRICS, PRIMARY, Verdict, compute_verdict
+
+QUESTION = (
+    "A 2015 term project proposed the simplest encoder-decoder captioner: a frozen ImageNet CNN encodes the "
+    "image to one vector, written into the memory cell of the first LSTM layer before decoding starts "
+    "(memory seeding, **init**). Does a model that simple compete with the other ways of giving the decoder "
+    "the image: the image as the first input step (**pre**, Show and Tell), at every step (**par**, LRCN), "
+    "joined with the RNN's output before the softmax (**merge**, m-RNN), or soft attention over the CNN's "
+    "spatial grid (**attention**, Show, Attend and Tell)? **none** (no image) is the floor. Each method got "
+    "the same tuning budget; the best configuration of each was retrained with several seeds and scored on "
+    "the test split.")
+
+# Tanti, Gatt & Camilleri 2018, Table: GRU decoders on frozen VGG16 features, mean of 3 runs (x100).
+LITERATURE = [
+    ("Flickr8k", "init", "19.1", "19.4", "48.1"), ("Flickr8k", "pre", "19.0", "19.1", "46.9"),
+    ("Flickr8k", "par", "19.1", "19.3", "47.5"), ("Flickr8k", "merge", "17.8", "19.3", "46.9"),
+    ("MSCOCO", "init", "27.1", "22.6", "81.8"), ("MSCOCO", "merge", "26.2", "22.2", "79.1"),
+]
+LITERATURE_NOTE = (
+    "Other people's numbers on other data and models, for orientation only: Tanti, Gatt & Camilleri 2018 "
+    "(\"Where to put the image in an image caption generator\"): GRU decoders on frozen VGG16 features, each "
+    "architecture tuned separately, mean of 3 runs, coco-caption metrics x100. Show, Attend and Tell on "
+    "Flickr8k reached BLEU-4 19.5 (soft) / 21.3 (hard); Show and Tell on MSCOCO BLEU-4 27.7, CIDEr 85.5. "
+    "Tanti et al.'s untuned first version ranked init last: the verdict flips with tuning, which is why "
+    "this study gives every method the same budget. They seed the hidden state h; this study seeds the "
+    "memory cell c, which nobody has published.")
+
+
+@dataclass
+class ReportResult:
+    path: Path  # report.md
+    verdict: Verdict
+    images: list[Path]  # the PNGs written (those whose input was not empty)
+    html: Path | None = None  # report.html, PNGs embedded
+    effects: Effects | None = None
+
+
+# --- blocks: ("h1"|"h2"|"h3"|"p", text) | ("ul", [items]) | ("table", header, rows) | ("img", path, alt)
+# | ("code", text). Markdown inline syntax used in text: **bold** only.
+Block = tuple
+
+
+def _md(blocks: list[Block], out_dir: Path) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + rest[0])
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in rest[0]))
+        elif kind == "table":
+            header, rows = rest
+            cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+            lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+            out.append("\n".join(lines))
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({Path(rest[0]).relative_to(out_dir).as_posix()})")
+        elif kind == "code":
+            out.append("```yaml\n" + rest[0].rstrip() + "\n```")
+        else:
+            raise ValueError(f"unknown report block {kind!r}")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline_html(text: str) -> str:
+    parts = html.escape(text).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _html(blocks: list[Block], title: str) -> str:
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{_inline_html(rest[0])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline_html(rest[0])}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in rest[0]) + "</ul>")
+        elif kind == "table":
+            header, rows = rest
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+            trs = "".join("<tr>" + "".join(f"<td>{_inline_html(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+            body.append(f"<table><tr>{head}</tr>{trs}</table>")
+        elif kind == "img":
+            data = base64.b64encode(Path(rest[0]).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(rest[1])}" src="data:image/png;base64,{data}"></p>')
+        elif kind == "code":
+            body.append(f"<pre>{html.escape(rest[0])}</pre>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.45}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+             "img{max-width:100%}pre{background:#f4f4f4;padding:1em;overflow:auto}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _x100(value: float) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}"
+
+
+def _with_ci(row: pd.Series, metric: str) -> str:
+    if metric not in row or pd.isna(row[metric]):
+        return "n/a"
+    return f"{_x100(row[metric])} [{_x100(row[metric + '_lo'])}, {_x100(row[metric + '_hi'])}]"
+
+
+def _verdict_blocks(verdict: Verdict, image: Path | None) -> list[Block]:
+    blocks: list[Block] = [("h2", "Verdict")]
+    if verdict.table.empty:
+        return blocks + [("p", f"**{verdict.verdict}**. {verdict.text}")]
+    blocks.append(("p", f"**init {verdict.verdict}** (equivalence margin {_x100(verdict.margin)} "
+                        f"{verdict.metric} points). {verdict.text}"))
+    metrics = [m for m in METRICS if m in verdict.table and not verdict.table[m].isna().all()]
+    header = ["method", "config", "seeds", "images"] + [f"{m} [95% CI]" for m in metrics] + [
+        "params (M)", "train s / run", "epochs"]
+    rows = []
+    for method, row in verdict.table.iterrows():
+        name = f"**{method}**" if method == "init" else (f"{method} (floor)" if method == "none" else method)
+        params = "n/a" if pd.isna(row.get("params", math.nan)) else f"{row['params'] / 1e6:.2f}"
+        secs = "n/a" if pd.isna(row.get("train_seconds", math.nan)) else f"{row['train_seconds']:.0f}"
+        epochs = "n/a" if pd.isna(row.get("epochs", math.nan)) else f"{row['epochs']:.0f}"
+        rows.append([name, f"rank {int(row['config_rank'])}", int(row["seeds"]), int(row["images"]),
+                     *[_with_ci(row, m) for m in metrics], params, secs, epochs])
+    blocks.append(("table", header, rows))
+    blocks.append(("p", "Scores x100 on the test split: mean over seeds and test images, with a 95% bootstrap "
+                        "interval that resamples seeds and images (images shared across methods, so "
+                        "differences are paired). \"config rank 1\" is each method's best search trial on "
+                        "validation."))
+    if verdict.best_other is not None:
+        blocks.append(("p", f"Difference init - {verdict.best_other} ({verdict.metric}): {_x100(verdict.diff)} "
+                            f"[{_x100(verdict.ci[0])}, {_x100(verdict.ci[1])}] (x100, paired bootstrap, "
+                            f"{verdict.n_boot} resamples)."))
+    if image is not None:
+        blocks.append(("img", image, f"{verdict.metric} per method with 95% intervals"))
+    return blocks
+
+
+def _run_blocks(trials: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame) -> list[Block]:
+    blocks: list[Block] = [("h2", "What was run")]
+    if trials is None or trials.empty:
+        blocks.append(("p", "No search trials were recorded."))
+    else:
+        status = trials["status"] if "status" in trials else pd.Series("unknown", index=trials.index)
+        by = trials["inject"] if "inject" in trials else pd.Series("all", index=trials.index)
+        counts = pd.crosstab(by, status, margins=True, margins_name="total")
+        header = ["method", *counts.columns]
+        rows = [[str(i), *[int(v) for v in r]] for i, r in counts.iterrows()]
+        blocks += [("p", "Search trials by injection method and how they ended (stopped = ASHA cut them early):"),
+                   ("table", header, rows)]
+        epochs = (int(trials["epochs"].sum()) if "epochs" in trials
+                  else (len(history) if history is not None else 0))
+        facts = [f"{len(trials)} trials, {epochs} trial-epochs trained in the search"]
+        if "train_seconds" in trials and trials["train_seconds"].notna().any():
+            facts.append(f"{trials['train_seconds'].sum() / 3600:.2f} h of trial training time in total")
+        blocks.append(("ul", facts))
+    if runs is None or runs.empty:
+        blocks.append(("p", "No confirm runs were recorded."))
+    else:
+        seeds = runs.groupby("method")["seed"].nunique()
+        text = (f"Confirm stage: {len(runs)} runs ({', '.join(f'{m}: {n} seeds' for m, n in seeds.items())})")
+        if "train_seconds" in runs:
+            text += f", {runs['train_seconds'].sum() / 3600:.2f} h of training"
+        blocks.append(("p", text + "."))
+    return blocks
+
+
+def _effects_blocks(effects: Effects, images: dict[str, Path | None]) -> list[Block]:
+    blocks: list[Block] = [("h2", f"Hyperparameter effects (search, {effects.metric})")]
+    if effects.n_trials == 0:
+        return blocks + [("p", " ".join(effects.notes) or "No trials to analyse.")]
+    if effects.importances:
+        blocks += [("p", f"fANOVA importance over {effects.n_trials} trials (Optuna; share of the metric's "
+                         f"variance each parameter explains, sums to 1):"),
+                   ("table", ["parameter", "importance"],
+                    [[p, f"{v:.3f}"] for p, v in effects.importances.items()])]
+    blocks.append(("ul", list(effects.answers.values())))
+    for param, table in effects.categorical.items():
+        scale = 1.0 if lower_is_better(effects.metric) else 100.0
+        blocks += [("h3", f"{param}"),
+                   ("table", [param, "trials", "mean", "median", "best"],
+                    [[str(v), int(r["count"]), f"{r['mean'] * scale:.1f}", f"{r['median'] * scale:.1f}",
+                      f"{r['best'] * scale:.1f}"] for v, r in table.iterrows()])]
+    if effects.edge_warnings:
+        blocks += [("h3", "Edge warnings"), ("ul", [w.message for w in effects.edge_warnings])]
+    else:
+        blocks.append(("p", "No best trial sits within 10% of the end of a numeric range."))
+    if effects.notes:
+        blocks.append(("ul", effects.notes))
+    for key, alt in (("params", "each varied hyperparameter vs the metric"),
+                     ("curves", "learning curves of every trial")):
+        if images.get(key) is not None:
+            blocks.append(("img", images[key], alt))
+    if images.get("curves") is None:
+        blocks.append(("p", "No per-epoch history was recorded, so there are no learning curves."))
+    return blocks
+
+
+def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None, history: pd.DataFrame | None,
+                 per_image: pd.DataFrame | None, runs: pd.DataFrame | None, space: dict | None,
+                 gallery: pd.DataFrame | None, margin: float, spec_text: str | None = None,
+                 metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0) -> ReportResult:
+    """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
+
+    ``metric`` is the confirm-stage primary metric; the search is analysed on ``val_<metric>``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    empty = pd.DataFrame()
+    trials, history = (trials if trials is not None else empty), (history if history is not None else empty)
+    per_image, runs = (per_image if per_image is not None else empty), (runs if runs is not None else empty)
+    gallery = gallery if gallery is not None else empty
+    search_metric = f"val_{metric}"
+
+    verdict = compute_verdict(per_image, runs, margin=margin, metric=metric, n_boot=n_boot, seed=seed)
+    effects = compute_effects(trials, space, metric=search_metric, seed=seed)
+    figures = {
+        "methods": plots.plot_methods(verdict.table, metric, out_dir / "methods.png", margin=margin),
+        "curves": plots.plot_learning_curves(history, trials, search_metric, out_dir / "learning_curves.png"),
+        "params": plots.plot_hyperparameters(trials, space, search_metric, out_dir / "hyperparameters.png"),
+        "gallery": plots.plot_gallery(gallery, out_dir / "gallery.png"),
+    }
+
+    blocks: list[Block] = [("h1", f"Study report: {study_name}"), ("h2", "The question"), ("p", QUESTION)]
+    blocks += _verdict_blocks(verdict, figures["methods"])
+    blocks += _effects_blocks(effects, figures)
+    blocks.append(("h2", "Examples from the test split"))
+    blocks.append(("img", figures["gallery"], "test images with each method's caption") if figures["gallery"]
+                  else ("p", "No example captions were recorded."))
+    blocks += [("h2", "Context: what the literature reached (not comparable numbers)"), ("p", LITERATURE_NOTE),
+               ("table", ["data", "arch", "BLEU-4", "METEOR", "CIDEr"], [list(r) for r in LITERATURE])]
+    blocks += _run_blocks(trials, history, runs)
+    if spec_text:
+        blocks += [("h2", "Appendix: the study spec"), ("code", spec_text)]
+
+    md_path = out_dir / "report.md"
+    md_path.write_text(_md(blocks, out_dir))
+    html_path = out_dir / "report.html"
+    html_path.write_text(_html(blocks, f"Study report: {study_name}"))
+    images = [p for p in figures.values() if p is not None]
+    return ReportResult(md_path, verdict, images, html_path, effects)

@@ -1,0 +1,211 @@
+"""Analysis: the verdict's logic and intervals, hyperparameter effects, edge warnings, and the report.
+
+All inputs are constructed with known answers (no training): scores on the 0..1 scale as pycocoevalcap
+gives them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from analysis import verdict as V
+from analysis.effects import compute_effects, edge_warnings
+from analysis.report import build_report
+
+METHOD_NAMES = ("init", "pre", "par", "merge", "attention", "none")
+
+
+def per_image_frame(true: dict[str, float], *, images: int, seeds: int, noise: float, seed_sd: float = 0.005,
+                    seed: int = 0) -> pd.DataFrame:
+    """Per-image scores: method mean x shared image difficulty + per-seed offset + per-image noise."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.gamma(4.0, 0.25, images)  # mean 1; shared by all methods, as real image difficulty is
+    frames = []
+    for method, mu in true.items():
+        for s in range(seeds):
+            v = mu * difficulty + rng.normal(0, seed_sd) + rng.normal(0, noise, images)
+            frames.append(pd.DataFrame({"method": method, "config_rank": 1, "seed": s,
+                                        "image_id": np.arange(images), "CIDEr-D": v, "BLEU-4": v / 3,
+                                        "METEOR": np.nan, "ROUGE-L": v / 2}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def runs_frame(per_image: pd.DataFrame) -> pd.DataFrame:
+    runs = per_image.groupby(["method", "config_rank", "seed"], as_index=False)[["CIDEr-D", "BLEU-4"]].mean()
+    return runs.assign(params=runs["method"].map(lambda m: 2e6 if m == "attention" else 1e6),
+                       train_seconds=120.0, epochs=10)
+
+
+EQUAL = {"init": 0.50, "pre": 0.49, "par": 0.48, "merge": 0.47, "attention": 0.505, "none": 0.20}
+
+
+def test_competes_when_init_equals_best_other_with_many_images():
+    per_image = per_image_frame(EQUAL, images=1000, seeds=5, noise=0.1)
+    v = V.compute_verdict(per_image, runs_frame(per_image), margin=0.02)
+    assert v.best_other == "attention"
+    assert v.verdict == V.COMPETES
+    assert v.ci[0] < v.diff < v.ci[1]
+    assert -0.02 < v.ci[0] and v.ci[1] < 0.02  # tight around the true -0.005
+    assert abs(v.diff - (-0.005)) < 0.01
+    # The floor is reported but never the comparator; costs sit beside the scores.
+    assert v.table.loc["none", "CIDEr-D"] < 0.25
+    assert v.table.loc["attention", "params"] == 2e6 and v.table.loc["init", "train_seconds"] == 120.0
+    assert np.isnan(v.table.loc["init", "METEOR"])  # METEOR absent (no Java) stays NaN, no crash
+    d = v.to_dict()
+    assert d["verdict"] == V.COMPETES and d["init.CIDEr-D"] == pytest.approx(v.table.loc["init", "CIDEr-D"])
+    assert "competes" in v.text and "attention" in v.text
+
+
+def test_does_not_compete_when_init_far_below():
+    true = dict(EQUAL, init=0.40)
+    per_image = per_image_frame(true, images=500, seeds=3, noise=0.1)
+    v = V.compute_verdict(per_image, margin=0.02)
+    assert v.verdict == V.DOES_NOT_COMPETE
+    assert v.ci[1] < -0.02
+    assert v.diff == pytest.approx(-0.105, abs=0.015)
+
+
+def test_inconclusive_with_tiny_noisy_sample():
+    per_image = per_image_frame(dict(EQUAL, init=0.48), images=15, seeds=2, noise=0.3, seed_sd=0.03)
+    v = V.compute_verdict(per_image, margin=0.02)
+    assert v.verdict == V.INCONCLUSIVE
+    assert v.ci[0] < -0.02 < v.ci[1]
+
+
+def test_verdict_is_deterministic_and_ignores_search_floor_as_comparator():
+    per_image = per_image_frame(dict(EQUAL, none=0.9), images=200, seeds=3, noise=0.1)
+    a = V.compute_verdict(per_image, margin=0.02, seed=7)
+    b = V.compute_verdict(per_image, margin=0.02, seed=7)
+    assert a.ci == b.ci and a.best_other == "attention"  # "none" scoring highest is still not "other"
+
+
+def test_bootstrap_interval_covers_true_mean():
+    """90%+ of 95% intervals from independent samples of a known distribution contain its mean."""
+    true_mean, covered = 0.4, 0
+    for rep in range(40):
+        rng = np.random.default_rng(100 + rep)
+        x = rng.exponential(true_mean, size=(3, 200))  # skewed like CIDEr, (S, N); seed effects absent
+        image_w = V._resample_weights(rng, 1000, 200)
+        seed_w = V._resample_weights(rng, 1000, 3)
+        lo, hi = V._interval(V._boot_means([x], [seed_w], image_w)[0])
+        covered += lo <= true_mean <= hi
+    assert covered >= 34, covered  # nominal 38 of 40
+
+
+def test_verdict_without_confirm_results_says_so():
+    v = V.compute_verdict(pd.DataFrame(), margin=0.02)
+    assert v.verdict == V.NOT_AVAILABLE and "confirm" in v.text
+    only_init = per_image_frame({"init": 0.5, "none": 0.2}, images=20, seeds=2, noise=0.1)
+    v = V.compute_verdict(only_init, margin=0.02)
+    assert v.verdict == V.NOT_AVAILABLE and v.best_other is None and "init" in v.table.index
+
+
+SPACE = {
+    "inject": {"type": "choice", "values": ["init", "pre", "par", "merge", "attention", "none"]},
+    "cell": {"type": "choice", "values": ["lstm", "gru", "lstm_peephole"]},
+    "tokens": {"type": "choice", "values": ["word", "char"]},
+    "lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+    "dropout": {"type": "uniform", "low": 0.0, "high": 0.5},
+    "hidden": {"type": "quniform", "low": 128, "high": 1024, "step": 128},
+}
+
+
+def trials_frame(n: int = 30, seed: int = 0) -> pd.DataFrame:
+    """Trials whose val_CIDEr-D is driven by dropout alone (peaks in the middle of its range)."""
+    rng = np.random.default_rng(seed)
+    t = pd.DataFrame({
+        "trial_id": [f"t{i:02d}" for i in range(n)], "inject": rng.choice(SPACE["inject"]["values"], n),
+        "cell": rng.choice(SPACE["cell"]["values"], n), "tokens": rng.choice(["word", "char"], n),
+        "lr": np.exp(rng.uniform(np.log(1e-4), np.log(1e-2), n)), "dropout": rng.uniform(0, 0.5, n),
+        "hidden": rng.choice(np.arange(128, 1025, 128), n).astype(float),
+        "status": rng.choice(["completed", "stopped"], n, p=[0.4, 0.6]), "epochs": rng.integers(2, 8, n),
+        "train_seconds": 60.0, "params": 1e6,
+    })
+    t["val_CIDEr-D"] = 0.5 - 4 * (t["dropout"] - 0.25) ** 2 + rng.normal(0, 0.005, n)
+    t.loc[0, "status"] = "errored"
+    t.loc[0, "val_CIDEr-D"] = np.nan
+    return t
+
+
+def test_effects_rank_the_driving_parameter_first_and_answer_side_questions():
+    e = compute_effects(trials_frame(), SPACE)
+    assert e.n_trials == 29  # the errored trial is left out
+    assert next(iter(e.importances)) == "dropout"
+    assert e.importances["dropout"] > 0.5
+    assert set(e.categorical["cell"].index) <= {"lstm", "gru", "lstm_peephole"}
+    assert e.categorical["tokens"]["count"].sum() == 29
+    assert "word-level" in e.answers["char vs word"] and "character-level" in e.answers["char vs word"]
+    assert "peephole LSTM" in e.answers["LSTM vs GRU vs peephole LSTM"]
+
+
+def test_effects_fall_back_with_too_few_trials():
+    e = compute_effects(trials_frame().iloc[1:2], SPACE)
+    assert e.importances == {} and any("at least 2" in n for n in e.notes)
+    assert compute_effects(pd.DataFrame(), SPACE).n_trials == 0
+
+
+def test_edge_warning_fires_at_the_edge_and_not_in_the_middle():
+    t = pd.DataFrame({"inject": ["init", "init", "pre"], "lr": [1.2e-4, 1e-3, 1e-3], "dropout": [0.25, 0.2, 0.3],
+                      "val_CIDEr-D": [0.6, 0.4, 0.5]})
+    space = {"lr": SPACE["lr"], "dropout": SPACE["dropout"]}
+    warnings = edge_warnings(t, space, "val_CIDEr-D")
+    assert [(w.param, w.side) for w in warnings] == [("lr", "low")]  # 1.2e-4 is 4% up the log range
+    assert [scope for scope, _ in warnings[0].cases] == ["overall", "init"]  # pre's best (1e-3) is mid-range
+    assert "widen" in warnings[0].message
+    # On a linear scale 1.2e-4 would also be at the edge, but 1e-3 on a log scale (50%) is not:
+    t.loc[0, "lr"] = 1e-3
+    assert edge_warnings(t, space, "val_CIDEr-D") == []
+    # The high edge of a loss (lower is better) uses the minimum as the best trial.
+    t2 = pd.DataFrame({"dropout": [0.48, 0.1], "val_loss": [1.0, 2.0]})
+    assert [w.side for w in edge_warnings(t2, {"dropout": SPACE["dropout"]}, "val_loss", by=None)] == ["high"]
+
+
+def history_frame(trials: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, t in trials.iterrows():
+        for epoch in range(1, int(t["epochs"]) + 1):
+            rows.append({"trial_id": t["trial_id"], "inject": t["inject"], "epoch": epoch,
+                         "val_CIDEr-D": (t["val_CIDEr-D"] if pd.notna(t["val_CIDEr-D"]) else 0.1) * epoch / 8,
+                         "val_loss": 3 - epoch * 0.1, "train_loss": 3 - epoch * 0.15})
+    return pd.DataFrame(rows)
+
+
+def test_report_builds_with_real_pngs(tmp_path):
+    per_image = per_image_frame(EQUAL, images=1000, seeds=5, noise=0.1)
+    trials = trials_frame()
+    img_paths = []
+    for i, color in enumerate(["red", "blue"]):
+        p = tmp_path / f"img{i}.jpg"
+        Image.new("RGB", (300, 200), color).save(p)
+        img_paths.append(p)
+    gallery = pd.DataFrame([{"image_path": str(p), "method": m, "caption": f"a {m} caption of image {i}",
+                             "reference": "a plain coloured rectangle"}
+                            for i, p in enumerate(img_paths) for m in METHOD_NAMES])
+    out = tmp_path / "report"
+    result = build_report(out, study_name="unit", trials=trials, history=history_frame(trials),
+                          per_image=per_image, runs=runs_frame(per_image), space=SPACE, gallery=gallery,
+                          margin=0.02, spec_text="name: unit\n")
+    text = result.path.read_text()
+    assert result.verdict.verdict == V.COMPETES
+    assert "init competes" in text and "Tanti" in text and "other people's numbers" in text.lower()
+    assert [p.name for p in result.images] == ["methods.png", "learning_curves.png", "hyperparameters.png",
+                                               "gallery.png"]
+    for png in result.images:
+        assert f"]({png.name})" in text  # relative link beside the report
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 250
+    html = result.html.read_text()
+    assert html.count("data:image/png;base64,") == 4 and "competes" in html
+    assert "| completed |" in text or "completed" in text
+
+
+def test_report_with_empty_inputs_says_so(tmp_path):
+    result = build_report(tmp_path, study_name="empty", trials=pd.DataFrame(), history=pd.DataFrame(),
+                          per_image=pd.DataFrame(), runs=pd.DataFrame(), space={}, gallery=pd.DataFrame(),
+                          margin=0.02, spec_text=None)
+    text = result.path.read_text()
+    assert result.images == [] and result.verdict.verdict == V.NOT_AVAILABLE
+    assert "No confirm results" in text and "No search trials" in text and "No example captions" in text
