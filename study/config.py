@@ -132,6 +132,17 @@ class TrialConfig(StrictModel):
     length_penalty: float = Field(0.7, ge=0.0, description="beam score / length**length_penalty")
     val_images: int | None = Field(None, ge=1, description="cap on val images decoded per epoch (None: all)")
 
+    @field_validator("inject", "cell")
+    @classmethod
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        # The registries live with the models; importing them here keeps one list of valid names.
+        from study.models import CELLS, INJECTIONS
+
+        registry = INJECTIONS if info.field_name == "inject" else CELLS
+        if name not in registry:
+            raise ValueError(f"unknown {info.field_name} {name!r}; valid: {', '.join(sorted(registry))}")
+        return name
+
     @property
     def effective_max_len(self) -> int:
         if self.max_len is not None:

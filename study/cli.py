@@ -1,0 +1,299 @@
+"""The ``study`` command: prepare data, train one trial, run / resume a Ray Tune study, read the results.
+
+Heavy imports (torch, ray, mlflow) happen inside the commands so ``study --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from study.config import ConfigError
+
+app = typer.Typer(
+    help="caption-study: a Ray Tune study of recurrent image captioners. Does seeding the first LSTM layer's "
+         "memory cell with the image (inject: init) compete with the other ways of injecting it?",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+data_app = typer.Typer(help="Generate or inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+# soft_wrap: never break an error message or a table row in the middle of a key name.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ----- data and features -------------------------------------------------------------------------------
+@data_app.command("shapes")
+def data_shapes(
+    out_dir: Path = typer.Option(..., "--out", help="folder to write dataset.json and images/ into"),
+    seed: int = typer.Option(0, help="generator seed (same seed and options give byte-identical files)"),
+    images: int = typer.Option(1000, help="number of images (split 80/10/10 into train/val/test)"),
+    image_size: int = typer.Option(128, help="side of the rendered images in pixels"),
+) -> None:
+    """Generate the embedded `shapes` dataset (rendered scenes, 5 grammar captions each)."""
+    from study.data.shapes import generate_shapes
+
+    path = generate_shapes(out_dir, images=images, seed=seed, image_size=image_size)
+    out.print(f"wrote {path} ({images} images)")
+
+
+@app.command()
+def features(
+    dataset_json: Path = typer.Argument(..., help="a Karpathy-split dataset JSON (e.g. dataset_flickr8k.json)"),
+    images_root: Optional[Path] = typer.Option(None, help="folder of the images (default: <json folder>/images, "
+                                                           "or the JSON's folder when it holds images/ paths)"),
+    encoder: str = typer.Option("efficientnet_lite0", help="image encoder registry name"),
+    cache_dir: Optional[Path] = typer.Option(None, help="cache folder (default: $CAPTION_STUDY_CACHE or "
+                                                         "~/.cache/caption-study)"),
+    batch_size: int = typer.Option(32, help="images per CNN batch"),
+    skip_bad: bool = typer.Option(False, help="skip (and count) missing or corrupt images instead of stopping"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)"),
+) -> None:
+    """Extract the image features of a dataset once, or reuse the cache; say where it is and how big."""
+    from study.config import default_cache_dir
+    from study.data.features import ImageReadError, extract_features
+    from study.data.karpathy import DatasetError, load_karpathy
+
+    try:
+        root = images_root
+        if root is None:
+            root = dataset_json.parent / "images"
+            if not root.is_dir():
+                root = dataset_json.parent
+        data = load_karpathy(dataset_json, root, on_error="skip" if skip_bad else "error")
+        items = [(str(r.path.relative_to(data.images_root)), r.path) for r in data.records]
+        cache = extract_features(items, encoder=encoder, cache_dir=cache_dir or default_cache_dir(),
+                                 fingerprint=data.fingerprint(), batch_size=batch_size, device=device,
+                                 on_error="skip" if skip_bad else "error")
+    except (DatasetError, ImageReadError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    state = "reused" if cache.reused else "computed"
+    out.print(f"features {state}: {cache.path}")
+    out.print(f"  {len(cache.keys)} images, pooled {tuple(cache.pooled.shape)}, grid {tuple(cache.grid.shape)}, "
+              f"{cache.nbytes / 2**20:.1f} MiB, encoder {cache.encoder}")
+    skipped = len(data.skipped) + len(cache.failed)
+    if skipped:
+        out.print(f"  skipped {skipped} images (missing or corrupt)")
+
+
+# ----- one trial ---------------------------------------------------------------------------------------
+def _epoch_table(history: list[dict]) -> Table:
+    table = Table(title="epochs", show_lines=False)
+    for col in ("epoch", "train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "sec"):
+        table.add_column(col, justify="right")
+    for m in history:
+        table.add_row(str(m["epoch"]), f"{m['train_loss']:.3f}", f"{m['val_loss']:.3f}", f"{m['val_bpc']:.3f}",
+                      f"{100 * m['val_CIDEr-D']:.1f}", f"{100 * m['val_BLEU-4']:.1f}", f"{m['epoch_seconds']:.1f}")
+    return table
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="trial YAML: cell, layers, hidden, tokens, inject, epochs, dataset..."),
+    out_dir: Path = typer.Option(Path("runs/train"), "--out", help="writes metrics.json and checkpoint.pt here"),
+    epochs: Optional[int] = typer.Option(None, help="override the config's epochs"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
+    test: bool = typer.Option(True, help="score the test split with beam search and the full metric suite"),
+    resume: bool = typer.Option(False, help="continue from the checkpoint already in --out"),
+) -> None:
+    """Train one configuration without Ray (the same loop the Tune trainable runs)."""
+    from study.config import load_trial_config
+    from study.data.prepare import TokenSetting, prepare
+    from study.training import copy_checkpoint, run_trial, write_metrics
+
+    try:
+        cfg = load_trial_config(config, {"epochs": epochs} if epochs else None)
+    except ConfigError as exc:
+        _fail(str(exc))
+    console.print(f"[bold]{cfg.run_name}[/] for {cfg.epochs} epochs on {cfg.dataset.kind}")
+    data = prepare(cfg.dataset, [TokenSetting.of(cfg)], need_grid=cfg.inject == "attention", device=device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = out_dir if resume and (out_dir / "checkpoint.pt").exists() else None
+
+    rows: list[dict] = []
+
+    def on_epoch(metrics: dict) -> None:
+        rows.append(metrics)
+        console.print(f"epoch {metrics['epoch']:>3}: train {metrics['train_loss']:.3f}  val {metrics['val_loss']:.3f}"
+                      f"  bpc {metrics['val_bpc']:.3f}  CIDEr-D {100 * metrics['val_CIDEr-D']:.1f}"
+                      f"  BLEU-4 {100 * metrics['val_BLEU-4']:.1f}  ({metrics['epoch_seconds']:.1f} s)",
+                      highlight=False)
+
+    def report(metrics: dict, checkpoint_dir: Path) -> None:
+        copy_checkpoint(checkpoint_dir.parent, out_dir)
+
+    result = run_trial(cfg, data, work_dir=out_dir / ".work", report=report, resume_from=resume_from,
+                       device=device, final_test=test, on_epoch=on_epoch)
+    path = write_metrics(result, out_dir)
+    console.print(_epoch_table(result["epochs"]))
+    if "final" in result:
+        final = result["final"]
+        console.print("test (beam {}): ".format(final["beam_size"]) + "  ".join(
+            f"{k} {100 * v:.1f}" for k, v in final.items() if isinstance(v, float)), highlight=False)
+    out.print(f"metrics: {path}\ncheckpoint: {out_dir / 'checkpoint.pt'}")
+
+
+@app.command()
+def caption(
+    images: list[Path] = typer.Argument(..., help="image files to caption"),
+    checkpoint: Path = typer.Option(..., help="checkpoint.pt written by `study train` or a study trial"),
+    beam_size: int = typer.Option(3, help="1 = greedy"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
+) -> None:
+    """Caption real image files with a trained checkpoint."""
+    from study.inference import caption_files
+
+    try:
+        for path, text in caption_files(checkpoint, images, beam_size=beam_size, device=device):
+            out.print(f"{path}\t{text}")
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+# ----- studies -----------------------------------------------------------------------------------------
+def _resolve_study(study: str, storage: Optional[Path]) -> dict:
+    """Find a study's ``study.json`` from its name (under --storage or ./runs) or its folder."""
+    candidates = [Path(study), (storage or Path("runs")) / study]
+    for folder in candidates:
+        if (folder / "study.json").is_file():
+            return json.loads((folder / "study.json").read_text()) | {"folder": str(folder.resolve())}
+    _fail(f"no study {study!r}: looked for study.json in {', '.join(str(c) for c in candidates)}")
+    raise AssertionError
+
+
+@app.command()
+def run(
+    spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="search-space YAML (see search_spaces/)"),
+    address: Optional[str] = typer.Option(None, help="Ray address ('auto' on a cluster; default: a local Ray)"),
+    dry_run: bool = typer.Option(False, help="print the space and the trial budget, then stop"),
+    max_concurrent: Optional[int] = typer.Option(None, help="trials at once (default: what resources allow)"),
+    report: bool = typer.Option(True, help="after the search: confirm stage and report, as the spec says"),
+) -> None:
+    """Run a study: prepare data once, then Ray Tune with Optuna + ASHA, tracked in MLflow."""
+    from study.spec import load_spec
+
+    try:
+        spec = load_spec(spec_path)
+    except ConfigError as exc:
+        _fail(str(exc))
+    from study import tuning
+
+    out.print(tuning.describe_budget(spec), highlight=False)
+    if dry_run:
+        return
+    _run_and_summarise(spec, spec_path, address, max_concurrent, resume=False, report=report)
+
+
+def _run_and_summarise(spec, spec_path: Path, address, max_concurrent, *, resume: bool, report: bool) -> None:
+    from study import tuning
+    from study.leaderboard import format_table, leaderboard
+
+    out.print(f"MLflow store: {tuning.tracking_uri(spec)} (experiment {spec.tracking.experiment or spec.name})")
+    try:
+        outcome = tuning.run_study(spec, spec_path, address=address, max_concurrent=max_concurrent, resume=resume)
+    except KeyboardInterrupt:
+        outcome = None
+    finally:
+        tuning.shutdown()
+    if outcome is None or outcome.interrupted:
+        console.print(f"[yellow]study interrupted.[/] Resume with:  study resume {spec.name}"
+                      + (f" --storage {Path(spec.storage).parent}" if False else ""))
+        raise typer.Exit(130)
+    table = outcome.trials
+    counts = table["status"].value_counts().to_dict() if table is not None and len(table) else {}
+    out.print(f"study {spec.name} finished in {outcome.seconds:.0f} s: {counts}")
+    board = leaderboard(outcome.tracking_uri, outcome.experiment, metric=spec.metric, mode=spec.mode)
+    out.print(format_table(board, "text"))
+    if report and spec.stratify == "inject":
+        from study.confirm import confirm_and_report
+
+        confirm_and_report(spec, spec_path, console=out)
+
+
+@app.command()
+def resume(
+    study: str = typer.Argument(..., help="study name (under --storage) or its folder"),
+    storage: Optional[Path] = typer.Option(None, help="storage folder the study was run with (default ./runs)"),
+    address: Optional[str] = typer.Option(None, help="Ray address"),
+    report: bool = typer.Option(True, help="confirm stage and report after the search"),
+) -> None:
+    """Continue an interrupted study: finished trials are kept, running ones continue from checkpoints."""
+    from study.spec import load_spec
+
+    info = _resolve_study(study, storage)
+    spec = load_spec(Path(info["spec"]))
+    _run_and_summarise(spec, Path(info["spec"]), address, None, resume=True, report=report)
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    study: str = typer.Argument(..., help="study name (under --storage) or its folder"),
+    storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
+    metric: str = typer.Option("val_CIDEr-D", help="metric to sort by"),
+    mode: str = typer.Option("max", help="max or min"),
+    fmt: str = typer.Option("text", "--format", help="text, csv or markdown"),
+    all_trials: bool = typer.Option(False, "--all", help="every trial, not just the best of each method"),
+) -> None:
+    """The best trial of each injection method and overall, from MLflow."""
+    from study.leaderboard import format_table, leaderboard
+
+    info = _resolve_study(study, storage)
+    board = leaderboard(info["tracking_uri"], info["experiment"], metric=metric, mode=mode, best_per_method=not all_trials)
+    out.print(format_table(board, fmt), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def sync(
+    study: str = typer.Argument(..., help="study name (under --storage) or its folder"),
+    storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
+) -> None:
+    """Send results journalled while the MLflow server was down."""
+    from study.tracking import StudyTracker
+
+    info = _resolve_study(study, storage)
+    tracker = StudyTracker(info["tracking_uri"], info["experiment"], info["name"], Path(info["folder"]))
+    pending = tracker.pending
+    if tracker.flush(force=True):
+        out.print(f"sent {pending} journalled events to {info['tracking_uri']}")
+    else:
+        _fail(f"MLflow at {info['tracking_uri']} is still not reachable; {tracker.pending} events wait in "
+              f"{tracker.journal}")
+
+
+@app.command("report")
+def report_cmd(
+    study: str = typer.Argument(..., help="study name (under --storage) or its folder"),
+    storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
+    address: Optional[str] = typer.Option(None, help="Ray address for the confirm stage"),
+) -> None:
+    """Run the confirm stage if needed, compute the verdict, write the report and log it to MLflow."""
+    from study.confirm import confirm_and_report
+    from study.spec import load_spec
+
+    info = _resolve_study(study, storage)
+    spec = load_spec(Path(info["spec"]))
+    confirm_and_report(spec, Path(info["spec"]), console=out, address=address)
+
+
+def main() -> None:  # pragma: no cover
+    try:
+        app()
+    except ConfigError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)

@@ -1,0 +1,168 @@
+"""The confirm stage and the report: from a finished search to an answer.
+
+1. Take the best ``confirm.top_k`` configurations of each injection method from the search.
+2. Retrain each with ``confirm.seeds`` seeds to the full budget (Ray tasks, in parallel across the
+   cluster) and score the test split with beam search and the full metric suite, per image.
+3. Each finished run is written to ``<study>/confirm/<method>-r<k>-s<seed>.json`` as soon as it ends, so an
+   interrupted confirm stage resumes where it stopped (finished runs are never trained again).
+4. ``analysis.report`` computes the verdict with bootstrap intervals, plots and writes the report; the
+   report and the verdict go to the study's MLflow parent run (tag ``verdict``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from study.config import TrialConfig
+from study.spec import StudySpec
+
+log = logging.getLogger(__name__)
+
+
+def confirm_configs(spec: StudySpec, trials: pd.DataFrame) -> list[tuple[str, int, int, TrialConfig]]:
+    """(method, rank, seed, config) of every confirm run: the best ``top_k`` trials of each method."""
+    done = trials[trials["status"] != "errored"] if "status" in trials else trials
+    runs = []
+    epochs = spec.confirm.epochs or spec.asha.max_epochs
+    for method in spec.methods:
+        best = done[done["inject"] == method].sort_values(spec.metric, ascending=spec.mode == "min")
+        for rank, (_, row) in enumerate(best.head(spec.confirm.top_k).iterrows(), start=1):
+            sampled = {k: row[k] for k in spec.space if k in row and not _missing(row[k])}
+            for seed in range(spec.confirm.seeds):
+                cfg = spec.trial_config({**sampled, "seed": 1000 + seed, "epochs": epochs,
+                                         "beam_size": spec.confirm.beam_size})
+                runs.append((method, rank, seed, cfg))
+    return runs
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def run_name(method: str, rank: int, seed: int) -> str:
+    return f"{method}-r{rank}-s{seed}"
+
+
+def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
+    """Train one confirm run and score the test split per image (runs inside a Ray task or locally)."""
+    import tempfile
+    import time
+
+    import torch
+
+    from study.training import FeatureSource, evaluate, pick_device, run_trial
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="confirm-") as tmp:
+        holder: dict[str, Any] = {}
+        result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
+        from study.inference import load_captioner
+
+        device = pick_device()
+        model, _, _ = load_captioner(Path(tmp) / "checkpoint", device)
+        tokens = data.tokens_for(cfg)
+        features = FeatureSource(data, device, need_grid=model.needs_grid)
+        scores, hyps, per_image = evaluate(model, cfg, data, tokens, "test", features, device,
+                                           beam_size=cfg.beam_size, full=True, per_image=True)
+        holder.update(scores=scores, hyps=hyps, per_image=per_image)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {"config": cfg.model_dump(mode="json", by_alias=True, exclude={"dataset"}),
+            "scores": holder["scores"], "captions": holder["hyps"],
+            "per_image": {m: {str(k): v for k, v in d.items()} for m, d in holder["per_image"].items()},
+            "params": result["params"], "epochs": len(result["epochs"]),
+            "train_seconds": sum(e["train_seconds"] for e in result["epochs"]),
+            "seconds": time.perf_counter() - t0}
+
+
+def run_confirm(spec: StudySpec, folder: Path, trials: pd.DataFrame, data, *, progress: bool = True) -> Path:
+    """Run every missing confirm run as a Ray task; write each result as it finishes. Returns the folder."""
+    import ray
+
+    out = folder / "confirm"
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [(m, r, s, cfg) for m, r, s, cfg in confirm_configs(spec, trials)
+            if not (out / f"{run_name(m, r, s)}.json").exists()]
+    if not todo:
+        return out
+    remote = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
+                        max_retries=spec.max_failures)(confirm_one)
+    data_ref = ray.put(data)
+    pending = {remote.remote(cfg, data_ref): (m, r, s) for m, r, s, cfg in todo}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(pending), desc="confirm runs", disable=not progress)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        method, rank, seed = pending.pop(ready[0])
+        result = ray.get(ready[0])
+        result.update(method=method, config_rank=rank, seed=seed)
+        tmp = out / f"{run_name(method, rank, seed)}.json.tmp"
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, out / f"{run_name(method, rank, seed)}.json")
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def load_confirm(folder: Path, data) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(per_image, runs, gallery) frames for the analysis from the confirm folder."""
+    per_image_rows, run_rows, gallery_rows = [], [], []
+    test = data.images["test"]
+    for path in sorted((folder / "confirm").glob("*.json")):
+        result = json.loads(path.read_text())
+        method, rank, seed = result["method"], result["config_rank"], result["seed"]
+        metrics = result["per_image"]
+        ids = sorted({k for d in metrics.values() for k in d}, key=int)
+        for image_id in ids:
+            row = {"method": method, "config_rank": rank, "seed": seed, "image_id": int(image_id)}
+            for name in ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"):
+                row[name] = metrics.get(name, {}).get(image_id, float("nan"))
+            per_image_rows.append(row)
+        run_rows.append({"method": method, "config_rank": rank, "seed": seed, "params": result["params"],
+                         "train_seconds": result["train_seconds"], "epochs": result["epochs"],
+                         **result["scores"]})
+        if rank == 1 and seed == 0:
+            for i in range(min(6, len(result["captions"]))):
+                gallery_rows.append({"image_path": str(test.paths[i]), "method": method,
+                                     "caption": result["captions"][i], "reference": test.references[i][0]})
+    return pd.DataFrame(per_image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
+
+
+def confirm_and_report(spec: StudySpec, spec_path: Path, *, console=None, address: str | None = None,
+                       progress: bool = True) -> Path:
+    """Confirm stage (resumable) + verdict + report, logged to the study's MLflow parent run."""
+    from analysis.report import build_report
+    from study import tuning
+    from study.data.prepare import prepare
+    from study.tracking import StudyTracker
+
+    folder = tuning.study_dir(spec)
+    trials, history = tuning.load_trial_tables(spec)
+    data = prepare(spec.dataset, tuning.token_settings(spec), need_grid=tuning.needs_grid(spec), progress=progress)
+    tuning.ensure_ray(address)
+    try:
+        run_confirm(spec, folder, trials, data, progress=progress)
+    finally:
+        tuning.shutdown()
+    per_image, runs, gallery = load_confirm(folder, data)
+    result = build_report(folder / "report", study_name=spec.name, trials=trials, history=history,
+                          per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
+                          margin=spec.confirm.margin, spec_text=Path(spec_path).read_text())
+    verdict = result.verdict
+    tracker = StudyTracker(tuning.tracking_uri(spec), spec.tracking.experiment or spec.name, spec.name, folder)
+    summary = verdict.to_dict()
+    metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracker.study_tags({"verdict": verdict.verdict, "verdict_text": verdict.text[:4000]},
+                       {f"verdict.{k}": v for k, v in metrics.items()})
+    tracker.study_artifact(result.path.parent, "report")
+    if console is not None:
+        console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}\nreport: {result.path}")
+    return result.path

@@ -1,0 +1,174 @@
+"""Prepare a dataset once: read it, extract (or reuse) its image features, tokenise its captions.
+
+The result, :class:`PreparedData`, holds only numpy arrays and small Python objects, so the driver can put
+it into Ray's object store once and every trial on a node maps the same copy (numpy arrays are zero-copy
+there; torch tensors would be copied per trial). Trials turn batches into tensors as they go.
+
+Data flow: config -> (shapes generator) -> Karpathy JSON -> CaptionDataset -> FeatureCache (pooled + grid)
+-> per token setting: Vocab + padded caption ids per split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from study.config import KarpathyDataset, ShapesDataset, TrialConfig
+from study.data.features import extract_features
+from study.data.karpathy import CaptionDataset, load_karpathy
+from study.data.shapes import ensure_shapes
+from study.data.tokens import Vocab
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TokenSetting:
+    """What determines a tokenisation: the vocabulary kind, the length cap and the word count threshold."""
+
+    kind: str
+    max_len: int
+    min_count: int
+
+    @classmethod
+    def of(cls, cfg: TrialConfig) -> "TokenSetting":
+        min_count = cfg.min_count if cfg.tokens == "word" else 1
+        return cls(cfg.tokens, cfg.effective_max_len, min_count)
+
+
+@dataclass
+class SplitCaptions:
+    """Tokenised captions of one split. Rows of ``ids`` are captions; ``image`` maps them to split images."""
+
+    ids: np.ndarray  # (N_cap, max_len + 2) int64: START, tokens..., END, PAD...
+    lengths: np.ndarray  # (N_cap,) int64, including START and END
+    image: np.ndarray  # (N_cap,) int64: position of the caption's image within the split
+    truncated: int  # captions cut at max_len
+
+
+@dataclass
+class TokenSet:
+    vocab: Vocab
+    splits: dict[str, SplitCaptions]
+
+
+@dataclass
+class SplitImages:
+    rows: np.ndarray  # (N_img,) int64: rows of the feature arrays
+    references: list[list[str]]  # raw reference captions per image
+    paths: list[Path]
+
+
+@dataclass
+class PreparedData:
+    """Everything a trial needs, as numpy arrays (shareable through Ray's object store)."""
+
+    name: str
+    pooled: np.ndarray  # (N, F) float16, every image of every split
+    grid: np.ndarray | None  # (N, G, F) float16 spatial features, or None when no trial attends
+    images: dict[str, SplitImages]
+    token_sets: dict[TokenSetting, TokenSet] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.pooled.shape[1])
+
+    def tokens_for(self, cfg: TrialConfig) -> TokenSet:
+        setting = TokenSetting.of(cfg)
+        if setting not in self.token_sets:
+            known = ", ".join(str(s) for s in self.token_sets) or "none"
+            raise KeyError(f"captions were not prepared for {setting}; prepared: {known}")
+        return self.token_sets[setting]
+
+
+def dataset_json_for(dataset: ShapesDataset | KarpathyDataset, progress: bool = True) -> tuple[Path, Path]:
+    """The (dataset JSON, images root) of a dataset config, generating ``shapes`` on first use."""
+    if isinstance(dataset, ShapesDataset):
+        json_path = ensure_shapes(dataset, progress=progress)
+        return json_path, json_path.parent
+    return dataset.json_path, dataset.resolved_images_root
+
+
+def load_dataset(dataset: ShapesDataset | KarpathyDataset, progress: bool = True) -> CaptionDataset:
+    json_path, root = dataset_json_for(dataset, progress=progress)
+    if isinstance(dataset, ShapesDataset):
+        return load_karpathy(json_path, root)
+    return load_karpathy(json_path, root, restval=dataset.restval, on_error=dataset.on_bad_image)
+
+
+def tokenize_splits(
+    setting: TokenSetting, images: dict[str, SplitImages], vocab: Vocab | None = None
+) -> TokenSet:
+    """Build the vocabulary from the train split only, then encode every split's captions."""
+    if vocab is None:
+        train_captions = [c for refs in images["train"].references for c in refs]
+        vocab = Vocab.build(setting.kind, train_captions, min_count=setting.min_count)
+    splits: dict[str, SplitCaptions] = {}
+    for name, split in images.items():
+        texts = [c for refs in split.references for c in refs]
+        owner = np.repeat(np.arange(len(split.references)), [len(r) for r in split.references])
+        ids, lengths, truncated = vocab.encode_batch(texts, setting.max_len)
+        splits[name] = SplitCaptions(ids.numpy(), lengths.numpy(), owner.astype(np.int64), truncated)
+        if truncated:
+            log.info("%s/%s: %d of %d captions truncated at %d tokens", setting.kind, name, truncated,
+                     len(texts), setting.max_len)
+    return TokenSet(vocab, splits)
+
+
+def prepare(
+    dataset: ShapesDataset | KarpathyDataset,
+    settings: list[TokenSetting],
+    *,
+    need_grid: bool = True,
+    progress: bool = True,
+    device: str | None = None,
+) -> PreparedData:
+    """Read the dataset, extract or reuse features, and tokenise captions for each token setting."""
+    data = load_dataset(dataset, progress=progress)
+    items = [(str(r.path.relative_to(data.images_root)) if r.path.is_relative_to(data.images_root)
+              else str(r.path), r.path) for r in data.records]
+    cache = extract_features(items, encoder=dataset.encoder, cache_dir=dataset.cache_dir,
+                             fingerprint=data.fingerprint(), progress=progress, device=device,
+                             on_error=getattr(dataset, "on_bad_image", "error"))
+    failed = set(cache.failed)
+
+    images: dict[str, SplitImages] = {}
+    for split in SPLITS:
+        rows, refs, paths = [], [], []
+        for row, (record, (key, _)) in enumerate(zip(data.records, items)):
+            if record.split == split and key not in failed:
+                rows.append(row)
+                refs.append(list(record.captions))
+                paths.append(record.path)
+        if not rows:
+            raise ValueError(f"{data.json_path}: the {split!r} split has no usable images")
+        images[split] = SplitImages(np.asarray(rows, dtype=np.int64), refs, paths)
+
+    # Materialise from the memmap: the object store needs a real buffer, and one read is cheaper than
+    # page faults in every trial.
+    pooled = np.ascontiguousarray(cache.pooled)
+    grid = np.ascontiguousarray(cache.grid) if need_grid else None
+    prepared = PreparedData(
+        name=data.name,
+        pooled=pooled,
+        grid=grid,
+        images=images,
+        info={
+            "dataset": data.name,
+            "dataset_json": str(data.json_path),
+            "dataset_fingerprint": data.fingerprint(),
+            "encoder": dataset.encoder,
+            "feature_cache": str(cache.path),
+            "feature_cache_reused": cache.reused,
+            "images_skipped": len(data.skipped) + len(failed),
+        },
+    )
+    for setting in dict.fromkeys(settings):
+        prepared.token_sets[setting] = tokenize_splits(setting, images)
+    return prepared

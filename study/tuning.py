@@ -1,0 +1,403 @@
+"""Every Ray Tune import of the project lives here (Ray's API has moved three times; keep it in one place).
+
+``run_study`` prepares the data once in the driver, puts it into Ray's object store through
+``tune.with_parameters`` (so concurrent trials on a node share one copy), and runs a ``Tuner`` with Optuna
+(one searcher per injection method when stratified), ASHA, actor reuse, retries from the last checkpoint,
+and a callback that mirrors every trial into MLflow through :mod:`study.tracking`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from study.config import TrialConfig
+from study.data.prepare import PreparedData, TokenSetting, prepare
+from study.spec import StudySpec, storage_is_remote
+from study.tracking import StudyTracker, git_commit, sqlite_uri
+
+log = logging.getLogger(__name__)
+
+REPORTED = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "lr", "train_seconds",
+            "epoch_seconds", "tokens_per_second", "params")
+
+
+# ----- where a study lives -----------------------------------------------------------------------------
+def study_dir(spec: StudySpec) -> Path:
+    """Local folder for the study's bookkeeping (journal, run ids, study.json).
+
+    Tune's own results go to ``spec.storage`` (which may be s3://); the bookkeeping stays on the driver.
+    """
+    if storage_is_remote(spec.storage):
+        return Path.cwd() / "runs" / spec.name
+    return Path(spec.storage) / spec.name
+
+
+def tracking_uri(spec: StudySpec) -> str:
+    return spec.tracking.uri or sqlite_uri(study_dir(spec) / "mlflow.db")
+
+
+def write_study_file(spec: StudySpec, spec_path: Path) -> Path:
+    """``study.json`` lets ``study resume/leaderboard/report NAME`` find the spec, storage and MLflow store."""
+    folder = study_dir(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"name": spec.name, "spec": str(Path(spec_path).resolve()), "storage": spec.storage,
+            "tracking_uri": tracking_uri(spec), "experiment": spec.tracking.experiment or spec.name}
+    path = folder / "study.json"
+    path.write_text(json.dumps(info, indent=2))
+    return path
+
+
+# ----- search space -> Optuna define-by-run ------------------------------------------------------------
+def _suggest(trial, name: str, param) -> Any:
+    kind = param.kind
+    if kind == "choice":
+        return trial.suggest_categorical(name, list(param.choice))
+    if kind == "uniform":
+        return trial.suggest_float(name, *param.uniform)
+    if kind == "loguniform":
+        return trial.suggest_float(name, *param.loguniform, log=True)
+    if kind == "int":
+        return trial.suggest_int(name, *param.int_)
+    low, high, step = param.quniform
+    if all(float(v).is_integer() for v in (low, high, step)):
+        return trial.suggest_int(name, int(low), int(high), step=int(step))
+    return trial.suggest_float(name, low, high, step=step)
+
+
+def define_by_run(spec: StudySpec, fixed: dict[str, Any]):
+    """An Optuna define-by-run function: conditional parameters are sampled only where ``when`` holds."""
+    params = [(n, p) for n, p in spec.space.items() if n not in fixed]
+
+    def space(trial) -> dict[str, Any]:
+        sampled = dict(fixed)
+        for name, param in params:
+            if param.matches({**spec.fixed, **sampled}):
+                sampled[name] = _suggest(trial, name, param)
+        return dict(fixed)  # constants Optuna adds to the config (e.g. this searcher's method)
+
+    return space
+
+
+def _sampler(spec: StudySpec, seed: int, fixed: dict[str, Any]):
+    import optuna
+
+    if spec.search.algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.search.algorithm == "grid":
+        grid = {n: list(p.choice) for n, p in spec.space.items() if n not in fixed}
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(5, spec.trials_per_method // 2)))
+
+
+def _optuna_searcher(spec: StudySpec, fixed: dict[str, Any], seed: int) -> OptunaSearch:
+    return OptunaSearch(space=define_by_run(spec, fixed), metric=spec.metric, mode=spec.mode,
+                        sampler=_sampler(spec, seed, fixed))
+
+
+class StratifiedSearcher(Searcher):
+    """One searcher per injection method and the same number of trials each, so no method wins by getting
+    more tuning. Suggestions go round-robin to the method with the fewest trials so far."""
+
+    def __init__(self, searchers: dict[str, Searcher], per_method: int, metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self.searchers = searchers
+        self.per_method = per_method
+        self.counts = {m: 0 for m in searchers}
+        self.owner: dict[str, str] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return all(s.set_search_properties(metric, mode, config, **spec) for s in self.searchers.values())
+
+    def suggest(self, trial_id: str):
+        open_methods = [m for m in self.searchers if self.counts[m] < self.per_method]
+        if not open_methods:
+            return Searcher.FINISHED
+        method = min(open_methods, key=lambda m: self.counts[m])
+        config = self.searchers[method].suggest(trial_id)
+        if config is None or config == Searcher.FINISHED:
+            return config
+        self.counts[method] += 1
+        self.owner[trial_id] = method
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.owner:
+            self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.owner:
+            self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))
+
+
+def build_searcher(spec: StudySpec) -> Searcher:
+    if spec.stratify == "inject":
+        searchers = {m: _optuna_searcher(spec, {"inject": m}, spec.search.seed + i)
+                     for i, m in enumerate(spec.methods)}
+        return StratifiedSearcher(searchers, spec.trials_per_method, spec.metric, spec.mode)
+    return _optuna_searcher(spec, {}, spec.search.seed)
+
+
+def total_trials(spec: StudySpec) -> int:
+    return spec.trials_per_method * len(spec.methods) if spec.stratify == "inject" else spec.search.trials
+
+
+def build_scheduler(spec: StudySpec):
+    if not spec.asha.enabled:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", metric=spec.metric, mode=spec.mode,
+                         max_t=spec.asha.max_epochs, grace_period=spec.asha.grace_period,
+                         reduction_factor=spec.asha.reduction_factor)
+
+
+# ----- the trainable -----------------------------------------------------------------------------------
+def token_settings(spec: StudySpec) -> list[TokenSetting]:
+    """Every tokenisation a trial of this spec may ask for (prepared once in the driver)."""
+    def values(name: str) -> list[Any]:
+        if name in spec.space and spec.space[name].choice is not None:
+            return list(spec.space[name].choice)
+        if name in spec.space:
+            raise ValueError(f"space.{name} must be a choice: captions are tokenised once per value")
+        return [spec.fixed.get(name, TrialConfig.model_fields[name].default)]
+
+    settings = []
+    for tokens in values("tokens"):
+        for max_len in values("max_len"):
+            for min_count in values("min_count"):
+                cfg = TrialConfig.model_validate({"tokens": tokens, "max_len": max_len, "min_count": min_count})
+                settings.append(TokenSetting.of(cfg))
+    return list(dict.fromkeys(settings))
+
+
+def needs_grid(spec: StudySpec) -> bool:
+    return "attention" in spec.methods or spec.fixed.get("inject") == "attention"
+
+
+def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) -> None:
+    """The Tune trainable: sampled config -> the shared training loop, reporting each epoch."""
+    import torch
+
+    from study.training import run_trial
+
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # follow the trial's CPU share
+    cfg = spec.trial_config(config)
+    checkpoint = tune.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
+        resume_from = None
+        if checkpoint is not None:
+            resume_from = Path(checkpoint.to_directory(os.path.join(tmp, "restored")))
+
+        def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+        run_trial(cfg, data, work_dir=Path(tmp), report=report, resume_from=resume_from, progress=False)
+
+
+# ----- MLflow bridge -----------------------------------------------------------------------------------
+class TrackingCallback(tune.Callback):
+    """Forwards Tune's trial events to the study tracker (all MLflow work happens in study.tracking)."""
+
+    def __init__(self, tracker: StudyTracker, spec: StudySpec):
+        self.tracker = tracker
+        self.spec = spec
+        self.last_epoch: dict[str, int] = {}
+
+    def _name(self, trial) -> str:
+        return f"{spec_run_name(self.spec, trial.config)}-{trial.trial_id}"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        params = self.spec.trial_config(trial.config).model_dump(mode="json", by_alias=True, exclude={"dataset"})
+        self.tracker.trial_started(trial.trial_id, self._name(trial), params)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        self.last_epoch[trial.trial_id] = epoch
+        self.tracker.trial_result(trial.trial_id, {k: result[k] for k in REPORTED if k in result}, step=epoch)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epochs = self.last_epoch.get(trial.trial_id, trial.last_result.get("epoch", 0) if trial.last_result else 0)
+        status = "completed" if epochs >= self.spec.asha.max_epochs else "stopped"
+        reason = None if status == "completed" else f"stopped by ASHA after {epochs} epochs"
+        self.tracker.trial_finished(trial.trial_id, status, reason)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = trial.get_error()
+        reason = str(error).strip().splitlines()[-1] if error else "unknown error"
+        self.tracker.trial_finished(trial.trial_id, "errored", reason)
+
+    def on_step_end(self, iteration, trials, **info):
+        self.tracker.flush()  # retry a server that was down, at most every RETRY_SECONDS
+
+
+def spec_run_name(spec: StudySpec, sampled: dict[str, Any]) -> str:
+    return spec.trial_config(sampled).run_name
+
+
+# ----- running and resuming ----------------------------------------------------------------------------
+@dataclass
+class StudyOutcome:
+    name: str
+    study_dir: Path
+    tracking_uri: str
+    experiment: str
+    trials: Any  # pandas DataFrame, one row per trial
+    interrupted: bool
+    seconds: float
+
+
+def ensure_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    ray.init(address=address, log_to_driver=False, include_dashboard=False if address is None else None,
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+
+
+def describe_budget(spec: StudySpec) -> str:
+    """The dry-run text: the space and the trial budget."""
+    lines = [f"study {spec.name}: {total_trials(spec)} trials, search={spec.search.algorithm}, "
+             f"metric={spec.metric} ({spec.mode})"]
+    if spec.stratify:
+        lines.append(f"  stratified by inject: {spec.trials_per_method} trials each for {', '.join(spec.methods)}")
+    lines.append(f"  ASHA: {'on' if spec.asha.enabled else 'off'}, max {spec.asha.max_epochs} epochs, "
+                 f"grace {spec.asha.grace_period}, reduction {spec.asha.reduction_factor}")
+    lines.append(f"  epochs at most: {total_trials(spec) * spec.asha.max_epochs}; resources per trial: "
+                 f"{spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
+    lines.append("  fixed: " + (", ".join(f"{k}={v}" for k, v in spec.fixed.items()) or "-"))
+    for name, desc in spec.space_description().items():
+        when = spec.space[name].when
+        lines.append(f"  {name}: {desc}" + (f" when {when}" if when else ""))
+    lines.append(f"  dataset: {spec.dataset.kind}; storage: {spec.storage}; MLflow: {tracking_uri(spec)}")
+    return "\n".join(lines)
+
+
+def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, max_concurrent: int | None = None,
+              resume: bool = False, progress: bool = True, verbose: int = 1) -> StudyOutcome:
+    """Run (or, with ``resume``, continue) a study. Returns the trial table."""
+    t0 = time.perf_counter()
+    folder = study_dir(spec)
+    write_study_file(spec, spec_path)
+    uri = tracking_uri(spec)
+    experiment = spec.tracking.experiment or spec.name
+    tracker = StudyTracker(uri, experiment, spec.name, folder)
+
+    data = prepare(spec.dataset, token_settings(spec), need_grid=needs_grid(spec), progress=progress)
+    tracker.start_study(
+        params={"trials": total_trials(spec), "search": spec.search.algorithm, "metric": spec.metric,
+                "stratify": spec.stratify, "asha_max_epochs": spec.asha.max_epochs, **{
+                    f"fixed.{k}": v for k, v in spec.fixed.items()}},
+        tags={"git_commit": git_commit(), "dataset": str(data.info["dataset"]),
+              "dataset_fingerprint": str(data.info["dataset_fingerprint"]),
+              "feature_cache": str(data.info["feature_cache"]), "encoder": str(data.info["encoder"])},
+        spec_text=Path(spec_path).read_text() if Path(spec_path).is_file() else None)
+
+    ensure_ray(address)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_function, spec=spec, data=data),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    callback = TrackingCallback(tracker, spec)
+    interrupted = False
+    if resume and tune.Tuner.can_restore(experiment_path(spec)):
+        tuner = tune.Tuner.restore(experiment_path(spec), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        if resume:
+            log.warning("no Tune state at %s yet: starting the study", experiment_path(spec))
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=build_searcher(spec), scheduler=build_scheduler(spec), num_samples=total_trials(spec),
+                max_concurrent_trials=max_concurrent or spec.search.max_concurrent, reuse_actors=True,
+                trial_name_creator=lambda t: f"{spec_run_name(spec, t.config)}-{t.trial_id}",
+                trial_dirname_creator=lambda t: f"{spec_run_name(spec, t.config)}-{t.trial_id}"),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=f"{spec.storage.rstrip('/')}/{spec.name}",
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[callback], verbose=verbose),
+        )
+    # Tuner.restore builds its own RunConfig from the saved state; give it our callback again.
+    if resume:
+        tuner._local_tuner._run_config.callbacks = [callback]
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+        results = None
+    table = None
+    if results is not None:
+        table, _ = load_trial_tables(spec)
+        unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
+        interrupted = interrupted or len(unfinished) > 0 or len(table) < total_trials(spec)
+    tracker.finish_study("KILLED" if interrupted else "FINISHED")
+    return StudyOutcome(spec.name, folder, uri, experiment, table, interrupted, time.perf_counter() - t0)
+
+
+def experiment_path(spec: StudySpec) -> str:
+    return f"{spec.storage.rstrip('/')}/{spec.name}/tune"
+
+
+def load_trial_tables(spec: StudySpec):
+    """(trials, history) DataFrames of a study's search, read from Tune's experiment state.
+
+    ``trials``: one row per trial with its parameters, how it ended, its best epoch's metrics and total
+    training seconds. ``history``: one row per trial-epoch.
+    """
+    import pandas as pd
+
+    analysis = tune.ExperimentAnalysis(experiment_path(spec))
+    rows, histories = [], []
+    for trial in analysis.trials:
+        history = analysis.trial_dataframes.get(trial.trial_id)
+        row: dict[str, Any] = {"trial_id": trial.trial_id}
+        row.update(spec.trial_config(trial.config).model_dump(mode="json", exclude={"dataset"}))
+        epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
+        if trial.status == "ERROR":
+            error = trial.get_error()
+            row["status"] = "errored"
+            row["error"] = str(error).strip().splitlines()[-1][:300] if error else "unknown error"
+        elif trial.status == "TERMINATED":
+            row["status"] = "completed" if epochs >= spec.asha.max_epochs else "stopped"
+        else:
+            row["status"] = trial.status.lower()
+        row["epochs"] = epochs
+        if history is not None and spec.metric in history and len(history):
+            best_index = history[spec.metric].idxmax() if spec.mode == "max" else history[spec.metric].idxmin()
+            best = history.loc[best_index]
+            row.update({k: float(best[k]) for k in REPORTED if k in best})
+            row["train_seconds"] = float(history["train_seconds"].sum())
+            frame = history[["epoch", *[k for k in REPORTED if k in history]]].copy()
+            frame.insert(0, "inject", row["inject"])
+            frame.insert(0, "trial_id", trial.trial_id)
+            histories.append(frame)
+        rows.append(row)
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    return pd.DataFrame(rows), history
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+__all__ = ["StudyOutcome", "describe_budget", "run_study", "study_dir", "tracking_uri", "shutdown"]

@@ -1,0 +1,99 @@
+"""Search-space specs: every mistake fails before Ray starts, naming the file, the key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from study.config import ConfigError
+from study.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = """
+name: t
+dataset: {kind: shapes, images: 60}
+fixed: {cell: lstm}
+space:
+  inject: {choice: [init, none]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+  attention_dim: {choice: [32, 64], when: {inject: attention}}
+stratify: inject
+search: {trials: 4}
+asha: {max_epochs: 3, grace_period: 1}
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_spec_loads_with_defaults(tmp_path):
+    spec = load_spec(_write(tmp_path, GOOD))
+    assert spec.methods == ["init", "none"] and spec.trials_per_method == 2
+    assert spec.metric == "val_CIDEr-D" and spec.mode == "max" and spec.search.algorithm == "optuna"
+    cfg = spec.trial_config({"inject": "init", "lr": 0.004})
+    assert cfg.epochs == 3 and cfg.cell == "lstm" and cfg.run_name == "init-lstm-1x256-word"
+    assert Path(spec.storage).is_absolute()
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("name: t\nspace: {inject: {choice: [init]}\n", ["not valid YAML", "line"]),
+    (GOOD + "asha_typo: 1\n", ["asha_typo: unknown key"]),
+    (GOOD.replace("grace_period: 1", "grace: 1"), ["asha.grace: unknown key"]),
+    (GOOD.replace("trials: 4", "trials: many"), ["search.trials", "integer"]),
+    (GOOD.replace("[1.0e-3, 1.0e-2]", "[0.0, 1.0e-2]"), ["space.lr", "loguniform: low must be positive"]),
+    (GOOD.replace("cell: lstm", "cells: lstm"), ["unknown trial parameter", "cells", "allowed"]),
+    (GOOD.replace("[init, none]", "[init, nonsense]"), ["nonsense", "inject"]),
+    (GOOD.replace("grace_period: 1", "grace_period: 9"), ["grace_period (9) exceeds max_epochs (3)"]),
+    (GOOD.replace("kind: shapes, images: 60", "kind: karpathy, json: /no/such/file.json"),
+     ["dataset", "/no/such/file.json does not exist"]),
+    (GOOD.replace("kind: shapes", "kind: coco"), ["dataset", "coco", "shapes", "karpathy"]),
+    (GOOD.replace("when: {inject: attention}", "when: {injection: attention}"), ["injection", "neither searched"]),
+])
+def test_bad_specs_name_the_file_and_the_key(tmp_path, text, needles):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_unknown_injection_method_lists_the_valid_ones(tmp_path):
+    from study.models import build_captioner
+    from study.config import TrialConfig
+
+    with pytest.raises((KeyError, ValueError)) as err:
+        build_captioner(TrialConfig(inject="memory"), 20, 16)
+    for name in ("init", "pre", "par", "merge", "attention", "none"):
+        assert name in str(err.value)
+
+
+def test_shipped_spaces_validate():
+    for path in sorted((REPO / "search_spaces").glob("*.yaml")):
+        spec = load_spec(path, check_paths=False)
+        assert spec.stratify == "inject" and len(spec.methods) == 6, path
+
+
+def test_cli_rejects_bad_spec_before_starting_ray_and_dry_run_prints_budget(tmp_path):
+    bad = _write(tmp_path, GOOD + "extra: 1\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "study", "run", str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "extra: unknown key" in proc.stderr
+    assert "ray" not in proc.stderr.lower() and time.perf_counter() - t0 < 30
+
+    good = _write(tmp_path, GOOD)
+    proc = subprocess.run([sys.executable, "-m", "study", "run", str(good), "--dry-run"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 trials" in proc.stdout and "2 trials each for init, none" in proc.stdout
+    assert "attention_dim" in proc.stdout and "when {'inject': 'attention'}" in proc.stdout
