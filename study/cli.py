@@ -161,7 +161,7 @@ def caption(
 
     try:
         for path, text in caption_files(checkpoint, images, beam_size=beam_size, device=device):
-            out.print(f"{path}\t{text}")
+            typer.echo(f"{path}\t{text}")  # tab-separated, for scripts
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 

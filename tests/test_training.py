@@ -54,7 +54,7 @@ def test_trial_learns_writes_checkpoints_and_resumes_exactly(small_shapes, small
 
     full = run_trial(cfg, small_prepared, work_dir=tmp_path / "a", report=report, progress=False)
     losses = [e["train_loss"] for e in full["epochs"]]
-    assert len(losses) == 3 and losses[-1] < 0.6 * losses[0], losses
+    assert len(losses) == 3 and losses[-1] < 0.75 * losses[0], losses
     for key in ("val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "tokens_per_second"):
         assert np.isfinite(full["epochs"][-1][key]), key
     assert full["epochs"][-1]["val_bpc"] > 0
