@@ -78,18 +78,22 @@ def _suggest(trial, name: str, param) -> Any:
     return trial.suggest_float(name, low, high, step=step)
 
 
-def define_by_run(spec: StudySpec, fixed: dict[str, Any]):
-    """An Optuna define-by-run function: conditional parameters are sampled only where ``when`` holds."""
-    params = [(n, p) for n, p in spec.space.items() if n not in fixed]
+class DefineByRun:
+    """An Optuna define-by-run space: conditional parameters are sampled only where ``when`` holds.
 
-    def space(trial) -> dict[str, Any]:
-        sampled = dict(fixed)
-        for name, param in params:
-            if param.matches({**spec.fixed, **sampled}):
+    A class rather than a closure so the searcher's state pickles (Tune saves it for ``study resume``).
+    """
+
+    def __init__(self, spec: StudySpec, fixed: dict[str, Any]):
+        self.spec = spec
+        self.fixed = dict(fixed)
+
+    def __call__(self, trial) -> dict[str, Any]:
+        sampled = dict(self.fixed)
+        for name, param in self.spec.space.items():
+            if name not in self.fixed and param.matches({**self.spec.fixed, **sampled}):
                 sampled[name] = _suggest(trial, name, param)
-        return dict(fixed)  # constants Optuna adds to the config (e.g. this searcher's method)
-
-    return space
+        return dict(self.fixed)  # constants Optuna adds to the config (e.g. this searcher's method)
 
 
 def _sampler(spec: StudySpec, seed: int, fixed: dict[str, Any]):
@@ -104,7 +108,7 @@ def _sampler(spec: StudySpec, seed: int, fixed: dict[str, Any]):
 
 
 def _optuna_searcher(spec: StudySpec, fixed: dict[str, Any], seed: int) -> OptunaSearch:
-    return OptunaSearch(space=define_by_run(spec, fixed), metric=spec.metric, mode=spec.mode,
+    return OptunaSearch(space=DefineByRun(spec, fixed), metric=spec.metric, mode=spec.mode,
                         sampler=_sampler(spec, seed, fixed))
 
 

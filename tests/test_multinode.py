@@ -1,0 +1,94 @@
+"""A real 2-node Ray cluster on this machine; the worker node is killed mid-study.
+
+Every trial must still finish (retried from its last checkpoint on the surviving node), and MLflow must hold
+exactly one finished run per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+def _distinct_reporting_trials(folder: Path) -> int:
+    journal = folder / "tracking_journal.jsonl"
+    if not journal.exists():
+        return 0
+    trials = {json.loads(line)["trial"] for line in journal.read_text().splitlines() if '"trial_result"' in line}
+    return len(trials)
+
+
+def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, small_prepared):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from study import tuning
+    from study.spec import load_spec
+    from study.tracking import sqlite_uri, study_runs
+
+    spec_path = tmp_path / "multi.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "multi",
+        "dataset": {"kind": "shapes", "images": small_shapes.images, "image_size": small_shapes.image_size,
+                    "seed": small_shapes.seed, "cache_dir": str(small_shapes.cache_dir)},
+        "fixed": {"hidden": 48, "embed": 32, "min_count": 1, "batch_size": 40, "val_images": 20},
+        "space": {"inject": {"choice": ["init", "par"]}, "lr": {"loguniform": [3e-3, 1e-2]}},
+        "stratify": "inject",
+        "search": {"trials": 4, "seed": 2, "max_concurrent": 2},
+        "asha": {"max_epochs": 4, "grace_period": 4},
+        "resources": {"cpu": 1},
+        "max_failures": 3,
+        "storage": str(tmp_path / "runs"),
+    }))
+    spec = load_spec(spec_path)
+    folder = tmp_path / "runs" / "multi"
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    killed = threading.Event()
+
+    def kill_worker_when_both_nodes_train() -> None:
+        deadline = time.time() + 300
+        while _distinct_reporting_trials(folder) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        cluster.remove_node(worker, allow_graceful=False)  # kills the worker's raylet and its trials
+        killed.set()
+
+    killer = threading.Thread(target=kill_worker_when_both_nodes_train, daemon=True)
+    try:
+        ray.init(address=cluster.address)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        killer.start()
+        outcome = tuning.run_study(spec, spec_path, address=cluster.address, progress=False, verbose=0)
+        killer.join(timeout=10)
+    finally:
+        tuning.shutdown()
+        cluster.shutdown()
+    assert killed.is_set(), "the worker was never killed"
+
+    table = outcome.trials
+    assert len(table) == 4 and (table.status == "completed").all(), table[["trial_id", "status"]]
+
+    # At least one trial failed with the node and came back from its checkpoint: its epochs are not repeated.
+    from ray import tune
+
+    analysis = tune.ExperimentAnalysis(tuning.experiment_path(spec))
+    failures = {t.trial_id: t.run_metadata.num_failures for t in analysis.trials}
+    assert sum(failures.values()) >= 1, failures
+    for trial_id, frame in analysis.trial_dataframes.items():
+        assert frame["epoch"].tolist()[-1] == 4
+        if failures[trial_id]:
+            epochs = frame["epoch"].tolist()
+            assert epochs == sorted(set(epochs)) and epochs[0] == 1, epochs  # resumed, not restarted
+
+    _, runs = study_runs(sqlite_uri(folder / "mlflow.db"), "multi")
+    assert len(runs) == 4 and runs["tags.trial_id"].is_unique
+    assert (runs["status"] == "FINISHED").all() and (runs["tags.status"] == "completed").all()
