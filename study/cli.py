@@ -206,7 +206,8 @@ def _run_and_summarise(spec, spec_path: Path, address, max_concurrent, *, resume
 
     out.print(f"MLflow store: {tuning.tracking_uri(spec)} (experiment {spec.tracking.experiment or spec.name})")
     try:
-        outcome = tuning.run_study(spec, spec_path, address=address, max_concurrent=max_concurrent, resume=resume)
+        outcome = tuning.run_study(spec, spec_path, address=address, max_concurrent=max_concurrent, resume=resume,
+                                   echo=lambda line: console.print(line, highlight=False))
     except KeyboardInterrupt:
         outcome = None
     finally:

@@ -25,7 +25,7 @@ def trials_frame(uri: str, experiment: str) -> pd.DataFrame:
     for col in runs.columns:
         if col.startswith("params."):
             frame[col[len("params."):]] = runs[col]
-        elif col.startswith("metrics."):
+        elif col.startswith("metrics.") and col[len("metrics."):] not in frame:  # params win a name clash
             frame[col[len("metrics."):]] = runs[col]
     for name in ("layers", "hidden", "embed", "lr", "dropout", "weight_decay", "attention_dim"):
         if name in frame:

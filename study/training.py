@@ -318,7 +318,7 @@ def run_trial(
             "val_bpc": val_nats / math.log(2) / val_chars,
             "val_CIDEr-D": scores["CIDEr-D"],
             "val_BLEU-4": scores["BLEU-4"],
-            "lr": optimizer.param_groups[0]["lr"],
+            "current_lr": optimizer.param_groups[0]["lr"],  # after the schedule; not the config's lr
             "train_seconds": train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
             "tokens_per_second": n_tokens / max(train_seconds, 1e-9),

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray import tune
@@ -31,7 +31,10 @@ from study.tracking import StudyTracker, git_commit, sqlite_uri
 
 log = logging.getLogger(__name__)
 
-REPORTED = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "lr", "train_seconds",
+# One checkpoint per epoch with num_to_keep=1 snapshots the experiment often; that is intended here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+REPORTED = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "current_lr", "train_seconds",
             "epoch_seconds", "tokens_per_second", "params")
 
 
@@ -222,9 +225,10 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
 class TrackingCallback(tune.Callback):
     """Forwards Tune's trial events to the study tracker (all MLflow work happens in study.tracking)."""
 
-    def __init__(self, tracker: StudyTracker, spec: StudySpec):
+    def __init__(self, tracker: StudyTracker, spec: StudySpec, echo: Callable[[str], None] | None = None):
         self.tracker = tracker
         self.spec = spec
+        self.echo = echo or (lambda line: None)  # one concise line per event, instead of Tune's tables
         self.last_epoch: dict[str, int] = {}
 
     def _name(self, trial) -> str:
@@ -238,20 +242,37 @@ class TrackingCallback(tune.Callback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         self.last_epoch[trial.trial_id] = epoch
         self.tracker.trial_result(trial.trial_id, {k: result[k] for k in REPORTED if k in result}, step=epoch)
+        metric = result.get(self.spec.metric)
+        self.echo(f"{self._name(trial)}  epoch {epoch}/{self.spec.asha.max_epochs}  "
+                  f"{self.spec.metric} {_fmt(self.spec.metric, metric)}  val_loss {result.get('val_loss', 0):.3f}  "
+                  f"({result.get('epoch_seconds', 0):.1f} s)")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        epochs = self.last_epoch.get(trial.trial_id, trial.last_result.get("epoch", 0) if trial.last_result else 0)
+        # ASHA's stop at max_t can reach us before the final result's callback: read the trial's own record.
+        last = int((trial.last_result or {}).get("epoch", 0))
+        epochs = max(last, self.last_epoch.get(trial.trial_id, 0))
         status = "completed" if epochs >= self.spec.asha.max_epochs else "stopped"
         reason = None if status == "completed" else f"stopped by ASHA after {epochs} epochs"
         self.tracker.trial_finished(trial.trial_id, status, reason)
+        self.echo(f"{self._name(trial)}  {reason or 'completed'}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = trial.get_error()
         reason = str(error).strip().splitlines()[-1] if error else "unknown error"
         self.tracker.trial_finished(trial.trial_id, "errored", reason)
+        self.echo(f"{self._name(trial)}  ERRORED: {reason}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.echo(f"{self._name(trial)}  failed; retrying from its last checkpoint")
 
     def on_step_end(self, iteration, trials, **info):
         self.tracker.flush()  # retry a server that was down, at most every RETRY_SECONDS
+
+
+def _fmt(metric: str, value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{100 * value:.1f}" if ("CIDEr" in metric or "BLEU" in metric) else f"{value:.4g}"
 
 
 def spec_run_name(spec: StudySpec, sampled: dict[str, Any]) -> str:
@@ -296,7 +317,8 @@ def describe_budget(spec: StudySpec) -> str:
 
 
 def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, max_concurrent: int | None = None,
-              resume: bool = False, progress: bool = True, verbose: int = 1) -> StudyOutcome:
+              resume: bool = False, progress: bool = True, verbose: int = 0,
+              echo: Callable[[str], None] | None = None) -> StudyOutcome:
     """Run (or, with ``resume``, continue) a study. Returns the trial table."""
     t0 = time.perf_counter()
     folder = study_dir(spec)
@@ -319,7 +341,7 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, spec=spec, data=data),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    callback = TrackingCallback(tracker, spec)
+    callback = TrackingCallback(tracker, spec, echo)
     interrupted = False
     if resume and tune.Tuner.can_restore(experiment_path(spec)):
         tuner = tune.Tuner.restore(experiment_path(spec), trainable=trainable, resume_unfinished=True,
