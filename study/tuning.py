@@ -231,6 +231,14 @@ class TrackingCallback(tune.Callback):
         self.echo = echo or (lambda line: None)  # one concise line per event, instead of Tune's tables
         self.last_epoch: dict[str, int] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; the printer (a console) does not pickle.
+        return {**self.__dict__, "echo": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.echo = self.echo or (lambda line: None)
+
     def _name(self, trial) -> str:
         return f"{spec_run_name(self.spec, trial.config)}-{trial.trial_id}"
 
@@ -397,6 +405,9 @@ def load_trial_tables(spec: StudySpec):
         history = analysis.trial_dataframes.get(trial.trial_id)
         row: dict[str, Any] = {"trial_id": trial.trial_id}
         row.update(spec.trial_config(trial.config).model_dump(mode="json", exclude={"dataset"}))
+        for name in spec.space:  # a conditional parameter this trial never sampled has no value
+            if name not in trial.config:
+                row[name] = None
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
         if trial.status == "ERROR":
             error = trial.get_error()

@@ -34,6 +34,7 @@ def _spec(tmp_path: Path, dataset: dict, name: str, methods: list[str], **overri
         "resources": {"cpu": 1},
         "storage": str(tmp_path / "runs"),
         "max_failures": 1,
+        "confirm": {"top_k": 1, "seeds": 2, "epochs": 2, "beam_size": 2, "margin": 0.05},
     }
     spec.update(overrides)
     path = tmp_path / f"{name}.yaml"
@@ -144,3 +145,100 @@ def test_killed_driver_then_resume_finishes_every_trial_once(tmp_path, small_sha
     assert len(runs_after) == 4
     info = json.loads((folder / "study.json").read_text())
     assert info["tracking_uri"].endswith("mlflow.db")
+
+    # The confirm stage + report, interrupted after its first finished run, then run again.
+    report_cmd = [sys.executable, "-m", "study", "report", "resumable", "--storage", str(tmp_path / "runs")]
+    confirm = folder / "confirm"
+    first = subprocess.Popen(report_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                             cwd=tmp_path, env=env)
+    deadline = time.time() + 300
+    try:
+        while not list(confirm.glob("*.json")) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        time.sleep(0.2)
+        done_before = {p.name: p.stat().st_mtime_ns for p in confirm.glob("*.json")}
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert 1 <= len(done_before) < 4
+    time.sleep(2)
+    second = subprocess.run(report_cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-3000:])
+    results = {p.name: p for p in confirm.glob("*.json")}
+    assert sorted(results) == ["init-r1-s0.json", "init-r1-s1.json", "merge-r1-s0.json", "merge-r1-s1.json"]
+    for name, mtime in done_before.items():  # finished confirm runs were not trained again
+        assert results[name].stat().st_mtime_ns == mtime
+    from study import tuning
+    from study.spec import load_spec
+
+    trials, _ = tuning.load_trial_tables(load_spec(spec_path))
+    best_init = trials[trials.inject == "init"].sort_values("val_CIDEr-D").iloc[-1]
+    retrained = json.loads(results["init-r1-s0.json"].read_text())
+    assert retrained["config"]["lr"] == pytest.approx(best_init["lr"]) and retrained["config"]["epochs"] == 2
+    assert {"CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"} <= set(retrained["per_image"])
+
+    report = folder / "report" / "report.md"
+    assert f"report: {report}" in second.stdout and report.is_file()
+    text = report.read_text()
+    assert "## Verdict" in text and "init" in text and "merge" in text and "methods.png" in text
+    parents, _ = _trial_runs(tmp_path, "resumable")
+    from study.tracking import get_run_tags, sqlite_uri
+
+    tags = get_run_tags(sqlite_uri(folder / "mlflow.db"), parents.iloc[0]["run_id"])
+    assert tags["verdict"] in {"competes", "does not compete", "inconclusive: more seeds needed"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_later(tmp_path, small_shapes,
+                                                                                     small_prepared):
+    from study import tuning
+    from study.spec import load_spec
+    from study.tracking import study_runs
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"  # nothing listens here yet: the server is "down"
+    spec_path = _spec(tmp_path, _dataset(small_shapes), "offline", ["init", "none"],
+                      search={"trials": 2, "seed": 0}, asha={"max_epochs": 1, "grace_period": 1},
+                      tracking={"uri": uri})
+    spec = load_spec(spec_path)
+    try:
+        with pytest.warns(RuntimeWarning, match="not reachable.*study sync"):
+            outcome = tuning.run_study(spec, spec_path, progress=False, verbose=0)
+    finally:
+        tuning.shutdown()
+    assert (outcome.trials.status == "completed").all() and len(outcome.trials) == 2
+    journal = tmp_path / "runs" / "offline" / "tracking_journal.jsonl"
+    events = [json.loads(line)["kind"] for line in journal.read_text().splitlines()]
+    assert events.count("trial_result") == 2 and events[-1] == "study_end"
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        synced = None
+        while time.time() < deadline:
+            synced = subprocess.run([sys.executable, "-m", "study", "sync", "offline", "--storage",
+                                     str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+            if synced.returncode == 0:
+                break
+            time.sleep(2)
+        assert synced is not None and synced.returncode == 0, synced.stderr[-2000:]
+        assert "sent" in synced.stdout
+        parents, runs = study_runs(uri, "offline")
+        assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+        assert len(runs) == 2 and (runs["status"] == "FINISHED").all()
+        assert runs["metrics.val_CIDEr-D"].notna().all()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
