@@ -213,8 +213,13 @@ def _run_and_summarise(spec, spec_path: Path, address, max_concurrent, *, resume
     finally:
         tuning.shutdown()
     if outcome is None or outcome.interrupted:
-        console.print(f"[yellow]study interrupted.[/] Resume with:  study resume {spec.name}"
-                      + (f" --storage {Path(spec.storage).parent}" if False else ""))
+        from study.spec import storage_is_remote
+
+        folder = tuning.study_dir(spec)
+        hint = f"study resume {spec.name}"
+        if storage_is_remote(spec.storage) or folder.parent.resolve() != (Path.cwd() / "runs").resolve():
+            hint = f"study resume {folder}"
+        console.print(f"[yellow]study interrupted.[/] Resume with:  {hint}", highlight=False)
         raise typer.Exit(130)
     table = outcome.trials
     counts = table["status"].value_counts().to_dict() if table is not None and len(table) else {}
