@@ -177,6 +177,16 @@ def _resolve_study(study: str, storage: Optional[Path]) -> dict:
     raise AssertionError
 
 
+def _study_spec(info: dict):
+    """The spec a study was run with, including the storage and MLflow store it actually used."""
+    from study.spec import load_spec
+
+    try:
+        return load_spec(Path(info["spec"]), storage=info["storage"], tracking_uri=info["tracking_uri"])
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def run(
     spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="search-space YAML (see search_spaces/)"),
@@ -184,12 +194,14 @@ def run(
     dry_run: bool = typer.Option(False, help="print the space and the trial budget, then stop"),
     max_concurrent: Optional[int] = typer.Option(None, help="trials at once (default: what resources allow)"),
     report: bool = typer.Option(True, help="after the search: confirm stage and report, as the spec says"),
+    storage: Optional[str] = typer.Option(None, help="override the spec's storage (a folder or an s3:// URI)"),
+    tracking_uri: Optional[str] = typer.Option(None, help="override the spec's MLflow tracking URI"),
 ) -> None:
     """Run a study: prepare data once, then Ray Tune with Optuna + ASHA, tracked in MLflow."""
     from study.spec import load_spec
 
     try:
-        spec = load_spec(spec_path)
+        spec = load_spec(spec_path, storage=storage, tracking_uri=tracking_uri)
     except ConfigError as exc:
         _fail(str(exc))
     from study import tuning
@@ -240,10 +252,8 @@ def resume(
     report: bool = typer.Option(True, help="confirm stage and report after the search"),
 ) -> None:
     """Continue an interrupted study: finished trials are kept, running ones continue from checkpoints."""
-    from study.spec import load_spec
-
     info = _resolve_study(study, storage)
-    spec = load_spec(Path(info["spec"]))
+    spec = _study_spec(info)
     _run_and_summarise(spec, Path(info["spec"]), address, None, resume=True, report=report)
 
 
@@ -290,11 +300,9 @@ def report_cmd(
 ) -> None:
     """Run the confirm stage if needed, compute the verdict, write the report and log it to MLflow."""
     from study.confirm import confirm_and_report
-    from study.spec import load_spec
 
     info = _resolve_study(study, storage)
-    spec = load_spec(Path(info["spec"]))
-    confirm_and_report(spec, Path(info["spec"]), console=out, address=address)
+    confirm_and_report(_study_spec(info), Path(info["spec"]), console=out, address=address)
 
 
 def main() -> None:  # pragma: no cover

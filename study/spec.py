@@ -206,10 +206,16 @@ def _check_trial(values: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: {problems}") from None
 
 
-def load_spec(path: Path, *, check_paths: bool = True) -> StudySpec:
-    """Load a search-space YAML; relative dataset and storage paths are taken from the spec's folder."""
+def load_spec(path: Path, *, check_paths: bool = True, storage: str | None = None,
+              tracking_uri: str | None = None) -> StudySpec:
+    """Load a search-space YAML. Relative dataset paths are taken from the spec's folder, a relative storage
+    folder from the working directory. ``storage`` and ``tracking_uri`` override the file's values."""
     path = Path(path).resolve()
     data = read_yaml(path)
+    if storage is not None:
+        data["storage"] = storage
+    if tracking_uri is not None:
+        data["tracking"] = {**(data.get("tracking") or {}), "uri": tracking_uri}
     base = path.parent
     dataset = data.get("dataset")
     if isinstance(dataset, dict):
