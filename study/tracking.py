@@ -75,7 +75,9 @@ class StudyTracker:
         self.sent_file = self.study_dir / "tracking_sent.json"
         self.runs_file = self.study_dir / "mlflow_runs.json"
         self.runs: dict[str, str] = json.loads(self.runs_file.read_text()) if self.runs_file.exists() else {}
-        self._sent = json.loads(self.sent_file.read_text())["sent"] if self.sent_file.exists() else 0
+        sent = json.loads(self.sent_file.read_text()) if self.sent_file.exists() else {}
+        self._sent = sent.get("sent", 0)
+        self._sent_offset = sent.get("offset", 0)  # byte offset of the first unsent event in the journal
         self._written = sum(1 for _ in self.journal.open()) if self.journal.exists() else 0
         self._offline_since: float | None = None
         self._warned = False
@@ -125,14 +127,19 @@ class StudyTracker:
             return False
         t0 = time.perf_counter()
         try:
-            with self.journal.open() as fh:
-                events = [json.loads(line) for line in fh][self._sent:]
+            with self.journal.open("rb") as fh:  # read only what was not sent yet
+                fh.seek(self._sent_offset)
+                lines = fh.readlines()
+            events = []
             client = _client(self.uri)
-            for event in events:
+            for line in lines:
+                event = json.loads(line)
+                events.append(event)
                 self._send(client, event)
                 self._sent += 1
+                self._sent_offset += len(line)
                 self.events_sent += 1
-                self.sent_file.write_text(json.dumps({"sent": self._sent}))
+                self.sent_file.write_text(json.dumps({"sent": self._sent, "offset": self._sent_offset}))
         except Exception as exc:  # any transport or server error: keep the journal, retry later
             self._offline_since = time.time()
             if not self._warned:

@@ -306,6 +306,17 @@ def ensure_ray(address: str | None) -> None:
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
 
 
+def trial_slots(spec: StudySpec) -> int:
+    """Trials the cluster can run at once now. Tune lets a custom searcher have only one pending trial
+    unless told a concurrency, which serialises short trials; on an autoscaling cluster set
+    ``search.max_concurrent`` to the size it grows to."""
+    resources = ray.cluster_resources()
+    slots = resources.get("CPU", 1) / spec.resources.cpu
+    if spec.resources.gpu:
+        slots = min(slots, resources.get("GPU", 0) / spec.resources.gpu)
+    return max(1, int(slots))
+
+
 def describe_budget(spec: StudySpec) -> str:
     """The dry-run text: the space and the trial budget."""
     lines = [f"study {spec.name}: {total_trials(spec)} trials, search={spec.search.algorithm}, "
@@ -361,7 +372,8 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=build_searcher(spec), scheduler=build_scheduler(spec), num_samples=total_trials(spec),
-                max_concurrent_trials=max_concurrent or spec.search.max_concurrent, reuse_actors=True,
+                max_concurrent_trials=max_concurrent or spec.search.max_concurrent or trial_slots(spec),
+                reuse_actors=True,
                 trial_name_creator=lambda t: f"{spec_run_name(spec, t.config)}-{t.trial_id}",
                 trial_dirname_creator=lambda t: f"{spec_run_name(spec, t.config)}-{t.trial_id}"),
             run_config=tune.RunConfig(

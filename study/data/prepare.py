@@ -150,10 +150,10 @@ def prepare(
             raise ValueError(f"{data.json_path}: the {split!r} split has no usable images")
         images[split] = SplitImages(np.asarray(rows, dtype=np.int64), refs, paths)
 
-    # Materialise from the memmap: the object store needs a real buffer, and one read is cheaper than
-    # page faults in every trial.
-    pooled = np.ascontiguousarray(cache.pooled)
-    grid = np.ascontiguousarray(cache.grid) if need_grid else None
+    # Still views of the on-disk memmaps: `ray.put` (through tune.with_parameters) copies them into the
+    # object store once per node, and every trial maps that copy.
+    pooled = np.asarray(cache.pooled)
+    grid = np.asarray(cache.grid) if need_grid else None
     prepared = PreparedData(
         name=data.name,
         pooled=pooled,
