@@ -54,29 +54,20 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
     import tempfile
     import time
 
-    import torch
-
+    from study.inference import load_captioner
     from study.training import FeatureSource, evaluate, pick_device, run_trial
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="confirm-") as tmp:
-        holder: dict[str, Any] = {}
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
-        from study.inference import load_captioner
-
         device = pick_device()
         model, _, _ = load_captioner(Path(tmp) / "checkpoint", device)
-        tokens = data.tokens_for(cfg)
-        features = FeatureSource(data, device, need_grid=model.needs_grid)
-        scores, hyps, per_image = evaluate(model, cfg, data, tokens, "test", features, device,
+    features = FeatureSource(data, device, need_grid=model.needs_grid)
+    scores, captions, per_image = evaluate(model, cfg, data, data.tokens_for(cfg), "test", features, device,
                                            beam_size=cfg.beam_size, full=True, per_image=True)
-        holder.update(scores=scores, hyps=hyps, per_image=per_image)
-        del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     return {"config": cfg.model_dump(mode="json", by_alias=True, exclude={"dataset"}),
-            "scores": holder["scores"], "captions": holder["hyps"],
-            "per_image": {m: {str(k): v for k, v in d.items()} for m, d in holder["per_image"].items()},
+            "scores": scores, "captions": captions,
+            "per_image": {m: {str(k): v for k, v in d.items()} for m, d in per_image.items()},
             "params": result["params"], "epochs": len(result["epochs"]),
             "train_seconds": sum(e["train_seconds"] for e in result["epochs"]),
             "seconds": time.perf_counter() - t0}

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # One checkpoint per epoch with num_to_keep=1 snapshots the experiment often; that is intended here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-REPORTED = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "current_lr", "train_seconds",
+REPORTED = ("epoch", "train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "current_lr", "train_seconds",
             "epoch_seconds", "tokens_per_second", "params")
 
 
@@ -433,9 +433,10 @@ def load_trial_tables(spec: StudySpec):
         if history is not None and spec.metric in history and len(history):
             best_index = history[spec.metric].idxmax() if spec.mode == "max" else history[spec.metric].idxmin()
             best = history.loc[best_index]
-            row.update({k: float(best[k]) for k in REPORTED if k in best})
+            row.update({k: float(best[k]) for k in REPORTED if k in best and k != "epoch"})
+            row["best_epoch"] = int(best["epoch"])
             row["train_seconds"] = float(history["train_seconds"].sum())
-            frame = history[["epoch", *[k for k in REPORTED if k in history]]].copy()
+            frame = history[[k for k in REPORTED if k in history]].copy()
             frame.insert(0, "inject", row["inject"])
             frame.insert(0, "trial_id", trial.trial_id)
             histories.append(frame)

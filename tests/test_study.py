@@ -135,6 +135,12 @@ def test_killed_driver_then_resume_finishes_every_trial_once(tmp_path, small_sha
     lines = board.stdout.strip().splitlines()
     assert lines[0].startswith("run,inject") and len(lines) == 3  # header + best of init + best of merge
     assert {line.split(",")[1] for line in lines[1:]} == {"init", "merge"}
+    import io
+
+    import pandas as pd
+
+    frame = pd.read_csv(io.StringIO(board.stdout))
+    assert (frame["epochs"] == 3).all() and (frame["status"] == "completed").all()  # epochs actually trained
 
     # Resuming a finished study is harmless: nothing is retrained, nothing duplicated.
     again = subprocess.run([sys.executable, "-m", "study", "resume", "resumable", "--storage",
