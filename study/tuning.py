@@ -265,8 +265,7 @@ class TrackingCallback(tune.Callback):
         self.echo(f"{self._name(trial)}  {reason or 'completed'}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = trial.get_error()
-        reason = str(error).strip().splitlines()[-1] if error else "unknown error"
+        reason = error_reason(trial)
         self.tracker.trial_finished(trial.trial_id, "errored", reason)
         self.echo(f"{self._name(trial)}  ERRORED: {reason}")
 
@@ -275,6 +274,21 @@ class TrackingCallback(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self.tracker.flush()  # retry a server that was down, at most every RETRY_SECONDS
+
+
+def error_reason(trial) -> str:
+    """The last line of a failed trial's traceback (e.g. ``TrialDiverged: training loss became nan ...``).
+
+    The driver's local copy of the error file exists when callbacks run; the copy in storage (what
+    ``trial.get_error()`` reads) may not have been synced yet."""
+    text = ""
+    if trial.error_file and os.path.exists(trial.error_file):
+        text = Path(trial.error_file).read_text(errors="replace")
+    if not text.strip():
+        error = trial.get_error()
+        text = str(error) if error else ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:2000] if lines else "unknown error"
 
 
 def _fmt(metric: str, value: Any) -> str:
@@ -361,6 +375,10 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
         tune.with_parameters(trial_function, spec=spec, data=data),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     callback = TrackingCallback(tracker, spec, echo)
+
+    def trial_name(trial) -> str:  # e.g. init-lstm-2x512-word-3f2a1b7c
+        return f"{spec_run_name(spec, trial.config)}-{trial.trial_id}"
+
     interrupted = False
     if resume and tune.Tuner.can_restore(experiment_path(spec)):
         tuner = tune.Tuner.restore(experiment_path(spec), trainable=trainable, resume_unfinished=True,
@@ -374,15 +392,15 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
                 search_alg=build_searcher(spec), scheduler=build_scheduler(spec), num_samples=total_trials(spec),
                 max_concurrent_trials=max_concurrent or spec.search.max_concurrent or trial_slots(spec),
                 reuse_actors=True,
-                trial_name_creator=lambda t: f"{spec_run_name(spec, t.config)}-{t.trial_id}",
-                trial_dirname_creator=lambda t: f"{spec_run_name(spec, t.config)}-{t.trial_id}"),
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
                 name="tune", storage_path=f"{spec.storage.rstrip('/')}/{spec.name}",
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[callback], verbose=verbose),
         )
-    # Tuner.restore builds its own RunConfig from the saved state; give it our callback again.
+    # Tuner.restore unpickles the RunConfig it saved, callbacks included: that callback's tracker holds the
+    # journal counters of the killed driver. Replace it with this run's (Tune has no public setter).
     if resume:
         tuner._local_tuner._run_config.callbacks = [callback]
     try:
@@ -422,9 +440,8 @@ def load_trial_tables(spec: StudySpec):
                 row[name] = None
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
         if trial.status == "ERROR":
-            error = trial.get_error()
             row["status"] = "errored"
-            row["error"] = str(error).strip().splitlines()[-1][:300] if error else "unknown error"
+            row["error"] = error_reason(trial)[:300]
         elif trial.status == "TERMINATED":
             row["status"] = "completed" if epochs >= spec.asha.max_epochs else "stopped"
         else:
