@@ -99,6 +99,13 @@ class StudyTracker:
     def trial_finished(self, trial_id: str, status: str, reason: str | None = None) -> None:
         self._event({"kind": "trial_end", "trial": trial_id, "status": status, "reason": reason})
 
+    def discard_trials(self, keep: set[str]) -> None:
+        """Delete the runs of trials Tune no longer knows (started after its last state snapshot before the
+        driver died; the searcher proposes them again under new ids), so each trial has exactly one run."""
+        lost = sorted(k for k in self.runs if k != "__study__" and k not in keep)
+        if lost:
+            self._event({"kind": "trial_discard", "trials": lost})
+
     def study_tags(self, tags: dict[str, str], metrics: dict[str, float] | None = None) -> None:
         self._event({"kind": "study_tags", "tags": tags, "metrics": metrics or {}})
 
@@ -212,6 +219,13 @@ class StudyTracker:
                 tags.append(RunTag("error", event["reason"][:5000]))
             client.log_batch(run_id, tags=tags)
             client.set_terminated(run_id, STATUS_TO_MLFLOW.get(event["status"], "FINISHED"))
+        elif kind == "trial_discard":
+            for key in event["trials"]:
+                run_id = self.runs.get(key)
+                if run_id is not None:
+                    client.set_tag(run_id, "status", "discarded")
+                    client.set_terminated(run_id, "KILLED")
+                    client.delete_run(run_id)  # soft delete: hidden from the leaderboard, kept in the store
         elif kind == "study_tags":
             parent = self.runs["__study__"]
             client.log_batch(parent, tags=[RunTag(k, str(v)) for k, v in event["tags"].items()],
@@ -227,7 +241,8 @@ class StudyTracker:
             parent = self.runs.get("__study__")
             # Close any trial run left RUNNING (a trial that never got its end event, e.g. a killed driver).
             for key, run_id in self.runs.items():
-                if key != "__study__" and client.get_run(run_id).info.status == "RUNNING":
+                run = client.get_run(run_id)
+                if key != "__study__" and run.info.status == "RUNNING" and run.info.lifecycle_stage == "active":
                     client.set_tag(run_id, "status", "killed")
                     client.set_terminated(run_id, "KILLED")
             if parent is not None:

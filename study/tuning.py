@@ -383,6 +383,8 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     if resume and tune.Tuner.can_restore(experiment_path(spec)):
         tuner = tune.Tuner.restore(experiment_path(spec), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
+        known = {trial.trial_id for trial in tune.ExperimentAnalysis(experiment_path(spec)).trials}
+        tracker.discard_trials(keep=known)
     else:
         if resume:
             log.warning("no Tune state at %s yet: starting the study", experiment_path(spec))
