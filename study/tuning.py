@@ -263,10 +263,12 @@ class TrackingCallback(tune.Callback):
         reason = None if status == "completed" else f"stopped by ASHA after {epochs} epochs"
         self.tracker.trial_finished(trial.trial_id, status, reason)
         self.echo(f"{self._name(trial)}  {reason or 'completed'}")
+        prune_checkpoints(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason = error_reason(trial)
         self.tracker.trial_finished(trial.trial_id, "errored", reason)
+        prune_checkpoints(trial)
         self.echo(f"{self._name(trial)}  ERRORED: {reason}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -274,6 +276,18 @@ class TrackingCallback(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self.tracker.flush()  # retry a server that was down, at most every RETRY_SECONDS
+
+
+def prune_checkpoints(trial) -> None:
+    """Delete all but the newest checkpoint of a finished trial (local folder or s3://, via Tune's fs)."""
+    import pyarrow.fs as pafs
+
+    fs = trial.storage.storage_filesystem
+    infos = fs.get_file_info(pafs.FileSelector(trial.storage.trial_fs_path, allow_not_found=True))
+    folders = sorted(i.path for i in infos
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for path in folders[:-1]:
+        fs.delete_dir(path)
 
 
 def error_reason(trial) -> str:
@@ -398,7 +412,10 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
             run_config=tune.RunConfig(
                 name="tune", storage_path=f"{spec.storage.rstrip('/')}/{spec.name}",
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # Keep every checkpoint of a running trial: with num_to_keep, Tune deletes the checkpoint
+                # its last experiment snapshot names before the next snapshot is written, and a driver
+                # killed in between cannot resume that trial. Finished trials are pruned to their last.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 callbacks=[callback], verbose=verbose),
         )
     # Tuner.restore unpickles the RunConfig it saved, callbacks included: that callback's tracker holds the
