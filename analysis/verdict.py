@@ -251,7 +251,7 @@ def _paragraph(word: str, diff: float, ci: tuple[float, float], best_other: str,
         s += (f" init has {init['params'] / 1e6:.2f} M parameters and trained {init['train_seconds']:.0f} s "
               f"per run; {best_other} {other['params'] / 1e6:.2f} M and {other['train_seconds']:.0f} s.")
     s += (" The best other method was picked on point estimates and held fixed across resamples; with few "
-          f"seeds the bootstrap understates seed variance.")
+          "seeds the bootstrap understates seed variance.")
     if notes:
         s += " " + " ".join(notes)
     return s
