@@ -69,6 +69,7 @@ def features(
     from study.config import default_cache_dir
     from study.data.features import ImageReadError, extract_features
     from study.data.karpathy import DatasetError, load_karpathy
+    from study.data.prepare import feature_items
 
     try:
         root = images_root
@@ -77,8 +78,7 @@ def features(
             if not root.is_dir():
                 root = dataset_json.parent
         data = load_karpathy(dataset_json, root, on_error="skip" if skip_bad else "error")
-        items = [(str(r.path.relative_to(data.images_root)), r.path) for r in data.records]
-        cache = extract_features(items, encoder=encoder, cache_dir=cache_dir or default_cache_dir(),
+        cache = extract_features(feature_items(data), encoder=encoder, cache_dir=cache_dir or default_cache_dir(),
                                  fingerprint=data.fingerprint(), batch_size=batch_size, device=device,
                                  on_error="skip" if skip_bad else "error")
     except (DatasetError, ImageReadError, FileNotFoundError, ValueError) as exc:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,6 @@ import pandas as pd
 
 from study.config import TrialConfig
 from study.spec import StudySpec
-
-log = logging.getLogger(__name__)
-
 
 def confirm_configs(spec: StudySpec, trials: pd.DataFrame) -> list[tuple[str, int, int, TrialConfig]]:
     """(method, rank, seed, config) of every confirm run: the best ``top_k`` trials of each method."""

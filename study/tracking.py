@@ -80,6 +80,7 @@ class StudyTracker:
         self._sent_offset = sent.get("offset", 0)  # byte offset of the first unsent event in the journal
         self._written = sum(1 for _ in self.journal.open()) if self.journal.exists() else 0
         self._offline_since: float | None = None
+        self._exp_id: str | None = None  # looked up once per tracker, not per trial
         self._warned = False
         self.seconds_in_mlflow = 0.0
         self.events_sent = 0
@@ -164,13 +165,17 @@ class StudyTracker:
         return True
 
     def _experiment_id(self, client) -> str:
+        if self._exp_id is not None:
+            return self._exp_id
         exp = client.get_experiment_by_name(self.experiment)
         if exp is not None:
-            return exp.experiment_id
+            self._exp_id = exp.experiment_id
+            return self._exp_id
         artifacts = None
         if "://" not in self.uri or self.uri.startswith("sqlite:"):
             artifacts = (self.study_dir / "mlartifacts").resolve().as_uri()
-        return client.create_experiment(self.experiment, artifact_location=artifacts)
+        self._exp_id = client.create_experiment(self.experiment, artifact_location=artifacts)
+        return self._exp_id
 
     def _remember(self, key: str, run_id: str) -> None:
         self.runs[key] = run_id

@@ -121,6 +121,13 @@ def tokenize_splits(
     return TokenSet(vocab, splits)
 
 
+def feature_items(data: CaptionDataset) -> list[tuple[str, Path]]:
+    """(cache key, image path) per record: the path relative to the images root where it lies below it.
+    ``study features`` and ``prepare`` must agree on these keys to share a feature cache."""
+    return [(str(r.path.relative_to(data.images_root)) if r.path.is_relative_to(data.images_root)
+             else str(r.path), r.path) for r in data.records]
+
+
 def prepare(
     dataset: ShapesDataset | KarpathyDataset,
     settings: list[TokenSetting],
@@ -131,10 +138,10 @@ def prepare(
 ) -> PreparedData:
     """Read the dataset, extract or reuse features, and tokenise captions for each token setting."""
     data = load_dataset(dataset, progress=progress)
-    items = [(str(r.path.relative_to(data.images_root)) if r.path.is_relative_to(data.images_root)
-              else str(r.path), r.path) for r in data.records]
+    items = feature_items(data)
+    fingerprint = data.fingerprint()  # stats every image file: compute once
     cache = extract_features(items, encoder=dataset.encoder, cache_dir=dataset.cache_dir,
-                             fingerprint=data.fingerprint(), progress=progress, device=device,
+                             fingerprint=fingerprint, progress=progress, device=device,
                              on_error=getattr(dataset, "on_bad_image", "error"))
     failed = set(cache.failed)
 
@@ -162,7 +169,7 @@ def prepare(
         info={
             "dataset": data.name,
             "dataset_json": str(data.json_path),
-            "dataset_fingerprint": data.fingerprint(),
+            "dataset_fingerprint": fingerprint,
             "encoder": dataset.encoder,
             "feature_cache": str(cache.path),
             "feature_cache_reused": cache.reused,
