@@ -78,7 +78,7 @@ class StudyTracker:
         sent = json.loads(self.sent_file.read_text()) if self.sent_file.exists() else {}
         self._sent = sent.get("sent", 0)
         self._sent_offset = sent.get("offset", 0)  # byte offset of the first unsent event in the journal
-        self._written = sum(1 for _ in self.journal.open()) if self.journal.exists() else 0
+        self._written = len(self.journal.read_bytes().splitlines()) if self.journal.exists() else 0
         self._offline_since: float | None = None
         self._exp_id: str | None = None  # looked up once per tracker, not per trial
         self._warned = False
@@ -179,6 +179,13 @@ class StudyTracker:
 
     def _remember(self, key: str, run_id: str) -> None:
         self.runs[key] = run_id
+        self._save_runs()
+
+    def _forget(self, key: str) -> None:
+        self.runs.pop(key, None)
+        self._save_runs()
+
+    def _save_runs(self) -> None:
         tmp = self.runs_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.runs, indent=1))
         os.replace(tmp, self.runs_file)
@@ -227,10 +234,13 @@ class StudyTracker:
         elif kind == "trial_discard":
             for key in event["trials"]:
                 run_id = self.runs.get(key)
-                if run_id is not None:
+                if run_id is None:
+                    continue
+                if client.get_run(run_id).info.lifecycle_stage == "active":  # a replay may find it deleted
                     client.set_tag(run_id, "status", "discarded")
                     client.set_terminated(run_id, "KILLED")
                     client.delete_run(run_id)  # soft delete: hidden from the leaderboard, kept in the store
+                self._forget(key)  # a later resume must not discard (or close) it again
         elif kind == "study_tags":
             parent = self.runs["__study__"]
             client.log_batch(parent, tags=[RunTag(k, str(v)) for k, v in event["tags"].items()],

@@ -24,6 +24,14 @@ def test_replayed_journal_creates_no_duplicates_and_closes_every_run(tmp_path):
     again.trial_finished("b", "stopped", "stopped by ASHA after 2 epochs")
     again.finish_study()
 
+    # A third driver (resuming the finished study) must not trip over the discarded run.
+    third = StudyTracker(uri, "exp", "exp", tmp_path / "study")
+    third.start_study({"trials": 3}, {"git_commit": "x"})
+    third.discard_trials(keep={"a", "b"})
+    third.study_tags({"verdict": "competes"})
+    third.finish_study()
+    assert third.pending == 0
+
     parents, runs = study_runs(uri, "exp")
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED" and parents.iloc[0]["tags.resumed"] == "true"
     assert sorted(runs["tags.trial_id"]) == ["a", "b"]
