@@ -278,6 +278,19 @@ class TrackingCallback(tune.Callback):
         self.tracker.flush()  # retry a server that was down, at most every RETRY_SECONDS
 
 
+def remove_lost_trial_folders(spec: StudySpec, known: set[str]) -> None:
+    """Delete the folders (and checkpoints) of trials Tune lost with its last snapshot before a crash;
+    they are never resumed (the searcher proposes them again under new ids)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or info.base_name.rsplit("-", 1)[-1] in known:
+            continue  # folder names end in the trial id: see trial_name in run_study
+        if fs.get_file_info(f"{info.path}/params.json").type == pafs.FileType.File:  # a trial's folder
+            fs.delete_dir(info.path)
+
+
 def prune_checkpoints(trial) -> None:
     """Delete all but the newest checkpoint of a finished trial (local folder or s3://, via Tune's fs)."""
     import pyarrow.fs as pafs
@@ -399,6 +412,7 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
                                    resume_errored=False, restart_errored=False)
         known = {trial.trial_id for trial in tune.ExperimentAnalysis(experiment_path(spec)).trials}
         tracker.discard_trials(keep=known)
+        remove_lost_trial_folders(spec, known)
     else:
         if resume:
             log.warning("no Tune state at %s yet: starting the study", experiment_path(spec))
