@@ -77,7 +77,9 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
     table = outcome.trials
     assert len(table) == 4 and (table.status == "completed").all(), table[["trial_id", "status"]]
 
-    # At least one trial failed with the node and came back from its checkpoint: its epochs are not repeated.
+    # At least one trial failed with the node and came back from its last checkpoint, not from scratch. Tune
+    # registers a checkpoint only after handling the result that carries it, so each failure may repeat at most
+    # the one epoch that was in flight.
     from ray import tune
 
     analysis = tune.ExperimentAnalysis(tuning.experiment_path(spec))
@@ -85,9 +87,8 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
     assert sum(failures.values()) >= 1, failures
     for trial_id, frame in analysis.trial_dataframes.items():
         assert frame["epoch"].tolist()[-1] == 4
-        if failures[trial_id]:
-            epochs = frame["epoch"].tolist()
-            assert epochs == sorted(set(epochs)) and epochs[0] == 1, epochs  # resumed, not restarted
+        epochs = frame["epoch"].tolist()
+        assert set(epochs) == {1, 2, 3, 4} and len(epochs) - 4 <= failures[trial_id], (trial_id, epochs, failures)
 
     _, runs = study_runs(sqlite_uri(folder / "mlflow.db"), "multi")
     assert len(runs) == 4 and runs["tags.trial_id"].is_unique
