@@ -65,7 +65,7 @@ def beam_search(
     # Rows are image-major (row b*K + j is beam j of image b); back-pointers never leave an image's block, so
     # the per-image context only needs expanding once, while the state follows the back-pointers.
     expand = torch.arange(batch, device=device).repeat_interleave(k)  # (B*K,)
-    ctx = {name: value.index_select(0, expand) for name, value in ctx.items()}
+    ctx = model.injection.expand_ctx(ctx, k)
     state = model.cell.reorder_state(state, expand)
 
     logp_sum = torch.zeros(batch, k, device=device)

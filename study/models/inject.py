@@ -10,6 +10,7 @@ calls these hooks in this order (self-critical.pytorch's "core" idea: a variant 
 4. ``step_inputs(emb (B, T, E), ctx, state) -> (B, T, I)``: the RNN input for word steps. ``stepwise``
    injections need the previous state per step, so the captioner feeds them one token at a time.
 5. ``combine_output(out (B, T, H), ctx) -> (B, T, output_size)``: what the vocabulary layer sees.
+6. ``expand_ctx(ctx, K)``: beam search's view of ctx for B*K rows (image-major: K consecutive rows per image).
 
 Each module sets ``rnn_input_size`` (I) and ``output_size`` from the trial config. The defaults below are
 "no image": the ``none`` method is this base class.
@@ -52,6 +53,10 @@ class Injection(nn.Module):
 
     def combine_output(self, out: Tensor, ctx: Ctx) -> Tensor:
         return out
+
+    def expand_ctx(self, ctx: Ctx, beams: int) -> Ctx:
+        """Beam search: ctx (B, ...) -> (B*K, ...), each image's tensors repeated for its K consecutive rows."""
+        return {name: value.repeat_interleave(beams, dim=0) for name, value in ctx.items()}
 
 
 class InitInject(Injection):
@@ -153,17 +158,25 @@ class AttentionInject(Injection):
         grid = self.drop(grid)  # (B, G, F)
         return {"grid": grid, "keys": self.key(grid)}  # keys (B, G, A): once per image, not per step
 
+    def expand_ctx(self, ctx: Ctx, beams: int) -> Ctx:
+        """Beam search: keep the grid per image. ``attend`` reads each image's ``beams`` consecutive rows against
+        it, so the (B*K, G, F) copy (and reading it K times per step) is never made."""
+        return ctx
+
     def attend(self, ctx: Ctx, h_top: Tensor) -> Tensor:
-        """h_top (B, H) -> attention weights (B, G)."""
-        energy = torch.tanh(ctx["keys"] + self.query(h_top)[:, None])  # (B, G, A)
-        return torch.softmax(self.score(energy).squeeze(2), dim=1)  # (B, G)
+        """h_top (B*k, H), k consecutive rows per image (k = 1 in training, the beams in beam search)
+        -> attention weights (B, k, G)."""
+        keys = ctx["keys"]  # (B, G, A)
+        query = self.query(h_top).view(keys.shape[0], -1, 1, keys.shape[2])  # (B, k, 1, A)
+        energy = torch.tanh(keys[:, None] + query)  # (B, k, G, A)
+        return torch.softmax(self.score(energy).squeeze(3), dim=2)  # (B, k, G)
 
     def step_inputs(self, emb: Tensor, ctx: Ctx, state: State) -> Tensor:
         if emb.shape[1] != 1:
             raise ValueError(f"attention takes one step at a time, got {emb.shape[1]} steps")
-        alpha = self.attend(ctx, state[0][-1])  # (B, G)
-        context = torch.bmm(alpha[:, None], ctx["grid"])  # (B, 1, F)
-        return torch.cat([emb, context], dim=2)  # (B, 1, E + F)
+        alpha = self.attend(ctx, state[0][-1])  # (B, k, G)
+        context = torch.bmm(alpha, ctx["grid"])  # (B, k, F): one matrix product per image, not per beam
+        return torch.cat([emb, context.view(emb.shape[0], 1, -1)], dim=2)  # (B*k, 1, E + F)
 
 
 INJECTIONS: dict[str, type[Injection]] = {
