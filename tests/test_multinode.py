@@ -93,3 +93,25 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
     _, runs = study_runs(sqlite_uri(folder / "mlflow.db"), "multi")
     assert len(runs) == 4 and runs["tags.trial_id"].is_unique
     assert (runs["status"] == "FINISHED").all() and (runs["tags.status"] == "completed").all()
+
+
+def test_a_dead_actor_reported_twice_leaves_the_requeued_trial_to_retry():
+    """The race above, made deterministic: Tune's actor-died handler has already requeued the trial (PENDING,
+    no actor); the failed ``reset`` future of the same dead actor must not then mark it ERROR, and the trial
+    must not stay marked as resetting (it could never be given an actor again)."""
+    from ray.exceptions import RayActorError
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    from study import tuning
+
+    tuning.drop_duplicate_actor_failures()
+    tuning.drop_duplicate_actor_failures()  # idempotent: run_study installs it once per study
+    trial = Trial("__fake", stub=True, max_failures=3)
+    trial.set_status(Trial.PENDING)
+    controller = TuneController.__new__(TuneController)  # only the state this path reads
+    controller._resetting_trials = {trial}
+    controller._trial_to_actor = {}
+    controller._process_trial_failure(trial, RayActorError())
+    assert trial.status == Trial.PENDING and trial.run_metadata.num_failures == 0
+    assert trial not in controller._resetting_trials
