@@ -203,12 +203,21 @@ def needs_grid(spec: StudySpec) -> bool:
 
 def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) -> None:
     """The Tune trainable: sampled config -> the shared training loop, reporting each epoch."""
+    import pyarrow.fs as pafs
     import torch
 
-    from study.training import run_trial
+    from study.training import TrialDiverged, run_trial
 
     torch.set_num_threads(max(1, int(spec.resources.cpu)))  # follow the trial's CPU share
     cfg = spec.trial_config(config)
+    # Tune retries any failed trial max_failures times. A diverged one would only diverge again (resume is
+    # exact), so its first divergence leaves a note in the trial's storage folder and the retries end at once.
+    storage = tune.get_context().get_storage()
+    diverged_note = f"{storage.trial_fs_path}/diverged.txt"
+    fs = storage.storage_filesystem
+    if fs.get_file_info(diverged_note).type == pafs.FileType.File:
+        with fs.open_input_stream(diverged_note) as note:
+            raise TrialDiverged(f"{note.read().decode()} (not retried: resuming would diverge again)")
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
         resume_from = None
@@ -218,7 +227,13 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
         def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
-        run_trial(cfg, data, work_dir=Path(tmp), report=report, resume_from=resume_from, progress=False)
+        try:
+            run_trial(cfg, data, work_dir=Path(tmp), report=report, resume_from=resume_from, progress=False)
+        except TrialDiverged as diverged:
+            fs.create_dir(storage.trial_fs_path, recursive=True)
+            with fs.open_output_stream(diverged_note) as note:
+                note.write(str(diverged).encode())
+            raise
 
 
 # ----- MLflow bridge -----------------------------------------------------------------------------------

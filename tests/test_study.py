@@ -80,6 +80,7 @@ def test_diverging_trials_end_errored_with_reason_while_the_study_goes_on(tmp_pa
     assert len(table) == 4
     init, none = table[table.inject == "init"], table[table.inject == "none"]
     assert (init.status == "errored").all() and init.error.str.contains("became nan|became inf").all()
+    assert init.error.str.contains("not retried").all()  # the retries ended at once instead of training again
     assert (none.status == "completed").all()
 
     _, runs = _trial_runs(tmp_path, "nan")
