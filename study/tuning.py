@@ -302,7 +302,11 @@ def remove_lost_trial_folders(spec: StudySpec, known: set[str]) -> None:
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or info.base_name.rsplit("-", 1)[-1] in known:
             continue  # folder names end in the trial id: see trial_name in run_study
-        if fs.get_file_info(f"{info.path}/params.json").type == pafs.FileType.File:  # a trial's folder
+        # A trial's folder: Tune's params.json, or only checkpoints (the trial writes those itself, and a
+        # driver killed early may not have synced params.json yet).
+        children = fs.get_file_info(pafs.FileSelector(info.path))
+        if any(c.base_name == "params.json" or (c.type == pafs.FileType.Directory
+                                                and c.base_name.startswith("checkpoint_")) for c in children):
             fs.delete_dir(info.path)
 
 

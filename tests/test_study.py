@@ -253,3 +253,25 @@ def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_l
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_resume_deletes_the_folders_of_trials_lost_with_the_last_snapshot_and_nothing_else(tmp_path):
+    """Seen in clean-clone CI runs: a lost trial's folder can hold Tune's params.json, or (driver killed
+    earlier) only the checkpoints the trial wrote itself. Both go; known trials and other folders stay."""
+    from study import tuning
+    from study.spec import load_spec
+
+    spec = load_spec(_spec(tmp_path, {"kind": "shapes", "images": 60}, "lost", ["init"]))
+    tune_dir = Path(tuning.experiment_path(spec))
+    folders = {
+        "init-lstm-1x48-word-aaaa0001": ["params.json", "checkpoint_000000/model.pt"],  # known: kept
+        "init-lstm-1x48-word-bbbb0002": ["params.json", "checkpoint_000000/model.pt"],  # lost, synced
+        "init-lstm-1x48-word-cccc0003": ["checkpoint_000000/model.pt", "checkpoint_000001/model.pt"],  # lost
+        "notes": ["readme.txt"],  # not a trial's folder
+    }
+    for name, files in folders.items():
+        for file in files:
+            (tune_dir / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (tune_dir / name / file).write_text("x")
+    tuning.remove_lost_trial_folders(spec, known={"aaaa0001"})
+    assert sorted(p.name for p in tune_dir.iterdir()) == ["init-lstm-1x48-word-aaaa0001", "notes"]
