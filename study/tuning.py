@@ -218,22 +218,45 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
     if fs.get_file_info(diverged_note).type == pafs.FileType.File:
         with fs.open_input_stream(diverged_note) as note:
             raise TrialDiverged(f"{note.read().decode()} (not retried: resuming would diverge again)")
-    checkpoint = tune.get_checkpoint()
+    checkpoint = restore_source(tune.get_checkpoint(), fs, storage.trial_fs_path)
     with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
         resume_from = None
         if checkpoint is not None:
             resume_from = Path(checkpoint.to_directory(os.path.join(tmp, "restored")))
+        reported = []
 
         def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+            reported.append(metrics["epoch"])
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
         try:
-            run_trial(cfg, data, work_dir=Path(tmp), report=report, resume_from=resume_from, progress=False)
+            result = run_trial(cfg, data, work_dir=Path(tmp), report=report, resume_from=resume_from,
+                               progress=False)
         except TrialDiverged as diverged:
             fs.create_dir(storage.trial_fs_path, recursive=True)
             with fs.open_output_stream(diverged_note) as note:
                 note.write(str(diverged).encode())
             raise
+        if not reported and resume_from is not None and result["epochs"]:
+            # Resumed from a checkpoint of its last epoch (see restore_source): tell Tune the final result again.
+            tune.report(result["epochs"][-1], checkpoint=tune.Checkpoint.from_directory(str(resume_from)))
+
+
+def restore_source(checkpoint, fs, trial_fs_path: str):
+    """The checkpoint a retried or resumed trial continues from: Tune's, unless it is gone.
+
+    A finished trial is pruned to its last checkpoint at once (see ``prune_checkpoints``). If the driver dies
+    before Tune's next experiment snapshot, the restored snapshot still shows the trial running and names a
+    checkpoint that was pruned; the trial's newest remaining checkpoint is then the one to continue from."""
+    import pyarrow.fs as pafs
+
+    if checkpoint is None or checkpoint.filesystem.get_file_info(checkpoint.path).type != pafs.FileType.NotFound:
+        return checkpoint
+    infos = fs.get_file_info(pafs.FileSelector(trial_fs_path, allow_not_found=True))
+    names = sorted(i.base_name for i in infos
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    log.warning("checkpoint %s is gone; continuing from %s", checkpoint.path, names[-1] if names else "scratch")
+    return tune.Checkpoint(f"{trial_fs_path}/{names[-1]}", filesystem=fs) if names else None
 
 
 # ----- MLflow bridge -----------------------------------------------------------------------------------

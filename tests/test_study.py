@@ -275,3 +275,23 @@ def test_resume_deletes_the_folders_of_trials_lost_with_the_last_snapshot_and_no
             (tune_dir / name / file).write_text("x")
     tuning.remove_lost_trial_folders(spec, known={"aaaa0001"})
     assert sorted(p.name for p in tune_dir.iterdir()) == ["init-lstm-1x48-word-aaaa0001", "notes"]
+
+
+def test_a_pruned_checkpoint_named_by_an_older_snapshot_resumes_from_the_newest_left(tmp_path):
+    """A driver killed between a trial's completion (pruned to its last checkpoint) and Tune's next snapshot
+    restores the trial from a checkpoint that is gone: it must continue from the one that is left."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from study.tuning import restore_source
+
+    fs = pafs.LocalFileSystem()
+    trial = tmp_path / "init-lstm-1x48-word-aaaa0001"
+    (trial / "checkpoint_000002").mkdir(parents=True)
+    (trial / "checkpoint_000002" / "checkpoint.pt").write_text("x")
+    kept = tune.Checkpoint(str(trial / "checkpoint_000002"))
+    assert restore_source(kept, fs, str(trial)) is kept
+    assert restore_source(None, fs, str(trial)) is None
+    pruned = tune.Checkpoint(str(trial / "checkpoint_000001"))
+    assert restore_source(pruned, fs, str(trial)).path == str(trial / "checkpoint_000002")
+    assert restore_source(pruned, fs, str(tmp_path / "no-checkpoints-left")) is None
