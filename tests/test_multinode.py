@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def _distinct_reporting_trials(folder: Path) -> int:
@@ -25,6 +24,8 @@ def _distinct_reporting_trials(folder: Path) -> int:
     return len(trials)
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, small_prepared):
     import ray
     from ray.cluster_utils import Cluster

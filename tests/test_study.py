@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.slow]
 
 
 def _spec(tmp_path: Path, dataset: dict, name: str, methods: list[str], **overrides) -> Path:
@@ -54,6 +53,7 @@ def _trial_runs(tmp_path: Path, name: str):
     return parents, trials
 
 
+@pytest.mark.slow
 def test_diverging_trials_end_errored_with_reason_while_the_study_goes_on(tmp_path, feature_cache_dir):
     from study.config import ShapesDataset
     from study.data.prepare import TokenSetting, prepare
@@ -98,6 +98,7 @@ def _journal_results(folder: Path) -> int:
     return sum(1 for line in journal.read_text().splitlines() if '"trial_result"' in line)
 
 
+@pytest.mark.slow
 def test_killed_driver_then_resume_finishes_every_trial_once(tmp_path, small_shapes, small_prepared):
     spec_path = _spec(tmp_path, _dataset(small_shapes), "resumable", ["init", "merge"])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -208,6 +209,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_later(tmp_path, small_shapes,
                                                                                      small_prepared):
     from study import tuning
