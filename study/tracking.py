@@ -138,12 +138,9 @@ class StudyTracker:
             with self.journal.open("rb") as fh:  # read only what was not sent yet
                 fh.seek(self._sent_offset)
                 lines = fh.readlines()
-            events = []
             client = _client(self.uri)
             for line in lines:
-                event = json.loads(line)
-                events.append(event)
-                self._send(client, event)
+                self._send(client, json.loads(line))
                 self._sent += 1
                 self._sent_offset += len(line)
                 self.events_sent += 1
@@ -160,7 +157,7 @@ class StudyTracker:
         finally:
             self.seconds_in_mlflow += time.perf_counter() - t0
         if self._offline_since is not None:
-            log.warning("MLflow at %s is reachable again; %d journalled events sent", self.uri, len(events))
+            log.warning("MLflow at %s is reachable again; %d journalled events sent", self.uri, len(lines))
         self._offline_since = None
         return True
 
@@ -256,8 +253,10 @@ class StudyTracker:
             parent = self.runs.get("__study__")
             # Close any trial run left RUNNING (a trial that never got its end event, e.g. a killed driver).
             for key, run_id in self.runs.items():
+                if key == "__study__":
+                    continue
                 run = client.get_run(run_id)
-                if key != "__study__" and run.info.status == "RUNNING" and run.info.lifecycle_stage == "active":
+                if run.info.status == "RUNNING" and run.info.lifecycle_stage == "active":
                     client.set_tag(run_id, "status", "killed")
                     client.set_terminated(run_id, "KILLED")
             if parent is not None:

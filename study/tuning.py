@@ -8,6 +8,7 @@ and a callback that mirrors every trial into MLflow through :mod:`study.tracking
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -252,11 +253,9 @@ def restore_source(checkpoint, fs, trial_fs_path: str):
 
     if checkpoint is None or checkpoint.filesystem.get_file_info(checkpoint.path).type != pafs.FileType.NotFound:
         return checkpoint
-    infos = fs.get_file_info(pafs.FileSelector(trial_fs_path, allow_not_found=True))
-    names = sorted(i.base_name for i in infos
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    log.warning("checkpoint %s is gone; continuing from %s", checkpoint.path, names[-1] if names else "scratch")
-    return tune.Checkpoint(f"{trial_fs_path}/{names[-1]}", filesystem=fs) if names else None
+    left = checkpoint_folders(fs, trial_fs_path)
+    log.warning("checkpoint %s is gone; continuing from %s", checkpoint.path, left[-1] if left else "scratch")
+    return tune.Checkpoint(left[-1], filesystem=fs) if left else None
 
 
 # ----- MLflow bridge -----------------------------------------------------------------------------------
@@ -278,7 +277,7 @@ class TrackingCallback(tune.Callback):
         self.echo = self.echo or (lambda line: None)
 
     def _name(self, trial) -> str:
-        return f"{spec_run_name(self.spec, trial.config)}-{trial.trial_id}"
+        return trial_name(self.spec, trial)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         params = self.spec.trial_config(trial.config).model_dump(mode="json", by_alias=True, exclude={"dataset"})
@@ -324,24 +323,27 @@ def remove_lost_trial_folders(spec: StudySpec, known: set[str]) -> None:
     fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or info.base_name.rsplit("-", 1)[-1] in known:
-            continue  # folder names end in the trial id: see trial_name in run_study
+            continue  # folder names end in the trial id: see trial_name
         # A trial's folder: Tune's params.json, or only checkpoints (the trial writes those itself, and a
         # driver killed early may not have synced params.json yet).
-        children = fs.get_file_info(pafs.FileSelector(info.path))
-        if any(c.base_name == "params.json" or (c.type == pafs.FileType.Directory
-                                                and c.base_name.startswith("checkpoint_")) for c in children):
+        if checkpoint_folders(fs, info.path) \
+                or fs.get_file_info(f"{info.path}/params.json").type == pafs.FileType.File:
             fs.delete_dir(info.path)
+
+
+def checkpoint_folders(fs, trial_fs_path: str) -> list[str]:
+    """Paths of a trial folder's ``checkpoint_NNNNNN`` folders, oldest first (local folder or s3://)."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(trial_fs_path, allow_not_found=True))
+    return sorted(i.path for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
 
 
 def prune_checkpoints(trial) -> None:
     """Delete all but the newest checkpoint of a finished trial (local folder or s3://, via Tune's fs)."""
-    import pyarrow.fs as pafs
-
     fs = trial.storage.storage_filesystem
-    infos = fs.get_file_info(pafs.FileSelector(trial.storage.trial_fs_path, allow_not_found=True))
-    folders = sorted(i.path for i in infos
-                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    for path in folders[:-1]:
+    for path in checkpoint_folders(fs, trial.storage.trial_fs_path)[:-1]:
         fs.delete_dir(path)
 
 
@@ -368,6 +370,11 @@ def _fmt(metric: str, value: Any) -> str:
 
 def spec_run_name(spec: StudySpec, sampled: dict[str, Any]) -> str:
     return spec.trial_config(sampled).run_name
+
+
+def trial_name(spec: StudySpec, trial) -> str:
+    """A trial's run name and folder name, e.g. ``init-lstm-2x512-word-3f2a1b7c`` (ends in the trial id)."""
+    return f"{spec_run_name(spec, trial.config)}-{trial.trial_id}"
 
 
 # ----- running and resuming ----------------------------------------------------------------------------
@@ -475,9 +482,6 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     callback = TrackingCallback(tracker, spec, echo)
 
-    def trial_name(trial) -> str:  # e.g. init-lstm-2x512-word-3f2a1b7c
-        return f"{spec_run_name(spec, trial.config)}-{trial.trial_id}"
-
     drop_duplicate_actor_failures()
     interrupted = False
     if resume and tune.Tuner.can_restore(experiment_path(spec)):
@@ -495,7 +499,8 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
                 search_alg=build_searcher(spec), scheduler=build_scheduler(spec), num_samples=total_trials(spec),
                 max_concurrent_trials=max_concurrent or spec.search.max_concurrent or trial_slots(spec),
                 reuse_actors=True,
-                trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+                trial_name_creator=functools.partial(trial_name, spec),
+                trial_dirname_creator=functools.partial(trial_name, spec)),
             run_config=tune.RunConfig(
                 name="tune", storage_path=f"{spec.storage.rstrip('/')}/{spec.name}",
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
