@@ -16,12 +16,20 @@ import yaml
 
 
 
-def _distinct_reporting_trials(folder: Path) -> int:
+def _trials_training_now(folder: Path) -> int:
+    """Trials that have reported an epoch and not ended. The head has 1 CPU, so 2 of them means one trains on
+    the worker (2 trials that merely reported could both be the head's, one after the other)."""
     journal = folder / "tracking_journal.jsonl"
     if not journal.exists():
         return 0
-    trials = {json.loads(line)["trial"] for line in journal.read_text().splitlines() if '"trial_result"' in line}
-    return len(trials)
+    reporting, ended = set(), set()
+    for line in journal.read_text().splitlines():
+        event = json.loads(line)
+        if event["kind"] == "trial_result":
+            reporting.add(event["trial"])
+        elif event["kind"] == "trial_end":
+            ended.add(event["trial"])
+    return len(reporting - ended)
 
 
 @pytest.mark.slow
@@ -58,7 +66,7 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
 
     def kill_worker_when_both_nodes_train() -> None:
         deadline = time.time() + 300
-        while _distinct_reporting_trials(folder) < 2 and time.time() < deadline:
+        while _trials_training_now(folder) < 2 and time.time() < deadline:
             time.sleep(0.2)
         cluster.remove_node(worker, allow_graceful=False)  # kills the worker's raylet and its trials
         killed.set()
