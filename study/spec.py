@@ -36,6 +36,14 @@ from study.config import (
 
 TRIAL_FIELDS = set(TrialConfig.model_fields) - {"dataset"}
 
+# What a trial reports to Tune each epoch (study.training.run_trial's metrics). Kept here, not in study.tuning,
+# so a spec is checked against it without importing Ray.
+REPORTED = ("epoch", "train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "current_lr", "train_seconds",
+            "epoch_seconds", "tokens_per_second", "params")
+# The reported metrics a study may optimise, and the mode that means "better" for each: a spec that asks for the
+# other mode would rank the worst trials first.
+METRIC_MODES = {"val_CIDEr-D": "max", "val_BLEU-4": "max", "val_loss": "min", "val_bpc": "min", "train_loss": "min"}
+
 
 class Param(StrictModel):
     """One searched parameter: exactly one of the distribution keys, plus an optional condition."""
@@ -160,10 +168,6 @@ class StudySpec(StrictModel):
         both = sorted(set(self.fixed) & set(self.space))
         if both:
             raise ValueError(f"{both} are both fixed and searched; keep one")
-        for name, param in self.space.items():
-            for key in (param.when or {}):
-                if key not in self.space and key not in self.fixed:
-                    raise ValueError(f"space.{name}.when: {key!r} is neither searched nor fixed")
         if self.stratify == "inject" and not self.methods:
             raise ValueError("stratify: inject needs space.inject as a choice of methods")
         if "epochs" in self.space:
@@ -178,6 +182,17 @@ class StudySpec(StrictModel):
         for name, param in self.space.items():
             for value in param.choice or []:
                 _check_trial({**probe, name: value}, f"space.{name}: value {value!r}")
+        if self.metric not in METRIC_MODES:
+            raise ValueError(f"metric: {self.metric!r} is not a metric a trial reports; allowed: "
+                             f"{', '.join(METRIC_MODES)}")
+        if self.mode != METRIC_MODES[self.metric]:
+            raise ValueError(f"mode: {self.mode!r} ranks the worst trials first for {self.metric} "
+                             f"(better is {METRIC_MODES[self.metric]}); use mode: {METRIC_MODES[self.metric]}")
+        order = list(self.space)
+        for name, param in self.space.items():
+            for key, values in (param.when or {}).items():
+                _check_when(f"space.{name}.when.{key}", key, values if isinstance(values, list) else [values],
+                            self.fixed, self.space, order[:order.index(name)])
         return self
 
     @property
@@ -196,6 +211,34 @@ class StudySpec(StrictModel):
 
     def space_description(self) -> dict[str, dict[str, Any]]:
         return {name: param.describe() for name, param in self.space.items()}
+
+
+def _check_when(where: str, key: str, values: list[Any], fixed: dict[str, Any], space: dict[str, Param],
+                earlier: list[str]) -> None:
+    """A condition must be able to hold: it names a fixed or an earlier searched parameter (parameters are
+    sampled in file order), and each value is one that parameter can take. Otherwise the conditional
+    parameter would silently never be sampled."""
+    if key in fixed:
+        allowed: list[Any] = [fixed[key]]
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"{where}: {bad} never holds: {key} is fixed to {fixed[key]!r}")
+        return
+    if key not in space:
+        raise ValueError(f"{where}: {key!r} is neither searched nor fixed")
+    if key not in earlier:
+        raise ValueError(f"{where}: {key!r} is searched after this parameter; list it earlier in space "
+                         "(parameters are sampled in file order)")
+    param = space[key]
+    if param.choice is not None:
+        bad = [v for v in values if v not in param.choice]
+        if bad:
+            raise ValueError(f"{where}: {bad} not among the choices of space.{key}; allowed: {list(param.choice)}")
+        return
+    desc = param.describe()
+    bad = [v for v in values if not isinstance(v, (int, float)) or not desc["low"] <= v <= desc["high"]]
+    if bad:
+        raise ValueError(f"{where}: {bad} outside the range of space.{key} [{desc['low']}, {desc['high']}]")
 
 
 def _check_trial(values: dict[str, Any], where: str) -> None:
@@ -236,4 +279,4 @@ def storage_is_remote(storage: str) -> bool:
     return "://" in storage
 
 
-__all__ = ["ConfigError", "Param", "StudySpec", "load_spec", "storage_is_remote"]
+__all__ = ["ConfigError", "METRIC_MODES", "REPORTED", "Param", "StudySpec", "load_spec", "storage_is_remote"]

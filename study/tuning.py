@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.config import TrialConfig
 from study.data.prepare import PreparedData, TokenSetting, prepare
-from study.spec import StudySpec, storage_is_remote
+from study.spec import REPORTED, StudySpec, storage_is_remote
 from study.tracking import StudyTracker, git_commit, sqlite_uri
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 # One checkpoint per epoch with num_to_keep=1 snapshots the experiment often; that is intended here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-REPORTED = ("epoch", "train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "current_lr", "train_seconds",
-            "epoch_seconds", "tokens_per_second", "params")
 
 
 # ----- where a study lives -----------------------------------------------------------------------------

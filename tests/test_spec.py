@@ -19,7 +19,7 @@ name: t
 dataset: {kind: shapes, images: 60}
 fixed: {cell: lstm}
 space:
-  inject: {choice: [init, none]}
+  inject: {choice: [init, attention]}
   lr: {loguniform: [1.0e-3, 1.0e-2]}
   attention_dim: {choice: [32, 64], when: {inject: attention}}
 stratify: inject
@@ -36,7 +36,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_good_spec_loads_with_defaults(tmp_path):
     spec = load_spec(_write(tmp_path, GOOD))
-    assert spec.methods == ["init", "none"] and spec.trials_per_method == 2
+    assert spec.methods == ["init", "attention"] and spec.trials_per_method == 2
     assert spec.metric == "val_CIDEr-D" and spec.mode == "max" and spec.search.algorithm == "optuna"
     cfg = spec.trial_config({"inject": "init", "lr": 0.004})
     assert cfg.epochs == 3 and cfg.cell == "lstm" and cfg.run_name == "init-lstm-1x256-word"
@@ -50,7 +50,7 @@ def test_good_spec_loads_with_defaults(tmp_path):
     (GOOD.replace("trials: 4", "trials: many"), ["search.trials", "integer"]),
     (GOOD.replace("[1.0e-3, 1.0e-2]", "[0.0, 1.0e-2]"), ["space.lr", "loguniform: low must be positive"]),
     (GOOD.replace("cell: lstm", "cells: lstm"), ["unknown trial parameter", "cells", "allowed"]),
-    (GOOD.replace("[init, none]", "[init, nonsense]"), ["nonsense", "inject"]),
+    (GOOD.replace("[init, attention]", "[init, nonsense]"), ["nonsense", "inject"]),
     (GOOD.replace("grace_period: 1", "grace_period: 9"), ["grace_period (9) exceeds max_epochs (3)"]),
     (GOOD.replace("kind: shapes, images: 60", "kind: karpathy, json: /no/such/file.json"),
      ["dataset", "/no/such/file.json does not exist"]),
@@ -95,5 +95,5 @@ def test_cli_rejects_bad_spec_before_starting_ray_and_dry_run_prints_budget(tmp_
     proc = subprocess.run([sys.executable, "-m", "study", "run", str(good), "--dry-run"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "4 trials" in proc.stdout and "2 trials each for init, none" in proc.stdout
+    assert "4 trials" in proc.stdout and "2 trials each for init, attention" in proc.stdout
     assert "attention_dim" in proc.stdout and "when {'inject': 'attention'}" in proc.stdout
