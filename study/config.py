@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from study.registry import CELLS, METHODS
+
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the file, the key and what is allowed."""
@@ -135,10 +137,8 @@ class TrialConfig(StrictModel):
     @field_validator("inject", "cell")
     @classmethod
     def _registered(cls, name: str, info: ValidationInfo) -> str:
-        # The registries live with the models; importing them here keeps one list of valid names.
-        from study.models import CELLS, INJECTIONS
-
-        registry = INJECTIONS if info.field_name == "inject" else CELLS
+        # The names come from the leaf registry, so validating a config imports neither torch nor the models.
+        registry = METHODS if info.field_name == "inject" else CELLS
         if name not in registry:
             raise ValueError(f"unknown {info.field_name} {name!r}; valid: {', '.join(sorted(registry))}")
         return name

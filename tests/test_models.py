@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from study.config import ConfigError, TrialConfig
 from study.data.tokens import END, PAD, START
-from study.models import CELLS, INJECTIONS, build_captioner, build_cell_stack
+from study.models import build_captioner, build_cell_stack
 from study.models.cells import PeepholeLSTM
+from study.registry import CELLS, METHODS
 
 torch.set_num_threads(1)
 
@@ -47,7 +48,7 @@ def loss_of(model, pooled, grid, tokens_in, targets) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD)
 
 
-@pytest.mark.parametrize("inject", sorted(INJECTIONS))
+@pytest.mark.parametrize("inject", sorted(METHODS))
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_every_combination_learns_the_image_dependent_task(cell: str, inject: str) -> None:
     torch.manual_seed(0)
@@ -75,13 +76,13 @@ def test_every_combination_learns_the_image_dependent_task(cell: str, inject: st
         assert correct.float().mean().item() >= 0.9
 
 
-@pytest.mark.parametrize("inject", sorted(INJECTIONS))
+@pytest.mark.parametrize("inject", sorted(METHODS))
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_logit_shapes_for_every_combination(cell: str, inject: str) -> None:
     model = build_captioner(tiny_cfg(cell, inject, layers=2, dropout=0.3), VOCAB, FEAT)
     pooled, grid, tokens_in, _ = synthetic_task(images=3)
     assert model(pooled, grid, tokens_in).shape == (3, WORDS + 1, VOCAB)
-    assert model.needs_grid == (inject == "attention")
+    assert model.needs_grid == METHODS[inject].needs_grid == (inject == "attention")
 
 
 def test_unknown_names_list_the_valid_ones() -> None:
@@ -199,7 +200,7 @@ def test_peephole_gradcheck() -> None:
 # --- decoding -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inject", sorted(INJECTIONS))
+@pytest.mark.parametrize("inject", sorted(METHODS))
 def test_beam_of_one_is_greedy(inject: str) -> None:
     torch.manual_seed(1)
     model = build_captioner(tiny_cfg("lstm", inject, layers=2), VOCAB, FEAT).double().eval()

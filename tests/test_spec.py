@@ -83,6 +83,19 @@ def test_shipped_spaces_validate():
         assert spec.stratify == "inject" and len(spec.methods) == 6, path
 
 
+def test_validating_a_spec_imports_neither_torch_nor_the_models(tmp_path):
+    # A fresh interpreter: this test process has imported torch already. The names of methods and cells come
+    # from the leaf study.registry, so config validation needs no model code (and config <-> models is no cycle).
+    path = _write(tmp_path, GOOD)
+    code = ("import sys; import study.spec; "
+            f"spec = study.spec.load_spec({str(path)!r}); "
+            "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith('study.models')); "
+            "print(spec.methods, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['init', 'attention'] []"
+
+
 def test_cli_rejects_bad_spec_before_starting_ray_and_dry_run_prints_budget(tmp_path):
     bad = _write(tmp_path, GOOD + "extra: 1\n")
     t0 = time.perf_counter()

@@ -1,12 +1,10 @@
 """Captioning models: cell stacks, injection methods, the one captioner and its decoders."""
 
 from study.models.captioner import Captioner, build_captioner
-from study.models.cells import CELLS, CellStack, State, build_cell_stack
-from study.models.inject import INJECTIONS, Injection, build_injection
+from study.models.cells import CellStack, State, build_cell_stack
+from study.models.inject import Injection, build_injection
 
 __all__ = [
-    "CELLS",
-    "INJECTIONS",
     "Captioner",
     "CellStack",
     "Injection",

@@ -6,7 +6,7 @@ Every stack has the same interface, so the captioner never asks which cell it ho
 * ``state`` is always ``(h (L, B, H), c (L, B, H) | None)``; ``c`` is ``None`` for a GRU (``has_memory`` False).
 * ``zero_state(batch, like)`` and ``reorder_state(state, index)`` (beam search: pick/expand batch rows).
 
-Build one by name with :func:`build_cell_stack`; the registry is :data:`CELLS`.
+Build one by name with :func:`build_cell_stack`; the names are registered in :data:`study.registry.CELLS`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from study.config import ConfigError
+from study.registry import CELLS, cell_class
 
 State = tuple[Tensor, Tensor | None]  # h (L, B, H), c (L, B, H) or None (GRU)
 
@@ -160,15 +161,9 @@ class PeepholeLSTM(CellStack):
         return out, (torch.stack(hs), torch.stack(cs))
 
 
-CELLS: dict[str, type[CellStack]] = {
-    "lstm": FusedLSTM,
-    "gru": FusedGRU,
-    "lstm_peephole": PeepholeLSTM,
-}
-
-
 def build_cell_stack(name: str, input_size: int, hidden: int, layers: int, dropout: float) -> CellStack:
-    """The cell stack registered as ``name``; an unknown name is a ``ConfigError`` listing the valid ones."""
+    """The cell stack registered as ``name`` in :data:`study.registry.CELLS`; an unknown name is a
+    ``ConfigError`` listing the valid ones."""
     if name not in CELLS:
         raise ConfigError(f"cell: unknown cell {name!r}; valid cells: {', '.join(sorted(CELLS))}")
-    return CELLS[name](input_size, hidden, layers, dropout)
+    return cell_class(name)(input_size, hidden, layers, dropout)

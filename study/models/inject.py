@@ -1,4 +1,5 @@
-"""Where the image enters the decoder: one small module per injection method, registry :data:`INJECTIONS`.
+"""Where the image enters the decoder: one small module per injection method, registered by name (with
+its role in the verdict, whether it needs the grid and its colour) in :data:`study.registry.METHODS`.
 
 The :class:`~study.models.captioner.Captioner` owns the embedding, the cell stack and the output layer and
 calls these hooks in this order (self-critical.pytorch's "core" idea: a variant is a hook set, not a model):
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from study.config import ConfigError, TrialConfig
 from study.models.cells import CellStack, State
+from study.registry import METHODS
 
 Ctx = dict[str, Tensor]
 
@@ -30,7 +32,7 @@ Ctx = dict[str, Tensor]
 class Injection(nn.Module):
     """No image at all (the language-model floor); the other methods override a few hooks."""
 
-    needs_grid: bool = False  # True: ``encode`` needs the spatial grid (B, G, F)
+    needs_grid: bool = False  # True: ``encode`` needs the grid (B, G, F); set by build_injection from the registry
     stepwise: bool = False  # True: ``step_inputs`` reads the state, so words go in one at a time
 
     def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
@@ -142,7 +144,6 @@ class AttentionInject(Injection):
     (Xu et al. initialise it from the mean annotation; omitted so the image enters only through attention).
     """
 
-    needs_grid = True
     stepwise = True
 
     def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
@@ -179,18 +180,14 @@ class AttentionInject(Injection):
         return torch.cat([emb, context.view(emb.shape[0], 1, -1)], dim=2)  # (B*k, 1, E + F)
 
 
-INJECTIONS: dict[str, type[Injection]] = {
-    "init": InitInject,
-    "pre": PreInject,
-    "par": ParInject,
-    "merge": MergeInject,
-    "attention": AttentionInject,
-    "none": Injection,
-}
-
-
 def build_injection(cfg: TrialConfig, feature_dim: int) -> Injection:
-    """The injection registered as ``cfg.inject``; an unknown name is a ``ConfigError`` listing the valid ones."""
-    if cfg.inject not in INJECTIONS:
-        raise ConfigError(f"inject: unknown injection {cfg.inject!r}; valid: {', '.join(sorted(INJECTIONS))}")
-    return INJECTIONS[cfg.inject](cfg, feature_dim)
+    """The injection registered as ``cfg.inject`` in :data:`study.registry.METHODS`; an unknown name is a
+    ``ConfigError`` listing the valid ones."""
+    if cfg.inject not in METHODS:
+        raise ConfigError(f"inject: unknown injection {cfg.inject!r}; valid: {', '.join(sorted(METHODS))}")
+    method = METHODS[cfg.inject]
+    injection = method.injection_class()(cfg, feature_dim)
+    # The registry decides whether the grid is needed: the driver reads the same flag, without torch, to
+    # choose which features to extract, so the classes do not repeat it.
+    injection.needs_grid = method.needs_grid
+    return injection
