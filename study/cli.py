@@ -115,6 +115,7 @@ def train(
     """Train one configuration without Ray (the same loop the Tune trainable runs)."""
     from study.config import load_trial_config
     from study.data.prepare import TokenSetting, prepare
+    from study.registry import METHODS
     from study.training import copy_checkpoint, run_trial, write_metrics
 
     try:
@@ -122,7 +123,7 @@ def train(
     except ConfigError as exc:
         _fail(str(exc))
     console.print(f"[bold]{cfg.run_name}[/] for {cfg.epochs} epochs on {cfg.dataset.kind}")
-    data = prepare(cfg.dataset, [TokenSetting.of(cfg)], need_grid=cfg.inject == "attention", device=device)
+    data = prepare(cfg.dataset, [TokenSetting.of(cfg)], need_grid=METHODS[cfg.inject].needs_grid, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_from = out_dir if resume and (out_dir / "checkpoint.pt").exists() else None
 

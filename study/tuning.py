@@ -27,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.config import TrialConfig
 from study.data.prepare import PreparedData, TokenSetting, prepare
+from study.registry import any_needs_grid
 from study.spec import REPORTED, StudySpec, storage_is_remote
 from study.tracking import StudyTracker, git_commit, sqlite_uri
 
@@ -197,7 +198,7 @@ def token_settings(spec: StudySpec) -> list[TokenSetting]:
 
 
 def needs_grid(spec: StudySpec) -> bool:
-    return "attention" in spec.methods or spec.fixed.get("inject") == "attention"
+    return any_needs_grid([*spec.methods, spec.fixed.get("inject")])  # the registry says which methods read the grid
 
 
 def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) -> None:
