@@ -113,6 +113,8 @@ class TrialConfig(StrictModel):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on embeddings, between layers and outputs")
     seed_h: bool = Field(False, description="init only: also seed h0 of the first layer (c0 is always seeded)")
     attention_dim: int = Field(256, ge=8, le=4096, description="attention only: size of the attention MLP")
+    normalize_features: bool = Field(
+        True, description="z-score image features per channel with the train split's mean/std (every method)")
 
     # --- tokens --------------------------------------------------------------------------------------
     tokens: Literal["word", "char"] = Field("word", description="word- or character-level captions")

@@ -280,7 +280,7 @@ def run_trial(
     torch.manual_seed(cfg.seed)
     tokens = data.tokens_for(cfg)
     vocab = tokens.vocab
-    model = build_captioner(cfg, len(vocab), data.feature_dim).to(dev)
+    model = build_captioner(cfg, len(vocab), data.feature_dim, data.feature_stats).to(dev)
     optimizer = build_optimizer(cfg, model)
     train = SplitTensors.of(tokens.splits["train"], data.images["train"].rows)
     val = SplitTensors.of(tokens.splits["val"], data.images["val"].rows)

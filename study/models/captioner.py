@@ -8,6 +8,8 @@ injection), between stacked layers (inside the cell) and on the RNN output befor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +18,9 @@ from study.data.tokens import PAD
 from study.models import decoding
 from study.models.cells import CellStack, State, build_cell_stack
 from study.models.inject import Ctx, Injection, build_injection
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Captioner(nn.Module):
@@ -31,6 +36,16 @@ class Captioner(nn.Module):
         self.embedding = nn.Embedding(vocab_size, embed, padding_idx=PAD)
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(injection.output_size, vocab_size)
+        # Feature normalisation (x - mean) / std per channel, identity until set_feature_stats. Buffers, so a
+        # checkpoint carries them and `study caption` normalises new images exactly as in training.
+        feature_dim = injection.feature_dim
+        for name, value in (("pooled_mean", 0.0), ("pooled_std", 1.0), ("grid_mean", 0.0), ("grid_std", 1.0)):
+            self.register_buffer(name, torch.full((feature_dim,), value))
+
+    def set_feature_stats(self, stats: dict[str, Tensor | "np.ndarray"]) -> None:
+        """Copy per-channel train-split statistics (``PreparedData.feature_stats``) into the buffers."""
+        for name, value in stats.items():
+            getattr(self, name).copy_(torch.as_tensor(value))
 
     @property
     def needs_grid(self) -> bool:
@@ -38,9 +53,12 @@ class Captioner(nn.Module):
 
     # --- the hooks in order -----------------------------------------------------------------------------
     def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
-        """Per-image context. Cached features arrive as float16: cast to the model's dtype first."""
+        """Per-image context from z-scored features. Cached features arrive as float16: cast first."""
         dtype = self.out.weight.dtype
-        return self.injection.encode(pooled.to(dtype), None if grid is None else grid.to(dtype))
+        pooled = (pooled.to(dtype) - self.pooled_mean) / self.pooled_std  # (B, F)
+        if grid is not None:
+            grid = (grid.to(dtype) - self.grid_mean) / self.grid_std  # (B, G, F)
+        return self.injection.encode(pooled, grid)
 
     def start_state(self, ctx: Ctx, batch: int) -> State:
         """The state in which START is read: the injection's initial state, then its prefix steps (if any)."""
@@ -85,8 +103,15 @@ class Captioner(nn.Module):
         return decoding.beam_search(self, pooled, grid, beam_size, max_len, length_penalty)
 
 
-def build_captioner(cfg: TrialConfig, vocab_size: int, feature_dim: int) -> Captioner:
-    """The captioner for one trial: ``cfg.inject`` and ``cfg.cell`` picked from their registries."""
+def build_captioner(cfg: TrialConfig, vocab_size: int, feature_dim: int,
+                    feature_stats: dict[str, "np.ndarray"] | None = None) -> Captioner:
+    """The captioner for one trial: ``cfg.inject`` and ``cfg.cell`` picked from their registries.
+
+    ``feature_stats`` (train-split channel statistics) are applied when ``cfg.normalize_features``; a model
+    loaded from a checkpoint gets them from its state dict instead."""
     injection = build_injection(cfg, feature_dim)
     cell = build_cell_stack(cfg.cell, injection.rnn_input_size, cfg.hidden, cfg.layers, cfg.dropout)
-    return Captioner(injection, cell, vocab_size, cfg.embed, cfg.dropout)
+    model = Captioner(injection, cell, vocab_size, cfg.embed, cfg.dropout)
+    if feature_stats and cfg.normalize_features:
+        model.set_feature_stats(feature_stats)
+    return model

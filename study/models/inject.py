@@ -37,6 +37,7 @@ class Injection(nn.Module):
 
     def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
         super().__init__()
+        self.feature_dim = feature_dim
         self.rnn_input_size = cfg.embed
         self.output_size = cfg.hidden
         self.drop = nn.Dropout(cfg.dropout)  # on image features, like on embeddings
