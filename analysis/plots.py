@@ -3,13 +3,16 @@
 Every function takes the frames described in ``analysis.report``, writes one PNG to ``path`` and returns it,
 or returns ``None`` when its input is empty (the report then says so instead of showing a figure).
 Metric values come in on the 0..1 scale; axes show them x100 as the captioning literature does, except
-losses and bits per character. One colour per injection method throughout, so figures read together.
+losses and bits per character. One colour per injection method throughout, so figures read together: the
+colours (``{method: "#rrggbb"}``, in display order) come in as data from the study's method registry, so a
+newly registered method is drawn in its own colour without a change here.
 """
 
 from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import matplotlib
@@ -23,16 +26,14 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from analysis.effects import NUMERIC_TYPES, lower_is_better  # noqa: E402
 
-METHOD_COLORS = {"init": "#d62728", "pre": "#1f77b4", "par": "#2ca02c", "merge": "#9467bd",
-                 "attention": "#ff7f0e", "none": "#7f7f7f"}
-METHOD_ORDER = list(METHOD_COLORS)
 DPI = 110
 
 
-def method_color(method: str) -> str:
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    # An unknown method name still gets a colour that is the same in every figure and every run.
+def method_color(method: str, colors: Mapping[str, str]) -> str | tuple[float, ...]:
+    if method in colors:
+        return colors[method]
+    # A method without a registered colour (e.g. from an older study) still gets one that is the same in every
+    # figure and every run.
     return plt.get_cmap("tab20")(sum(map(ord, method)) % 20)
 
 
@@ -52,30 +53,35 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _ordered(methods) -> list[str]:
-    return sorted(methods, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+def _ordered(methods: Iterable[str], colors: Mapping[str, str]) -> list[str]:
+    """Display order: the order of ``colors`` (the registry's), then any other method by name."""
+    order = list(colors)
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
-def plot_methods(table: pd.DataFrame, metric: str, path: Path, *, margin: float | None = None) -> Path | None:
-    """Bars: each method's confirmed mean with its 95% bootstrap interval; ``none`` hatched as the floor.
+def plot_methods(table: pd.DataFrame, metric: str, path: Path, *, colors: Mapping[str, str],
+                 margin: float | None = None) -> Path | None:
+    """Bars: each method's confirmed mean with its 95% bootstrap interval; a floor (``none``) hatched.
 
-    ``table`` is ``Verdict.table`` (index method; columns ``<metric>``, ``<metric>_lo``, ``<metric>_hi``,
-    optionally ``params``). A dashed line marks init's mean minus the margin: a method whose bar top is
-    above it beats init by more than the margin.
+    ``table`` is ``Verdict.table`` (index method; columns ``role``, ``<metric>``, ``<metric>_lo``,
+    ``<metric>_hi``, optionally ``params``). A dashed line marks the target's (init's) mean minus the margin:
+    a method whose bar top is above it beats the target by more than the margin.
     """
     if table is None or table.empty or metric not in table or table[metric].isna().all():
         return None
     s = _scale(metric)
-    methods = _ordered(table.index)
+    methods = _ordered(table.index, colors)
+    roles = table["role"] if "role" in table else pd.Series("", index=table.index)
+    targets = [m for m in methods if roles[m] == "target"]
     mean = table.loc[methods, metric].to_numpy(float) * s
     lo = table.loc[methods, f"{metric}_lo"].to_numpy(float) * s
     hi = table.loc[methods, f"{metric}_hi"].to_numpy(float) * s
     fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2, 4))
     x = np.arange(len(methods))
-    bars = ax.bar(x, mean, color=[method_color(m) for m in methods], alpha=0.85,
+    bars = ax.bar(x, mean, color=[method_color(m, colors) for m in methods], alpha=0.85,
                   yerr=np.vstack([mean - lo, hi - mean]), capsize=6, error_kw={"lw": 1.5})
     for bar, m in zip(bars, methods):
-        if m == "none":
+        if roles[m] == "floor":
             bar.set_hatch("//")
             bar.set_alpha(0.5)
     labels = []
@@ -84,11 +90,12 @@ def plot_methods(table: pd.DataFrame, metric: str, path: Path, *, margin: float 
         labels.append(f"{m}\n{params / 1e6:.2f} M" if not pd.isna(params) else m)
         ax.annotate(f"{v:.1f}", (methods.index(m), v), xytext=(6, 2), textcoords="offset points", fontsize=8)
     ax.set_xticks(x, labels)
-    if margin is not None and "init" in methods and not lower_is_better(metric):
-        y = (table.loc["init", metric] - margin) * s
-        ax.axhline(y, ls="--", color=METHOD_COLORS["init"], lw=1)
-        ax.annotate(f"init - margin ({margin * s:.1f})", (len(methods) - 0.5, y), ha="right", va="bottom",
-                    fontsize=8, color=METHOD_COLORS["init"])
+    if margin is not None and targets and not lower_is_better(metric):
+        target = targets[0]
+        y = (table.loc[target, metric] - margin) * s
+        ax.axhline(y, ls="--", color=method_color(target, colors), lw=1)
+        ax.annotate(f"{target} - margin ({margin * s:.1f})", (len(methods) - 0.5, y), ha="right", va="bottom",
+                    fontsize=8, color=method_color(target, colors))
     ax.set_ylabel(_label(metric))
     ax.set_title(f"Confirmed best configuration per injection method: {metric}, mean and 95% CI "
                  f"(seeds x test images)", fontsize=10)
@@ -96,8 +103,8 @@ def plot_methods(table: pd.DataFrame, metric: str, path: Path, *, margin: float 
     return _save(fig, path)
 
 
-def plot_learning_curves(history: pd.DataFrame, trials: pd.DataFrame | None, metric: str,
-                         path: Path) -> Path | None:
+def plot_learning_curves(history: pd.DataFrame, trials: pd.DataFrame | None, metric: str, path: Path, *,
+                         colors: Mapping[str, str]) -> Path | None:
     """Every trial's validation curve coloured by method; an x at the last epoch of ASHA-stopped trials.
 
     ``history``: ``trial_id, inject, epoch, <metric>``; ``trials`` (optional): ``trial_id, status``.
@@ -109,19 +116,19 @@ def plot_learning_curves(history: pd.DataFrame, trials: pd.DataFrame | None, met
         status = dict(zip(trials["trial_id"], trials["status"]))
     s = _scale(metric)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    methods = _ordered(history["inject"].dropna().unique()) if "inject" in history else []
+    methods = _ordered(history["inject"].dropna().unique(), colors) if "inject" in history else []
     for trial_id, rows in history.sort_values("epoch").groupby("trial_id"):
         rows = rows[rows[metric].notna()]
         if rows.empty:
             continue
         method = rows["inject"].iloc[0] if "inject" in rows else None
-        color = method_color(method) if method else "black"
+        color = method_color(method, colors) if method else "black"
         ax.plot(rows["epoch"], rows[metric] * s, color=color, alpha=0.55, lw=1.2)
         if status.get(trial_id) == "stopped":
             ax.plot(rows["epoch"].iloc[-1], rows[metric].iloc[-1] * s, "x", color=color, ms=7, mew=2)
         elif status.get(trial_id) == "errored":
             ax.plot(rows["epoch"].iloc[-1], rows[metric].iloc[-1] * s, "o", mfc="none", color=color, ms=7)
-    handles = [Line2D([], [], color=method_color(m), lw=2, label=m) for m in methods]
+    handles = [Line2D([], [], color=method_color(m, colors), lw=2, label=m) for m in methods]
     handles.append(Line2D([], [], ls="", marker="x", color="black", mew=2, label="stopped by ASHA"))
     if "errored" in status.values():
         handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="black", label="errored"))
@@ -133,8 +140,8 @@ def plot_learning_curves(history: pd.DataFrame, trials: pd.DataFrame | None, met
     return _save(fig, path)
 
 
-def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, metric: str,
-                         path: Path) -> Path | None:
+def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, metric: str, path: Path, *,
+                         colors: Mapping[str, str]) -> Path | None:
     """One panel per varied parameter: metric vs value (scatter, log x for loguniform; strips for choices).
 
     Points are coloured by method; stopped trials are hollow (their value is from fewer epochs).
@@ -150,7 +157,7 @@ def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, me
     nrows = math.ceil(len(params) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
-    colors = [method_color(m) for m in rows["inject"]] if "inject" in rows else ["black"] * len(rows)
+    point_colors = [method_color(m, colors) for m in rows["inject"]] if "inject" in rows else ["black"] * len(rows)
     stopped = (rows["status"] == "stopped").to_numpy() if "status" in rows else np.zeros(len(rows), bool)
     y = rows[metric].to_numpy(float) * s
     for ax, p in zip(axes.flat, params):
@@ -177,15 +184,15 @@ def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, me
                 ax.hlines(y[(values == v).to_numpy()].mean(), i - 0.3, i + 0.3, color="black", lw=2)
         for hollow in (False, True):
             sel = present & (stopped == hollow)
-            c = [colors[i] for i in np.flatnonzero(sel)]
+            c = [point_colors[i] for i in np.flatnonzero(sel)]
             ax.scatter(x[sel], y[sel], s=22, facecolors="none" if hollow else c, edgecolors=c, linewidths=1.2)
         ax.set_xlabel(p)
         ax.set_ylabel(_label(metric))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(params):]:
         ax.axis("off")
-    methods = _ordered(rows["inject"].dropna().unique()) if "inject" in rows else []
-    handles = [Line2D([], [], ls="", marker="o", color=method_color(m), label=m) for m in methods]
+    methods = _ordered(rows["inject"].dropna().unique(), colors) if "inject" in rows else []
+    handles = [Line2D([], [], ls="", marker="o", color=method_color(m, colors), label=m) for m in methods]
     handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="black", label="stopped by ASHA"))
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 1.0))
     fig.suptitle(f"Each varied hyperparameter vs {metric} ({len(rows)} trials, best epoch)", y=1.05, fontsize=10)
@@ -193,7 +200,8 @@ def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, me
     return _save(fig, path)
 
 
-def plot_gallery(gallery: pd.DataFrame, path: Path, *, max_images: int = 6) -> Path | None:
+def plot_gallery(gallery: pd.DataFrame, path: Path, *, colors: Mapping[str, str],
+                 max_images: int = 6) -> Path | None:
     """A grid: each test image beside the caption every method's best model wrote and one reference.
 
     ``gallery``: ``image_path, method, caption, reference``. Images that cannot be opened are drawn as a
@@ -220,7 +228,7 @@ def plot_gallery(gallery: pd.DataFrame, path: Path, *, max_images: int = 6) -> P
         ax_img.axis("off")
         ax_txt.axis("off")
         lines = []
-        for method in _ordered(rows["method"].unique()):
+        for method in _ordered(rows["method"].unique(), colors):
             caption = rows.loc[rows["method"] == method, "caption"].iloc[0]
             lines.append((method, textwrap.shorten(str(caption), 95)))
         reference = rows["reference"].dropna()
@@ -228,7 +236,7 @@ def plot_gallery(gallery: pd.DataFrame, path: Path, *, max_images: int = 6) -> P
             lines.append(("reference", textwrap.shorten(str(reference.iloc[0]), 95)))
         for i, (who, text) in enumerate(lines):
             y = 1 - (i + 0.5) / max(len(lines), 1)
-            color = method_color(who) if who != "reference" else "black"
+            color = method_color(who, colors) if who != "reference" else "black"
             ax_txt.text(0.0, y, f"{who}:", color=color, fontsize=9, fontweight="bold", va="center",
                         transform=ax_txt.transAxes)
             ax_txt.text(0.16, y, text, fontsize=9, va="center", transform=ax_txt.transAxes,

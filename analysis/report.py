@@ -13,6 +13,9 @@ Input frames (metric values on pycocoevalcap's 0..1 scale; the report prints x10
 * ``per_image``: confirm stage, one row per (method, config_rank, seed, image_id) with the test metrics.
 * ``runs``: confirm stage, one row per (method, config_rank, seed): ``params, train_seconds, epochs`` + metrics.
 * ``space``: ``StudySpec.space_description()``; ``gallery``: ``image_path, method, caption, reference``.
+
+The injection methods come in as data too: ``roles`` (``{method: "target" | "competitor" | "floor"}``) and
+``colors`` (``{method: "#rrggbb"}``), both in display order, from the study's method registry.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,14 +142,15 @@ def _verdict_blocks(verdict: Verdict, image: Path | None) -> list[Block]:
     blocks: list[Block] = [("h2", "Verdict")]
     if verdict.table.empty:
         return blocks + [("p", f"**{verdict.verdict}**. {verdict.text}")]
-    blocks.append(("p", f"**init {verdict.verdict}** (equivalence margin {_x100(verdict.margin)} "
+    blocks.append(("p", f"**{verdict.target} {verdict.verdict}** (equivalence margin {_x100(verdict.margin)} "
                         f"{verdict.metric} points). {verdict.text}"))
     metrics = [m for m in METRICS if m in verdict.table and not verdict.table[m].isna().all()]
     header = ["method", "config", "seeds", "images"] + [f"{m} [95% CI]" for m in metrics] + [
         "params (M)", "train s / run", "epochs"]
     rows = []
     for method, row in verdict.table.iterrows():
-        name = f"**{method}**" if method == "init" else (f"{method} (floor)" if method == "none" else method)
+        role = row.get("role", "")
+        name = f"**{method}**" if role == "target" else (f"{method} (floor)" if role == "floor" else method)
         params = "n/a" if pd.isna(row.get("params", math.nan)) else f"{row['params'] / 1e6:.2f}"
         secs = "n/a" if pd.isna(row.get("train_seconds", math.nan)) else f"{row['train_seconds']:.0f}"
         epochs = "n/a" if pd.isna(row.get("epochs", math.nan)) else f"{row['epochs']:.0f}"
@@ -157,9 +162,9 @@ def _verdict_blocks(verdict: Verdict, image: Path | None) -> list[Block]:
                         "differences are paired). \"config rank 1\" is each method's best search trial on "
                         "validation."))
     if verdict.best_other is not None:
-        blocks.append(("p", f"Difference init - {verdict.best_other} ({verdict.metric}): {_x100(verdict.diff)} "
-                            f"[{_x100(verdict.ci[0])}, {_x100(verdict.ci[1])}] (x100, paired bootstrap, "
-                            f"{verdict.n_boot} resamples)."))
+        blocks.append(("p", f"Difference {verdict.target} - {verdict.best_other} ({verdict.metric}): "
+                            f"{_x100(verdict.diff)} [{_x100(verdict.ci[0])}, {_x100(verdict.ci[1])}] "
+                            f"(x100, paired bootstrap, {verdict.n_boot} resamples)."))
     if image is not None:
         blocks.append(("img", image, f"{verdict.metric} per method with 95% intervals"))
     return blocks
@@ -227,11 +232,13 @@ def _effects_blocks(effects: Effects, images: dict[str, Path | None]) -> list[Bl
 
 def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None, history: pd.DataFrame | None,
                  per_image: pd.DataFrame | None, runs: pd.DataFrame | None, space: dict | None,
-                 gallery: pd.DataFrame | None, margin: float, spec_text: str | None = None,
-                 metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0) -> ReportResult:
+                 gallery: pd.DataFrame | None, margin: float, roles: Mapping[str, str], colors: Mapping[str, str],
+                 spec_text: str | None = None, metric: str = PRIMARY, n_boot: int = 2000,
+                 seed: int = 0) -> ReportResult:
     """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
 
-    ``metric`` is the confirm-stage primary metric; the search is analysed on ``val_<metric>``.
+    ``metric`` is the confirm-stage primary metric; the search is analysed on ``val_<metric>``. ``roles`` and
+    ``colors`` describe the injection methods (see the module docstring).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,13 +248,15 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     gallery = gallery if gallery is not None else empty
     search_metric = f"val_{metric}"
 
-    verdict = compute_verdict(per_image, runs, margin=margin, metric=metric, n_boot=n_boot, seed=seed)
+    verdict = compute_verdict(per_image, runs, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed)
     effects = compute_effects(trials, space, metric=search_metric, seed=seed)
     figures = {
-        "methods": plots.plot_methods(verdict.table, metric, out_dir / "methods.png", margin=margin),
-        "curves": plots.plot_learning_curves(history, trials, search_metric, out_dir / "learning_curves.png"),
-        "params": plots.plot_hyperparameters(trials, space, search_metric, out_dir / "hyperparameters.png"),
-        "gallery": plots.plot_gallery(gallery, out_dir / "gallery.png"),
+        "methods": plots.plot_methods(verdict.table, metric, out_dir / "methods.png", colors=colors, margin=margin),
+        "curves": plots.plot_learning_curves(history, trials, search_metric, out_dir / "learning_curves.png",
+                                             colors=colors),
+        "params": plots.plot_hyperparameters(trials, space, search_metric, out_dir / "hyperparameters.png",
+                                             colors=colors),
+        "gallery": plots.plot_gallery(gallery, out_dir / "gallery.png", colors=colors),
     }
 
     blocks: list[Block] = [("h1", f"Study report: {study_name}"), ("h2", "The question"), ("p", QUESTION)]

@@ -10,9 +10,12 @@ estimate the mean score over seeds and test images with a 95% interval from a tw
   because image difficulty is shared: an easy image is easy for every captioner, and pairing removes that
   variance from differences between methods.
 
-The difference ``init - best other`` (best other = the real injection among pre/par/merge/attention with
-the highest mean primary metric; ``none`` is only the no-image floor) gets its paired bootstrap interval,
-and the verdict is a non-inferiority test against an equivalence ``margin`` (same 0..1 units):
+Each method's role comes in as data (``roles``: ``{method: "target" | "competitor" | "floor"}``, from the
+study's method registry), so a newly registered method is compared without a change here. The difference
+``target - best competitor`` (the target is ``init``; best competitor = the competitor, e.g. among
+pre/par/merge/attention, with the highest mean primary metric; a floor such as ``none`` only shows how much
+the image adds) gets its paired bootstrap interval, and the verdict is a non-inferiority test against an
+equivalence ``margin`` (same 0..1 units):
 
 * "competes": the whole interval lies above ``-margin`` (init is at most ``margin`` worse, or better);
 * "does not compete": the whole interval lies below ``-margin``;
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -34,9 +38,11 @@ import pandas as pd
 
 METRICS = ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L")
 PRIMARY = "CIDEr-D"
-TARGET = "init"
-OTHERS = ("pre", "par", "merge", "attention")  # the real injections init competes with
-FLOOR = "none"  # no image at all: how much the image helps
+# The roles a method can have in the verdict (the registry assigns them).
+TARGET = "target"  # the method the question asks about (init)
+COMPETITOR = "competitor"  # the real injections the target competes with
+FLOOR = "floor"  # no image at all: how much the image helps
+ROLES = (TARGET, COMPETITOR, FLOOR)
 
 COMPETES = "competes"
 DOES_NOT_COMPETE = "does not compete"
@@ -48,13 +54,13 @@ NOT_AVAILABLE = "not available"
 class Verdict:
     """The answer plus everything needed to print or log it.
 
-    ``table`` has one row per method (index ``method``) with columns ``config_rank, seeds, images``, for
-    each metric ``<m>``, ``<m>_lo``, ``<m>_hi`` (0..1 scale), and ``params, train_seconds, epochs`` (means
-    over the method's confirm runs; NaN when unknown).
+    ``table`` has one row per method (index ``method``) with columns ``role`` (its role in the verdict; empty
+    for a method without one), ``config_rank, seeds, images``, for each metric ``<m>``, ``<m>_lo``, ``<m>_hi``
+    (0..1 scale), and ``params, train_seconds, epochs`` (means over the method's confirm runs; NaN when unknown).
     """
 
     verdict: str
-    diff: float  # init - best other, primary metric, 0..1 scale
+    diff: float  # target - best other, primary metric, 0..1 scale
     ci: tuple[float, float]  # 95% paired-bootstrap interval of diff
     best_other: str | None
     margin: float
@@ -63,6 +69,7 @@ class Verdict:
     text: str
     n_boot: int = 0
     notes: list[str] = field(default_factory=list)
+    target: str | None = None  # the method with the role "target" (init)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, JSON-friendly summary for MLflow: numbers stay numbers, per-method means as ``<m>.<metric>``."""
@@ -146,22 +153,36 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *, margin: float = 0.02,
-                    metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0) -> Verdict:
-    """Per-method means with 95% intervals, ``init - best other`` with its paired interval, and the verdict.
+def _split_roles(roles: Mapping[str, str]) -> tuple[str, list[str], list[str]]:
+    """(target, competitors, floors) from ``{method: role}``, in the mapping's order; exactly one target."""
+    unknown = {m: r for m, r in roles.items() if r not in ROLES}
+    if unknown:
+        raise ValueError(f"unknown roles {unknown}; allowed: {', '.join(ROLES)}")
+    targets = [m for m, r in roles.items() if r == TARGET]
+    if len(targets) != 1:
+        raise ValueError(f"the verdict needs exactly one method with role {TARGET!r}, got {targets}")
+    return (targets[0], [m for m, r in roles.items() if r == COMPETITOR], [m for m, r in roles.items() if r == FLOOR])
+
+
+def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *, roles: Mapping[str, str],
+                    margin: float = 0.02, metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0) -> Verdict:
+    """Per-method means with 95% intervals, ``target - best competitor`` with its paired interval, the verdict.
 
     ``per_image`` columns: ``method, config_rank, seed, image_id`` and the metrics in ``METRICS`` (0..1;
-    missing metrics or NaN values are allowed). Each method is represented by its lowest ``config_rank``
-    (the search's best on validation): picking among confirmed configs by test score would bias it upward.
-    Only images scored for every method enter (paired comparison). Deterministic given ``seed``.
+    missing metrics or NaN values are allowed). ``roles``: ``{method: "target" | "competitor" | "floor"}``
+    in display order, one target. Each method is represented by its lowest ``config_rank`` (the search's best
+    on validation): picking among confirmed configs by test score would bias it upward. Only images scored
+    for every method enter (paired comparison). Deterministic given ``seed``.
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0 (0..1 scale), got {margin}")
+    target, competitors, floors = _split_roles(roles)
     notes: list[str] = []
     empty = pd.DataFrame(columns=["config_rank", "seeds", "images"])
     if per_image is None or per_image.empty:
         return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, empty,
-                       "No confirm results: the verdict needs the confirm stage's per-image scores.", 0, notes)
+                       "No confirm results: the verdict needs the confirm stage's per-image scores.", 0, notes,
+                       target)
     required = {"method", "seed", "image_id", metric}
     missing = required - set(per_image.columns)
     if missing:
@@ -180,10 +201,13 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     images = np.array(sorted(common))
     if images.size == 0:
         return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, empty,
-                       "The methods share no scored test image, so they cannot be compared.", 0, notes)
+                       "The methods share no scored test image, so they cannot be compared.", 0, notes, target)
 
-    order = [TARGET, *OTHERS, FLOOR]
+    order = list(roles)  # display order; a method without a role (e.g. since removed) is listed last
     methods = sorted(ranks.index, key=lambda m: (order.index(m) if m in order else len(order), m))
+    roleless = [m for m in methods if m not in roles]
+    if roleless:
+        notes.append(f"{', '.join(roleless)} had no role in the verdict: shown, not compared.")
     arrays = {m: _method_arrays(chosen, m, int(ranks[m]), images, metrics) for m in methods}
 
     rng = np.random.default_rng(seed)
@@ -194,8 +218,8 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     boots = dict(zip(keys, means))
     rows = []
     for m in methods:
-        row: dict[str, Any] = {"method": m, "config_rank": int(ranks[m]), "seeds": arrays[m][metric].shape[0],
-                               "images": images.size}
+        row: dict[str, Any] = {"method": m, "role": roles.get(m, ""), "config_rank": int(ranks[m]),
+                               "seeds": arrays[m][metric].shape[0], "images": images.size}
         for k in metrics:
             x = arrays[m][k]
             row[k] = float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
@@ -204,14 +228,15 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
         rows.append(row)
     table = pd.DataFrame(rows).set_index("method")
 
-    others = [m for m in OTHERS if m in table.index and not math.isnan(table.loc[m, metric])]
-    if TARGET not in table.index or not others:
-        what = "init" if TARGET not in table.index else "any of " + "/".join(OTHERS)
+    others = [m for m in competitors if m in table.index and not math.isnan(table.loc[m, metric])]
+    if target not in table.index or not others:
+        what = target if target not in table.index else "any of " + "/".join(competitors)
         return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, table,
-                       f"The confirm results have no {what}, so there is nothing to compare.", n_boot, notes)
+                       f"The confirm results have no {what}, so there is nothing to compare.", n_boot, notes,
+                       target)
     best_other = max(others, key=lambda m: table.loc[m, metric])
-    diff_boot = boots[TARGET, metric] - boots[best_other, metric]  # paired through the shared image_w
-    diff = float(table.loc[TARGET, metric] - table.loc[best_other, metric])
+    diff_boot = boots[target, metric] - boots[best_other, metric]  # paired through the shared image_w
+    diff = float(table.loc[target, metric] - table.loc[best_other, metric])
     ci = _interval(diff_boot)
 
     if ci[0] > -margin:
@@ -220,35 +245,36 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
         word = DOES_NOT_COMPETE
     else:
         word = INCONCLUSIVE
-    text = _paragraph(word, diff, ci, best_other, margin, metric, table, notes)
-    return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes)
+    text = _paragraph(word, diff, ci, target, best_other, floors, margin, metric, table, notes)
+    return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target)
 
 
-def _paragraph(word: str, diff: float, ci: tuple[float, float], best_other: str, margin: float, metric: str,
-               table: pd.DataFrame, notes: list[str]) -> str:
+def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, best_other: str, floors: list[str],
+               margin: float, metric: str, table: pd.DataFrame, notes: list[str]) -> str:
     """The verdict in words, numbers x100 as the captioning literature prints them."""
-    init, other = table.loc[TARGET], table.loc[best_other]
-    s = (f"Seeding the first LSTM layer's memory (init) scores {metric} {_pct(init[metric])} "
-         f"[{_pct(init[metric + '_lo'])}, {_pct(init[metric + '_hi'])}] against {_pct(other[metric])} "
+    tgt, other = table.loc[target], table.loc[best_other]
+    s = (f"Seeding the first LSTM layer's memory ({target}) scores {metric} {_pct(tgt[metric])} "
+         f"[{_pct(tgt[metric + '_lo'])}, {_pct(tgt[metric + '_hi'])}] against {_pct(other[metric])} "
          f"[{_pct(other[metric + '_lo'])}, {_pct(other[metric + '_hi'])}] for the best other injection "
-         f"({best_other}); the difference init - {best_other} is {_pct(diff)} with a 95% paired-bootstrap "
-         f"interval [{_pct(ci[0])}, {_pct(ci[1])}] (x100; {int(init['seeds'])} seeds of init, "
-         f"{int(other['seeds'])} of {best_other}, {int(init['images'])} test images). ")
+         f"({best_other}); the difference {target} - {best_other} is {_pct(diff)} with a 95% paired-bootstrap "
+         f"interval [{_pct(ci[0])}, {_pct(ci[1])}] (x100; {int(tgt['seeds'])} seeds of {target}, "
+         f"{int(other['seeds'])} of {best_other}, {int(tgt['images'])} test images). ")
     if word == COMPETES:
-        s += (f"The whole interval lies above -{_pct(margin)}, the equivalence margin, so init competes: "
+        s += (f"The whole interval lies above -{_pct(margin)}, the equivalence margin, so {target} competes: "
               f"it is at most {_pct(margin)} points worse")
         s += (" and in fact better." if ci[0] > margin else ".")
     elif word == DOES_NOT_COMPETE:
-        s += (f"The whole interval lies below -{_pct(margin)}, the equivalence margin, so init does not "
+        s += (f"The whole interval lies below -{_pct(margin)}, the equivalence margin, so {target} does not "
               f"compete with {best_other}.")
     else:
         s += (f"The interval straddles -{_pct(margin)}, the equivalence margin: the data cannot yet tell "
-              f"whether init is within the margin; more seeds (or test images) would narrow it.")
-    if FLOOR in table.index and not math.isnan(table.loc[FLOOR, metric]):
-        s += (f" Without any image (none) the decoder reaches {_pct(table.loc[FLOOR, metric])}, so the image "
-              f"adds {_pct(init[metric] - table.loc[FLOOR, metric])} points to init.")
-    if not (math.isnan(init["params"]) or math.isnan(other["params"])):
-        s += (f" init has {init['params'] / 1e6:.2f} M parameters and trained {init['train_seconds']:.0f} s "
+              f"whether {target} is within the margin; more seeds (or test images) would narrow it.")
+    for floor in floors:
+        if floor in table.index and not math.isnan(table.loc[floor, metric]):
+            s += (f" Without any image ({floor}) the decoder reaches {_pct(table.loc[floor, metric])}, so the "
+                  f"image adds {_pct(tgt[metric] - table.loc[floor, metric])} points to {target}.")
+    if not (math.isnan(tgt["params"]) or math.isnan(other["params"])):
+        s += (f" {target} has {tgt['params'] / 1e6:.2f} M parameters and trained {tgt['train_seconds']:.0f} s "
               f"per run; {best_other} {other['params'] / 1e6:.2f} M and {other['train_seconds']:.0f} s.")
     s += (" The best other method was picked on point estimates and held fixed across resamples; with few "
           "seeds the bootstrap understates seed variance.")

@@ -129,6 +129,7 @@ def confirm_and_report(spec: StudySpec, spec_path: Path, *, console=None, addres
     from analysis.report import build_report
     from study import tuning
     from study.data.prepare import prepare
+    from study.registry import method_colors, method_roles
     from study.tracking import StudyTracker
 
     folder = tuning.study_dir(spec)
@@ -142,7 +143,8 @@ def confirm_and_report(spec: StudySpec, spec_path: Path, *, console=None, addres
     per_image, runs, gallery = load_confirm(folder, data)
     result = build_report(folder / "report", study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
-                          margin=spec.confirm.margin, spec_text=Path(spec_path).read_text())
+                          margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
+                          spec_text=Path(spec_path).read_text())
     verdict = result.verdict
     tracker = StudyTracker(tuning.tracking_uri(spec), spec.tracking.experiment or spec.name, spec.name, folder)
     summary = verdict.to_dict()

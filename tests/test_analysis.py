@@ -14,6 +14,8 @@ from PIL import Image
 from analysis import verdict as V
 from analysis.effects import compute_effects, edge_warnings
 from analysis.report import build_report
+from study import registry
+from study.registry import Method, method_colors, method_roles, register_method
 
 METHOD_NAMES = ("init", "pre", "par", "merge", "attention", "none")
 
@@ -44,7 +46,7 @@ EQUAL = {"init": 0.50, "pre": 0.49, "par": 0.48, "merge": 0.47, "attention": 0.5
 
 def test_competes_when_init_equals_best_other_with_many_images():
     per_image = per_image_frame(EQUAL, images=1000, seeds=5, noise=0.1)
-    v = V.compute_verdict(per_image, runs_frame(per_image), margin=0.02)
+    v = V.compute_verdict(per_image, runs_frame(per_image), roles=method_roles(), margin=0.02)
     assert v.best_other == "attention"
     assert v.verdict == V.COMPETES
     assert v.ci[0] < v.diff < v.ci[1]
@@ -62,7 +64,7 @@ def test_competes_when_init_equals_best_other_with_many_images():
 def test_does_not_compete_when_init_far_below():
     true = dict(EQUAL, init=0.40)
     per_image = per_image_frame(true, images=500, seeds=3, noise=0.1)
-    v = V.compute_verdict(per_image, margin=0.02)
+    v = V.compute_verdict(per_image, roles=method_roles(), margin=0.02)
     assert v.verdict == V.DOES_NOT_COMPETE
     assert v.ci[1] < -0.02
     assert v.diff == pytest.approx(-0.105, abs=0.015)
@@ -70,15 +72,15 @@ def test_does_not_compete_when_init_far_below():
 
 def test_inconclusive_with_tiny_noisy_sample():
     per_image = per_image_frame(dict(EQUAL, init=0.48), images=15, seeds=2, noise=0.3, seed_sd=0.03)
-    v = V.compute_verdict(per_image, margin=0.02)
+    v = V.compute_verdict(per_image, roles=method_roles(), margin=0.02)
     assert v.verdict == V.INCONCLUSIVE
     assert v.ci[0] < -0.02 < v.ci[1]
 
 
 def test_verdict_is_deterministic_and_ignores_search_floor_as_comparator():
     per_image = per_image_frame(dict(EQUAL, none=0.9), images=200, seeds=3, noise=0.1)
-    a = V.compute_verdict(per_image, margin=0.02, seed=7)
-    b = V.compute_verdict(per_image, margin=0.02, seed=7)
+    a = V.compute_verdict(per_image, roles=method_roles(), margin=0.02, seed=7)
+    b = V.compute_verdict(per_image, roles=method_roles(), margin=0.02, seed=7)
     assert a.ci == b.ci and a.best_other == "attention"  # "none" scoring highest is still not "other"
 
 
@@ -96,11 +98,50 @@ def test_bootstrap_interval_covers_true_mean():
 
 
 def test_verdict_without_confirm_results_says_so():
-    v = V.compute_verdict(pd.DataFrame(), margin=0.02)
+    v = V.compute_verdict(pd.DataFrame(), roles=method_roles(), margin=0.02)
     assert v.verdict == V.NOT_AVAILABLE and "confirm" in v.text
     only_init = per_image_frame({"init": 0.5, "none": 0.2}, images=20, seeds=2, noise=0.1)
-    v = V.compute_verdict(only_init, margin=0.02)
+    v = V.compute_verdict(only_init, roles=method_roles(), margin=0.02)
     assert v.verdict == V.NOT_AVAILABLE and v.best_other is None and "init" in v.table.index
+
+
+@pytest.fixture
+def extra_method():
+    """A method registered for one test only: analysis must pick it up from the registry's data alone."""
+    method = register_method(Method("film", "study.models.inject:ParInject", "competitor", False, "#00c8a0"))
+    try:
+        yield method
+    finally:
+        del registry.METHODS[method.name]
+
+
+def test_a_newly_registered_method_competes_and_has_its_colour(extra_method, tmp_path):
+    from analysis import plots
+    from study.config import TrialConfig
+
+    assert TrialConfig(inject="film").inject == "film"  # a valid config value at once
+    per_image = per_image_frame(dict(EQUAL, film=0.53), images=300, seeds=3, noise=0.1)
+    v = V.compute_verdict(per_image, roles=method_roles(), margin=0.02)
+    assert v.best_other == "film" and v.table.loc["film", "role"] == V.COMPETITOR
+    assert list(v.table.index) == ["init", "pre", "par", "merge", "attention", "none", "film"]  # registry order
+    # Its bar is drawn in its registered colour (alpha 0.85 over the white background).
+    png = plots.plot_methods(v.table, "CIDEr-D", tmp_path / "methods.png", colors=method_colors(), margin=0.02)
+    pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).astype(int)
+    bar = np.round(0.85 * np.array([0x00, 0xC8, 0xA0]) + 0.15 * 255)
+    assert (np.abs(pixels - bar).max(axis=1) <= 2).sum() > 100
+    assert plots.method_color("film", method_colors()) == "#00c8a0"
+
+
+def test_registry_rejects_a_second_target_and_bad_entries():
+    with pytest.raises(ValueError, match="one target"):
+        register_method(Method("init2", "study.models.inject:InitInject", "target", False, "#000000"))
+    with pytest.raises(ValueError, match="rrggbb"):
+        register_method(Method("x", "study.models.inject:ParInject", "competitor", False, "teal"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(registry.METHODS["pre"])
+    assert set(registry.METHODS) == {"init", "pre", "par", "merge", "attention", "none"}
+    with pytest.raises(ValueError, match="exactly one"):
+        V.compute_verdict(per_image_frame(EQUAL, images=5, seeds=1, noise=0.1), roles={"pre": "competitor"})
 
 
 SPACE = {
@@ -187,7 +228,7 @@ def test_report_builds_with_real_pngs(tmp_path):
     out = tmp_path / "report"
     result = build_report(out, study_name="unit", trials=trials, history=history_frame(trials),
                           per_image=per_image, runs=runs_frame(per_image), space=SPACE, gallery=gallery,
-                          margin=0.02, spec_text="name: unit\n")
+                          margin=0.02, roles=method_roles(), colors=method_colors(), spec_text="name: unit\n")
     text = result.path.read_text()
     assert result.verdict.verdict == V.COMPETES
     assert "init competes" in text and "Tanti" in text and "other people's numbers" in text.lower()
@@ -205,7 +246,7 @@ def test_report_builds_with_real_pngs(tmp_path):
 def test_report_with_empty_inputs_says_so(tmp_path):
     result = build_report(tmp_path, study_name="empty", trials=pd.DataFrame(), history=pd.DataFrame(),
                           per_image=pd.DataFrame(), runs=pd.DataFrame(), space={}, gallery=pd.DataFrame(),
-                          margin=0.02, spec_text=None)
+                          margin=0.02, roles=method_roles(), colors=method_colors(), spec_text=None)
     text = result.path.read_text()
     assert result.images == [] and result.verdict.verdict == V.NOT_AVAILABLE
     assert "No confirm results" in text and "No search trials" in text and "No example captions" in text
