@@ -385,14 +385,3 @@ def score_captions(references: Mapping[Hashable, Sequence[str]], hypotheses: Map
         scores["SPICE"] = math.nan
     return (scores, per) if per_image else scores
 
-
-def bits_per_char(total_nll_nats: float, total_chars: int) -> float:
-    """Cross-entropy in bits per character: ``total_nll_nats / (total_chars * ln 2)``.
-
-    Compares char- and word-level models on the same footing: both sum their token NLL (nats) over a split
-    and divide by the split's character count, where one caption counts ``len(normalize(caption)) + 1``
-    characters (``study.data.tokens.normalize``; +1 for the end token).
-    """
-    if total_chars <= 0:
-        raise ValueError(f"total_chars must be positive, got {total_chars}")
-    return total_nll_nats / (total_chars * math.log(2))

@@ -282,7 +282,3 @@ def study_runs(uri: str, experiment: str) -> tuple[Any, Any]:
 
 def get_run_tags(uri: str, run_id: str) -> dict[str, str]:
     return dict(_client(uri).get_run(run_id).data.tags)
-
-
-def download_artifact(uri: str, run_id: str, path: str, dst: Path) -> Path:
-    return Path(_client(uri).download_artifacts(run_id, path, str(dst)))

