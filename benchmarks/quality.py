@@ -25,9 +25,8 @@ import yaml
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
 from study.models import build_captioner
+from study.registry import METHODS
 from study.training import FeatureSource, evaluate, load_checkpoint, run_trial
-
-METHODS = ["init", "pre", "par", "merge", "attention", "none"]
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -43,7 +42,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
