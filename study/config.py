@@ -180,7 +180,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: file does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        # A binary file passed by mistake (a checkpoint, an image): say so instead of a codec traceback.
+        raise ConfigError(f"{path}: not a YAML text file (byte {exc.start} is not UTF-8 text)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -210,3 +213,9 @@ def load_trial_config(path: Path, overrides: dict[str, Any] | None = None) -> Tr
     data = read_yaml(path)
     data.update(overrides or {})
     return validate_model(TrialConfig, data, str(path))
+
+
+def checkpoint_config(data: dict[str, Any], source: str) -> TrialConfig:
+    """The trial config stored in a checkpoint, without checking its dataset paths: a trained model must
+    caption on a machine where its training data is not (moved, deleted or never copied there)."""
+    return validate_model(TrialConfig, data, source, check_paths=False)

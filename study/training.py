@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 import warnings
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from study.config import TrialConfig
+from study.data.features import get_encoder
 from study.data.prepare import PreparedData, SplitCaptions, TokenSet
 from study.data.tokens import PAD, Vocab, normalize
 from study.metrics import score_captions
@@ -39,6 +41,18 @@ Reporter = Callable[[dict[str, Any], Path], None]
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite; the message says when and with which settings."""
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable caption-study checkpoint; the message names the file and what is wrong."""
+
+
+# What captioning needs from a checkpoint, and what resuming training needs on top.
+CAPTION_KEYS = ("model", "config", "vocab", "feature_dim")
+RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "torch_rng")
+# TrialConfig fields that shape the model's tensors: the ones named when a resumed model does not fit its checkpoint.
+MODEL_SHAPE_FIELDS = ("inject", "cell", "layers", "hidden", "embed", "attention_dim", "seed_h", "tokens",
+                      "min_count")
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -194,8 +208,13 @@ def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, cfg: TrialConfig,
                     vocab: Vocab, history: list[dict[str, Any]], data_info: dict[str, Any],
                     feature_dim: int) -> Path:
-    """Write ``checkpoint.pt`` atomically (tmp + rename); loadable with ``torch.load(weights_only=True)``."""
+    """Write ``checkpoint.pt`` atomically (tmp + rename); loadable with ``torch.load(weights_only=True)``.
+
+    The checkpoint is self-contained for captioning: config, vocabulary, feature size and the encoder with
+    its preprocessing travel with the weights, so ``study caption`` needs neither the dataset nor its cache.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    encoder = get_encoder(cfg.dataset.encoder)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -205,6 +224,8 @@ def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch
         "vocab": vocab.to_dict(),
         "history": history,
         "feature_dim": feature_dim,
+        # Captioning a new image must reproduce the features the model was trained on.
+        "encoder": {"name": encoder.name, "version": encoder.version, "preprocessing": encoder.preprocessing()},
         "data_info": {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in data_info.items()},
         "torch_rng": torch.get_rng_state(),
     }
@@ -214,14 +235,57 @@ def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch
     return directory
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file or a directory holding one (weights only: no code runs on load)."""
+def load_checkpoint(path: Path, *, for_resume: bool = False) -> dict[str, Any]:
+    """Load a checkpoint file or a directory holding one (weights only: no code runs on load).
+
+    Anything that is not a caption-study checkpoint is a ``CheckpointError`` naming the file; it never
+    suggests ``weights_only=False``, which would run whatever code a crafted file holds.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message here advises weights_only=False: the one thing a user must not do with a stranger's file.
+        raise CheckpointError(f"{path} is not a caption-study checkpoint: it is corrupt or holds Python objects "
+                              "other than tensors and plain data (never loaded: no code from a file runs)") from None
+    except (EOFError, RuntimeError, KeyError) as exc:
+        # What torch.load raises for an empty file, a zip that is not a torch archive, and plain text.
+        raise CheckpointError(f"{path} is not a caption-study checkpoint: not a complete file written by "
+                              f"torch.save (empty, truncated or another format; {type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a caption-study checkpoint: it holds a {type(state).__name__}, "
+                              "not the dict `study train` writes")
+    needed = CAPTION_KEYS + (RESUME_KEYS if for_resume else ())
+    missing = [key for key in needed if key not in state]
+    if missing:
+        use = "resume training" if for_resume else "caption"
+        raise CheckpointError(f"{path} is not a caption-study checkpoint that can {use}: it lacks "
+                              f"{', '.join(repr(k) for k in missing)}")
+    return state
+
+
+def check_resumable(model: torch.nn.Module, state: dict[str, Any], cfg: TrialConfig, source: Path) -> None:
+    """Refuse to resume a model whose tensors do not fit the checkpoint's, naming the settings that differ
+    (torch's own error lists tensor names and sizes, not the config keys a user has to change)."""
+    own, saved = model.state_dict(), state["model"]
+    mismatched = [k for k in own.keys() | saved.keys()
+                  if k not in own or k not in saved or own[k].shape != saved[k].shape]
+    if not mismatched:
+        return
+    old = state["config"]
+    changed = [k for k in MODEL_SHAPE_FIELDS if old.get(k) != getattr(cfg, k)]
+    if changed:
+        then = ", ".join(f"{k}={old.get(k)}" for k in changed)
+        now = ", ".join(f"{k}={getattr(cfg, k)}" for k in changed)
+        why = f"the checkpoint was trained with {then}, this config has {now}"
+    else:
+        why = "its vocabulary or image features differ from this data's (it was trained on other data)"
+    raise CheckpointError(f"cannot resume from {source}: {why}; resume with the checkpoint's settings, "
+                          "or train into a new folder")
 
 
 def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTensors, features: FeatureSource,
@@ -293,7 +357,8 @@ def run_trial(
     history: list[dict[str, Any]] = []
     start_epoch = 1
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
+        state = load_checkpoint(resume_from, for_resume=True)
+        check_resumable(model, state, cfg, Path(resume_from))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
