@@ -15,7 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from study.config import ConfigError
+from study.config import ConfigError, TrialConfig
+from study.spec import METRIC_MODES
+
+FORMATS = ("text", "csv", "markdown")  # what `study leaderboard --format` can print (study.leaderboard.format_table)
 
 app = typer.Typer(
     help="caption-study: a Ray Tune study of recurrent image captioners. Does seeding the first LSTM layer's "
@@ -103,29 +106,118 @@ def _epoch_table(history: list[dict]) -> Table:
     return table
 
 
+TRAIN_RUNS = Path("runs/train")  # where `study train` makes a new folder per run when --out is not given
+RUN_FILES = ("checkpoint.pt", "metrics.json")  # what marks a folder as holding a run
+
+
+def _effective_config(cfg: TrialConfig, source: Path) -> str:
+    """Every field of a trial config in two compact lines, and which ones the file set: an empty YAML trains
+    the defaults, and the user should see what is trained before the first epoch, not after."""
+    values = cfg.model_dump(mode="json", by_alias=True)
+    dataset = values.pop("dataset")
+    given = sorted(cfg.model_fields_set)
+    origin = (f"{source} (or an option) sets {', '.join(given)}; the rest are defaults" if given
+              else f"{source} sets no key: every value is a default")
+    return (f"config: {' '.join(f'{k}={v}' for k, v in values.items())}\n"
+            f"dataset: {' '.join(f'{k}={v}' for k, v in dataset.items())}\n{origin}")
+
+
+def _new_run_folder(parent: Path, name: str) -> Path:
+    """Create ``parent/<name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... when runs start in the same second).
+    Created, not just named, so two runs started at once never share a folder."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: 999 runs named {name}-{stamp} exist")
+
+
+def _train_out_dir(out_dir: Optional[Path], run_name: str, *, overwrite: bool, resume: bool) -> Path:
+    """The folder a `study train` run writes to: a new one per run by default; an explicit --out holding a
+    run is refused unless --overwrite (replace it) or --resume (continue it). Checked writable up front."""
+    if overwrite and resume:
+        _fail("--overwrite and --resume contradict each other: --resume continues the run in --out, "
+              "--overwrite replaces it")
+    if out_dir is None and (overwrite or resume):
+        _fail(f"--{'resume' if resume else 'overwrite'} needs --out: the folder of the run to "
+              f"{'continue' if resume else 'replace'}")
+    if out_dir is None:
+        _writable_folder(TRAIN_RUNS)
+        return _new_run_folder(TRAIN_RUNS, run_name)
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if resume and not (out_dir / "checkpoint.pt").is_file():
+        _fail(f"nothing to resume: {out_dir} holds no checkpoint.pt")
+    if held and not (resume or overwrite):
+        _fail(f"{out_dir} already holds a run ({', '.join(held)}); not overwriting it. Pass --overwrite to "
+              "replace it, --resume to continue it, or leave out --out to train into a new folder under "
+              f"{TRAIN_RUNS}")
+    _writable_folder(out_dir)
+    return out_dir
+
+
+def _writable_folder(folder: Path) -> None:
+    """Create ``folder`` and write a scratch file in it: a read-only or impossible path fails now, with its
+    name, rather than with a traceback when the first result is saved."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        _fail(f"cannot write to {folder}: {exc.strerror or exc}")
+
+
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="trial YAML: cell, layers, hidden, tokens, inject, epochs, dataset..."),
-    out_dir: Path = typer.Option(Path("runs/train"), "--out", help="writes metrics.json and checkpoint.pt here"),
-    epochs: Optional[int] = typer.Option(None, help="override the config's epochs"),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", help=f"writes metrics.json and checkpoint.pt here (default: a new folder "
+                            f"{TRAIN_RUNS}/<run name>-<date>-<time>); a folder holding a run is refused unless "
+                            "--overwrite or --resume"),
+    epochs: Optional[int] = typer.Option(None, help="override the config's epochs (at least 1)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
     test: bool = typer.Option(True, help="score the test split with beam search and the full metric suite"),
-    resume: bool = typer.Option(False, help="continue from the checkpoint already in --out"),
+    resume: bool = typer.Option(False, help="continue from the checkpoint in --out"),
+    overwrite: bool = typer.Option(False, help="replace the run already in --out"),
 ) -> None:
     """Train one configuration without Ray (the same loop the Tune trainable runs)."""
     from study.config import load_trial_config
+    from study.data.features import ImageReadError
+    from study.data.karpathy import DatasetError
     from study.data.prepare import TokenSetting, prepare
     from study.registry import METHODS
-    from study.training import copy_checkpoint, run_trial, write_metrics
+    from study.training import CheckpointError, TrialDiverged, copy_checkpoint, run_trial, write_metrics
 
+    if epochs is not None and epochs < 1:  # `--epochs 0` was once ignored; it would train nothing
+        _fail(f"--epochs must be at least 1, got {epochs}")
     try:
-        cfg = load_trial_config(config, {"epochs": epochs} if epochs else None)
+        cfg = load_trial_config(config, {"epochs": epochs} if epochs is not None else None)
     except ConfigError as exc:
         _fail(str(exc))
     console.print(f"[bold]{cfg.run_name}[/] for {cfg.epochs} epochs on {cfg.dataset.kind}")
-    data = prepare(cfg.dataset, [TokenSetting.of(cfg)], need_grid=METHODS[cfg.inject].needs_grid, device=device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = out_dir if resume and (out_dir / "checkpoint.pt").exists() else None
+    console.print(_effective_config(cfg, config), highlight=False)
+    fresh = out_dir is None
+    out_dir = _train_out_dir(out_dir, cfg.run_name, overwrite=overwrite, resume=resume)
+    console.print(f"output: {out_dir}", highlight=False)
+    try:
+        data = prepare(cfg.dataset, [TokenSetting.of(cfg)], need_grid=METHODS[cfg.inject].needs_grid,
+                       device=device)
+    except (DatasetError, ImageReadError, FileNotFoundError, ValueError) as exc:
+        if fresh:
+            out_dir.rmdir()  # nothing was written: leave no empty run folder behind
+        _fail(str(exc))
+    if overwrite:  # only once the data is ready: a run that fails before training keeps the old one
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    resume_from = out_dir if resume else None
 
     rows: list[dict] = []
 
@@ -139,8 +231,11 @@ def train(
     def report(metrics: dict, checkpoint_dir: Path) -> None:
         copy_checkpoint(checkpoint_dir.parent, out_dir)
 
-    result = run_trial(cfg, data, work_dir=out_dir / ".work", report=report, resume_from=resume_from,
-                       device=device, final_test=test, on_epoch=on_epoch)
+    try:
+        result = run_trial(cfg, data, work_dir=out_dir / ".work", report=report, resume_from=resume_from,
+                           device=device, final_test=test, on_epoch=on_epoch)
+    except (CheckpointError, TrialDiverged) as exc:
+        _fail(str(exc))
     path = write_metrics(result, out_dir)
     console.print(_epoch_table(result["epochs"]))
     if "final" in result:
@@ -173,9 +268,26 @@ def _resolve_study(study: str, storage: Optional[Path]) -> dict:
     candidates = [Path(study), (storage or Path("runs")) / study]
     for folder in candidates:
         if (folder / "study.json").is_file():
-            return json.loads((folder / "study.json").read_text()) | {"folder": str(folder.resolve())}
+            try:
+                return json.loads((folder / "study.json").read_text()) | {"folder": str(folder.resolve())}
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:  # TypeError: not an object
+                _fail(f"{folder / 'study.json'} is damaged ({exc}): it should be the JSON object `study run` "
+                      "wrote, naming the study's spec, storage, tracking_uri and experiment; restore or rewrite it")
     _fail(f"no study {study!r}: looked for study.json in {', '.join(str(c) for c in candidates)}")
     raise AssertionError
+
+
+def _require_search_started(info: dict) -> None:
+    """A study that stopped before its search began (e.g. a bad image in data preparation) has a study.json but
+    no Tune state and no trials: say so and how to go on, rather than fail on its missing MLflow experiment."""
+    from study.spec import storage_is_remote
+
+    if storage_is_remote(info["storage"]):  # Tune's state is in the bucket; nothing cheap to look at here
+        return
+    if not (Path(info["folder"]) / "tune").is_dir():
+        _fail(f"study {info['name']!r} has no trials yet: its search has not started (no Tune state in "
+              f"{info['folder']}). Either it is still preparing its data, or it stopped there (e.g. at a bad "
+              f"image): fix what its `study run` reported, then continue it with: study resume {info['folder']}")
 
 
 def _study_spec(info: dict):
@@ -217,6 +329,7 @@ def _run_and_summarise(spec, spec_path: Path, address, max_concurrent, *, resume
     from study import tuning
     from study.leaderboard import format_table, leaderboard
 
+    _writable_folder(tuning.study_dir(spec))
     out.print(f"MLflow store: {tuning.tracking_uri(spec)} (experiment {spec.tracking.experiment or spec.name})")
     try:
         outcome = tuning.run_study(spec, spec_path, address=address, max_concurrent=max_concurrent, resume=resume,
@@ -262,15 +375,25 @@ def resume(
 def leaderboard_cmd(
     study: str = typer.Argument(..., help="study name (under --storage) or its folder"),
     storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
-    metric: str = typer.Option("val_CIDEr-D", help="metric to sort by"),
-    mode: str = typer.Option("max", help="max or min"),
-    fmt: str = typer.Option("text", "--format", help="text, csv or markdown"),
+    metric: str = typer.Option("val_CIDEr-D", help="metric to sort by: " + ", ".join(METRIC_MODES)),
+    mode: Optional[str] = typer.Option(None, help="max or min (default: the direction in which --metric is better)"),
+    fmt: str = typer.Option("text", "--format", help=", ".join(FORMATS)),
     all_trials: bool = typer.Option(False, "--all", help="every trial, not just the best of each method"),
 ) -> None:
     """The best trial of each injection method and overall, from MLflow."""
     from study.leaderboard import format_table, leaderboard
 
+    # Checked before anything is read: a misspelt metric or mode used to sort silently by nothing.
+    if metric not in METRIC_MODES:
+        _fail(f"--metric {metric!r} is not a metric a trial reports; allowed: {', '.join(METRIC_MODES)}")
+    if mode is None:
+        mode = METRIC_MODES[metric]
+    elif mode not in ("max", "min"):
+        _fail(f"--mode {mode!r} is not a mode; allowed: max, min")
+    if fmt not in FORMATS:
+        _fail(f"--format {fmt!r} is not a format; allowed: {', '.join(FORMATS)}")
     info = _resolve_study(study, storage)
+    _require_search_started(info)
     board = leaderboard(info["tracking_uri"], info["experiment"], metric=metric, mode=mode, best_per_method=not all_trials)
     out.print(format_table(board, fmt), highlight=False, soft_wrap=True)
 
@@ -303,6 +426,7 @@ def report_cmd(
     from study.confirm import confirm_and_report
 
     info = _resolve_study(study, storage)
+    _require_search_started(info)
     confirm_and_report(_study_spec(info), Path(info["spec"]), console=out, address=address)
 
 
