@@ -1,9 +1,10 @@
 """The one captioner: embedding -> (injection hooks + cell stack) -> vocabulary layer, with decoding.
 
 Every injection method and cell is the same class wired with a different registry entry
-(:data:`~study.models.inject.INJECTIONS`, :data:`~study.models.cells.CELLS`); see ``inject.py`` for the hook
+(:data:`study.registry.METHODS`, :data:`study.registry.CELLS`); see ``inject.py`` for the hook
 order. Dropout (``cfg.dropout``) is applied to the word embeddings, the image features (inside the
 injection), between stacked layers (inside the cell) and on the RNN output before the vocabulary layer.
+Image features are z-scored per channel first, with train-split statistics kept as buffers (``encode``).
 """
 
 from __future__ import annotations
