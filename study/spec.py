@@ -108,6 +108,9 @@ class SearchSettings(StrictModel):
     trials: int = Field(12, ge=1, description="total trials (split equally between methods when stratified)")
     max_concurrent: int | None = Field(None, ge=1, description="trials at once (default: what resources allow)")
     seed: int = Field(0, description="searcher seed")
+    time_budget_h: float | None = Field(
+        None, gt=0, description="wall-clock hours for the search, summed over resumes; trials still running when "
+        "it is spent are stopped and ranked on the epochs they finished (None: until every trial has run)")
 
 
 class AshaSettings(StrictModel):
