@@ -291,6 +291,12 @@ def test_resume_with_another_model_size_names_the_settings(small_shapes, small_p
     _assert_sentence(result, f"cannot resume from {out}", "the checkpoint was trained with hidden=16",
                      "this config has hidden=24")
     assert (out / "checkpoint.pt").read_bytes() == before
+    # The same settings with more epochs continue the run after its first epoch.
+    longer = _trial_yaml(tmp_path / "c.yaml", _shapes_block(small_shapes), epochs=2)
+    resumed = _study("train", longer, "--no-test", "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output[-2000:]
+    assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]
+    assert "epoch   1:" not in resumed.stderr and "epoch   2:" in resumed.stderr
 
 
 @pytest.fixture(scope="module")
