@@ -127,8 +127,8 @@ def measure(cfg: TrialConfig, data, epochs: int, threads: int, profile: bool) ->
 
         torch.manual_seed(1000 + epoch)  # same dropout masks in both loops
         t0 = time.perf_counter()
-        study_loss, _ = _train_epoch(study_model, study_opt, study_sched, cfg, train, features, device,
-                                     np.random.default_rng([cfg.seed, epoch]), epoch, progress=False)
+        study_loss, _, _ = _train_epoch(study_model, study_opt, study_sched, cfg, train, features, device,
+                                        np.random.default_rng([cfg.seed, epoch]), epoch, progress=False)
         study_times.append(time.perf_counter() - t0)
 
         torch.manual_seed(1000 + epoch)

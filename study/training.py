@@ -185,14 +185,21 @@ def decode_images(model: torch.nn.Module, vocab: Vocab, image_rows: np.ndarray, 
 
 def evaluate(model: torch.nn.Module, cfg: TrialConfig, data: PreparedData, tokens: TokenSet, split: str,
              features: FeatureSource, device: torch.device, *, beam_size: int, full: bool,
-             limit: int | None = None, per_image: bool = False) -> tuple[dict[str, float], list[str], Any]:
-    """Decode a split's images and score them against their references."""
+             limit: int | None = None, per_image: bool = False,
+             timings: dict[str, float] | None = None) -> tuple[dict[str, float], list[str], Any]:
+    """Decode a split's images and score them against their references.
+
+    ``timings``, when given, receives ``decode_seconds`` and ``metric_seconds`` (the scoring's share)."""
     images = data.images[split]
     n = len(images.rows) if limit is None else min(limit, len(images.rows))
+    t0 = time.perf_counter()
     hyps = decode_images(model, tokens.vocab, images.rows[:n], features, device, beam_size=beam_size,
                          max_len=cfg.effective_max_len, length_penalty=cfg.length_penalty)
+    t1 = time.perf_counter()  # decoding ends with the captions on the CPU: no extra sync needed
     refs = {i: images.references[i] for i in range(n)}
     result = score_captions(refs, dict(enumerate(hyps)), full=full, per_image=per_image)
+    if timings is not None:
+        timings.update(decode_seconds=t1 - t0, metric_seconds=time.perf_counter() - t1)
     if per_image:
         scores, per = result
         return scores, hyps, per
@@ -289,16 +296,23 @@ def check_resumable(model: torch.nn.Module, state: dict[str, Any], cfg: TrialCon
 
 
 def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTensors, features: FeatureSource,
-                 device: torch.device, rng: np.random.Generator, epoch: int, progress: bool) -> tuple[float, int]:
-    """One pass over the training captions. Returns (mean nats per token, tokens seen)."""
+                 device: torch.device, rng: np.random.Generator, epoch: int,
+                 progress: bool) -> tuple[float, int, float]:
+    """One pass over the training captions. Returns (mean nats per token, tokens seen, data seconds).
+
+    Data seconds: gathering each batch's tokens and features (host time; on a GPU the copies are queued,
+    not waited for, so no sync is added to measure them)."""
     model.train()
     batches = length_bucketed_batches(train.lengths, cfg.batch_size, rng)
     total = torch.zeros((), device=device)
     tokens_seen = 0
+    data_seconds = 0.0
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
     for step, idx in enumerate(bar):
+        t0 = time.perf_counter()
         tokens = train.ids[torch.from_numpy(idx), : int(train.lengths[idx].max())].to(device, non_blocking=True)
         pooled, grid = features(train.feature_rows[idx])
+        data_seconds += time.perf_counter() - t0
         with _autocast(device):
             logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
         loss_sum, n = masked_nll(logits, tokens[:, 1:])
@@ -318,7 +332,7 @@ def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTens
                     f"training loss became {mean} at epoch {epoch}, step {step} "
                     f"(lr={cfg.lr:g}, clip={cfg.clip:g}, {cfg.run_name})")
             bar.set_postfix(loss=f"{mean:.3f}", refresh=False)
-    return float(total) / max(tokens_seen, 1), tokens_seen
+    return float(total) / max(tokens_seen, 1), tokens_seen, data_seconds
 
 
 def run_trial(
@@ -371,12 +385,14 @@ def run_trial(
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])
-        train_loss, n_tokens = _train_epoch(model, optimizer, scheduler, cfg, train, features, dev, rng,
-                                            epoch, progress)
+        train_loss, n_tokens, data_seconds = _train_epoch(model, optimizer, scheduler, cfg, train, features, dev,
+                                                          rng, epoch, progress)
         train_seconds = time.perf_counter() - t0
         val_loss, val_nats = validation_loss(model, val, features, dev, cfg.batch_size)
+        val_loss_seconds = time.perf_counter() - t0 - train_seconds
+        timings: dict[str, float] = {}
         scores, _, _ = evaluate(model, cfg, data, tokens, "val", features, dev, beam_size=1, full=False,
-                                limit=cfg.val_images)
+                                limit=cfg.val_images, timings=timings)
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -385,7 +401,11 @@ def run_trial(
             "val_CIDEr-D": scores["CIDEr-D"],
             "val_BLEU-4": scores["BLEU-4"],
             "current_lr": optimizer.param_groups[0]["lr"],  # after the schedule; not the config's lr
-            "train_seconds": train_seconds,
+            "train_seconds": train_seconds,  # includes data_seconds
+            "data_seconds": data_seconds,
+            "val_loss_seconds": val_loss_seconds,
+            "decode_seconds": timings["decode_seconds"],
+            "metric_seconds": timings["metric_seconds"],
             "epoch_seconds": time.perf_counter() - t0,
             "tokens_per_second": n_tokens / max(train_seconds, 1e-9),
             "params": params,
