@@ -61,7 +61,7 @@ class Verdict:
 
     verdict: str
     diff: float  # target - best other, primary metric, 0..1 scale
-    ci: tuple[float, float]  # 95% paired-bootstrap interval of diff
+    ci: tuple[float, float]  # paired-bootstrap interval of diff at ``level``
     best_other: str | None
     margin: float
     metric: str
@@ -70,6 +70,8 @@ class Verdict:
     n_boot: int = 0
     notes: list[str] = field(default_factory=list)
     target: str | None = None  # the method with the role "target" (init)
+    level: float = 0.95  # confidence level of every interval (below 0.95 never; a sequential plan raises it)
+    diff_samples: np.ndarray | None = field(default=None, repr=False)  # (n_boot,) bootstrap target - best other
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, JSON-friendly summary for MLflow: numbers stay numbers, per-method means as ``<m>.<metric>``."""
@@ -131,11 +133,12 @@ def _resample_weights(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarr
     return np.bincount(draws.ravel(), minlength=n_boot * n).reshape(n_boot, n) / n
 
 
-def _interval(samples: np.ndarray) -> tuple[float, float]:
+def _interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     finite = samples[np.isfinite(samples)]
     if finite.size == 0:
         return (math.nan, math.nan)
-    lo, hi = np.percentile(finite, [2.5, 97.5])
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(finite, [tail, 100 - tail])
     return (float(lo), float(hi))
 
 
@@ -165,14 +168,17 @@ def _split_roles(roles: Mapping[str, str]) -> tuple[str, list[str], list[str]]:
 
 
 def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *, roles: Mapping[str, str],
-                    margin: float = 0.02, metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0) -> Verdict:
-    """Per-method means with 95% intervals, ``target - best competitor`` with its paired interval, the verdict.
+                    margin: float = 0.02, metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0,
+                    level: float = 0.95, resample_seeds: bool = True) -> Verdict:
+    """Per-method means with ``level`` intervals, ``target - best competitor`` with its paired interval, the verdict.
 
     ``per_image`` columns: ``method, config_rank, seed, image_id`` and the metrics in ``METRICS`` (0..1;
     missing metrics or NaN values are allowed). ``roles``: ``{method: "target" | "competitor" | "floor"}``
     in display order, one target. Each method is represented by its lowest ``config_rank`` (the search's best
     on validation): picking among confirmed configs by test score would bias it upward. Only images scored
-    for every method enter (paired comparison). Deterministic given ``seed``.
+    for every method enter (paired comparison). Deterministic given ``seed``. ``level`` above 0.95 is a
+    sequential plan's per-look level (see ``analysis.sequential``); ``resample_seeds=False`` resamples test
+    images only (the image part of the variance, for projecting how many seeds a decision needs).
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0 (0..1 scale), got {margin}")
@@ -213,6 +219,8 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     rng = np.random.default_rng(seed)
     image_w = _resample_weights(rng, n_boot, images.size)  # (B, N): one image resample shared by all: paired
     seed_w = {m: _resample_weights(rng, n_boot, arrays[m][metric].shape[0]) for m in methods}  # (B, S_m)
+    if not resample_seeds:  # every seed once in every resample
+        seed_w = {m: np.full_like(w, 1.0 / w.shape[1]) for m, w in seed_w.items()}
     keys = [(m, k) for m in methods for k in metrics]
     means = _boot_means([arrays[m][k] for m, k in keys], [seed_w[m] for m, _ in keys], image_w)
     boots = dict(zip(keys, means))
@@ -223,7 +231,7 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
         for k in metrics:
             x = arrays[m][k]
             row[k] = float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
-            row[f"{k}_lo"], row[f"{k}_hi"] = _interval(boots[m, k])
+            row[f"{k}_lo"], row[f"{k}_hi"] = _interval(boots[m, k], level)
         row.update(_run_costs(runs, m, int(ranks[m])))
         rows.append(row)
     table = pd.DataFrame(rows).set_index("method")
@@ -237,7 +245,7 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     best_other = max(others, key=lambda m: table.loc[m, metric])
     diff_boot = boots[target, metric] - boots[best_other, metric]  # paired through the shared image_w
     diff = float(table.loc[target, metric] - table.loc[best_other, metric])
-    ci = _interval(diff_boot)
+    ci = _interval(diff_boot, level)
 
     if ci[0] > -margin:
         word = COMPETES
@@ -245,18 +253,18 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
         word = DOES_NOT_COMPETE
     else:
         word = INCONCLUSIVE
-    text = _paragraph(word, diff, ci, target, best_other, floors, margin, metric, table, notes)
-    return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target)
+    text = _paragraph(word, diff, ci, target, best_other, floors, margin, metric, table, notes, level)
+    return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target, level, diff_boot)
 
 
 def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, best_other: str, floors: list[str],
-               margin: float, metric: str, table: pd.DataFrame, notes: list[str]) -> str:
+               margin: float, metric: str, table: pd.DataFrame, notes: list[str], level: float = 0.95) -> str:
     """The verdict in words, numbers x100 as the captioning literature prints them."""
     tgt, other = table.loc[target], table.loc[best_other]
     s = (f"Seeding the first LSTM layer's memory ({target}) scores {metric} {_pct(tgt[metric])} "
          f"[{_pct(tgt[metric + '_lo'])}, {_pct(tgt[metric + '_hi'])}] against {_pct(other[metric])} "
          f"[{_pct(other[metric + '_lo'])}, {_pct(other[metric + '_hi'])}] for the best other injection "
-         f"({best_other}); the difference {target} - {best_other} is {_pct(diff)} with a 95% paired-bootstrap "
+         f"({best_other}); the difference {target} - {best_other} is {_pct(diff)} with a {100 * level:.4g}% paired-bootstrap "
          f"interval [{_pct(ci[0])}, {_pct(ci[1])}] (x100; {int(tgt['seeds'])} seeds of {target}, "
          f"{int(other['seeds'])} of {best_other}, {int(tgt['images'])} test images). ")
     if word == COMPETES:

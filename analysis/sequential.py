@@ -1,0 +1,99 @@
+"""Buying certainty: add confirm seeds until the verdict is decided, without inflating the error rate.
+
+Looking at a 95% interval after every added seed and stopping as soon as it clears the margin is not a 95%
+procedure: each look is one more chance of a wrong call. The plan here fixes, before the first look, the most
+seeds per method (``max_seeds``) and so the number of looks ``K = max_seeds - first_seeds + 1`` (one look at
+the confirm stage's seeds, then one per added seed), and gives every look the level ``1 - alpha / K``
+(Bonferroni): the chance of any wrong call over all looks is at most ``alpha`` whatever the correlation
+between looks. Group-sequential boundaries (O'Brien-Fleming) would spend less at early looks; Bonferroni is
+conservative, but it needs no distributional assumption, so it holds for a bootstrap interval.
+
+A study whose spec planned no extra seeds (``confirm.max_seeds`` unset) already had its one look at 95%;
+continuing it is a second plan, and its error bound is the sum of both (``spent_alpha + alpha``), which the
+report states.
+
+``seeds_to_decide`` projects how many seeds per method a decision would take: the bootstrap variance of the
+difference is split into a seed part (shrinks as 1/seeds) and an image part (the fixed test images: does not
+shrink), and the first seed count whose projected interval clears the margin is returned, assuming the
+difference stays at its estimate. ``None``: more seeds alone would not decide it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+import pandas as pd
+
+from analysis.verdict import PRIMARY, Verdict, compute_verdict
+
+
+@dataclass(frozen=True)
+class SequentialPlan:
+    """Looks at ``first_seeds``, ``first_seeds + 1``, ... ``max_seeds`` seeds per method, each at ``level``."""
+
+    first_seeds: int
+    max_seeds: int
+    alpha: float = 0.05
+    spent_alpha: float = 0.0  # error rate already spent by an unplanned earlier look (a fixed 95% report)
+
+    def __post_init__(self) -> None:
+        if self.max_seeds < self.first_seeds:
+            raise ValueError(f"max_seeds ({self.max_seeds}) is below the confirm stage's seeds ({self.first_seeds})")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+
+    @property
+    def looks(self) -> int:
+        return self.max_seeds - self.first_seeds + 1
+
+    @property
+    def level(self) -> float:
+        """The confidence level of every look's interval."""
+        return 1.0 - self.alpha / self.looks
+
+    @property
+    def error_bound(self) -> float:
+        """Chance of any wrong call over the whole procedure (union bound)."""
+        return self.spent_alpha + self.alpha
+
+    def describe(self) -> str:
+        text = (f"sequential plan: up to {self.max_seeds} seeds per method, {self.looks} looks, each a "
+                f"{100 * self.level:.2f}% interval (Bonferroni), overall error rate at most "
+                f"{100 * self.error_bound:g}%")
+        if self.spent_alpha:
+            text += f" (including {100 * self.spent_alpha:g}% spent by the unplanned first look)"
+        return text
+
+
+def seeds_to_decide(per_image: pd.DataFrame, *, roles: Mapping[str, str], margin: float, level: float,
+                    metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0, limit: int = 100) -> int | None:
+    """Projected seeds per method at which the ``level`` interval of ``target - best other`` clears
+    ``-margin``; the current count if it already does; ``None`` if no count up to ``limit`` would."""
+    both = compute_verdict(per_image, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
+                           level=level)
+    if both.best_other is None or both.diff_samples is None:
+        return None
+    images = compute_verdict(per_image, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
+                             level=level, resample_seeds=False)
+    seeds = int(min(both.table.loc[both.target, "seeds"], both.table.loc[both.best_other, "seeds"]))
+    var_all = float(np.nanvar(both.diff_samples))
+    var_images = float(np.nanvar(images.diff_samples))
+    var_seeds = max(var_all - var_images, 0.0) * seeds  # per-seed variance: the seed part at n seeds is this / n
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    gap = abs(both.diff + margin)  # distance of the estimate from the margin, which the half-width must undercut
+    for n in range(seeds, limit + 1):
+        if z * math.sqrt(var_seeds / n + var_images) < gap:
+            return n
+    return None
+
+
+def verdict_at(per_image: pd.DataFrame, runs: pd.DataFrame | None, plan: SequentialPlan, *,
+               roles: Mapping[str, str], margin: float, metric: str = PRIMARY, n_boot: int = 2000,
+               seed: int = 0) -> Verdict:
+    """The verdict at the plan's level (what ``study decide`` and the report use once a plan exists)."""
+    return compute_verdict(per_image, runs, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
+                           level=plan.level)
