@@ -295,7 +295,8 @@ def _study_spec(info: dict):
     from study.spec import load_spec
 
     try:
-        return load_spec(Path(info["spec"]), storage=info["storage"], tracking_uri=info["tracking_uri"])
+        return load_spec(Path(info["spec"]), storage=info["storage"], tracking_uri=info["tracking_uri"],
+                         name=info["name"])
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -309,6 +310,8 @@ def run(
     report: bool = typer.Option(True, help="after the search: confirm stage and report, as the spec says"),
     storage: Optional[str] = typer.Option(None, help="override the spec's storage (a folder or an s3:// URI)"),
     tracking_uri: Optional[str] = typer.Option(None, help="override the spec's MLflow tracking URI"),
+    new: bool = typer.Option(False, "--new", help="if a study of this name exists, start a new one beside it "
+                                                  "(NAME-2, NAME-3, ...) instead of refusing"),
 ) -> None:
     """Run a study: prepare data once, then Ray Tune with Optuna + ASHA, tracked in MLflow."""
     from study.spec import load_spec
@@ -322,7 +325,37 @@ def run(
     out.print(tuning.describe_budget(spec), highlight=False)
     if dry_run:
         return
+    if new and tuning.study_exists(spec):
+        existing, folder = spec.name, tuning.study_dir(spec)
+        spec = load_spec(spec_path, storage=storage, tracking_uri=tracking_uri, name=tuning.fresh_name(spec))
+        out.print(f"study {existing} exists at {folder}; starting a new study {spec.name} beside it, in "
+                  f"{tuning.study_dir(spec)}", highlight=False)
     _run_and_summarise(spec, spec_path, address, max_concurrent, resume=False, report=report)
+
+
+def _resume_hint(spec) -> str:
+    """The command that continues this study: by name when it lives in ./runs, else by its folder."""
+    from study import tuning
+    from study.spec import storage_is_remote
+
+    folder = tuning.study_dir(spec)
+    if storage_is_remote(spec.storage) or folder.parent.resolve() != (Path.cwd() / "runs").resolve():
+        return f"study resume {folder}"
+    return f"study resume {spec.name}"
+
+
+def _lock_study(spec, command: str):
+    """Take the study's driver lock (one driver per study, see study/lock.py) or fail naming its holder."""
+    from study import tuning
+    from study.lock import StudyInUse, acquire
+
+    try:
+        lock = acquire(tuning.study_dir(spec), command)
+    except StudyInUse as exc:
+        _fail(str(exc))
+    if lock.took_over:
+        console.print(f"[yellow]{lock.took_over}[/]", highlight=False)
+    return lock
 
 
 def _run_and_summarise(spec, spec_path: Path, address, max_concurrent, *, resume: bool, report: bool) -> None:
@@ -330,32 +363,31 @@ def _run_and_summarise(spec, spec_path: Path, address, max_concurrent, *, resume
     from study.leaderboard import format_table, leaderboard
 
     _writable_folder(tuning.study_dir(spec))
-    out.print(f"MLflow store: {tuning.tracking_uri(spec)} (experiment {spec.tracking.experiment or spec.name})")
-    try:
-        outcome = tuning.run_study(spec, spec_path, address=address, max_concurrent=max_concurrent, resume=resume,
-                                   echo=lambda line: console.print(line, highlight=False))
-    except KeyboardInterrupt:
-        outcome = None
-    finally:
-        tuning.shutdown()
-    if outcome is None or outcome.interrupted:
-        from study.spec import storage_is_remote
+    with _lock_study(spec, f"study {'resume' if resume else 'run'} {spec.name}"):
+        if not resume and tuning.study_exists(spec):
+            # Running a spec again would add a second round of trials to the study it already made.
+            _fail(f"study {spec.name} already exists at {tuning.study_dir(spec)}. Continue it with:  "
+                  f"{_resume_hint(spec)}   or start a new study beside it with:  study run {spec_path} --new")
+        out.print(f"MLflow store: {tuning.tracking_uri(spec)} (experiment {spec.tracking.experiment or spec.name})")
+        try:
+            outcome = tuning.run_study(spec, spec_path, address=address, max_concurrent=max_concurrent,
+                                       resume=resume, echo=lambda line: console.print(line, highlight=False))
+        except KeyboardInterrupt:
+            outcome = None
+        finally:
+            tuning.shutdown()
+        if outcome is None or outcome.interrupted:
+            console.print(f"[yellow]study interrupted.[/] Resume with:  {_resume_hint(spec)}", highlight=False)
+            raise typer.Exit(130)
+        table = outcome.trials
+        counts = table["status"].value_counts().to_dict() if table is not None and len(table) else {}
+        out.print(f"study {spec.name} finished in {outcome.seconds:.0f} s: {counts}")
+        # From the study's own results, not MLflow: a tracking server that is down must not end the study here.
+        out.print(format_table(leaderboard(table, metric=spec.metric, mode=spec.mode), "text"))
+        if report and spec.stratify == "inject":
+            from study.confirm import confirm_and_report
 
-        folder = tuning.study_dir(spec)
-        hint = f"study resume {spec.name}"
-        if storage_is_remote(spec.storage) or folder.parent.resolve() != (Path.cwd() / "runs").resolve():
-            hint = f"study resume {folder}"
-        console.print(f"[yellow]study interrupted.[/] Resume with:  {hint}", highlight=False)
-        raise typer.Exit(130)
-    table = outcome.trials
-    counts = table["status"].value_counts().to_dict() if table is not None and len(table) else {}
-    out.print(f"study {spec.name} finished in {outcome.seconds:.0f} s: {counts}")
-    board = leaderboard(outcome.tracking_uri, outcome.experiment, metric=spec.metric, mode=spec.mode)
-    out.print(format_table(board, "text"))
-    if report and spec.stratify == "inject":
-        from study.confirm import confirm_and_report
-
-        confirm_and_report(spec, spec_path, console=out)
+            confirm_and_report(spec, spec_path, console=out)
 
 
 @app.command()
@@ -380,7 +412,9 @@ def leaderboard_cmd(
     fmt: str = typer.Option("text", "--format", help=", ".join(FORMATS)),
     all_trials: bool = typer.Option(False, "--all", help="every trial, not just the best of each method"),
 ) -> None:
-    """The best trial of each injection method and overall, from MLflow."""
+    """The best trial of each injection method and overall (each trial's best epoch), from the study's own
+    results in its storage; MLflow is only a mirror of them."""
+    from study import tuning
     from study.leaderboard import format_table, leaderboard
 
     # Checked before anything is read: a misspelt metric or mode used to sort silently by nothing.
@@ -394,7 +428,8 @@ def leaderboard_cmd(
         _fail(f"--format {fmt!r} is not a format; allowed: {', '.join(FORMATS)}")
     info = _resolve_study(study, storage)
     _require_search_started(info)
-    board = leaderboard(info["tracking_uri"], info["experiment"], metric=metric, mode=mode, best_per_method=not all_trials)
+    trials, _ = tuning.load_trial_tables(_study_spec(info))
+    board = leaderboard(trials, metric=metric, mode=mode, best_per_method=not all_trials)
     out.print(format_table(board, fmt), highlight=False, soft_wrap=True)
 
 
@@ -427,7 +462,9 @@ def report_cmd(
 
     info = _resolve_study(study, storage)
     _require_search_started(info)
-    confirm_and_report(_study_spec(info), Path(info["spec"]), console=out, address=address)
+    spec = _study_spec(info)
+    with _lock_study(spec, f"study report {spec.name}"):  # two confirm stages would train the same runs twice
+        confirm_and_report(spec, Path(info["spec"]), console=out, address=address)
 
 
 def main() -> None:  # pragma: no cover

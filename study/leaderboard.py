@@ -1,48 +1,26 @@
-"""The leaderboard: trials of a study read back from MLflow into a pandas table."""
+"""The leaderboard: the best trial of each injection method, from the study's own state.
+
+The trials come from ``study.tuning.load_trial_tables`` (Tune's trial folders in the study's storage), where a
+trial's score is its best epoch by the spec's metric, the same score Optuna is told and the confirm stage
+ranks by. MLflow is only a mirror of those results: a tracking server that is down, or a store that missed
+events, does not change the leaderboard.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from study.tracking import study_runs
-
-COLUMNS = ["run", "inject", "cell", "layers", "hidden", "tokens", "lr", "dropout", "status", "epochs",
+COLUMNS = ["run", "inject", "cell", "layers", "hidden", "tokens", "lr", "dropout", "status", "epochs", "best_epoch",
            "val_CIDEr-D", "val_BLEU-4", "val_bpc", "val_loss"]
 
 
-def trials_frame(uri: str, experiment: str) -> pd.DataFrame:
-    """One row per trial run: params, final metrics (best epoch's for CIDEr-D/BLEU-4 is not kept by MLflow,
-    so the last reported values) and status."""
-    _, runs = study_runs(uri, experiment)
-    if runs.empty:
-        return pd.DataFrame(columns=COLUMNS)
-    frame = pd.DataFrame({
-        "run": runs["tags.mlflow.runName"],
-        "trial_id": runs.get("tags.trial_id"),
-        "status": runs.get("tags.status", pd.Series(["running"] * len(runs), index=runs.index)).fillna("running"),
-        "mlflow_status": runs["status"],
-    })
-    for col in runs.columns:
-        if col.startswith("params."):
-            frame[col[len("params."):]] = runs[col]
-        elif col.startswith("metrics.") and col[len("metrics."):] not in frame:  # params win a name clash
-            frame[col[len("metrics."):]] = runs[col]
-    for name in ("layers", "hidden", "embed", "lr", "dropout", "weight_decay", "attention_dim"):
-        if name in frame:
-            frame[name] = pd.to_numeric(frame[name], errors="coerce")
-    if "epoch" in frame:
-        frame["epochs"] = frame["epoch"]
-    return frame.reset_index(drop=True)
-
-
-def leaderboard(uri: str, experiment: str, *, metric: str = "val_CIDEr-D", mode: str = "max",
+def leaderboard(trials: pd.DataFrame, *, metric: str = "val_CIDEr-D", mode: str = "max",
                 best_per_method: bool = True) -> pd.DataFrame:
-    """Best trial of each injection method (and the overall best first), sorted by ``metric``."""
-    frame = trials_frame(uri, experiment)
-    if frame.empty or metric not in frame:
-        return frame
-    ascending = mode == "min"
-    frame = frame.sort_values(metric, ascending=ascending, na_position="last")
+    """The trials (``load_trial_tables``' first frame) sorted by their best epoch's ``metric``; with
+    ``best_per_method`` only the best trial of each injection method, the overall best first."""
+    if trials.empty or metric not in trials:
+        return trials.reindex(columns=[c for c in COLUMNS if c in trials])
+    frame = trials.sort_values(metric, ascending=mode == "min", na_position="last")
     if best_per_method and "inject" in frame:
         frame = frame.groupby("inject", sort=False).head(1)
     cols = [c for c in COLUMNS if c in frame] + [metric] * (metric not in COLUMNS)

@@ -255,11 +255,14 @@ def _check_trial(values: dict[str, Any], where: str) -> None:
 
 
 def load_spec(path: Path, *, check_paths: bool = True, storage: str | None = None,
-              tracking_uri: str | None = None) -> StudySpec:
+              tracking_uri: str | None = None, name: str | None = None) -> StudySpec:
     """Load a search-space YAML. Relative dataset paths are taken from the spec's folder, a relative storage
-    folder from the working directory. ``storage`` and ``tracking_uri`` override the file's values."""
+    folder from the working directory. ``storage``, ``tracking_uri`` and ``name`` override the file's values
+    (``name``: a study started with ``study run --new`` is named NAME-2 ... while its file still says NAME)."""
     path = Path(path).resolve()
     data = read_yaml(path)
+    if name is not None:
+        data["name"] = name
     if storage is not None:
         data["storage"] = storage
     if tracking_uri is not None:

@@ -78,7 +78,15 @@ class StudyTracker:
         sent = json.loads(self.sent_file.read_text()) if self.sent_file.exists() else {}
         self._sent = sent.get("sent", 0)
         self._sent_offset = sent.get("offset", 0)  # byte offset of the first unsent event in the journal
-        self._written = len(self.journal.read_bytes().splitlines()) if self.journal.exists() else 0
+        lines = self.journal.read_bytes().splitlines() if self.journal.exists() else []
+        self._written = len(lines)
+        # The newest epoch journalled for each trial, across drivers: a resumed trial tells Tune its restored
+        # epoch again (its result may not have reached the killed driver), and it must not be logged twice.
+        self.last_step: dict[str, int] = {}
+        for line in lines:
+            if b'"trial_result"' in line:
+                event = json.loads(line)
+                self.last_step[event["trial"]] = max(self.last_step.get(event["trial"], 0), event["step"])
         self._offline_since: float | None = None
         self._exp_id: str | None = None  # looked up once per tracker, not per trial
         self._warned = False
@@ -92,10 +100,15 @@ class StudyTracker:
     def trial_started(self, trial_id: str, run_name: str, params: dict[str, Any]) -> None:
         self._event({"kind": "trial_start", "trial": trial_id, "name": run_name, "params": _params(params)})
 
-    def trial_result(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
+    def trial_result(self, trial_id: str, metrics: dict[str, float], step: int) -> bool:
+        """Journal (and send) one epoch's metrics. Returns False, logging nothing, for an epoch already logged."""
+        if int(step) <= self.last_step.get(trial_id, 0):
+            return False
+        self.last_step[trial_id] = int(step)
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self._event({"kind": "trial_result", "trial": trial_id, "metrics": clean, "step": int(step),
                      "time": int(time.time() * 1000)})
+        return True
 
     def trial_finished(self, trial_id: str, status: str, reason: str | None = None) -> None:
         self._event({"kind": "trial_end", "trial": trial_id, "status": status, "reason": reason})

@@ -63,6 +63,23 @@ def write_study_file(spec: StudySpec, spec_path: Path) -> Path:
     return path
 
 
+def study_exists(spec: StudySpec) -> bool:
+    """Whether a study of this name was started with this storage: its study.json, or Tune state."""
+    return (study_dir(spec) / "study.json").is_file() or bool(experiment_states(spec)[1])
+
+
+def fresh_name(spec: StudySpec) -> str:
+    """The first of ``NAME-2``, ``NAME-3``, ... that no study uses yet (for ``study run --new``)."""
+    from study.lock import LOCK_FILE
+
+    for n in range(2, 10_000):
+        name = f"{spec.name}-{n}"
+        candidate = spec.model_copy(update={"name": name})
+        if not study_exists(candidate) and not (study_dir(candidate) / LOCK_FILE).exists():
+            return name
+    raise RuntimeError(f"studies {spec.name}-2 ... {spec.name}-9999 all exist")
+
+
 # ----- search space -> Optuna define-by-run ------------------------------------------------------------
 def _suggest(trial, name: str, param) -> Any:
     kind = param.kind
@@ -253,7 +270,9 @@ def total_trials(spec: StudySpec) -> int:
 def build_scheduler(spec: StudySpec):
     if not spec.asha.enabled:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", metric=spec.metric, mode=spec.mode,
+    # Time is the trial's own epoch, not Tune's count of its results: a trial resumed from a checkpoint newer
+    # than Tune's snapshot knew (see restore_source) would otherwise reach ASHA's rungs at the wrong epochs.
+    return ASHAScheduler(time_attr="epoch", metric=spec.metric, mode=spec.mode,
                          max_t=spec.asha.max_epochs, grace_period=spec.asha.grace_period,
                          reduction_factor=spec.asha.reduction_factor)
 
@@ -300,41 +319,79 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
             raise TrialDiverged(f"{note.read().decode()} (not retried: resuming would diverge again)")
     checkpoint = restore_source(tune.get_checkpoint(), fs, storage.trial_fs_path)
     with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
-        resume_from = None
+        resume_from, history = None, []
         if checkpoint is not None:
             resume_from = Path(checkpoint.to_directory(os.path.join(tmp, "restored")))
-        reported = []
+            history = json.loads((resume_from / HISTORY_FILE).read_text())
+        if history:
+            # Tell Tune the restored checkpoint's last epoch first: its result may never have reached the killed
+            # driver (the tracker drops it if it did). A trial that had finished ends here without training.
+            tune.report(history[-1], checkpoint=tune.Checkpoint.from_directory(str(resume_from)))
+            if history[-1]["epoch"] >= cfg.epochs:
+                return
 
         def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-            reported.append(metrics["epoch"])
+            # Every checkpoint carries the trial's epochs so far as plain JSON: which checkpoint is newest,
+            # and the study's tables (load_trial_tables), are read from it without loading a model.
+            history.append(metrics)
+            (checkpoint_dir / HISTORY_FILE).write_text(json.dumps(history))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
         try:
-            result = run_trial(cfg, data, work_dir=Path(tmp), report=report, resume_from=resume_from,
-                               progress=False)
+            run_trial(cfg, data, work_dir=Path(tmp), report=report, resume_from=resume_from, progress=False)
         except TrialDiverged as diverged:
             fs.create_dir(storage.trial_fs_path, recursive=True)
             with fs.open_output_stream(diverged_note) as note:
                 note.write(str(diverged).encode())
             raise
-        if not reported and resume_from is not None and result["epochs"]:
-            # Resumed from a checkpoint of its last epoch (see restore_source): tell Tune the final result again.
-            tune.report(result["epochs"][-1], checkpoint=tune.Checkpoint.from_directory(str(resume_from)))
+
+
+HISTORY_FILE = "history.json"  # in every trial checkpoint: the list of its epochs' reported metrics
 
 
 def restore_source(checkpoint, fs, trial_fs_path: str):
-    """The checkpoint a retried or resumed trial continues from: Tune's, unless it is gone.
+    """The checkpoint a retried or resumed trial continues from: the newest complete one in its folder.
 
-    A finished trial is pruned to its last checkpoint at once (see ``prune_checkpoints``). If the driver dies
-    before Tune's next experiment snapshot, the restored snapshot still shows the trial running and names a
-    checkpoint that was pruned; the trial's newest remaining checkpoint is then the one to continue from."""
+    Tune's experiment snapshot can lag behind the trial: after a driver is killed it may name an older
+    checkpoint, a pruned one, or none at all although the trial trained (and even finished) several epochs.
+    Continuing from any of those would train epochs again, so the trial's own folder decides (Tune's
+    checkpoint only when the folder has none)."""
     import pyarrow.fs as pafs
 
-    if checkpoint is None or checkpoint.filesystem.get_file_info(checkpoint.path).type != pafs.FileType.NotFound:
-        return checkpoint
-    left = checkpoint_folders(fs, trial_fs_path)
-    log.warning("checkpoint %s is gone; continuing from %s", checkpoint.path, left[-1] if left else "scratch")
-    return tune.Checkpoint(left[-1], filesystem=fs) if left else None
+    found = trial_checkpoints(fs, trial_fs_path)
+    if found:
+        epoch, newest = found[-1]
+        if checkpoint is None or checkpoint.path != newest:
+            log.warning("continuing from %s (epoch %d), not Tune's %s", newest, epoch,
+                        checkpoint.path if checkpoint is not None else "fresh start")
+        return tune.Checkpoint(newest, filesystem=fs)
+    if checkpoint is not None and checkpoint.filesystem.get_file_info(checkpoint.path).type == pafs.FileType.NotFound:
+        return None
+    return checkpoint
+
+
+def trial_checkpoints(fs, trial_fs_path: str) -> list[tuple[int, str]]:
+    """(epoch, path) of a trial folder's complete checkpoints, oldest first.
+
+    Ordered by the epoch in each one's ``history.json``, not by folder name: a trial restored from a checkpoint
+    newer than Tune knew of is numbered on from Tune's count. A checkpoint cut short by a kill (no readable
+    history, or a checkpoint.pt that is not a whole zip archive) is left out."""
+    import zipfile
+
+    from study.training import CHECKPOINT_FILE
+
+    found = []
+    for path in checkpoint_folders(fs, trial_fs_path):
+        try:
+            with fs.open_input_stream(f"{path}/{HISTORY_FILE}") as fh:
+                epochs = json.loads(fh.read())
+            with fs.open_input_file(f"{path}/{CHECKPOINT_FILE}") as fh, zipfile.ZipFile(fh) as archive:
+                complete = archive.testzip() is None
+        except (OSError, ValueError, zipfile.BadZipFile):
+            continue
+        if complete and epochs:
+            found.append((int(epochs[-1]["epoch"]), path))
+    return sorted(found)
 
 
 # ----- MLflow bridge -----------------------------------------------------------------------------------
@@ -365,7 +422,8 @@ class TrackingCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         self.last_epoch[trial.trial_id] = epoch
-        self.tracker.trial_result(trial.trial_id, {k: result[k] for k in REPORTED if k in result}, step=epoch)
+        if not self.tracker.trial_result(trial.trial_id, {k: result[k] for k in REPORTED if k in result}, step=epoch):
+            return  # a resumed trial's restored epoch, logged before the driver died
         metric = result.get(self.spec.metric)
         self.echo(f"{self._name(trial)}  epoch {epoch}/{self.spec.asha.max_epochs}  "
                   f"{self.spec.metric} {_fmt(self.spec.metric, metric)}  val_loss {result.get('val_loss', 0):.3f}  "
@@ -420,25 +478,26 @@ def checkpoint_folders(fs, trial_fs_path: str) -> list[str]:
 
 
 def prune_checkpoints(trial) -> None:
-    """Delete all but the newest checkpoint of a finished trial (local folder or s3://, via Tune's fs)."""
+    """Delete all but the newest checkpoint of a finished trial (local folder or s3://, via Tune's fs): the
+    one with the most epochs and, of equals, the one Tune registered last."""
     fs = trial.storage.storage_filesystem
-    for path in checkpoint_folders(fs, trial.storage.trial_fs_path)[:-1]:
-        fs.delete_dir(path)
+    registered = trial.checkpoint.path if trial.checkpoint is not None else None
+    found = trial_checkpoints(fs, trial.storage.trial_fs_path)
+    if not found:
+        return
+    keep = max(found, key=lambda item: (item[0], item[1] == registered, item[1]))[1]
+    for path in checkpoint_folders(fs, trial.storage.trial_fs_path):
+        if path != keep:
+            fs.delete_dir(path)
 
 
 def error_reason(trial) -> str:
-    """The last line of a failed trial's traceback (e.g. ``TrialDiverged: training loss became nan ...``).
-
-    The driver's local copy of the error file exists when callbacks run; the copy in storage (what
-    ``trial.get_error()`` reads) may not have been synced yet."""
+    """The last line of a failed trial's traceback (e.g. ``TrialDiverged: training loss became nan ...``),
+    from the driver's text copy of the error file (Tune's other copy, ``error.pkl``, is a pickle)."""
     text = ""
     if trial.error_file and os.path.exists(trial.error_file):
         text = Path(trial.error_file).read_text(errors="replace")
-    if not text.strip():
-        error = trial.get_error()
-        text = str(error) if error else ""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip()[:2000] if lines else "unknown error"
+    return _last_line(text)
 
 
 def _fmt(metric: str, value: Any) -> str:
@@ -498,11 +557,58 @@ def drop_duplicate_actor_failures() -> None:
     TuneController._process_trial_failure = process_trial_failure
 
 
+def snapshot_on_trial_start_and_end() -> None:
+    """Make Tune snapshot its experiment state whenever a trial starts, ends or errors.
+
+    Tune snapshots at most every 10 s (its "auto" period, longer for big experiments). A driver killed between
+    two snapshots is resumed from the older one: a trial started since then is unknown (its folder is removed
+    and its place proposed again), and one that finished since then looks still running. Forcing a snapshot on
+    those status changes shrinks that window to the time one snapshot takes to reach storage. The flag set
+    here is the one Tune itself sets to force a snapshot, and is honoured at the end of the controller's
+    current step, after the trial's own state is updated. Ray is pinned (pyproject.toml) because this touches
+    the controller's private state; tests/test_integrity.py's kill test proves it still works."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    original = TuneController._set_trial_status
+    if getattr(original, "snapshots_on_trial_status", False):
+        return
+
+    def set_trial_status(self, trial, status):
+        changed = trial.status != status
+        original(self, trial, status)
+        if changed and status in (Trial.RUNNING, Trial.TERMINATED, Trial.ERROR):
+            self._checkpoint_manager._should_force_sync_up = True
+
+    set_trial_status.snapshots_on_trial_status = True
+    TuneController._set_trial_status = set_trial_status
+
+
 def ensure_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address``, or (``None``) start a Ray of this driver's own on loopback only.
+
+    A local study always starts its own Ray (``address="local"``): plain ``ray.init()`` joins whatever Ray it
+    finds (``RAY_ADDRESS``, or one started by ``ray start``), such as a cluster the user meant for something else.
+    Its servers (GCS, raylet, object manager, core workers, the dashboard and runtime-env agents, their metrics
+    endpoints) bind to the node's IP address. ``ray.init`` turns a loopback ``_node_ip_address`` into the
+    machine's outward address on purpose, and only its single-machine mode (``ENABLE_RAY_CLUSTER`` off, what
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` sets) picks 127.0.0.1 instead; that switch is read when
+    ``ray.init`` asks for the node's address, so it is turned off for this call only. With it nothing listens
+    beyond loopback (tests/test_integrity.py checks every socket Ray's processes listen on)."""
     if ray.is_initialized():
         return
-    ray.init(address=address, log_to_driver=False, include_dashboard=False if address is None else None,
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address is not None:
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        return
+    from ray._private import ray_constants
+
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", log_to_driver=False, include_dashboard=False, runtime_env=runtime_env)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 def trial_slots(spec: StudySpec) -> int:
@@ -562,11 +668,12 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     callback = TrackingCallback(tracker, spec, echo)
 
     drop_duplicate_actor_failures()
+    snapshot_on_trial_start_and_end()
     interrupted = False
     if resume and tune.Tuner.can_restore(experiment_path(spec)):
         tuner = tune.Tuner.restore(experiment_path(spec), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        known = {trial.trial_id for trial in tune.ExperimentAnalysis(experiment_path(spec)).trials}
+        known = {trial["trial_id"] for trial in experiment_trials(spec)}
         tracker.discard_trials(keep=known)
         remove_lost_trial_folders(spec, known)
     else:
@@ -612,46 +719,88 @@ def experiment_path(spec: StudySpec) -> str:
 
 
 def load_trial_tables(spec: StudySpec):
-    """(trials, history) DataFrames of a study's search, read from Tune's experiment state.
+    """(trials, history) DataFrames of a study's search, read from the study's own storage; no MLflow, and no
+    pickle (``tune.ExperimentAnalysis`` would unpickle parts of the experiment state).
 
-    ``trials``: one row per trial with its parameters, how it ended, its best epoch's metrics and total
-    training seconds. ``history``: one row per trial-epoch.
+    Which trials the study has, their configs and Tune's status come from the newest experiment-state file,
+    read as plain JSON; each trial's epochs come from ``history.json`` in its newest checkpoint, which the trial
+    writes itself and a driver crash cannot leave behind (Tune's own result files are copied from the driver
+    and can miss epochs after a crash). ``trials``: one row per trial with its parameters, how it ended, its
+    best epoch's metrics (best by ``spec.metric``: the one definition of a trial's score, as Optuna is told)
+    and total training seconds. ``history``: one row per trial-epoch.
     """
     import pandas as pd
+    import pyarrow.fs as pafs
 
-    analysis = tune.ExperimentAnalysis(experiment_path(spec))
+    fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
     rows, histories = [], []
-    for trial in analysis.trials:
-        history = analysis.trial_dataframes.get(trial.trial_id)
-        row: dict[str, Any] = {"trial_id": trial.trial_id}
-        row.update(spec.trial_config(trial.config).model_dump(mode="json", exclude={"dataset"}))
+    for trial in experiment_trials(spec):
+        trial_id, config, folder = trial["trial_id"], trial["config"], f"{root}/{trial['relative_logdir']}"
+        found = trial_checkpoints(fs, folder)
+        history = _read_json(fs, f"{found[-1][1]}/{HISTORY_FILE}") if found else []
+        row: dict[str, Any] = {"trial_id": trial_id, "run": f"{spec_run_name(spec, config)}-{trial_id}"}
+        row.update(spec.trial_config(config).model_dump(mode="json", exclude={"dataset"}))
         for name in spec.space:  # a conditional parameter this trial never sampled has no value
-            if name not in trial.config:
+            if name not in config:
                 row[name] = None
-        epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        if trial.status == "ERROR":
+        epochs = max((int(m["epoch"]) for m in history), default=0)
+        if trial["status"] == "ERROR":
             row["status"] = "errored"
-            row["error"] = error_reason(trial)[:300]
-        elif trial.status == "TERMINATED":
+            row["error"] = _last_line(_read_text(fs, f"{folder}/error.txt"))[:300]
+        elif trial["status"] == "TERMINATED":
             row["status"] = "completed" if epochs >= spec.asha.max_epochs else "stopped"
         else:
-            row["status"] = trial.status.lower()
+            row["status"] = trial["status"].lower()
         row["epochs"] = epochs
-        if history is not None and spec.metric in history and len(history):
-            best_index = history[spec.metric].idxmax() if spec.mode == "max" else history[spec.metric].idxmin()
-            best = history.loc[best_index]
+        frame = pd.DataFrame(history, columns=[k for k in REPORTED if any(k in m for m in history)])
+        if spec.metric in frame and frame[spec.metric].notna().any():
+            best = frame.loc[frame[spec.metric].idxmax() if spec.mode == "max" else frame[spec.metric].idxmin()]
             row.update({k: float(best[k]) for k in REPORTED if k in best and k != "epoch"})
             row["best_epoch"] = int(best["epoch"])
-            row["train_seconds"] = float(history["train_seconds"].sum())
-            # A trial retried after a lost node may report the epoch it was in twice (Tune registers a checkpoint
-            # only after it has handled the result); the curve keeps the run that led on.
-            frame = history[[k for k in REPORTED if k in history]].drop_duplicates("epoch", keep="last")
+            row["train_seconds"] = float(frame["train_seconds"].sum())
             frame.insert(0, "inject", row["inject"])
-            frame.insert(0, "trial_id", trial.trial_id)
+            frame.insert(0, "trial_id", trial_id)
             histories.append(frame)
         rows.append(row)
     history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     return pd.DataFrame(rows), history
+
+
+def experiment_states(spec: StudySpec) -> tuple[Any, list[str]]:
+    """(filesystem, paths) of Tune's experiment-state snapshots of a study, oldest first (one per session)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
+    return fs, sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                      if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
+
+
+def experiment_trials(spec: StudySpec) -> list[dict[str, Any]]:
+    """The trials of Tune's newest experiment-state snapshot (id, config, status, folder), read as plain JSON:
+    the pickled fields inside (Tune's ``CLOUDPICKLE_FALLBACK`` values) stay unread strings."""
+    fs, states = experiment_states(spec)
+    if not states:
+        raise FileNotFoundError(f"no Tune experiment state in {experiment_path(spec)}: the study has not started "
+                                "a trial yet")
+    return [json.loads(json_state) for json_state, _ in _read_json(fs, states[-1])["trial_data"]]
+
+
+def _read_json(fs, path: str) -> Any:
+    with fs.open_input_stream(path) as fh:
+        return json.loads(fh.read())
+
+
+def _read_text(fs, path: str) -> str:
+    try:
+        with fs.open_input_stream(path) as fh:
+            return fh.read().decode(errors="replace")
+    except (FileNotFoundError, OSError):
+        return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:2000] if lines else "unknown error"
 
 
 def shutdown() -> None:

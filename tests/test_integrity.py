@@ -143,3 +143,309 @@ def test_searcher_state_is_json_and_a_pickle_where_the_old_state_was_is_never_op
     assert sorted(c["inject"] for c in more[:2]) == ["attention", "init"] and more[2] == StudySearcher.FINISHED
     assert all(c["lr"] not in {v["lr"] for v in configs.values()} for c in more[:2])  # no replayed proposals
 
+
+# ----- item 1: one driver per study -------------------------------------------------------------------------
+HOLD_LOCK = """
+import subprocess, sys, time
+from study.lock import acquire
+lock = acquire(sys.argv[1], "study run held")
+child = subprocess.Popen(["sleep", "120"])  # stands for the Ray processes a driver starts (same group)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            text = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(proc.name))
+    return members
+
+
+def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over_and_cleaned_up(tmp_path):
+    import json
+    import os
+    import signal
+    import socket
+
+    from study.lock import LOCK_FILE, StudyInUse, acquire
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)  # a driver leading its own process group, as from a shell
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(StudyInUse) as err:
+            acquire(tmp_path, "study resume t")
+        message = str(err.value)
+        assert f"PID {holder.pid} on {socket.gethostname()}" in message and "study run held" in message
+        assert "one driver per study" in message
+
+        os.kill(holder.pid, signal.SIGKILL)  # kill -9 of the driver alone: its "Ray" (the child) lives on
+        holder.wait(timeout=30)
+        assert child in _group_members(holder.pid)
+        with acquire(tmp_path, "study resume t") as lock:
+            assert lock.took_over and f"PID {holder.pid}" in lock.took_over and "no longer running" in lock.took_over
+            assert child in lock.ended
+            assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert not (tmp_path / LOCK_FILE).exists()  # released
+        deadline = time.time() + 10
+        while _group_members(holder.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _group_members(holder.pid) == []
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait(timeout=30)
+
+    # A lock held on another host cannot be checked from here: refused, naming the host.
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then",
+                                                  "command": "study run x"}))
+    with pytest.raises(StudyInUse, match="PID 1 on elsewhere.*another host"):
+        acquire(tmp_path, "study resume t")
+
+
+# ----- real studies: helpers ----------------------------------------------------------------------------------
+def _study_spec(tmp_path: Path, shapes, name: str, **overrides) -> Path:
+    import yaml
+
+    spec = {
+        "name": name,
+        "dataset": {"kind": "shapes", "images": shapes.images, "image_size": shapes.image_size, "seed": shapes.seed,
+                    "cache_dir": str(shapes.cache_dir)},
+        "fixed": {"cell": "lstm", "hidden": 16, "embed": 16, "min_count": 1, "batch_size": 40, "val_images": 20},
+        "space": {"inject": {"choice": ["init", "merge"]}, "lr": {"loguniform": [3e-3, 1e-2]}},
+        "stratify": "inject",
+        "search": {"trials": 6, "seed": 1},
+        "asha": {"max_epochs": 3, "grace_period": 3, "reduction_factor": 2},
+        "resources": {"cpu": 1},
+        "storage": str(tmp_path / "runs"),
+        "max_failures": 1,
+        "confirm": {"top_k": 1, "seeds": 1, "epochs": 1, "beam_size": 1, "margin": 0.05},
+    }
+    spec.update(overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _journal(folder: Path) -> list[dict]:
+    import json
+
+    journal = folder / "tracking_journal.jsonl"
+    return [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+
+
+def _wait_for(condition, driver: subprocess.Popen, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not condition() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert driver.poll() is None, f"driver ended before {what}: {driver.stdout.read()[-3000:]}"
+    assert condition(), f"no {what} within {seconds} s"
+
+
+ENV = {"PYTHONUNBUFFERED": "1"}
+
+
+def _driver(args: list[str], cwd: Path) -> subprocess.Popen:
+    import os
+
+    # Its own session, as from a shell: the driver leads the process group its Ray joins.
+    return subprocess.Popen([sys.executable, "-m", "study", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, env={**os.environ, **ENV}, cwd=cwd)
+
+
+def _kill_driver_only(driver: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    os.kill(driver.pid, signal.SIGKILL)  # kill -9 of the driver: the Ray it started is left running
+    driver.wait(timeout=60)
+
+
+# ----- item 4 (with items 1, 2 and 10 on the way): kill -9 twice, nothing trained twice ------------------------
+@pytest.mark.slow
+def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path, small_shapes, small_prepared):
+    import os
+    import pickle
+    import signal
+
+    from study import tuning
+    from study.tracking import _client, sqlite_uri, study_runs
+
+    spec_path = _study_spec(tmp_path, small_shapes, "killed")
+    folder = tmp_path / "runs" / "killed"
+    resume = ["resume", "killed", "--storage", str(tmp_path / "runs"), "--no-report"]
+
+    def ended() -> set[str]:
+        return {e["trial"] for e in _journal(folder) if e["kind"] == "trial_end"}
+
+    completed_at_kill, leftovers = [], []
+    drivers = [_driver(["run", str(spec_path), "--no-report"], tmp_path)]
+    marker = tmp_path / "pwned"
+    try:
+        for kill_after in (1, 3):  # kill -9 after the first trial ends, and after the third
+            driver = drivers[-1]
+            _wait_for(lambda: len(ended()) >= kill_after, driver, 300, f"{kill_after} trial ends")
+            _kill_driver_only(driver)
+            completed_at_kill.append((len(_journal(folder)), ended()))
+            leftovers.append(_group_members(driver.pid))
+            # A crafted pickle where the old searcher state lived, newer than any real state file.
+            (folder / "tune" / "searcher-state-9999-12-31_23-59-59.pkl").write_bytes(
+                pickle.dumps(_Exploit(marker)))
+            drivers.append(_driver(resume, tmp_path))
+        final = drivers[-1]
+        output, _ = final.communicate(timeout=600)
+        assert final.returncode == 0, output[-3000:]
+    finally:
+        for driver in drivers:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait(timeout=60)
+
+    # The killed drivers' Ray outlived them; each resume took over the stale lock and ended that Ray.
+    assert all(leftovers), "a killed driver's Ray should still have been running"
+    assert all(_group_members(driver.pid) == [] for driver in drivers)
+    assert "took over a stale lock" in output and "ended" in output
+    assert not marker.exists()  # the pickle was never opened
+
+    # No epoch was trained twice: each trial's epochs reach the journal (and MLflow) once, in order.
+    events = _journal(folder)
+    steps: dict[str, list[int]] = {}
+    for event in events:
+        if event["kind"] == "trial_result":
+            steps.setdefault(event["trial"], []).append(event["step"])
+    assert len(steps) == 6 and all(s == [1, 2, 3] for s in steps.values()), steps
+    # Trials completed before a kill stay completed: none of them reports another epoch afterwards.
+    for offset, done in completed_at_kill:
+        later = {e["trial"] for e in events[offset:] if e["kind"] == "trial_result" and e["step"] < 3}
+        assert not later & done, (later & done, done)
+    uri = sqlite_uri(folder / "mlflow.db")
+    _, runs = study_runs(uri, "killed")
+    assert len(runs) == 6 and runs["tags.trial_id"].is_unique
+    assert (runs["status"] == "FINISHED").all() and (runs["tags.status"] == "completed").all()
+    client = _client(uri)
+    for run_id in runs["run_id"]:
+        history = sorted(client.get_metric_history(run_id, "epoch"), key=lambda m: (m.timestamp, m.value))
+        assert [int(m.value) for m in history] == [1, 2, 3], [int(m.value) for m in history]
+
+    # The study's own tables agree: every trial completed its 3 epochs, each epoch once.
+    spec = load_spec(spec_path)
+    trials, history = tuning.load_trial_tables(spec)
+    assert len(trials) == 6 and (trials["status"] == "completed").all() and (trials["epochs"] == 3).all()
+    assert len(history) == 18 and not history.duplicated(["trial_id", "epoch"]).any()
+    trial_dirs = sorted(p for p in (folder / "tune").iterdir() if p.is_dir())
+    assert len(trial_dirs) == 6 and all(len(list(p.glob("checkpoint_*"))) == 1 for p in trial_dirs)
+    # The searchers' state was restored from JSON: six trials in all, three per method.
+    assert sorted(trials["inject"]) == ["init"] * 3 + ["merge"] * 3
+
+
+# ----- items 1, 6 and 10 on one real study: refusals, a dead tracking server, a loopback-only Ray -------------
+def _listening(root_pid: int) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every listening socket of a process and its descendants (its Ray)."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    pids = {root_pid} | {p.pid for p in root.children(recursive=True)}
+    found = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            try:
+                name = psutil.Process(conn.pid).name()
+            except psutil.Error:
+                name = "?"
+            found.append((conn.laddr.ip, conn.laddr.port, name))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+@pytest.fixture(scope="module")
+def offline_study(tmp_path_factory, small_shapes, small_prepared):
+    """`study run --new` of a spec whose study exists, tracked by a server that is down (port 9), with a second
+    driver tried while it runs and Ray's listening sockets read meanwhile; then the leaderboard and sync."""
+    from types import SimpleNamespace
+
+    from study import tuning
+
+    tmp = tmp_path_factory.mktemp("offline")
+    spec_path = _study_spec(tmp, small_shapes, "offline", search={"trials": 2, "seed": 0},
+                            asha={"max_epochs": 1, "grace_period": 1}, tracking={"uri": "http://127.0.0.1:9"})
+    tuning.write_study_file(load_spec(spec_path), spec_path)  # what a started `study run` leaves first
+    storage = ["--storage", str(tmp / "runs")]
+    refused = subprocess.run([sys.executable, "-m", "study", "run", str(spec_path)], capture_output=True, text=True,
+                             timeout=120, cwd=tmp)
+    driver = _driver(["run", str(spec_path), "--new"], tmp)
+    folder = tmp / "runs" / "offline-2"
+    try:
+        _wait_for(lambda: any(e["kind"] == "trial_start" for e in _journal(folder)), driver, 300, "a trial start")
+        listening = _listening(driver.pid)
+        second = subprocess.run([sys.executable, "-m", "study", "resume", "offline-2", *storage], capture_output=True,
+                                text=True, timeout=120, cwd=tmp)
+        output, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=60)
+    board = subprocess.run([sys.executable, "-m", "study", "leaderboard", "offline-2", *storage, "--format", "csv"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp)
+    sync = subprocess.run([sys.executable, "-m", "study", "sync", "offline-2", *storage], capture_output=True,
+                          text=True, timeout=120, cwd=tmp)
+    return SimpleNamespace(tmp=tmp, folder=folder, refused=refused, driver=driver, output=output, second=second,
+                           listening=listening, board=board, sync=sync)
+
+
+@pytest.mark.slow
+def test_study_run_refuses_an_existing_study_and_new_starts_one_beside_it(offline_study):
+    refused = offline_study.refused
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "study offline already exists" in refused.stderr
+    assert "study resume offline" in refused.stderr and "--new" in refused.stderr
+    assert not (offline_study.tmp / "runs" / "offline" / "tune").exists()  # nothing was added to it
+    assert f"starting a new study offline-2 beside it, in {offline_study.folder}" in offline_study.output
+    assert (offline_study.folder / "study.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_second_driver_on_a_running_study_refuses_naming_the_holder(offline_study):
+    second = offline_study.second
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"PID {offline_study.driver.pid}" in second.stderr and "study run offline-2" in second.stderr
+    assert "one driver per study" in second.stderr
+    assert not (offline_study.folder / "driver.lock").exists()  # released when the driver ended
+
+
+@pytest.mark.slow
+def test_a_dead_tracking_server_does_not_stop_the_leaderboard_confirm_stage_or_report(offline_study):
+    output = offline_study.output
+    assert offline_study.driver.returncode == 0, output[-4000:]
+    assert "MLflow at http://127.0.0.1:9 is not reachable" in output
+    assert "finished" in output and "verdict:" in output
+    report = offline_study.folder / "report" / "report.md"
+    assert f"report: {report}" in output and report.is_file()
+    kinds = [e["kind"] for e in _journal(offline_study.folder)]  # all kept for `study sync`
+    assert kinds.count("trial_result") == 2 and {"study_start", "study_end", "study_tags", "study_artifact"} <= set(kinds)
+    board = offline_study.board
+    assert board.returncode == 0, board.stderr
+    lines = board.stdout.strip().splitlines()
+    assert lines[0].startswith("run,inject") and sorted(line.split(",")[1] for line in lines[1:]) == ["init", "merge"]
+    assert offline_study.sync.returncode == 2 and "still not reachable" in offline_study.sync.stderr
+
+
+@pytest.mark.slow
+def test_a_local_study_ray_listens_on_loopback_only(offline_study):
+    listening = offline_study.listening
+    assert len(listening) >= 5, listening  # GCS, raylet, agents, workers: Ray was up
+    exposed = [entry for entry in listening if not _loopback(entry[0])]
+    assert not exposed, exposed

@@ -279,9 +279,24 @@ def test_resume_deletes_the_folders_of_trials_lost_with_the_last_snapshot_and_no
     assert sorted(p.name for p in tune_dir.iterdir()) == ["init-lstm-1x48-word-aaaa0001", "notes"]
 
 
-def test_a_pruned_checkpoint_named_by_an_older_snapshot_resumes_from_the_newest_left(tmp_path):
-    """A driver killed between a trial's completion (pruned to its last checkpoint) and Tune's next snapshot
-    restores the trial from a checkpoint that is gone: it must continue from the one that is left."""
+def _checkpoint(folder: Path, epochs: int, complete: bool = True) -> None:
+    """A trial checkpoint folder as the trainable writes it: checkpoint.pt (a zip archive, as torch.save
+    writes) and history.json with the epochs so far."""
+    import zipfile
+
+    folder.mkdir(parents=True)
+    (folder / "history.json").write_text(json.dumps([{"epoch": e} for e in range(1, epochs + 1)]))
+    with zipfile.ZipFile(folder / "checkpoint.pt", "w") as archive:
+        archive.writestr("data.pkl", b"x" * 100)
+    if not complete:  # cut short by a kill while Tune copied it
+        data = (folder / "checkpoint.pt").read_bytes()
+        (folder / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+
+
+def test_a_resumed_trial_continues_from_its_newest_complete_checkpoint_whatever_the_snapshot_named(tmp_path):
+    """Tune's snapshot can lag behind a trial killed with its driver: it may name an older checkpoint, a
+    pruned one, or none. The trial continues from the newest complete checkpoint in its folder, by the epochs
+    it holds (Tune numbers checkpoints on from its own count after such a restore), never a cut-short one."""
     import pyarrow.fs as pafs
     from ray import tune
 
@@ -289,11 +304,12 @@ def test_a_pruned_checkpoint_named_by_an_older_snapshot_resumes_from_the_newest_
 
     fs = pafs.LocalFileSystem()
     trial = tmp_path / "init-lstm-1x48-word-aaaa0001"
-    (trial / "checkpoint_000002").mkdir(parents=True)
-    (trial / "checkpoint_000002" / "checkpoint.pt").write_text("x")
-    kept = tune.Checkpoint(str(trial / "checkpoint_000002"))
-    assert restore_source(kept, fs, str(trial)) is kept
-    assert restore_source(None, fs, str(trial)) is None
-    pruned = tune.Checkpoint(str(trial / "checkpoint_000001"))
-    assert restore_source(pruned, fs, str(trial)).path == str(trial / "checkpoint_000002")
-    assert restore_source(pruned, fs, str(tmp_path / "no-checkpoints-left")) is None
+    _checkpoint(trial / "checkpoint_000001", 2)
+    _checkpoint(trial / "checkpoint_000002", 4)  # numbered by Tune after a restore from epoch 3's
+    _checkpoint(trial / "checkpoint_000003", 3)
+    _checkpoint(trial / "checkpoint_000004", 5, complete=False)
+    newest = str(trial / "checkpoint_000002")
+    for named in (None, tune.Checkpoint(str(trial / "checkpoint_000001")),
+                  tune.Checkpoint(str(trial / "checkpoint_000000"))):  # older, or pruned
+        assert restore_source(named, fs, str(trial)).path == newest
+    assert restore_source(None, fs, str(tmp_path / "no-checkpoints-left")) is None
