@@ -135,6 +135,9 @@ class TrialConfig(StrictModel):
     beam_size: int = Field(3, ge=1, le=20, description="beam width for final test captions")
     length_penalty: float = Field(0.7, ge=0.0, description="beam score / length**length_penalty")
     val_images: int | None = Field(None, ge=1, description="cap on val images decoded per epoch (None: all)")
+    val_captions: int | None = Field(
+        None, ge=1, description="cap on val captions in the per-epoch val loss and bits per character: the "
+        "first ones, in image order, so 5 x val_images covers the decoded images' captions (None: all)")
 
     @field_validator("inject", "cell")
     @classmethod

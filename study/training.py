@@ -89,8 +89,10 @@ class SplitTensors:
     feature_rows: np.ndarray  # (N_cap,) rows of data.pooled / data.grid
 
     @classmethod
-    def of(cls, captions: SplitCaptions, image_rows: np.ndarray) -> "SplitTensors":
-        return cls(torch.from_numpy(captions.ids), captions.lengths, image_rows[captions.image])
+    def of(cls, captions: SplitCaptions, image_rows: np.ndarray, limit: int | None = None) -> "SplitTensors":
+        """``limit``: only the first captions (they are in image order)."""
+        return cls(torch.from_numpy(captions.ids[:limit]), captions.lengths[:limit],
+                   image_rows[captions.image[:limit]])
 
 
 class FeatureSource:
@@ -206,9 +208,11 @@ def evaluate(model: torch.nn.Module, cfg: TrialConfig, data: PreparedData, token
     return result, hyps, None
 
 
-def caption_char_counts(data: PreparedData, split: str) -> int:
-    """Characters (plus one end mark per caption) in a split's normalised captions, for bits per character."""
-    return sum(len(normalize(c)) + 1 for refs in data.images[split].references for c in refs)
+def caption_char_counts(data: PreparedData, split: str, limit: int | None = None) -> int:
+    """Characters (plus one end mark per caption) in a split's normalised captions, for bits per character;
+    ``limit``: only the first captions, as ``SplitTensors.of`` takes them."""
+    captions = [c for refs in data.images[split].references for c in refs][:limit]
+    return sum(len(normalize(c)) + 1 for c in captions)
 
 
 def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -361,11 +365,11 @@ def run_trial(
     model = build_captioner(cfg, len(vocab), data.feature_dim, data.feature_stats).to(dev)
     optimizer = build_optimizer(cfg, model)
     train = SplitTensors.of(tokens.splits["train"], data.images["train"].rows)
-    val = SplitTensors.of(tokens.splits["val"], data.images["val"].rows)
+    val = SplitTensors.of(tokens.splits["val"], data.images["val"].rows, limit=cfg.val_captions)
     steps_per_epoch = math.ceil(len(train.lengths) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
     features = FeatureSource(data, dev, need_grid=model.needs_grid)
-    val_chars = caption_char_counts(data, "val")
+    val_chars = caption_char_counts(data, "val", limit=cfg.val_captions)
     params = sum(p.numel() for p in model.parameters())
 
     history: list[dict[str, Any]] = []
