@@ -129,3 +129,30 @@ def test_profile_table_splits_the_slot_time(tmp_path, fine):
     busy = (3 * 12 + 2) + (12 + 2) + (2 * 12 + 2)
     assert rows["idle slots"] == pytest.approx(142.0 - busy)
     assert "| idle slots |" in profile_study.format_markdown(p)
+
+
+def test_profile_of_a_resumed_study_counts_each_session_once(tmp_path):
+    """A driver killed after trial a's epoch 2 (30 s into the search) and resumed 100 s after the first start:
+    the resumed trial reports epoch 2 again (its set-up, 2.5 s, no model work), then trains epoch 3."""
+    profile_study = _profile_module()
+    tune = tmp_path / "tune"
+    (tune / "m-a").mkdir(parents=True)
+    rows = [_result("a", 1, at=T0 + 18, iter_s=14, since_restore=1, fine=True),
+            _result("a", 2, at=T0 + 30, iter_s=12, since_restore=2, fine=True),
+            _result("a", 2, at=T0 + 106.5, iter_s=2.5, since_restore=1, fine=True),  # the restored epoch
+            _result("a", 3, at=T0 + 118.5, iter_s=12, since_restore=2, fine=True)]
+    (tune / "m-a" / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trial = [json.dumps({"trial_id": "a", "status": "RUNNING"}), json.dumps({"start_time": T0 + 4})]
+    (tune / "experiment_state-2027-01-15_08-00-00.json").write_text(
+        json.dumps({"stats": {"start_time": T0}, "trial_data": [trial]}))
+    trial = [json.dumps({"trial_id": "a", "status": "TERMINATED"}),
+             json.dumps({"start_time": T0 + 4, "last_result_time": T0 + 118.5})]
+    (tune / "experiment_state-2027-01-15_08-01-40.json").write_text(
+        json.dumps({"stats": {"start_time": T0 + 100}, "trial_data": [trial]}))
+    p = profile_study.profile_study(tmp_path, slots=1, mlflow_costs={"*": 0.1})
+    assert p.epochs == 3 and p.wall == pytest.approx(30 + 18.5)
+    rows = {label: seconds for label, seconds, _ in p.rows()}
+    assert rows["training steps (forward, backward, optimiser)"] == pytest.approx(3 * 7.0)
+    assert rows["trial start/stop and Ray"] == pytest.approx(2.0 + 2.5)  # first set-up, then the restore
+    assert rows["idle slots"] == pytest.approx(48.5 - (26 + 14.5))
+    assert sum(share for _, _, share in p.rows()) == pytest.approx(100.0)
