@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,14 +138,15 @@ def _with_ci(row: pd.Series, metric: str) -> str:
     return f"{_x100(row[metric])} [{_x100(row[metric + '_lo'])}, {_x100(row[metric + '_hi'])}]"
 
 
-def _verdict_blocks(verdict: Verdict, image: Path | None) -> list[Block]:
+def _verdict_blocks(verdict: Verdict, image: Path | None, decision: str | None = None) -> list[Block]:
     blocks: list[Block] = [("h2", "Verdict")]
     if verdict.table.empty:
         return blocks + [("p", f"**{verdict.verdict}**. {verdict.text}")]
     blocks.append(("p", f"**{verdict.target} {verdict.verdict}** (equivalence margin {_x100(verdict.margin)} "
                         f"{verdict.metric} points). {verdict.text}"))
     metrics = [m for m in METRICS if m in verdict.table and not verdict.table[m].isna().all()]
-    header = ["method", "config", "seeds", "images"] + [f"{m} [95% CI]" for m in metrics] + [
+    level = f"{100 * verdict.level:.4g}%"
+    header = ["method", "config", "seeds", "images"] + [f"{m} [{level} CI]" for m in metrics] + [
         "params (M)", "train s / run", "epochs"]
     rows = []
     for method, row in verdict.table.iterrows():
@@ -157,7 +158,7 @@ def _verdict_blocks(verdict: Verdict, image: Path | None) -> list[Block]:
         rows.append([name, f"rank {int(row['config_rank'])}", int(row["seeds"]), int(row["images"]),
                      *[_with_ci(row, m) for m in metrics], params, secs, epochs])
     blocks.append(("table", header, rows))
-    blocks.append(("p", "Scores x100 on the test split: mean over seeds and test images, with a 95% bootstrap "
+    blocks.append(("p", f"Scores x100 on the test split: mean over seeds and test images, with a {level} bootstrap "
                         "interval that resamples seeds and images (images shared across methods, so "
                         "differences are paired). \"config rank 1\" is each method's best search trial on "
                         "validation."))
@@ -165,8 +166,10 @@ def _verdict_blocks(verdict: Verdict, image: Path | None) -> list[Block]:
         blocks.append(("p", f"Difference {verdict.target} - {verdict.best_other} ({verdict.metric}): "
                             f"{_x100(verdict.diff)} [{_x100(verdict.ci[0])}, {_x100(verdict.ci[1])}] "
                             f"(x100, paired bootstrap, {verdict.n_boot} resamples)."))
+    if decision:
+        blocks.append(("p", decision))
     if image is not None:
-        blocks.append(("img", image, f"{verdict.metric} per method with 95% intervals"))
+        blocks.append(("img", image, f"{verdict.metric} per method with {level} intervals"))
     return blocks
 
 
@@ -234,11 +237,14 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
                  per_image: pd.DataFrame | None, runs: pd.DataFrame | None, space: dict | None,
                  gallery: pd.DataFrame | None, margin: float, roles: Mapping[str, str], colors: Mapping[str, str],
                  spec_text: str | None = None, metric: str = PRIMARY, n_boot: int = 2000,
-                 seed: int = 0) -> ReportResult:
+                 seed: int = 0, level: float = 0.95,
+                 decision: Callable[[Verdict], str | None] | None = None) -> ReportResult:
     """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
 
     ``metric`` is the confirm-stage primary metric; the search is analysed on ``val_<metric>``. ``roles`` and
-    ``colors`` describe the injection methods (see the module docstring).
+    ``colors`` describe the injection methods (see the module docstring). ``level`` is the intervals'
+    confidence (a sequential plan's per-look level, see ``analysis.sequential``); ``decision`` returns the
+    report's line on how many seeds the verdict took or would take.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +254,8 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     gallery = gallery if gallery is not None else empty
     search_metric = f"val_{metric}"
 
-    verdict = compute_verdict(per_image, runs, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed)
+    verdict = compute_verdict(per_image, runs, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
+                              level=level)
     effects = compute_effects(trials, space, metric=search_metric, seed=seed)
     figures = {
         "methods": plots.plot_methods(verdict.table, metric, out_dir / "methods.png", colors=colors, margin=margin),
@@ -260,7 +267,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     }
 
     blocks: list[Block] = [("h1", f"Study report: {study_name}"), ("h2", "The question"), ("p", QUESTION)]
-    blocks += _verdict_blocks(verdict, figures["methods"])
+    blocks += _verdict_blocks(verdict, figures["methods"], decision(verdict) if decision else None)
     blocks += _effects_blocks(effects, figures)
     blocks.append(("h2", "Examples from the test split"))
     blocks.append(("img", figures["gallery"], "test images with each method's caption") if figures["gallery"]

@@ -69,25 +69,53 @@ class SequentialPlan:
         return text
 
 
+@dataclass(frozen=True)
+class Projection:
+    """The pieces of the seed projection: the estimate, the seeds it rests on and the two variance parts."""
+
+    diff: float
+    seeds: int
+    var_per_seed: float  # seed part of the difference's variance at one seed (divide by n at n seeds)
+    var_images: float  # test-image part (does not shrink with seeds)
+
+    def seeds_needed(self, level: float, margin: float, limit: int = 100) -> int | None:
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        gap = abs(self.diff + margin)  # the half-width must undercut the estimate's distance from the margin
+        for n in range(self.seeds, limit + 1):
+            if z * math.sqrt(self.var_per_seed / n + self.var_images) < gap:
+                return n
+        return None
+
+
+def project(per_image: pd.DataFrame, *, roles: Mapping[str, str], margin: float, metric: str = PRIMARY,
+            n_boot: int = 2000, seed: int = 0) -> Projection | None:
+    """Split the bootstrap variance of ``target - best other`` into its seed and image parts (None: no
+    comparison possible)."""
+    both = compute_verdict(per_image, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed)
+    if both.best_other is None or both.diff_samples is None:
+        return None
+    images = compute_verdict(per_image, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
+                             resample_seeds=False)
+    seeds = int(min(both.table.loc[both.target, "seeds"], both.table.loc[both.best_other, "seeds"]))
+    var_all, var_images = float(np.nanvar(both.diff_samples)), float(np.nanvar(images.diff_samples))
+    return Projection(both.diff, seeds, max(var_all - var_images, 0.0) * seeds, var_images)
+
+
 def seeds_to_decide(per_image: pd.DataFrame, *, roles: Mapping[str, str], margin: float, level: float,
                     metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0, limit: int = 100) -> int | None:
     """Projected seeds per method at which the ``level`` interval of ``target - best other`` clears
     ``-margin``; the current count if it already does; ``None`` if no count up to ``limit`` would."""
-    both = compute_verdict(per_image, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
-                           level=level)
-    if both.best_other is None or both.diff_samples is None:
-        return None
-    images = compute_verdict(per_image, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
-                             level=level, resample_seeds=False)
-    seeds = int(min(both.table.loc[both.target, "seeds"], both.table.loc[both.best_other, "seeds"]))
-    var_all = float(np.nanvar(both.diff_samples))
-    var_images = float(np.nanvar(images.diff_samples))
-    var_seeds = max(var_all - var_images, 0.0) * seeds  # per-seed variance: the seed part at n seeds is this / n
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    gap = abs(both.diff + margin)  # distance of the estimate from the margin, which the half-width must undercut
-    for n in range(seeds, limit + 1):
-        if z * math.sqrt(var_seeds / n + var_images) < gap:
-            return n
+    parts = project(per_image, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed)
+    return None if parts is None else parts.seeds_needed(level, margin, limit)
+
+
+def smallest_plan(parts: Projection, margin: float, *, spent_alpha: float = 0.0, alpha: float = 0.05,
+                  limit: int = 50) -> SequentialPlan | None:
+    """The smallest ``max_seeds`` whose plan (from ``parts.seeds`` on) is projected to decide, or None."""
+    for max_seeds in range(parts.seeds, limit + 1):
+        plan = SequentialPlan(parts.seeds, max_seeds, alpha, spent_alpha)
+        if parts.seeds_needed(plan.level, margin, limit=max_seeds) is not None:
+            return plan
     return None
 
 

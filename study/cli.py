@@ -467,6 +467,30 @@ def report_cmd(
         confirm_and_report(spec, Path(info["spec"]), console=out, address=address)
 
 
+@app.command()
+def decide(
+    study: str = typer.Argument(..., help="study name (under --storage) or its folder"),
+    max_seeds: Optional[int] = typer.Option(None, min=1, help="most seeds per method (default: the spec's "
+                                            "confirm.max_seeds; needed when the spec planned none)"),
+    hours: Optional[float] = typer.Option(None, min=0, help="stop adding seeds after this many hours"),
+    storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
+    address: Optional[str] = typer.Option(None, help="Ray address for the added confirm runs"),
+) -> None:
+    """Buy certainty for an inconclusive verdict: add one confirm seed at a time to init and the best other
+    method until the verdict is decided, or the seed or time budget ends. Every look uses a sequential plan's
+    level (Bonferroni over the planned looks), so the error rate stays bounded; then the report is rewritten."""
+    from study.confirm import decide as run_decide
+
+    info = _resolve_study(study, storage)
+    _require_search_started(info)
+    spec = _study_spec(info)
+    with _lock_study(spec, f"study decide {spec.name}"):
+        try:
+            run_decide(spec, Path(info["spec"]), max_seeds=max_seeds, hours=hours, address=address, console=out)
+        except (ConfigError, ValueError) as exc:
+            _fail(str(exc))
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()

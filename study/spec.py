@@ -144,6 +144,15 @@ class ConfirmSettings(StrictModel):
     epochs: int | None = Field(None, ge=1, description="epochs for the retrain (default: asha.max_epochs)")
     beam_size: int = Field(3, ge=1)
     margin: float = Field(0.02, ge=0, description="equivalence margin on CIDEr-D (0..1 scale) for the verdict")
+    max_seeds: int | None = Field(
+        None, ge=1, description="plan `study decide` before the first look: it may add seeds up to this many per "
+        "method, and every look (this one included) uses a Bonferroni level so the error rate stays 5%")
+
+    @model_validator(mode="after")
+    def _max_seeds_covers_seeds(self) -> "ConfirmSettings":
+        if self.max_seeds is not None and self.max_seeds < self.seeds:
+            raise ValueError(f"max_seeds ({self.max_seeds}) is below seeds ({self.seeds})")
+        return self
 
 
 class StudySpec(StrictModel):
