@@ -202,6 +202,32 @@ def _run_blocks(trials: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame)
     return blocks
 
 
+def _cost_blocks(trials: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame,
+                 resources: Mapping[str, float]) -> list[Block]:
+    """What each method cost: trial-epochs' wall time in the search and confirm runs' wall time, times the CPUs
+    (and GPUs) each trial held, in hours. Start-up, Ray and idle time are not charged to any method."""
+    cpu, gpu = float(resources.get("cpu", 1.0)), float(resources.get("gpu", 0.0))
+    search = (history.groupby("inject")["epoch_seconds"].sum() if not history.empty and
+              {"inject", "epoch_seconds"} <= set(history.columns) else pd.Series(dtype=float))
+    confirm = (runs.groupby("method")["seconds"].sum() if not runs.empty and "seconds" in runs
+               else pd.Series(dtype=float))
+    methods = list(dict.fromkeys([*search.index, *confirm.index]))
+    if not methods:
+        return []
+    trial_counts = trials["inject"].value_counts() if "inject" in trials else pd.Series(dtype=int)
+    run_counts = runs["method"].value_counts() if "method" in runs else pd.Series(dtype=int)
+    header = ["method", "search trials", "search CPU-h", "confirm runs", "confirm CPU-h", "total CPU-h"]
+    header += ["total GPU-h"] if gpu else []
+    rows = []
+    for m in methods:
+        s_h, c_h = search.get(m, 0.0) / 3600, confirm.get(m, 0.0) / 3600
+        row = [m, int(trial_counts.get(m, 0)), f"{cpu * s_h:.2f}", int(run_counts.get(m, 0)), f"{cpu * c_h:.2f}",
+               f"{cpu * (s_h + c_h):.2f}"]
+        rows.append(row + ([f"{gpu * (s_h + c_h):.2f}"] if gpu else []))
+    return [("p", f"Compute each method used ({cpu:g} CPU{f' and {gpu:g} GPU' if gpu else ''} per trial or run; "
+                  "wall time of its epochs in the search and of its confirm runs):"), ("table", header, rows)]
+
+
 def _effects_blocks(effects: Effects, images: dict[str, Path | None]) -> list[Block]:
     blocks: list[Block] = [("h2", f"Hyperparameter effects (search, {effects.metric})")]
     if effects.n_trials == 0:
@@ -237,7 +263,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
                  per_image: pd.DataFrame | None, runs: pd.DataFrame | None, space: dict | None,
                  gallery: pd.DataFrame | None, margin: float, roles: Mapping[str, str], colors: Mapping[str, str],
                  spec_text: str | None = None, metric: str = PRIMARY, n_boot: int = 2000,
-                 seed: int = 0, level: float = 0.95,
+                 seed: int = 0, level: float = 0.95, resources: Mapping[str, float] | None = None,
                  decision: Callable[[Verdict], str | None] | None = None) -> ReportResult:
     """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
 
@@ -275,6 +301,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     blocks += [("h2", "Context: what the literature reached (not comparable numbers)"), ("p", LITERATURE_NOTE),
                ("table", ["data", "arch", "BLEU-4", "METEOR", "CIDEr"], [list(r) for r in LITERATURE])]
     blocks += _run_blocks(trials, history, runs)
+    blocks += _cost_blocks(trials, history, runs, resources or {"cpu": 1.0})
     if spec_text:
         blocks += [("h2", "Appendix: the study spec"), ("code", spec_text)]
 

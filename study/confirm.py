@@ -120,7 +120,8 @@ def load_confirm(folder: Path, data) -> tuple[pd.DataFrame, pd.DataFrame, pd.Dat
                 row[name] = metrics.get(name, {}).get(image_id, float("nan"))
             per_image_rows.append(row)
         run_rows.append({"method": method, "config_rank": rank, "seed": seed, "params": result["params"],
-                         "train_seconds": result["train_seconds"], "epochs": result["epochs"],
+                         "train_seconds": result["train_seconds"], "seconds": result.get("seconds", float("nan")),
+                         "epochs": result["epochs"],
                          **result["scores"]})
         if rank == 1 and seed == 0:
             for i in range(min(6, len(result["captions"]))):
@@ -260,7 +261,8 @@ def confirm_and_report(spec: StudySpec, spec_path: Path, *, console=None, addres
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
                           margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
                           spec_text=Path(spec_path).read_text(), level=plan.level if plan else 0.95,
-                          decision=lambda verdict: decision_note(spec, verdict, plan, per_image))
+                          decision=lambda verdict: decision_note(spec, verdict, plan, per_image),
+                          resources=spec.resources.model_dump())
     verdict = result.verdict
     tracker = StudyTracker(tuning.tracking_uri(spec), spec.tracking.experiment or spec.name, spec.name, folder)
     summary = verdict.to_dict()

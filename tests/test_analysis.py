@@ -250,3 +250,21 @@ def test_report_with_empty_inputs_says_so(tmp_path):
     text = result.path.read_text()
     assert result.images == [] and result.verdict.verdict == V.NOT_AVAILABLE
     assert "No confirm results" in text and "No search trials" in text and "No example captions" in text
+
+
+def test_report_states_the_compute_each_method_used(tmp_path):
+    """CPU-hours per method: its search epochs' wall time and its confirm runs' wall time, times the CPUs each
+    held (here 2 per trial: init's 2 trials x 3 epochs x 600 s = 1 h of wall time = 2 CPU-h in the search)."""
+    trials = pd.DataFrame({"trial_id": ["a", "b", "c"], "inject": ["init", "init", "par"], "epochs": [3, 3, 1],
+                           "status": ["completed", "completed", "stopped"]})
+    history = pd.DataFrame([{"trial_id": t, "inject": m, "epoch": e, "epoch_seconds": 600.0}
+                            for t, m, n in zip(trials["trial_id"], trials["inject"], trials["epochs"])
+                            for e in range(1, n + 1)])
+    runs = pd.DataFrame({"method": ["init", "par"], "config_rank": [1, 1], "seed": [0, 0],
+                         "seconds": [1800.0, 3600.0], "train_seconds": [1500.0, 3000.0]})
+    result = build_report(tmp_path, study_name="cost", trials=trials, history=history, per_image=pd.DataFrame(),
+                          runs=runs, space={}, gallery=pd.DataFrame(), margin=0.02, roles=method_roles(),
+                          colors=method_colors(), resources={"cpu": 2, "gpu": 0.5})
+    text = result.path.read_text()
+    assert "| init | 2 | 2.00 | 1 | 1.00 | 3.00 | 0.75 |" in text
+    assert "| par | 1 | 0.33 | 1 | 2.00 | 2.33 | 0.58 |" in text
