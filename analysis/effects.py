@@ -232,6 +232,11 @@ def compute_effects(trials: pd.DataFrame, space: dict[str, dict] | None, *, metr
     for param, (question, words) in QUESTIONS.items():
         if param in categorical:
             answers[question] = _answer(question, words, categorical[param], metric, scale)
+            if param == "tokens" and "val_bpc" in rows:
+                # Bits per character compare char and word models on one scale (the seed's measure).
+                bpc = rows.groupby("tokens")["val_bpc"].min()
+                answers[question] += " Best val bits per character (lower is better): " + ", ".join(
+                    f"{words.get(v, v)} {b:.3f}" for v, b in bpc.sort_values().items()) + "."
         elif param in rows and rows[param].nunique() == 1:
             answers[question] = f"{question}: not varied (every trial used {rows[param].iloc[0]})."
         else:

@@ -182,6 +182,14 @@ def test_effects_rank_the_driving_parameter_first_and_answer_side_questions():
     assert "peephole LSTM" in e.answers["LSTM vs GRU vs peephole LSTM"]
 
 
+def test_char_vs_word_answer_gives_bits_per_character():
+    t = trials_frame()
+    t["val_bpc"] = np.where(t["tokens"] == "char", 1.10, 1.25)
+    t.loc[t.index[t["tokens"] == "word"][0], "val_bpc"] = 1.2
+    answer = compute_effects(t, SPACE).answers["char vs word"]
+    assert answer.endswith("Best val bits per character (lower is better): character-level 1.100, word-level 1.200.")
+
+
 def test_effects_fall_back_with_too_few_trials():
     e = compute_effects(trials_frame().iloc[1:2], SPACE)
     assert e.importances == {} and any("at least 2" in n for n in e.notes)

@@ -80,7 +80,10 @@ def test_unknown_injection_method_lists_the_valid_ones(tmp_path):
 def test_shipped_spaces_validate():
     for path in sorted((REPO / "search_spaces").glob("*.yaml")):
         spec = load_spec(path, check_paths=False)
-        assert spec.stratify == "inject" and len(spec.methods) == 6, path
+        assert spec.stratify == "inject" and "init" in spec.methods, path
+        # Every study of the question gives all six methods the same budget; the tokens study compares
+        # char and word decoding for init and par only.
+        assert len(spec.methods) == 6 or path.stem == "flickr8k_tokens", path
 
 
 def test_validating_a_spec_imports_neither_torch_nor_the_models(tmp_path):
