@@ -322,7 +322,8 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
         resume_from, history = None, []
         if checkpoint is not None:
             resume_from = Path(checkpoint.to_directory(os.path.join(tmp, "restored")))
-            history = json.loads((resume_from / HISTORY_FILE).read_text())
+            if (resume_from / HISTORY_FILE).is_file():
+                history = json.loads((resume_from / HISTORY_FILE).read_text())
         if history:
             # Tell Tune the restored checkpoint's last epoch first: its result may never have reached the killed
             # driver (the tracker drops it if it did). A trial that had finished ends here without training.
@@ -358,6 +359,8 @@ def restore_source(checkpoint, fs, trial_fs_path: str):
     checkpoint only when the folder has none)."""
     import pyarrow.fs as pafs
 
+    from study.training import CHECKPOINT_FILE
+
     found = trial_checkpoints(fs, trial_fs_path)
     if found:
         epoch, newest = found[-1]
@@ -365,9 +368,10 @@ def restore_source(checkpoint, fs, trial_fs_path: str):
             log.warning("continuing from %s (epoch %d), not Tune's %s", newest, epoch,
                         checkpoint.path if checkpoint is not None else "fresh start")
         return tune.Checkpoint(newest, filesystem=fs)
-    if checkpoint is not None and checkpoint.filesystem.get_file_info(checkpoint.path).type == pafs.FileType.NotFound:
-        return None
-    return checkpoint
+    if checkpoint is None or checkpoint.filesystem.get_file_info(
+            f"{checkpoint.path}/{CHECKPOINT_FILE}").type == pafs.FileType.NotFound:
+        return None  # gone or pruned, and nothing else left
+    return checkpoint  # written before checkpoints carried history.json
 
 
 def trial_checkpoints(fs, trial_fs_path: str) -> list[tuple[int, str]]:
@@ -477,9 +481,19 @@ def checkpoint_folders(fs, trial_fs_path: str) -> list[str]:
                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
 
 
+PRUNED_NOTE = "pruned.txt"  # all that is left in a checkpoint folder pruned while a snapshot may name it
+
+
 def prune_checkpoints(trial) -> None:
-    """Delete all but the newest checkpoint of a finished trial (local folder or s3://, via Tune's fs): the
-    one with the most epochs and, of equals, the one Tune registered last."""
+    """Free the space of all but the newest checkpoint of a finished trial (local folder or s3://, via Tune's
+    fs): the one with the most epochs and, of equals, the one Tune registered last.
+
+    The older folders are emptied, not removed, until the study ends (``drop_pruned_checkpoints``): a driver
+    killed before Tune's next snapshot leaves one that names an older checkpoint of this trial, and Tune
+    refuses to restore a trial whose named checkpoint folder is gone. From an emptied one the trial goes on
+    from its newest complete checkpoint (``restore_source``), so it does not train again."""
+    import pyarrow.fs as pafs
+
     fs = trial.storage.storage_filesystem
     registered = trial.checkpoint.path if trial.checkpoint is not None else None
     found = trial_checkpoints(fs, trial.storage.trial_fs_path)
@@ -487,8 +501,23 @@ def prune_checkpoints(trial) -> None:
         return
     keep = max(found, key=lambda item: (item[0], item[1] == registered, item[1]))[1]
     for path in checkpoint_folders(fs, trial.storage.trial_fs_path):
-        if path != keep:
-            fs.delete_dir(path)
+        if path != keep and fs.get_file_info(f"{path}/{PRUNED_NOTE}").type == pafs.FileType.NotFound:
+            fs.delete_dir_contents(path)
+            with fs.open_output_stream(f"{path}/{PRUNED_NOTE}") as note:  # keeps the folder on s3:// too
+                note.write(f"pruned: {keep} is this trial's checkpoint\n".encode())
+
+
+def drop_pruned_checkpoints(spec: StudySpec) -> None:
+    """Remove the emptied checkpoint folders of every trial the study's final snapshot shows finished: no
+    snapshot can name them any more."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
+    for trial in experiment_trials(spec):
+        if trial["status"] in ("TERMINATED", "ERROR"):
+            for path in checkpoint_folders(fs, f"{root}/{trial['relative_logdir']}"):
+                if fs.get_file_info(f"{path}/{PRUNED_NOTE}").type == pafs.FileType.File:
+                    fs.delete_dir(path)
 
 
 def error_reason(trial) -> str:
@@ -707,6 +736,7 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
         results = None
     table = None
     if results is not None:
+        drop_pruned_checkpoints(spec)
         table, _ = load_trial_tables(spec)
         unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
         interrupted = interrupted or len(unfinished) > 0 or len(table) < total_trials(spec)

@@ -308,8 +308,11 @@ def test_a_resumed_trial_continues_from_its_newest_complete_checkpoint_whatever_
     _checkpoint(trial / "checkpoint_000002", 4)  # numbered by Tune after a restore from epoch 3's
     _checkpoint(trial / "checkpoint_000003", 3)
     _checkpoint(trial / "checkpoint_000004", 5, complete=False)
+    (trial / "checkpoint_000000").mkdir()  # pruned after the trial finished: emptied, kept while a snapshot names it
+    (trial / "checkpoint_000000" / "pruned.txt").write_text("pruned")
     newest = str(trial / "checkpoint_000002")
     for named in (None, tune.Checkpoint(str(trial / "checkpoint_000001")),
-                  tune.Checkpoint(str(trial / "checkpoint_000000"))):  # older, or pruned
+                  tune.Checkpoint(str(trial / "checkpoint_000000")),
+                  tune.Checkpoint(str(trial / "checkpoint_000009"))):  # none, older, pruned, gone
         assert restore_source(named, fs, str(trial)).path == newest
     assert restore_source(None, fs, str(tmp_path / "no-checkpoints-left")) is None
