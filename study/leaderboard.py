@@ -16,8 +16,9 @@ COLUMNS = ["run", "inject", "cell", "layers", "hidden", "tokens", "lr", "dropout
 
 def leaderboard(trials: pd.DataFrame, *, metric: str = "val_CIDEr-D", mode: str = "max",
                 best_per_method: bool = True) -> pd.DataFrame:
-    """The trials (``load_trial_tables``' first frame) sorted by their best epoch's ``metric``; with
-    ``best_per_method`` only the best trial of each injection method, the overall best first."""
+    """The trials (``load_trial_tables``' first frame) sorted by ``metric`` as it was at each trial's best
+    epoch (best by the spec's metric: a trial has one score); with ``best_per_method`` only the best trial of
+    each injection method, the overall best first."""
     if trials.empty or metric not in trials:
         return trials.reindex(columns=[c for c in COLUMNS if c in trials])
     frame = trials.sort_values(metric, ascending=mode == "min", na_position="last")
