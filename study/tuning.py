@@ -818,8 +818,7 @@ def load_trial_tables(spec: StudySpec):
     rows, histories = [], []
     for trial in experiment_trials(spec):
         trial_id, config, folder = trial["trial_id"], trial["config"], f"{root}/{trial['relative_logdir']}"
-        found = trial_checkpoints(fs, folder)
-        history = _read_json(fs, f"{found[-1][1]}/{HISTORY_FILE}") if found else []
+        history = _trial_history(fs, folder)
         row: dict[str, Any] = {"trial_id": trial_id, "run": f"{spec_run_name(spec, config)}-{trial_id}"}
         row.update(spec.trial_config(config).model_dump(mode="json", exclude={"dataset"}))
         for name in spec.space:  # a conditional parameter this trial never sampled has no value
@@ -846,6 +845,22 @@ def load_trial_tables(spec: StudySpec):
         rows.append(row)
     history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     return pd.DataFrame(rows), history
+
+
+def _trial_history(fs, folder: str) -> list[dict[str, Any]]:
+    """A trial's reported epochs: ``history.json`` of its newest checkpoint, or, for a study started before
+    checkpoints carried one, Tune's ``result.json`` (JSON lines; the last report of an epoch wins)."""
+    import pyarrow.fs as pafs
+
+    found = trial_checkpoints(fs, folder)
+    if found and fs.get_file_info(f"{found[-1][1]}/{HISTORY_FILE}").type == pafs.FileType.File:
+        return _read_json(fs, f"{found[-1][1]}/{HISTORY_FILE}")
+    if fs.get_file_info(f"{folder}/result.json").type != pafs.FileType.File:
+        return []
+    with fs.open_input_stream(f"{folder}/result.json") as fh:
+        results = [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
+    by_epoch = {int(r["epoch"]): {k: r[k] for k in REPORTED if k in r} for r in results if "epoch" in r}
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def experiment_states(spec: StudySpec) -> tuple[Any, list[str]]:

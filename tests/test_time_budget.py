@@ -57,3 +57,19 @@ def test_a_spent_budget_ends_the_search_normally_and_resume_adds_no_trials(tmp_p
         shutdown()
     assert not again.interrupted
     assert len(again.trials) == ran  # the budget was spent: the resume proposes nothing new
+
+
+def test_a_study_started_before_checkpoints_carried_history_reads_tunes_result_json(tmp_path):
+    """The flickr8k study of 2026-11-24 ran on code whose checkpoints had no history.json: its epochs come
+    from Tune's result.json lines (plain JSON), the last report of a repeated epoch winning."""
+    import pyarrow.fs as pafs
+
+    from study.tuning import _trial_history
+
+    folder = tmp_path / "init-lstm-1x64-word-abc"
+    (folder / "checkpoint_000000").mkdir(parents=True)
+    lines = [{"epoch": 1, "val_CIDEr-D": 0.1, "time_this_iter_s": 3.0}, {"epoch": 2, "val_CIDEr-D": 0.2},
+             {"epoch": 2, "val_CIDEr-D": 0.25}]
+    (folder / "result.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    history = _trial_history(pafs.LocalFileSystem(), str(folder))
+    assert history == [{"epoch": 1, "val_CIDEr-D": 0.1}, {"epoch": 2, "val_CIDEr-D": 0.25}]
