@@ -449,3 +449,29 @@ def test_a_local_study_ray_listens_on_loopback_only(offline_study):
     assert len(listening) >= 5, listening  # GCS, raylet, agents, workers: Ray was up
     exposed = [entry for entry in listening if not _loopback(entry[0])]
     assert not exposed, exposed
+
+
+@pytest.mark.slow
+def test_the_python_api_reads_the_study_as_typed_frames_like_the_cli(offline_study):
+    """`study.load(...)` on the finished study: the same best trials as `study leaderboard`, one confirm row per
+    run with test metrics, and the verdict table with roles, all as typed pandas frames (MLflow was down)."""
+    import pandas as pd
+
+    import study
+
+    s = study.load("offline-2", storage=offline_study.tmp / "runs")
+    trials = s.trials()
+    assert len(trials) == 2 and set(trials["status"]) <= {"completed", "stopped"}
+    assert pd.api.types.is_float_dtype(trials["val_CIDEr-D"]) and pd.api.types.is_integer_dtype(trials["epochs"])
+    assert len(s.history()) == int(trials["epochs"].sum())
+    board = s.leaderboard()
+    cli_rows = [line.split(",") for line in offline_study.board.stdout.strip().splitlines()[1:]]
+    assert list(board["run"]) == [row[0] for row in cli_rows]  # the CLI prints the same frame
+    confirm = s.confirm()
+    runs = sorted((offline_study.folder / "confirm").glob("*.json"))
+    assert len(confirm) == len(runs) > 0 and confirm["CIDEr-D"].between(0, 10).all()
+    assert set(confirm["method"]) == set(trials["inject"])
+    verdict = s.verdict()
+    assert set(verdict.index) == set(trials["inject"]) and verdict.loc["init", "role"] == "target"
+    assert verdict.attrs["verdict"] and verdict.attrs["level"] == 0.95
+    assert s.per_image()["image_id"].nunique() == int(verdict.loc["init", "images"])
