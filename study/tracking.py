@@ -10,12 +10,18 @@ designed out:
   (``tracking_journal.jsonl``) and only then sent. When the server does not answer, the tracker warns
   once, keeps journalling and retries later; ``study sync`` (or the next study event once the server is
   back) replays what was not sent. Nothing computed is lost.
+
+The confirm stage's runs are child runs too (tag ``kind=confirm``, key ``confirm/<name>`` in ``mlflow_runs.json``,
+so a later ``study report`` or ``study decide`` adds only the new ones), and the verdict is a table artifact
+plus a few headline metrics on the parent. Runs carry MLflow's standard tags (``mlflow.source.git.commit``,
+``mlflow.source.name``, ``mlflow.user``, ``mlflow.note.content``) and the parent the dataset as an input.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import getpass
 import os
 import subprocess
 import time
@@ -34,8 +40,17 @@ RETRY_SECONDS = 30.0
 STATUS_TO_MLFLOW = {"completed": "FINISHED", "stopped": "FINISHED", "errored": "FAILED", "killed": "KILLED"}
 
 
+STORE_FILE = "mlflow.db"  # the default MLflow store: a sqlite file in the study folder
+
+
 def sqlite_uri(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
+
+
+def folder_tracking_uri(info: dict[str, Any], folder: Path) -> str:
+    """The MLflow store a ``study.json`` read from ``folder`` names: its own ``tracking_uri``, or (null: the
+    default store) the sqlite file in ``folder`` itself, so a copied or moved study folder reads its own store."""
+    return info.get("tracking_uri") or sqlite_uri(Path(folder) / STORE_FILE)
 
 
 def git_commit() -> str:
@@ -46,6 +61,22 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def source_tags(source: str, description: str = "") -> dict[str, str]:
+    """MLflow's standard run tags: commit, entry point, user and (the spec's description) the run's note."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (e.g. some containers)
+        user = "unknown"
+    tags = {"mlflow.source.git.commit": git_commit(), "mlflow.source.name": source, "mlflow.source.type": "LOCAL",
+            "mlflow.user": user}
+    if description.strip():
+        tags["mlflow.note.content"] = description.strip()
+    return tags
+
+
+CONFIRM_PREFIX = "confirm/"  # mlflow_runs.json keys of confirm runs (the rest are Tune trial ids)
 
 
 def _client(uri: str):
@@ -80,6 +111,7 @@ class StudyTracker:
         self._sent_offset = sent.get("offset", 0)  # byte offset of the first unsent event in the journal
         lines = self.journal.read_bytes().splitlines() if self.journal.exists() else []
         self._written = len(lines)
+        self.confirm_logged: set[str] = set()  # confirm runs journalled already (a re-run adds only new ones)
         # The newest epoch journalled for each trial, across drivers: a resumed trial tells Tune its restored
         # epoch again (its result may not have reached the killed driver), and it must not be logged twice.
         self.last_step: dict[str, int] = {}
@@ -87,6 +119,10 @@ class StudyTracker:
             if b'"trial_result"' in line:
                 event = json.loads(line)
                 self.last_step[event["trial"]] = max(self.last_step.get(event["trial"], 0), event["step"])
+            elif b'"confirm_run"' in line:
+                self.confirm_logged.add(json.loads(line)["key"])
+        # Standard tags every child run gets (set by start_study: commit, entry point, user).
+        self.child_tags: dict[str, str] = {}
         self._offline_since: float | None = None
         self._exp_id: str | None = None  # looked up once per tracker, not per trial
         self._warned = False
@@ -94,29 +130,79 @@ class StudyTracker:
         self.events_sent = 0
 
     # ----- events (journal first, then send) -----------------------------------------------------------
-    def start_study(self, params: dict[str, Any], tags: dict[str, str], spec_text: str | None = None) -> None:
-        self._event({"kind": "study_start", "params": _params(params), "tags": tags, "spec": spec_text})
+    def start_study(self, params: dict[str, Any], tags: dict[str, str], spec_text: str | None = None,
+                    dataset: dict[str, str] | None = None) -> None:
+        """``tags`` may hold MLflow's standard ones (:func:`source_tags`): child runs get the ``mlflow.source.*``
+        and ``mlflow.user`` ones too. ``dataset``: ``{name, digest, source}``, logged as the parent's input."""
+        self.child_tags = {k: v for k, v in tags.items() if k.startswith(("mlflow.source.", "mlflow.user"))}
+        self._event({"kind": "study_start", "params": _params(params), "tags": tags, "spec": spec_text,
+                     "dataset": dataset})
 
     def trial_started(self, trial_id: str, run_name: str, params: dict[str, Any]) -> None:
-        self._event({"kind": "trial_start", "trial": trial_id, "name": run_name, "params": _params(params)})
+        self._event({"kind": "trial_start", "trial": trial_id, "name": run_name, "params": _params(params),
+                     "tags": self.child_tags})
 
     def trial_result(self, trial_id: str, metrics: dict[str, float], step: int) -> bool:
-        """Journal (and send) one epoch's metrics. Returns False, logging nothing, for an epoch already logged."""
+        """Journal (and send) one epoch's metrics. Returns False, logging nothing, for an epoch already logged.
+        The parameter count (``params``) is logged once, as a run parameter, with the trial's first epoch."""
         if int(step) <= self.last_step.get(trial_id, 0):
             return False
+        first = trial_id not in self.last_step
         self.last_step[trial_id] = int(step)
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._event({"kind": "trial_result", "trial": trial_id, "metrics": clean, "step": int(step),
-                     "time": int(time.time() * 1000)})
+        count = clean.pop("params", None)
+        event = {"kind": "trial_result", "trial": trial_id, "metrics": clean, "step": int(step),
+                 "time": int(time.time() * 1000)}
+        if first and count is not None:
+            event["params"] = {"params": str(int(count))}
+        self._event(event)
         return True
 
-    def trial_finished(self, trial_id: str, status: str, reason: str | None = None) -> None:
-        self._event({"kind": "trial_end", "trial": trial_id, "status": status, "reason": reason})
+    def trial_finished(self, trial_id: str, status: str, reason: str | None = None,
+                       best: tuple[str, str] | None = None) -> None:
+        """``best``: (metric, mode): log the trial's best epoch by that metric as summary metrics
+        ``best_<metric>`` and ``best_epoch`` (the score the leaderboard and the confirm stage rank by)."""
+        summary = self._best_epoch(trial_id, *best) if best else {}
+        self._event({"kind": "trial_end", "trial": trial_id, "status": status, "reason": reason,
+                     "summary": summary})
+
+    def _best_epoch(self, trial_id: str, metric: str, mode: str) -> dict[str, float]:
+        found: dict[str, Any] | None = None
+        if self.journal.exists():
+            with self.journal.open("rb") as fh:
+                for line in fh:
+                    if b'"trial_result"' not in line:
+                        continue
+                    event = json.loads(line)
+                    value = event["metrics"].get(metric)
+                    if event["trial"] != trial_id or value is None or value != value:
+                        continue
+                    if found is None or (value > found["value"] if mode == "max" else value < found["value"]):
+                        found = {"value": value, "step": event["step"]}
+        return {} if found is None else {f"best_{metric}": found["value"], "best_epoch": float(found["step"])}
+
+    def confirm_run(self, name: str, params: dict[str, Any], metrics: dict[str, float],
+                    artifacts: list[Path]) -> bool:
+        """Journal one confirm run as a child run (``kind=confirm``) with its files as artifacts. Returns False,
+        logging nothing, for a run journalled before (``study decide`` and a re-run report log only new ones)."""
+        key = CONFIRM_PREFIX + name
+        if key in self.confirm_logged or key in self.runs:
+            return False
+        self.confirm_logged.add(key)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._event({"kind": "confirm_run", "key": key, "name": f"confirm-{name}", "params": _params(params),
+                     "metrics": clean, "tags": self.child_tags, "time": int(time.time() * 1000),
+                     "artifacts": [str(Path(p).resolve()) for p in artifacts]})
+        return True
+
+    def study_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """A table artifact on the parent (``mlflow.log_table``: the UI's artifact view shows it as a table)."""
+        self._event({"kind": "study_table", "data": data, "artifact_file": artifact_file})
 
     def discard_trials(self, keep: set[str]) -> None:
         """Delete the runs of trials Tune no longer knows (started after its last state snapshot before the
         driver died; the searcher proposes them again under new ids), so each trial has exactly one run."""
-        lost = sorted(k for k in self.runs if k != "__study__" and k not in keep)
+        lost = sorted(k for k in self.runs if k != "__study__" and not k.startswith(CONFIRM_PREFIX) and k not in keep)
         if lost:
             self._event({"kind": "trial_discard", "trials": lost})
 
@@ -201,7 +287,7 @@ class StudyTracker:
         os.replace(tmp, self.runs_file)
 
     def _send(self, client, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
         kind = event["kind"]
         if kind == "study_start":
@@ -214,9 +300,15 @@ class StudyTracker:
                 client.log_batch(parent, params=[Param(k, v) for k, v in event["params"].items()])
                 if event.get("spec"):
                     client.log_text(parent, event["spec"], "spec.yaml")
+                if event.get("dataset"):
+                    ds = event["dataset"]
+                    client.log_inputs(parent, datasets=[DatasetInput(
+                        Dataset(name=ds["name"], digest=ds["digest"], source_type="local", source=ds["source"]),
+                        tags=[InputTag("mlflow.data.context", "training")])])
             else:  # a resume: the same parent run goes on
                 client.update_run(parent, status="RUNNING")
-                client.set_tag(parent, "resumed", "true")
+                client.log_batch(parent, tags=[RunTag("resumed", "true")] + [
+                    RunTag(k, v) for k, v in event["tags"].items() if k.startswith("mlflow.")])
         elif kind == "trial_start":
             key = event["trial"]
             if key in self.runs:  # resumed or retried trial: same run, no duplicate
@@ -225,21 +317,24 @@ class StudyTracker:
             run = client.create_run(
                 self._experiment_id(client), run_name=event["name"],
                 tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "trial",
-                      "trial_id": key})
+                      "trial_id": key, **event.get("tags", {})})
             self._remember(key, run.info.run_id)
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in event["params"].items()])
         elif kind == "trial_result":
             run_id = self.runs[event["trial"]]
             client.log_batch(run_id, metrics=[Metric(k, v, event["time"], event["step"])
-                                              for k, v in event["metrics"].items()])
+                                              for k, v in event["metrics"].items()],
+                             params=[Param(k, v) for k, v in event.get("params", {}).items()])
         elif kind == "trial_end":
             run_id = self.runs.get(event["trial"])
             if run_id is None:
                 return
             tags = [RunTag("status", event["status"])]
-            if event.get("reason"):
-                tags.append(RunTag("error", event["reason"][:5000]))
-            client.log_batch(run_id, tags=tags)
+            if event.get("reason"):  # an error is an error; ASHA stopping a trial is not
+                tags.append(RunTag("error" if event["status"] == "errored" else "status_reason", event["reason"][:5000]))
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, tags=tags, metrics=[Metric(k, float(v), now, 0)
+                                                         for k, v in event.get("summary", {}).items()])
             client.set_terminated(run_id, STATUS_TO_MLFLOW.get(event["status"], "FINISHED"))
         elif kind == "trial_discard":
             for key in event["trials"]:
@@ -256,6 +351,27 @@ class StudyTracker:
             client.log_batch(parent, tags=[RunTag(k, str(v)) for k, v in event["tags"].items()],
                              metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
                                       for k, v in event["metrics"].items()])
+        elif kind == "confirm_run":
+            key = event["key"]
+            run_id = self.runs.get(key)
+            if run_id is not None and client.get_run(run_id).info.status == "FINISHED":
+                return  # logged before (a replayed journal)
+            if run_id is None:
+                run = client.create_run(
+                    self._experiment_id(client), run_name=event["name"],
+                    tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "confirm",
+                          **event.get("tags", {})})
+                run_id = run.info.run_id
+                self._remember(key, run_id)
+            # Re-sent after a crash in between: the same values again, which MLflow accepts.
+            client.log_batch(run_id, params=[Param(k, v) for k, v in event["params"].items()],
+                             metrics=[Metric(k, v, event["time"], 0) for k, v in event["metrics"].items()])
+            for path in map(Path, event["artifacts"]):
+                if path.exists():
+                    client.log_artifact(run_id, str(path))
+            client.set_terminated(run_id, "FINISHED")
+        elif kind == "study_table":
+            client.log_table(self.runs["__study__"], event["data"], event["artifact_file"])
         elif kind == "study_artifact":
             path = Path(event["path"])
             if path.is_dir():
@@ -291,6 +407,18 @@ def study_runs(uri: str, experiment: str) -> tuple[Any, Any]:
     parents = runs[runs.get("tags.kind") == "study"] if "tags.kind" in runs else runs.iloc[0:0]
     trials = runs[runs.get("tags.kind") == "trial"] if "tags.kind" in runs else runs.iloc[0:0]
     return parents, trials
+
+
+def confirm_runs(uri: str, experiment: str) -> Any:
+    """DataFrame of a study's confirm runs (``tags.kind == "confirm"``) in MLflow."""
+    import mlflow
+
+    exp = _client(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment named {experiment!r} at {uri}")
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], max_results=50000)
+    return runs[runs.get("tags.kind") == "confirm"] if "tags.kind" in runs else runs.iloc[0:0]
 
 
 def get_run_tags(uri: str, run_id: str) -> dict[str, str]:

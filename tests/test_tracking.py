@@ -39,3 +39,48 @@ def test_replayed_journal_creates_no_duplicates_and_closes_every_run(tmp_path):
     b = runs[runs["tags.trial_id"] == "b"].iloc[0]
     assert b["metrics.val_CIDEr-D"] == 0.7 and b["tags.status"] == "stopped"
     assert again.pending == 0
+
+
+def test_confirm_runs_params_once_and_stopped_trials(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from study.tracking import confirm_runs, source_tags
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    folder = tmp_path / "study"
+    tracker = StudyTracker(uri, "exp", "exp", folder)
+    tracker.start_study({"trials": 1}, source_tags("study run", "does init compete?"),
+                        dataset={"name": "shapes", "digest": "abc123", "source": "shapes.json"})
+    tracker.trial_started("a", "init-a", {"inject": "init"})
+    for step, score in ((1, 0.4), (2, 0.6), (3, 0.5)):
+        tracker.trial_result("a", {"val_CIDEr-D": score, "params": 1234}, step=step)
+    tracker.trial_finished("a", "stopped", "stopped by ASHA after 3 epochs", best=("val_CIDEr-D", "max"))
+    (folder / "ckpt.pt").write_bytes(b"model")
+    assert tracker.confirm_run("init-r1-s0", {"inject": "init", "seed": 1000}, {"test_CIDEr-D": 0.3},
+                               [folder / "ckpt.pt"])
+
+    # A second report (e.g. after `study decide` added a seed) logs only the new confirm run, and a replay of
+    # the whole journal (lost bookkeeping of what was sent) duplicates nothing.
+    again = StudyTracker(uri, "exp", "exp", folder)
+    again.child_tags = source_tags("study report")  # as confirm_and_report does
+    assert not again.confirm_run("init-r1-s0", {"inject": "init", "seed": 1000}, {"test_CIDEr-D": 0.3}, [])
+    assert again.confirm_run("init-r1-s1", {"inject": "init", "seed": 1001}, {"test_CIDEr-D": 0.35}, [])
+    (folder / "tracking_sent.json").unlink()
+    replay = StudyTracker(uri, "exp", "exp", folder)
+    assert replay.flush(force=True) and replay.pending == 0
+
+    client = MlflowClient(uri)
+    confirm = confirm_runs(uri, "exp")
+    assert sorted(confirm["tags.mlflow.runName"]) == ["confirm-init-r1-s0", "confirm-init-r1-s1"]
+    assert (confirm["status"] == "FINISHED").all() and list(confirm.sort_values("tags.mlflow.runName")["tags.mlflow.source.name"]) == ["study run", "study report"]
+    first = confirm[confirm["tags.mlflow.runName"] == "confirm-init-r1-s0"].iloc[0]
+    assert [a.path for a in client.list_artifacts(first["run_id"])] == ["ckpt.pt"]
+    parents, trials = study_runs(uri, "exp")
+    parent = client.get_run(parents.iloc[0]["run_id"])
+    assert parent.data.tags["mlflow.note.content"] == "does init compete?"
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == ["abc123"]
+    trial = client.get_run(trials.iloc[0]["run_id"])
+    assert trial.data.tags["status"] == "stopped" and "error" not in trial.data.tags
+    assert trial.data.params["params"] == "1234" and "params" not in trial.data.metrics
+    assert trial.data.metrics["best_val_CIDEr-D"] == 0.6 and trial.data.metrics["best_epoch"] == 2
+    assert trial.data.tags["mlflow.source.name"] == "study run"
