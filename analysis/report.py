@@ -166,6 +166,12 @@ def _verdict_blocks(verdict: Verdict, image: Path | None, decision: str | None =
         blocks.append(("p", f"Difference {verdict.target} - {verdict.best_other} ({verdict.metric}): "
                             f"{_x100(verdict.diff)} [{_x100(verdict.ci[0])}, {_x100(verdict.ci[1])}] "
                             f"(x100, paired bootstrap, {verdict.n_boot} resamples)."))
+    if not verdict.pairwise.empty:
+        blocks.append(("p", f"{verdict.target} minus each method ({verdict.metric} x100, {level} paired interval; "
+                            "above 0: the target scores higher):"))
+        blocks.append(("table", ["method", f"{verdict.target} - method", f"{level} CI"],
+                       [[m, _x100(r["diff"]), f"[{_x100(r['lo'])}, {_x100(r['hi'])}]"]
+                        for m, r in verdict.pairwise.iterrows()]))
     if decision:
         blocks.append(("p", decision))
     if image is not None:
@@ -200,6 +206,53 @@ def _run_blocks(trials: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame)
             text += f", {runs['train_seconds'].sum() / 3600:.2f} h of training"
         blocks.append(("p", text + "."))
     return blocks
+
+
+def _anomaly_blocks(runs: pd.DataFrame) -> list[Block]:
+    """Flag a method whose test captions do not depend on the image: (almost) one caption for every image in
+    every seed, as an image-blind decoder writes. Its scores are a language model's, whatever its name."""
+    if runs.empty or not {"distinct_captions", "test_images"} <= set(runs.columns):
+        return []
+    flagged = []
+    for method, group in runs.groupby("method"):
+        worst = int(group["distinct_captions"].max())
+        if worst <= max(1, int(0.02 * group["test_images"].max())):
+            flagged.append(f"{method}: at most {worst} distinct caption(s) for {int(group['test_images'].max())} "
+                           f"test images in each of its {len(group)} runs: its captions do not depend on the image.")
+    return [("h2", "Anomalies"), ("ul", flagged)] if flagged else []
+
+
+def _seed_blocks(runs: pd.DataFrame, confirmed: pd.DataFrame | None, metric: str) -> list[Block]:
+    """The confirmed configurations (search trial and hyperparameters) and every confirm run's test score."""
+    blocks: list[Block] = []
+    if confirmed is not None and not confirmed.empty:
+        cols = [c for c in confirmed.columns if c not in ("method", "config_rank")]
+        blocks += [("h2", "Confirmed configurations"),
+                   ("p", "Each method's best search trials on validation, retrained in the confirm stage:"),
+                   ("table", ["method", "rank", *cols],
+                    [[r["method"], int(r["config_rank"]), *[_plain(r[c]) for c in cols]]
+                     for _, r in confirmed.iterrows()])]
+    if not runs.empty and metric in runs:
+        seeds = sorted(runs["seed"].unique())
+        rows = []
+        for (method, rank), group in runs.groupby(["method", "config_rank"], sort=False):
+            by_seed = group.set_index("seed")[metric]
+            rows.append([method, int(rank), *[_x100(by_seed[s]) if s in by_seed else "-" for s in seeds]])
+        blocks += [("p", f"Test {metric} (x100) of every confirm run, by seed:"),
+                   ("table", ["method", "rank", *[f"seed {s}" for s in seeds]], rows)]
+    return blocks
+
+
+def _plain(value) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.4g}"  # NaN: a conditional parameter not sampled
+    return "-" if value is None else str(value)
+
+
+def _provenance_blocks(provenance: Mapping[str, str] | None) -> list[Block]:
+    if not provenance:
+        return []
+    return [("h2", "Provenance"), ("table", ["what", "value"], [[k, str(v)] for k, v in provenance.items()])]
 
 
 def _cost_blocks(trials: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame,
@@ -264,6 +317,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
                  gallery: pd.DataFrame | None, margin: float, roles: Mapping[str, str], colors: Mapping[str, str],
                  spec_text: str | None = None, metric: str = PRIMARY, n_boot: int = 2000,
                  seed: int = 0, level: float = 0.95, resources: Mapping[str, float] | None = None,
+                 confirmed: pd.DataFrame | None = None, provenance: Mapping[str, str] | None = None,
                  decision: Callable[[Verdict], str | None] | None = None) -> ReportResult:
     """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
 
@@ -294,6 +348,8 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
 
     blocks: list[Block] = [("h1", f"Study report: {study_name}"), ("h2", "The question"), ("p", QUESTION)]
     blocks += _verdict_blocks(verdict, figures["methods"], decision(verdict) if decision else None)
+    blocks += _anomaly_blocks(runs)
+    blocks += _seed_blocks(runs, confirmed, metric)
     blocks += _effects_blocks(effects, figures)
     blocks.append(("h2", "Examples from the test split"))
     blocks.append(("img", figures["gallery"], "test images with each method's caption") if figures["gallery"]
@@ -302,6 +358,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
                ("table", ["data", "arch", "BLEU-4", "METEOR", "CIDEr"], [list(r) for r in LITERATURE])]
     blocks += _run_blocks(trials, history, runs)
     blocks += _cost_blocks(trials, history, runs, resources or {"cpu": 1.0})
+    blocks += _provenance_blocks(provenance)
     if spec_text:
         blocks += [("h2", "Appendix: the study spec"), ("code", spec_text)]
 

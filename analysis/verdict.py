@@ -72,6 +72,8 @@ class Verdict:
     target: str | None = None  # the method with the role "target" (init)
     level: float = 0.95  # confidence level of every interval (below 0.95 never; a sequential plan raises it)
     diff_samples: np.ndarray | None = field(default=None, repr=False)  # (n_boot,) bootstrap target - best other
+    # target - each other method (index ``method``): ``diff``, ``lo``, ``hi`` at ``level``, paired like the verdict.
+    pairwise: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["diff", "lo", "hi"]))
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, JSON-friendly summary for MLflow: numbers stay numbers, per-method means as ``<m>.<metric>``."""
@@ -243,6 +245,10 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
                        f"The confirm results have no {what}, so there is nothing to compare.", n_boot, notes,
                        target)
     best_other = max(others, key=lambda m: table.loc[m, metric])
+    pairwise = pd.DataFrame(
+        [{"method": m, "diff": float(table.loc[target, metric] - table.loc[m, metric]),
+          **dict(zip(("lo", "hi"), _interval(boots[target, metric] - boots[m, metric], level)))}
+         for m in methods if m != target and not math.isnan(table.loc[m, metric])]).set_index("method")
     diff_boot = boots[target, metric] - boots[best_other, metric]  # paired through the shared image_w
     diff = float(table.loc[target, metric] - table.loc[best_other, metric])
     ci = _interval(diff_boot, level)
@@ -254,7 +260,8 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     else:
         word = INCONCLUSIVE
     text = _paragraph(word, diff, ci, target, best_other, floors, margin, metric, table, notes, level)
-    return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target, level, diff_boot)
+    return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target, level, diff_boot,
+                   pairwise)
 
 
 def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, best_other: str, floors: list[str],

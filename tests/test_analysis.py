@@ -276,3 +276,26 @@ def test_report_states_the_compute_each_method_used(tmp_path):
     text = result.path.read_text()
     assert "| init | 2 | 2.00 | 1 | 1.00 | 3.00 | 0.75 |" in text
     assert "| par | 1 | 0.33 | 1 | 2.00 | 2.33 | 0.58 |" in text
+
+
+def test_report_shows_each_difference_to_init_the_seeds_the_configurations_anomalies_and_provenance(tmp_path):
+    per_image = per_image_frame(EQUAL, images=300, seeds=3, noise=0.1)
+    runs = runs_frame(per_image).assign(test_images=300, distinct_captions=280)
+    runs.loc[runs["method"] == "none", "distinct_captions"] = 1  # an image-blind decoder: one caption for all
+    confirmed = pd.DataFrame({"method": ["init", "pre"], "config_rank": [1, 1], "trial_id": ["a1b2", "c3d4"],
+                              "cell": ["lstm", "gru"], "hidden": [512, 256], "lr": [0.0021, 0.0009]})
+    result = build_report(tmp_path, study_name="unit", trials=pd.DataFrame(), history=pd.DataFrame(),
+                          per_image=per_image, runs=runs, space={}, gallery=pd.DataFrame(), margin=0.02,
+                          roles=method_roles(), colors=method_colors(), confirmed=confirmed,
+                          provenance={"git commit": "abc123", "torch": "2.13.0"})
+    text = result.path.read_text()
+    pairwise = result.verdict.pairwise
+    assert set(pairwise.index) == set(METHOD_NAMES) - {"init"}
+    assert (pairwise["lo"] < pairwise["diff"]).all() and (pairwise["diff"] < pairwise["hi"]).all()
+    assert pairwise.loc["none", "lo"] > 0.2  # init far above the floor
+    assert f"| none | {100 * pairwise.loc['none', 'diff']:.1f} |" in text
+    assert "none: at most 1 distinct caption(s) for 300 test images in each of its 3 runs" in text
+    assert "pre: at most" not in text
+    assert "| init | 1 | a1b2 | lstm | 512 | 0.0021 |" in text
+    assert "| method | rank | seed 0 | seed 1 | seed 2 |" in text
+    assert "| git commit | abc123 |" in text

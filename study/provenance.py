@@ -1,0 +1,73 @@
+"""Where a study's numbers come from: code, data, packages, hardware and time, for the report.
+
+The commit that ran the search is the one the study journalled when it started (``tracking_journal.jsonl``);
+a report regenerated later by newer code names both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "ray", "optuna", "mlflow", "pycocoevalcap", "numpy", "pandas", "efficientnet-lite-pytorch")
+
+
+def provenance(folder: Path, data_info: dict[str, Any], *, report_commit: str) -> dict[str, str]:
+    """Ordered ``{what: value}`` rows for the report's provenance table."""
+    folder = Path(folder)
+    started = _study_start(folder)
+    tags = started.get("tags", {})
+    search_commit = tags.get("mlflow.source.git.commit") or tags.get("git_commit") or "unknown"
+    rows = {"search run by commit": search_commit, "report written by commit": report_commit,
+            "report written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "dataset": f"{data_info.get('dataset')} ({data_info.get('dataset_json')})",
+            "dataset fingerprint": str(data_info.get("dataset_fingerprint")),
+            "image encoder": str(data_info.get("encoder"))}
+    ledger = folder / "search_time.json"
+    if ledger.is_file():
+        used = json.loads(ledger.read_text())
+        rows["search wall time"] = f"{used['used_s'] / 3600:.2f} h of a {used['budget_s'] / 3600:.2f} h budget"
+    rows["hardware"] = _hardware()
+    rows["python"] = platform.python_version()
+    for name in PACKAGES:
+        try:
+            rows[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            rows[name] = "not installed"
+    return rows
+
+
+def _study_start(folder: Path) -> dict[str, Any]:
+    journal = folder / "tracking_journal.jsonl"
+    if not journal.is_file():
+        return {}
+    with journal.open() as fh:
+        for line in fh:
+            event = json.loads(line)
+            if event.get("kind") == "study_start":
+                return event
+    return {}
+
+
+def _hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    text = f"{os.cpu_count()} CPU cores ({cpu})"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            text += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return text
