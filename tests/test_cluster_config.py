@@ -65,21 +65,25 @@ def test_misspelt_or_mistyped_keys_are_rejected(path):
 
 def test_misspelt_node_type_key_is_rejected():
     config = load(REPO / "cluster.yaml")
-    config["available_node_types"]["gpu_worker"]["min_worker"] = 1   # not min_workers
+    config["available_node_types"]["gpu_g5"]["min_worker"] = 1   # not min_workers
     with pytest.raises(Exception, match="min_worker"):
         ray_checks(config)
 
 
-def test_aws_cluster_has_a_cpu_head_and_spot_single_gpu_workers():
+def test_aws_cluster_has_a_cpu_head_and_several_spot_single_gpu_worker_types_in_rays_image():
     config = load(REPO / "cluster.yaml")
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
-    (worker_name,) = [t for t in types if t != config["head_node_type"]]
-    worker = types[worker_name]
+    workers = [types[t] for t in types if t != config["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0 and head["resources"].get("CPU") == 0   # no trials on the head
-    assert worker["resources"]["GPU"] == 1
-    assert worker["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
-    assert 0 <= worker["min_workers"] <= worker["max_workers"] <= config["max_workers"]
+    assert len({w["node_config"]["InstanceType"] for w in workers}) >= 3  # more spot capacity to draw from
+    for worker in workers:
+        assert worker["resources"]["GPU"] == 1
+        assert worker["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+        assert 0 <= worker["min_workers"] <= worker["max_workers"] <= config["max_workers"]
+    docker = config["docker"]
+    assert docker["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"  # the tested Ray, with CUDA
+    assert docker["head_image"].startswith(f"rayproject/ray:{ray.__version__}-")
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
@@ -87,11 +91,13 @@ def test_cluster_file_pins_ray_and_the_project_and_holds_no_secrets(path):
     text = path.read_text()
     config = load(path)
     install = " ".join(config["setup_commands"])
-    pins = re.findall(r'ray\[[a-z,]+\]==([0-9.]+)', install)
+    # Ray is pinned to the tested version: by the docker image's tag, or by pip where nodes have no image.
+    pins = re.findall(r'ray\[[a-z,]+\]==([0-9.]+)', install) or re.findall(r'rayproject/ray:([0-9.]+)-',
+                                                                         config.get("docker", {}).get("image", ""))
     assert pins == [ray.__version__], f"{path.name}: pin ray to the tested version {ray.__version__}, found {pins}"
-    pyproject = (REPO / "pyproject.toml").read_text()
-    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
-    assert f"caption_study-{version}-py3-none-any.whl" in install, f"{path.name}: install the {version} wheel"
+    # Whatever wheel dist/ holds: no version in the file, so a version bump needs no edit here.
+    assert "dist/caption_study-*.whl" in install, f"{path.name}: install the wheel in dist/ by pattern"
+    assert not re.search(r"caption_study-[0-9]", install), f"{path.name}: a hard-coded wheel version"
     for secret in (r"AKIA[0-9A-Z]{16}", r"aws_secret_access_key", r"aws_access_key_id", r"PRIVATE KEY-----",
                    r"[0-9a-f]{64}"):   # the last: a Ray auth token pasted in
         assert not re.search(secret, text, re.I), f"{path.name} contains something like a credential: {secret}"
