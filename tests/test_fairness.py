@@ -1,0 +1,88 @@
+"""The machinery that makes the comparison fair, unit by unit: equal trial budgets per method, conditional
+parameters sampled only where they apply, the grid sampler covering its grid, the learning-rate schedules,
+and the confirm stage retraining exactly each method's best trials (scored by their best epoch)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from study.config import TrialConfig
+from study.confirm import confirm_configs, confirmed_trials
+from study.spec import StudySpec
+from study.training import _lr_lambda
+from study.tuning import StudySearcher
+
+METHODS = ["init", "pre", "par", "merge", "attention", "none"]
+
+
+def _spec(**overrides) -> StudySpec:
+    values = {"name": "fair", "space": {"inject": {"choice": METHODS}, "lr": {"loguniform": [1e-4, 1e-2]},
+                                       "attention_dim": {"choice": [32, 64], "when": {"inject": "attention"}}},
+              "stratify": "inject", "search": {"trials": 24, "seed": 0}}
+    values.update(overrides)
+    return StudySpec.model_validate(values)
+
+
+def test_every_method_gets_the_same_number_of_trials_and_conditions_hold():
+    searcher = StudySearcher(_spec())
+    configs = []
+    for i in range(30):  # more asks than the budget: the searcher says when it is done
+        config = searcher.suggest(f"t{i}")
+        if config == StudySearcher.FINISHED:
+            break
+        configs.append(config)
+        searcher.on_trial_complete(f"t{i}", {"val_CIDEr-D": 0.1 * (i % 5)})
+    assert Counter(c["inject"] for c in configs) == {m: 4 for m in METHODS}
+    for c in configs:
+        assert ("attention_dim" in c) == (c["inject"] == "attention")
+        assert 1e-4 <= c["lr"] <= 1e-2
+    # Handed out round-robin: at any point no method is more than one trial ahead of another.
+    for n in range(1, len(configs) + 1):
+        counts = Counter(c["inject"] for c in configs[:n])
+        assert max(counts.values()) - min(counts.get(m, 0) for m in METHODS) <= 1
+
+
+def test_grid_search_proposes_each_grid_point_once_per_method():
+    spec = _spec(space={"inject": {"choice": ["init", "par"]}, "cell": {"choice": ["lstm", "gru"]},
+                        "hidden": {"choice": [64, 128]}},
+                 search={"algorithm": "grid", "trials": 8, "seed": 0})
+    searcher = StudySearcher(spec)
+    configs = [searcher.suggest(f"t{i}") for i in range(8)]
+    points = Counter((c["inject"], c["cell"], c["hidden"]) for c in configs)
+    assert len(points) == 8 and set(points.values()) == {1}
+
+
+@pytest.mark.parametrize("schedule, start, middle, end", [
+    ("constant", 1.0, 1.0, 1.0),
+    ("cosine", 1.0, 0.05 + 0.95 * 0.5, 0.05),   # never below 5% of the rate
+    ("step", 1.0, 0.5, 0.25),                   # halved at each third
+])
+def test_learning_rate_schedules(schedule, start, middle, end):
+    cfg = TrialConfig(schedule=schedule, epochs=3)
+    factor = _lr_lambda(cfg, steps_per_epoch=100)  # 300 steps
+    assert factor(0) == pytest.approx(start)
+    assert factor(150) == pytest.approx(middle)
+    assert factor(299) == pytest.approx(end, abs=0.01)
+
+
+def test_confirm_stage_retrains_each_methods_best_trials_by_their_best_epoch():
+    spec = _spec(confirm={"top_k": 2, "seeds": 3})
+    trials = pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d", "e"], "inject": ["init", "init", "init", "attention", "attention"],
+        "status": ["completed", "stopped", "errored", "stopped", "completed"],
+        "val_CIDEr-D": [0.40, 0.55, 0.90, 0.30, 0.35], "lr": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3],
+        "attention_dim": [math.nan, math.nan, math.nan, 64, 32]})
+    chosen = confirmed_trials(spec, trials)
+    # An errored trial is never confirmed however well it scored; ranks follow the metric.
+    assert list(zip(chosen["method"], chosen["config_rank"], chosen["trial_id"])) == [
+        ("init", 1, "b"), ("init", 2, "a"), ("attention", 1, "e"), ("attention", 2, "d")]
+    runs = confirm_configs(spec, trials)
+    assert len(runs) == 4 * 3
+    by_run = {(m, r, s): cfg for m, r, s, cfg in runs}
+    assert by_run["init", 1, 2].lr == 2e-3 and by_run["init", 1, 2].seed == 1002
+    assert by_run["attention", 1, 0].attention_dim == 32
+    assert by_run["init", 2, 0].attention_dim == TrialConfig().attention_dim  # not sampled: the default
