@@ -269,12 +269,27 @@ def _resolve_study(study: str, storage: Optional[Path]) -> dict:
     for folder in candidates:
         if (folder / "study.json").is_file():
             try:
-                return json.loads((folder / "study.json").read_text()) | {"folder": str(folder.resolve())}
+                info = json.loads((folder / "study.json").read_text()) | {"folder": str(folder.resolve())}
+                return _portable(info, folder.resolve())
             except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:  # TypeError: not an object
                 _fail(f"{folder / 'study.json'} is damaged ({exc}): it should be the JSON object `study run` "
                       "wrote, naming the study's spec, storage, tracking_uri and experiment; restore or rewrite it")
     _fail(f"no study {study!r}: looked for study.json in {', '.join(str(c) for c in candidates)}")
     raise AssertionError
+
+
+def _portable(info: dict, folder: Path) -> dict:
+    """A study folder read where it is, not where it was written: the default MLflow store is the folder's own
+    ``mlflow.db``, and a local study whose folder was copied or moved (same name) reads its Tune state there."""
+    from study.spec import storage_is_remote
+    from study.tracking import folder_tracking_uri
+
+    info["tracking_uri"] = folder_tracking_uri(info, folder)
+    storage = info.get("storage")
+    if (isinstance(storage, str) and not storage_is_remote(storage) and folder.name == info.get("name")
+            and (Path(storage) / folder.name).resolve() != folder and (folder / "tune").is_dir()):
+        info["storage"] = str(folder.parent)
+    return info
 
 
 def _require_search_started(info: dict) -> None:

@@ -3,10 +3,13 @@
 1. Take the best ``confirm.top_k`` configurations of each injection method from the search.
 2. Retrain each with ``confirm.seeds`` seeds to the full budget (Ray tasks, in parallel across the
    cluster) and score the test split with beam search and the full metric suite, per image.
-3. Each finished run is written to ``<study>/confirm/<method>-r<k>-s<seed>.json`` as soon as it ends, so an
-   interrupted confirm stage resumes where it stopped (finished runs are never trained again).
-4. ``analysis.report`` computes the verdict with bootstrap intervals, plots and writes the report; the
-   report and the verdict go to the study's MLflow parent run (tag ``verdict``).
+3. Each finished run is written to ``<study>/confirm/<method>-r<k>-s<seed>.json`` (its trained model beside it
+   as ``.pt``) as soon as it ends, so an interrupted confirm stage resumes where it stopped (finished runs are
+   never trained again).
+4. ``analysis.report`` computes the verdict with bootstrap intervals, plots and writes the report. MLflow gets
+   each confirm run as a child run (``kind=confirm``: parameters, test metrics, per-image scores, captions and
+   checkpoint as artifacts), and the parent the report, the verdict table (``verdict.csv`` and the
+   ``verdict.json`` table) and a few headline metrics (tag ``verdict``).
 5. ``decide`` (``study decide``) buys certainty when the verdict is inconclusive: one more seed at a time for
    the target and the best competitor, each look at the sequential plan's level (``analysis.sequential``),
    until the verdict is conclusive or the seed or time budget ends; the looks go to ``<study>/decide.json``.
@@ -28,18 +31,31 @@ def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | Non
                     methods: list[str] | None = None) -> list[tuple[str, int, int, TrialConfig]]:
     """(method, rank, seed, config) of every confirm run: the best ``top_k`` trials of each method, with
     ``seeds`` (default: the spec's ``confirm.seeds`` first ones) for ``methods`` (default: all)."""
-    done = trials[trials["status"] != "errored"] if "status" in trials else trials
     runs = []
     epochs = spec.confirm.epochs or spec.asha.max_epochs
-    for method in methods or spec.methods:
+    chosen = confirmed_trials(spec, trials)
+    for _, row in chosen[chosen["method"].isin(methods or spec.methods)].iterrows():
+        sampled = {k: row[k] for k in spec.space if k in row and not _missing(row[k])}
+        for seed in seeds if seeds is not None else range(spec.confirm.seeds):
+            cfg = spec.trial_config({**sampled, "seed": 1000 + seed, "epochs": epochs,
+                                     "beam_size": spec.confirm.beam_size})
+            runs.append((row["method"], int(row["config_rank"]), seed, cfg))
+    return runs
+
+
+def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
+    """The search trials the confirm stage retrains: each method's best ``top_k`` by the spec's metric (each
+    trial scored by its best epoch), with ``method, config_rank, trial_id``, the metric and the searched
+    parameters (None where a conditional one was not sampled)."""
+    done = trials[trials["status"] != "errored"] if "status" in trials else trials
+    rows = []
+    for method in spec.methods:
         best = done[done["inject"] == method].sort_values(spec.metric, ascending=spec.mode == "min")
         for rank, (_, row) in enumerate(best.head(spec.confirm.top_k).iterrows(), start=1):
-            sampled = {k: row[k] for k in spec.space if k in row and not _missing(row[k])}
-            for seed in seeds if seeds is not None else range(spec.confirm.seeds):
-                cfg = spec.trial_config({**sampled, "seed": 1000 + seed, "epochs": epochs,
-                                         "beam_size": spec.confirm.beam_size})
-                runs.append((method, rank, seed, cfg))
-    return runs
+            rows.append({"method": method, "config_rank": rank, "trial_id": row.get("trial_id"),
+                         spec.metric: row.get(spec.metric),
+                         **{k: (None if _missing(row.get(k)) else row.get(k)) for k in spec.space if k != "inject"}})
+    return pd.DataFrame(rows, columns=None if rows else ["method", "config_rank", "trial_id"])
 
 
 def _missing(value: Any) -> bool:
@@ -56,13 +72,15 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
     import time
 
     from study.inference import load_captioner
-    from study.training import FeatureSource, evaluate, pick_device, run_trial
+    from study.training import CHECKPOINT_FILE, FeatureSource, evaluate, pick_device, run_trial
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="confirm-") as tmp:
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
         device = pick_device()
         model, _, _ = load_captioner(Path(tmp) / "checkpoint", device)
+        # The model goes back with the scores (this task may run on another node): the driver keeps it.
+        checkpoint = (Path(tmp) / "checkpoint" / CHECKPOINT_FILE).read_bytes()
     features = FeatureSource(data, device, need_grid=model.needs_grid)
     scores, captions, per_image = evaluate(model, cfg, data, data.tokens_for(cfg), "test", features, device,
                                            beam_size=cfg.beam_size, full=True, per_image=True)
@@ -71,7 +89,7 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
             "per_image": {m: {str(k): v for k, v in d.items()} for m, d in per_image.items()},
             "params": result["params"], "epochs": len(result["epochs"]),
             "train_seconds": sum(e["train_seconds"] for e in result["epochs"]),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "checkpoint": checkpoint}
 
 
 def run_confirm(spec: StudySpec, folder: Path, trials: pd.DataFrame, data, *, progress: bool = True,
@@ -97,6 +115,11 @@ def run_confirm(spec: StudySpec, folder: Path, trials: pd.DataFrame, data, *, pr
         method, rank, seed = pending.pop(ready[0])
         result = ray.get(ready[0])
         result.update(method=method, config_rank=rank, seed=seed)
+        checkpoint = result.pop("checkpoint", None)
+        if checkpoint is not None:  # first: a .json without its .pt is an older run, never the reverse
+            tmp = out / f"{run_name(method, rank, seed)}.pt.tmp"
+            tmp.write_bytes(checkpoint)
+            os.replace(tmp, out / f"{run_name(method, rank, seed)}.pt")
         tmp = out / f"{run_name(method, rank, seed)}.json.tmp"
         tmp.write_text(json.dumps(result))
         os.replace(tmp, out / f"{run_name(method, rank, seed)}.json")
@@ -121,8 +144,8 @@ def load_confirm(folder: Path, data) -> tuple[pd.DataFrame, pd.DataFrame, pd.Dat
             per_image_rows.append(row)
         run_rows.append({"method": method, "config_rank": rank, "seed": seed, "params": result["params"],
                          "train_seconds": result["train_seconds"], "seconds": result.get("seconds", float("nan")),
-                         "epochs": result["epochs"],
-                         **result["scores"]})
+                         "epochs": result["epochs"], "test_images": len(result["captions"]),
+                         "distinct_captions": len(set(result["captions"])), **result["scores"]})
         if rank == 1 and seed == 0:
             for i in range(min(6, len(result["captions"]))):
                 gallery_rows.append({"image_path": str(test.paths[i]), "method": method,
@@ -242,10 +265,12 @@ def confirm_and_report(spec: StudySpec, spec_path: Path, *, console=None, addres
                        progress: bool = True) -> Path:
     """Confirm stage (resumable) + verdict + report, logged to the study's MLflow parent run."""
     from analysis.report import build_report
+    from study.provenance import provenance
+    from study.tracking import git_commit
     from study import tuning
     from study.data.prepare import prepare
     from study.registry import method_colors, method_roles
-    from study.tracking import StudyTracker
+    from study.tracking import StudyTracker, source_tags
 
     folder = tuning.study_dir(spec)
     trials, history = tuning.load_trial_tables(spec)
@@ -262,14 +287,67 @@ def confirm_and_report(spec: StudySpec, spec_path: Path, *, console=None, addres
                           margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
                           spec_text=Path(spec_path).read_text(), level=plan.level if plan else 0.95,
                           decision=lambda verdict: decision_note(spec, verdict, plan, per_image),
-                          resources=spec.resources.model_dump())
+                          resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
+                          provenance=provenance(folder, data.info, report_commit=git_commit()))
     verdict = result.verdict
     tracker = StudyTracker(tuning.tracking_uri(spec), spec.tracking.experiment or spec.name, spec.name, folder)
-    summary = verdict.to_dict()
-    metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracker.child_tags = source_tags("study report")
+    log_confirm_runs(spec, folder, tracker)
+    table = verdict_table(verdict, method_roles())
+    table.to_csv(folder / "verdict.csv", index=False)
+    tracker.study_artifact(folder / "verdict.csv")
+    if len(table):
+        tracker.study_table({c: json.loads(table[c].to_json(orient="values")) for c in table.columns}, "verdict.json")
     tracker.study_tags({"verdict": verdict.verdict, "verdict_text": verdict.text[:4000]},
-                       {f"verdict.{k}": v for k, v in metrics.items()})
+                       verdict_metrics(verdict))
     tracker.study_artifact(result.path.parent, "report")
     if console is not None:
         console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}\nreport: {result.path}")
     return result.path
+
+
+def verdict_table(verdict, roles: dict[str, str]) -> pd.DataFrame:
+    """One row per method: its role, configuration rank, seeds, images and each metric's mean and interval."""
+    table = verdict.table.rename_axis("method").reset_index()
+    if "role" not in table:
+        table.insert(1, "role", [roles.get(m, "") for m in table["method"]])
+    if "level" not in table:
+        table.insert(2, "level", verdict.level)
+    return table
+
+
+def verdict_metrics(verdict) -> dict[str, float]:
+    """The parent run's headline metrics: the compared difference and its interval, each method's test score."""
+    out = {"verdict.diff": verdict.diff, "verdict.ci_low": verdict.ci[0], "verdict.ci_high": verdict.ci[1],
+           "verdict.margin": verdict.margin}
+    for method, row in verdict.table.iterrows():
+        if verdict.metric in row:
+            out[f"test_{verdict.metric}.{method}"] = row[verdict.metric]
+    return {k: float(v) for k, v in out.items() if v is not None and not pd.isna(v)}
+
+
+def log_confirm_runs(spec: StudySpec, folder: Path, tracker) -> int:
+    """Each confirm run not yet in MLflow as a child run of the study's parent: its searched parameters
+    (only those active for its configuration), seed and budget; its test scores; as artifacts its result
+    (per-image scores and captions), its per-image scores as CSV and its checkpoint. Returns how many were new."""
+    from study.tracking import CONFIRM_PREFIX
+
+    new = 0
+    for path in sorted((folder / "confirm").glob("*.json")):
+        name = path.stem
+        if CONFIRM_PREFIX + name in tracker.confirm_logged:  # journalled before: only new runs are logged
+            continue
+        result = json.loads(path.read_text())
+        config = result["config"]
+        params = {k: config[k] for k, p in spec.space.items() if k in config and p.matches(config)}
+        params.update(method=result["method"], config_rank=result["config_rank"], seed=config.get("seed"),
+                      epochs=config.get("epochs"), beam_size=config.get("beam_size"), params=result["params"])
+        metrics = {f"test_{k}": v for k, v in result["scores"].items()}
+        metrics.update(train_seconds=result["train_seconds"], seconds=result.get("seconds", float("nan")))
+        per_image = pd.DataFrame({m: pd.Series(d) for m, d in result["per_image"].items()})
+        per_image.index.name = "image_id"
+        csv = path.with_suffix(".per_image.csv")
+        per_image.sort_index(key=lambda ids: ids.astype(int)).to_csv(csv)
+        artifacts = [path, csv] + [p for p in [path.with_suffix(".pt")] if p.exists()]
+        new += tracker.confirm_run(name, params, {k: v for k, v in metrics.items() if v == v}, artifacts)
+    return new

@@ -302,8 +302,9 @@ class StudyTracker:
                     client.log_text(parent, event["spec"], "spec.yaml")
                 if event.get("dataset"):
                     ds = event["dataset"]
+                    # MLflow allows 36 characters of digest; the full fingerprint is the dataset_fingerprint tag.
                     client.log_inputs(parent, datasets=[DatasetInput(
-                        Dataset(name=ds["name"], digest=ds["digest"], source_type="local", source=ds["source"]),
+                        Dataset(name=ds["name"], digest=ds["digest"][:36], source_type="local", source=ds["source"]),
                         tags=[InputTag("mlflow.data.context", "training")])])
             else:  # a resume: the same parent run goes on
                 client.update_run(parent, status="RUNNING")

@@ -28,7 +28,7 @@ from study.config import TrialConfig
 from study.data.prepare import PreparedData, TokenSetting, prepare
 from study.registry import any_needs_grid
 from study.spec import REPORTED, StudySpec, storage_is_remote
-from study.tracking import StudyTracker, git_commit, sqlite_uri
+from study.tracking import STORE_FILE, StudyTracker, source_tags, sqlite_uri
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,19 @@ def study_dir(spec: StudySpec) -> Path:
 
 
 def tracking_uri(spec: StudySpec) -> str:
-    return spec.tracking.uri or sqlite_uri(study_dir(spec) / "mlflow.db")
+    return spec.tracking.uri or sqlite_uri(study_dir(spec) / STORE_FILE)
 
 
 def write_study_file(spec: StudySpec, spec_path: Path) -> Path:
-    """``study.json`` lets ``study resume/leaderboard/report NAME`` find the spec, storage and MLflow store."""
+    """``study.json`` lets ``study resume/leaderboard/report NAME`` find the spec, storage and MLflow store.
+    The default store is written as ``"tracking_uri": null``: the ``mlflow.db`` beside the file, wherever the
+    folder is (``study.tracking.folder_tracking_uri``); only another store is written out."""
     folder = study_dir(spec)
     folder.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(spec)
     info = {"name": spec.name, "spec": str(Path(spec_path).resolve()), "storage": spec.storage,
-            "tracking_uri": tracking_uri(spec), "experiment": spec.tracking.experiment or spec.name}
+            "tracking_uri": None if uri == sqlite_uri(folder / STORE_FILE) else uri,
+            "experiment": spec.tracking.experiment or spec.name}
     path = folder / "study.json"
     path.write_text(json.dumps(info, indent=2))
     return path
@@ -421,7 +425,7 @@ class TrackingCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         params = self.spec.trial_config(trial.config).model_dump(mode="json", by_alias=True, exclude={"dataset"})
-        self.tracker.trial_started(trial.trial_id, self._name(trial), params)
+        self.tracker.trial_started(trial.trial_id, self._name(trial), active_params(self.spec, trial.config, params))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -439,13 +443,13 @@ class TrackingCallback(tune.Callback):
         epochs = max(last, self.last_epoch.get(trial.trial_id, 0))
         status = "completed" if epochs >= self.spec.asha.max_epochs else "stopped"
         reason = None if status == "completed" else f"stopped by ASHA after {epochs} epochs"
-        self.tracker.trial_finished(trial.trial_id, status, reason)
+        self.tracker.trial_finished(trial.trial_id, status, reason, best=(self.spec.metric, self.spec.mode))
         self.echo(f"{self._name(trial)}  {reason or 'completed'}")
         prune_checkpoints(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason = error_reason(trial)
-        self.tracker.trial_finished(trial.trial_id, "errored", reason)
+        self.tracker.trial_finished(trial.trial_id, "errored", reason, best=(self.spec.metric, self.spec.mode))
         prune_checkpoints(trial)
         self.echo(f"{self._name(trial)}  ERRORED: {reason}")
 
@@ -454,6 +458,13 @@ class TrackingCallback(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self.tracker.flush()  # retry a server that was down, at most every RETRY_SECONDS
+
+
+def active_params(spec: StudySpec, sampled: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the conditional parameters of ``spec.space`` whose ``when:`` does not hold for the
+    ``sampled`` values (``attention_dim`` of a non-attention trial): their config default was never searched."""
+    inactive = {name for name, param in spec.space.items() if name not in sampled or not param.matches(sampled)}
+    return {k: v for k, v in params.items() if k not in inactive}
 
 
 def remove_lost_trial_folders(spec: StudySpec, known: set[str]) -> None:
@@ -733,10 +744,12 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
         params={"trials": total_trials(spec), "search": spec.search.algorithm, "metric": spec.metric,
                 "stratify": spec.stratify, "asha_max_epochs": spec.asha.max_epochs, **{
                     f"fixed.{k}": v for k, v in spec.fixed.items()}},
-        tags={"git_commit": git_commit(), "dataset": str(data.info["dataset"]),
-              "dataset_fingerprint": str(data.info["dataset_fingerprint"]),
+        tags={**source_tags("study resume" if resume else "study run", spec.description),
+              "dataset": str(data.info["dataset"]), "dataset_fingerprint": str(data.info["dataset_fingerprint"]),
               "feature_cache": str(data.info["feature_cache"]), "encoder": str(data.info["encoder"])},
-        spec_text=Path(spec_path).read_text() if Path(spec_path).is_file() else None)
+        spec_text=Path(spec_path).read_text() if Path(spec_path).is_file() else None,
+        dataset={"name": str(data.info["dataset"]), "digest": str(data.info["dataset_fingerprint"]),
+                 "source": str(data.info.get("dataset_json", data.info["dataset"]))})
 
     ensure_ray(address)
     trainable = tune.with_resources(
