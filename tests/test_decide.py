@@ -31,13 +31,14 @@ def test_decide_adds_seeds_under_the_plan_and_the_report_says_so(tmp_path, small
                     "seed": small_shapes.seed, "cache_dir": str(small_shapes.cache_dir)},
         "fixed": {"hidden": 8, "embed": 8, "min_count": 1, "batch_size": 160, "lr": 1e-6, "max_len": 4,
                   "val_images": 5},
-        "space": {"inject": {"choice": ["init", "pre"]}},
+        # dropout is searched only for init: a pre trial must not log it (MLflow shows only active parameters).
+        "space": {"inject": {"choice": ["init", "pre"]}, "dropout": {"choice": [0.1], "when": {"inject": "init"}}},
         "stratify": "inject",
         "search": {"trials": 2, "seed": 0},
         "asha": {"max_epochs": 1, "grace_period": 1},
         "storage": str(tmp_path / "runs"),
         "confirm": {"seeds": 1, "epochs": 1, "beam_size": 1, "margin": 0.0, "max_seeds": 2},
-    }))
+    }, sort_keys=False))
     run = _study("run", str(spec_path), "--no-report", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     too_many = _study("decide", "decide", "--storage", str(tmp_path / "runs"), "--max-seeds", "5", cwd=tmp_path)
@@ -55,3 +56,66 @@ def test_decide_adds_seeds_under_the_plan_and_the_report_says_so(tmp_path, small
     report = (folder / "report" / "report.md").read_text()
     assert "[97.5% CI]" in report
     assert "Not decided after 2 seeds per method, the plan's limit" in report
+    _check_mlflow(folder, tmp_path)
+
+
+def _check_mlflow(folder: Path, tmp_path: Path) -> None:
+    """The study's MLflow store holds the answer and its evidence, and a copied study folder reads its own."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from study.tracking import confirm_runs, sqlite_uri, study_runs
+
+    uri = sqlite_uri(folder / "mlflow.db")
+    client = MlflowClient(uri)
+    parents, trials = study_runs(uri, "decide")
+    confirm = confirm_runs(uri, "decide")
+    parent = client.get_run(parents.iloc[0]["run_id"])
+    assert len(parents) == 1 and len(trials) == 2
+    assert sorted(confirm["tags.mlflow.runName"]) == [
+        "confirm-init-r1-s0", "confirm-init-r1-s1", "confirm-pre-r1-s0", "confirm-pre-r1-s1"]
+    assert (confirm["tags.mlflow.parentRunId"] == parent.info.run_id).all()
+    assert confirm["metrics.test_CIDEr-D"].notna().all() and (confirm["params.seed"] != "").all()
+    one = confirm.iloc[0]
+    assert {a.path for a in client.list_artifacts(one["run_id"])} == {
+        f"{one['tags.mlflow.runName'].removeprefix('confirm-')}{ext}" for ext in (".json", ".per_image.csv", ".pt")}
+
+    # The verdict: a table artifact and a few headline metrics, not one metric per number.
+    assert {"verdict.csv", "verdict.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.tags["verdict"].startswith("inconclusive")
+    assert {"verdict.diff", "verdict.ci_low", "verdict.ci_high", "test_CIDEr-D.init", "test_CIDEr-D.pre"} <= set(
+        parent.data.metrics) and len(parent.data.metrics) <= 8
+
+    # Conventions: standard tags, the dataset input, only active conditional parameters, params once.
+    for run in [parent, *(client.get_run(r) for r in trials["run_id"])]:
+        assert run.data.tags["mlflow.source.name"] == "study run" and run.data.tags["mlflow.user"]
+        assert len(run.data.tags["mlflow.source.git.commit"]) >= 7 and "git_commit" not in run.data.tags
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["shapes"]
+    assert parent.data.tags["dataset_fingerprint"].startswith(parent.inputs.dataset_inputs[0].dataset.digest)
+    by_method = {row["params.inject"]: row for _, row in trials.iterrows()}
+    assert by_method["init"]["params.dropout"] == "0.1" and _missing(by_method["pre"].get("params.dropout"))
+    assert "metrics.params" not in trials or trials["metrics.params"].isna().all()
+    assert trials["params.params"].notna().all()
+
+    # The same best trial per method as `study leaderboard` (each trial's best epoch).
+    board = _study("leaderboard", str(folder), "--format", "csv", cwd=tmp_path)
+    assert board.returncode == 0, board.stderr[-2000:]
+    lines = [line.split(",") for line in board.stdout.strip().splitlines()]
+    best = {row[lines[0].index("inject")]: row[lines[0].index("run")] for row in lines[1:]}
+    ranked = trials.sort_values("metrics.best_val_CIDEr-D", ascending=False).groupby("params.inject").head(1)
+    assert best == dict(zip(ranked["params.inject"], ranked["tags.mlflow.runName"]))
+
+    # A copied study folder reads its own store (study.json names no absolute one), even with the original gone.
+    assert json.loads((folder / "study.json").read_text())["tracking_uri"] is None
+    copy = tmp_path / "elsewhere" / "decide"
+    shutil.copytree(folder, copy)
+    (tmp_path / "runs").rename(tmp_path / "gone")
+    board = _study("leaderboard", str(copy), "--format", "csv", cwd=tmp_path)
+    assert board.returncode == 0 and len(board.stdout.strip().splitlines()) == 3, board.stderr[-2000:]
+    sync = _study("sync", str(copy), cwd=tmp_path)
+    assert sync.returncode == 0 and sqlite_uri(copy / "mlflow.db") in sync.stdout, sync.stdout + sync.stderr
+
+
+def _missing(value) -> bool:
+    return value is None or value != value
