@@ -332,7 +332,8 @@ class StudyTracker:
                 return
             tags = [RunTag("status", event["status"])]
             if event.get("reason"):  # an error is an error; ASHA stopping a trial is not
-                tags.append(RunTag("error" if event["status"] == "errored" else "status_reason", event["reason"][:5000]))
+                key = "error" if event["status"] == "errored" else "status_reason"
+                tags.append(RunTag(key, event["reason"][:5000]))
             now = int(time.time() * 1000)
             client.log_batch(run_id, tags=tags, metrics=[Metric(k, float(v), now, 0)
                                                          for k, v in event.get("summary", {}).items()])

@@ -72,7 +72,9 @@ def test_confirm_runs_params_once_and_stopped_trials(tmp_path):
     client = MlflowClient(uri)
     confirm = confirm_runs(uri, "exp")
     assert sorted(confirm["tags.mlflow.runName"]) == ["confirm-init-r1-s0", "confirm-init-r1-s1"]
-    assert (confirm["status"] == "FINISHED").all() and list(confirm.sort_values("tags.mlflow.runName")["tags.mlflow.source.name"]) == ["study run", "study report"]
+    assert (confirm["status"] == "FINISHED").all()
+    sources = confirm.sort_values("tags.mlflow.runName")["tags.mlflow.source.name"]
+    assert list(sources) == ["study run", "study report"]
     first = confirm[confirm["tags.mlflow.runName"] == "confirm-init-r1-s0"].iloc[0]
     assert [a.path for a in client.list_artifacts(first["run_id"])] == ["ckpt.pt"]
     parents, trials = study_runs(uri, "exp")
