@@ -300,16 +300,17 @@ class StudyTracker:
                 client.log_batch(parent, params=[Param(k, v) for k, v in event["params"].items()])
                 if event.get("spec"):
                     client.log_text(parent, event["spec"], "spec.yaml")
-                if event.get("dataset"):
-                    ds = event["dataset"]
-                    # MLflow allows 36 characters of digest; the full fingerprint is the dataset_fingerprint tag.
-                    client.log_inputs(parent, datasets=[DatasetInput(
-                        Dataset(name=ds["name"], digest=ds["digest"][:36], source_type="local", source=ds["source"]),
-                        tags=[InputTag("mlflow.data.context", "training")])])
             else:  # a resume: the same parent run goes on
                 client.update_run(parent, status="RUNNING")
                 client.log_batch(parent, tags=[RunTag("resumed", "true")] + [
                     RunTag(k, v) for k, v in event["tags"].items() if k.startswith("mlflow.")])
+            # Also on a resume whose first attempt failed after creating the run (or a study from before inputs).
+            if event.get("dataset") and not client.get_run(parent).inputs.dataset_inputs:
+                ds = event["dataset"]
+                # MLflow allows 36 characters of digest; the full fingerprint is the dataset_fingerprint tag.
+                client.log_inputs(parent, datasets=[DatasetInput(
+                    Dataset(name=ds["name"], digest=ds["digest"][:36], source_type="local", source=ds["source"]),
+                    tags=[InputTag("mlflow.data.context", "training")])])
         elif kind == "trial_start":
             key = event["trial"]
             if key in self.runs:  # resumed or retried trial: same run, no duplicate
