@@ -199,6 +199,13 @@ def test_killed_driver_then_resume_finishes_every_trial_once(tmp_path, small_sha
 
     tags = get_run_tags(sqlite_uri(folder / "mlflow.db"), parents.iloc[0]["run_id"])
     assert tags["verdict"] in {"competes", "does not compete", "inconclusive: more seeds needed"}
+    from study.tracking import confirm_runs
+
+    # One child run per confirm run, each with its checkpoint, however often the confirm stage was started.
+    logged = confirm_runs(sqlite_uri(folder / "mlflow.db"), "resumable")
+    expected = [f"confirm-{name.removesuffix('.json')}" for name in sorted(results)]
+    assert sorted(logged["tags.mlflow.runName"]) == expected
+    assert all((confirm / name.replace(".json", ".pt")).is_file() for name in results)
 
 
 def _free_port() -> int:
