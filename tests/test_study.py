@@ -131,8 +131,12 @@ def test_killed_driver_then_resume_finishes_every_trial_once(tmp_path, small_sha
         runs[["tags.mlflow.runName", "status", "tags.status", *[c for c in ["tags.error"] if c in runs]]].to_string()
     assert (runs["metrics.epoch_seconds"] > 0).all()
     # Finished trials keep only their last checkpoint (running ones keep all, so a crash can always resume).
+    # A folder of a trial lost with the killed driver's last snapshot (it started, no epoch ended) may remain,
+    # without any checkpoint: its place was proposed again.
+    known = set(runs["tags.trial_id"])
     for trial_dir in (folder / "tune").glob("*-lstm-*"):
-        assert len(list(trial_dir.glob("checkpoint_*"))) == 1, trial_dir
+        kept = len(list(trial_dir.glob("checkpoint_*")))
+        assert kept == (1 if trial_dir.name.rsplit("-", 1)[-1] in known else 0), (trial_dir, kept)
 
     board = subprocess.run([sys.executable, "-m", "study", "leaderboard", "resumable", "--storage",
                             str(tmp_path / "runs"), "--format", "csv"], capture_output=True, text=True,
