@@ -63,7 +63,7 @@ ROWS_REST = [
     ("per_epoch_other", "other per-epoch work (checkpoint, report)"),
     ("start_stop", "trial start/stop and Ray"),
     ("mlflow", "MLflow tracking (estimated)"),
-    ("unreported", "unreported epoch time (running or failed trials)"),
+    ("unreported", "epochs cut short or not reported yet (stopped, failed, running)"),
     ("idle", "idle slots"),
 ]
 MODEL_WORK = ("train_steps", "val_loss", "decode", "train", "validation")
@@ -124,16 +124,18 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_states(tune_dir: Path) -> tuple[list[float], dict[str, dict[str, Any]]]:
-    """(session start times, newest snapshot per trial id) from Tune's experiment_state files (one per driver)."""
+def read_states(tune_dir: Path) -> tuple[list[tuple[float, float]], dict[str, dict[str, Any]]]:
+    """Tune's experiment_state files (one per driver session): the sessions' (start, last write) times, and the
+    newest snapshot of each trial."""
     sessions, trials = [], {}
     for path in sorted(tune_dir.glob("experiment_state-*.json")):  # named by session start: oldest first
         try:
             state = json.loads(path.read_text())
+            written = path.stat().st_mtime
         except (OSError, json.JSONDecodeError):
             continue  # being rewritten right now
         if (start := state.get("stats", {}).get("start_time")) is not None:
-            sessions.append(float(start))
+            sessions.append((float(start), written))
         for parts in state.get("trial_data", []):
             info: dict[str, Any] = {}
             for part in parts:  # the trial's JSON and its run metadata JSON
@@ -236,7 +238,7 @@ def profile_study(study_dir: Path, *, slots: int | None = None, cpus: int | None
     tune_dir = study_dir / "tune"
     if not tune_dir.is_dir():
         raise SystemExit(f"{study_dir} has no tune/ folder: not a study folder, or its search has not started")
-    session_starts, states = read_states(tune_dir)
+    session_times, states = read_states(tune_dir)
     spec = read_spec(study_dir)
     notes: list[str] = []
 
@@ -266,6 +268,7 @@ def profile_study(study_dir: Path, *, slots: int | None = None, cpus: int | None
 
     sec = {key: 0.0 for key, _ in (ROWS_FINE if fine else ROWS_COARSE) + ROWS_REST}
     segments: list[Segment] = []
+    tails: list[tuple[Segment, Any]] = []  # (last segment, until when it trained unreported)
     epochs = 0
     for trial_id, rows in trials.items():
         state = states.get(trial_id, {})
@@ -313,27 +316,56 @@ def profile_study(study_dir: Path, *, slots: int | None = None, cpus: int | None
             sec["start_stop"] += seg.end - seg.start - seg.iter_seconds
         if not rows and state.get("start_time"):  # started, nothing reported yet
             trial_segments.append(Segment(float(state["start_time"]), float(state["start_time"])))
-        if trial_segments:  # a running trial's current epoch, a failed trial's last one
-            last = trial_segments[-1]
-            end = observed_until if running else error_times.get(trial_id, last.end)
-            if end > last.end:
-                sec["unreported"] += end - last.end
-                last.end = end
+        # Training after the last result that no result reports: a running trial's current epoch, a failed
+        # trial's last one, and the epoch a trial was in when the budget (or a kill) ended its driver's session.
+        for k, seg in enumerate(trial_segments):
+            if k + 1 < len(trial_segments):  # retried after an error, or resumed by a later driver
+                tails.append((seg, trial_segments[k + 1]))
+            elif running:
+                tails.append((seg, "live"))
+            elif trial_id in error_times:
+                tails.append((seg, error_times[trial_id]))
+            elif not (state.get("last_result") or {}).get("done", True):
+                tails.append((seg, "session"))
         segments.extend(trial_segments)
 
     if not segments:
         raise SystemExit(f"{study_dir}: no trial has started yet")
 
-    # Wall time: each driver session from Tune's start to the last trial end seen in it.
-    starts = session_starts or [min(s.start for s in segments)]
-    wall = 0.0
-    for k, begin in enumerate(starts):
-        stop = starts[k + 1] if k + 1 < len(starts) else float("inf")
-        inside = [s for s in segments if begin - 2 <= s.start < stop - 2]  # result timestamps are whole seconds
-        if inside:
-            wall += max(s.end for s in inside) - min(begin, *(s.start for s in inside))
-    if len(starts) > 1:
-        notes.append(f"{len(starts)} driver sessions (resumed): wall time summed over them")
+    # Driver sessions: from Tune's start to its last write of the experiment state (the search's end).
+    sessions = session_times or [(min(s.start for s in segments), max(s.end for s in segments))]
+
+    def session_of(t: float) -> int:
+        return max([k for k, (begin, _) in enumerate(sessions) if begin - 2 <= t] or [0])  # timestamps: whole s
+
+    # A session's last write can be later than its last result by at most the epoch then in flight; much later
+    # means the file was touched since (a copied folder): then end the session one longest iteration later.
+    longest = max((float(row.get("time_this_iter_s", 0.0)) for rows in trials.values() for row in rows), default=0.0)
+    ends = []
+    for k, (begin, written) in enumerate(sessions):
+        reported = max([s.end for s in segments if session_of(s.start) == k] or [begin])
+        cap = min(reported + longest, sessions[k + 1][0] if k + 1 < len(sessions) else float("inf"))
+        if written > cap:
+            notes.append(f"session {k + 1}: its state file was written {written - reported:.0f} s after its last "
+                         f"result (copied?): its end is taken as {cap - reported:.0f} s after that result")
+        ends.append(min(written, cap))
+    for seg, until in tails:
+        if until == "live":
+            until = observed_until
+        elif isinstance(until, Segment):  # up to the retry; a resumed one only until its driver stopped
+            same = session_of(until.start) == session_of(seg.start)
+            until = until.start if same else ends[session_of(seg.start)]
+        elif until == "session":
+            until = ends[session_of(seg.start)]
+        if until > seg.end:
+            sec["unreported"] += until - seg.end
+            seg.end = until
+    for seg in segments:  # a session lasts at least until its last trial's end
+        k = session_of(seg.start)
+        ends[k] = max(ends[k], seg.end)
+    wall = sum(end - begin for (begin, _), end in zip(sessions, ends))
+    if len(sessions) > 1:
+        notes.append(f"{len(sessions)} driver sessions (resumed): wall time summed over them")
     ledger = study_dir / "search_time.json"
     if ledger.is_file():
         used = json.loads(ledger.read_text()).get("used_s")
@@ -372,8 +404,10 @@ def profile_study(study_dir: Path, *, slots: int | None = None, cpus: int | None
                      "decode_seconds, metric_seconds): coarse split, training = train_seconds (with data "
                      "loading), validation = epoch_seconds - train_seconds (loss, decoding and metrics)")
     if sec.get("unreported", 0.0) > 0:
-        notes.append(f"live or failed trials: {sec['unreported']:.0f} s of epochs not reported yet (until "
-                     f"{datetime.fromtimestamp(observed_until, timezone.utc):%H:%M:%S} UTC)")
+        live = f" (running trials counted until {datetime.fromtimestamp(observed_until, timezone.utc):%H:%M:%S} " \
+               "UTC)" if any(until == "live" for _, until in tails) else ""
+        notes.append(f"{sec['unreported']:.0f} s of training that no result reports: epochs a time budget, a killed "
+                     f"driver or an error cut short, or still running{live}")
     return Profile(study_dir, sec, wall, used_slots, fine, len(trials), epochs, notes)
 
 
@@ -381,9 +415,9 @@ def profile_study(study_dir: Path, *, slots: int | None = None, cpus: int | None
 def format_text(p: Profile) -> str:
     lines = [f"study {p.study}: {p.trials} trials, {p.epochs} epochs, wall {p.wall:.0f} s x {p.slots} slots "
              f"= {p.total:.0f} slot-seconds",
-             f"{'part':<52} {'seconds':>9} {'share':>7}"]
-    lines += [f"{label:<52} {seconds:>9.1f} {share:>6.1f}%" for label, seconds, share in p.rows()]
-    lines.append(f"{'total':<52} {sum(r[1] for r in p.rows()):>9.1f} {sum(r[2] for r in p.rows()):>6.1f}%")
+             f"{'part':<64} {'seconds':>9} {'share':>7}"]
+    lines += [f"{label:<64} {seconds:>9.1f} {share:>6.1f}%" for label, seconds, share in p.rows()]
+    lines.append(f"{'total':<64} {sum(r[1] for r in p.rows()):>9.1f} {sum(r[2] for r in p.rows()):>6.1f}%")
     lines.append(f"model work (training steps{', val loss, decoding' if p.fine else ' + data, validation'}) "
                  f"= {p.model_share:.1f}% of trial time (slot time less idle and unreported)")
     lines += [f"note: {n}" for n in p.notes]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -80,8 +81,9 @@ def _result(trial_id: str, epoch: int, *, at: float, iter_s: float, since_restor
 
 
 def _write_study(folder: Path, *, fine: bool) -> Path:
-    """Two slots, 100 s of search: trial a runs 0-60 s (3 epochs of 10 s + 2 s each, 4 s to start), trial b
-    10-40 s (1 epoch), trial c 45-90 s (2 epochs). Spec: 1 CPU per trial, max_concurrent 2."""
+    """Two slots (spec: 1 CPU per trial, max_concurrent 2). Trial a runs 4-42 s (3 epochs of 10 s + 2 s each,
+    2 s of set-up), b 10-24 s (1 epoch), c 45-71 s (2 epochs), then trains on until the time budget ends the
+    search at 80 s (Tune's last write of its state), which stops c without a result."""
     tune = folder / "tune"
     plan = {"a": (T0 + 4, [12, 12, 12]), "b": (T0 + 10, [12]), "c": (T0 + 45, [12, 12])}
     state = {"stats": {"start_time": T0}, "trial_data": []}
@@ -93,9 +95,9 @@ def _write_study(folder: Path, *, fine: bool) -> Path:
             rows.append(_result(trial_id, i, at=at, iter_s=iter_s + (2 if i == 1 else 0), since_restore=i,
                                 fine=fine))
         (tune / f"m-{trial_id}" / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        run = {"start_time": start, "last_result_time": at}
+        run = {"start_time": start, "last_result_time": at, "last_result": {"done": trial_id != "c"}}
         state["trial_data"].append([json.dumps({"trial_id": trial_id, "status": "TERMINATED"}), json.dumps(run)])
-    (tune / "experiment_state-2027-01-15_08-00-00.json").write_text(json.dumps(state))
+    _write_state(tune / "experiment_state-2027-01-15_08-00-00.json", state, written=T0 + 80)
     spec = yaml.safe_dump({"name": "synthetic", "resources": {"cpu": 1}, "search": {"max_concurrent": 2}})
     events = [{"kind": "study_start", "spec": spec}] + [{"kind": "trial_start", "trial": t} for t in plan]
     events += [{"kind": "trial_result", "trial": "a", "step": 1}]
@@ -103,16 +105,22 @@ def _write_study(folder: Path, *, fine: bool) -> Path:
     return folder
 
 
+def _write_state(path: Path, state: dict, *, written: float) -> None:
+    """An experiment_state file last written (by its driver) at ``written``."""
+    path.write_text(json.dumps(state))
+    os.utime(path, (written, written))
+
+
 @pytest.mark.parametrize("fine", [True, False])
 def test_profile_table_splits_the_slot_time(tmp_path, fine):
     profile_study = _profile_module()
     p = profile_study.profile_study(_write_study(tmp_path, fine=fine), cpus=8, mlflow_costs={"*": 0.1})
     assert p.slots == 2 and p.epochs == 6 and p.fine is fine
-    # Tune's start to the last result of c (45 + 2 + 24 s): 71 s of wall time on two slots.
-    assert p.wall == pytest.approx(71.0)
+    assert p.wall == pytest.approx(80.0)  # Tune's start to its last write
     rows = {label: seconds for label, seconds, _ in p.rows()}
     assert sum(share for _, _, share in p.rows()) == pytest.approx(100.0)
-    assert sum(rows.values()) == pytest.approx(142.0)
+    assert sum(rows.values()) == pytest.approx(160.0)
+    assert rows["epochs cut short or not reported yet (stopped, failed, running)"] == pytest.approx(80 - 71)
     if fine:  # 6 epochs x (8 - 1) s of steps, 1 s data, 1 s val loss, 0.5 s decoding, 0.25 s metrics
         assert rows["training steps (forward, backward, optimiser)"] == pytest.approx(42.0)
         assert rows["data loading (batch tokens + features)"] == pytest.approx(6.0)
@@ -126,8 +134,8 @@ def test_profile_table_splits_the_slot_time(tmp_path, fine):
     # each trial's 2 s of set-up before its first iteration; MLflow: 4 events x 0.1 s, taken out of that
     assert rows["trial start/stop and Ray"] == pytest.approx(3 * 2.0 - 0.4)
     assert rows["MLflow tracking (estimated)"] == pytest.approx(0.4)
-    busy = (3 * 12 + 2) + (12 + 2) + (2 * 12 + 2)
-    assert rows["idle slots"] == pytest.approx(142.0 - busy)
+    busy = (3 * 12 + 2) + (12 + 2) + (2 * 12 + 2) + 9
+    assert rows["idle slots"] == pytest.approx(160.0 - busy)
     assert "| idle slots |" in profile_study.format_markdown(p)
 
 
@@ -143,16 +151,18 @@ def test_profile_of_a_resumed_study_counts_each_session_once(tmp_path):
             _result("a", 3, at=T0 + 118.5, iter_s=12, since_restore=2, fine=True)]
     (tune / "m-a" / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     trial = [json.dumps({"trial_id": "a", "status": "RUNNING"}), json.dumps({"start_time": T0 + 4})]
-    (tune / "experiment_state-2027-01-15_08-00-00.json").write_text(
-        json.dumps({"stats": {"start_time": T0}, "trial_data": [trial]}))
+    _write_state(tune / "experiment_state-2027-01-15_08-00-00.json",  # its last snapshot: 35 s, then killed
+                 {"stats": {"start_time": T0}, "trial_data": [trial]}, written=T0 + 35)
     trial = [json.dumps({"trial_id": "a", "status": "TERMINATED"}),
-             json.dumps({"start_time": T0 + 4, "last_result_time": T0 + 118.5})]
-    (tune / "experiment_state-2027-01-15_08-01-40.json").write_text(
-        json.dumps({"stats": {"start_time": T0 + 100}, "trial_data": [trial]}))
+             json.dumps({"start_time": T0 + 4, "last_result_time": T0 + 118.5, "last_result": {"done": True}})]
+    _write_state(tune / "experiment_state-2027-01-15_08-01-40.json",
+                 {"stats": {"start_time": T0 + 100}, "trial_data": [trial]}, written=T0 + 118.6)
     p = profile_study.profile_study(tmp_path, slots=1, mlflow_costs={"*": 0.1})
-    assert p.epochs == 3 and p.wall == pytest.approx(30 + 18.5)
+    assert p.epochs == 3 and p.wall == pytest.approx(35 + 18.6)
     rows = {label: seconds for label, seconds, _ in p.rows()}
     assert rows["training steps (forward, backward, optimiser)"] == pytest.approx(3 * 7.0)
     assert rows["trial start/stop and Ray"] == pytest.approx(2.0 + 2.5)  # first set-up, then the restore
-    assert rows["idle slots"] == pytest.approx(48.5 - (26 + 14.5))
+    # epoch 3 of the first driver, 5 s in when it was killed, is lost
+    assert rows["epochs cut short or not reported yet (stopped, failed, running)"] == pytest.approx(5.0)
+    assert rows["idle slots"] == pytest.approx(53.6 - (26 + 5 + 14.5))
     assert sum(share for _, _, share in p.rows()) == pytest.approx(100.0)
