@@ -7,7 +7,8 @@ Loads the newest checkpoint of each of the study's trials (read only), prepares 
 features), and times, as ``run_trial`` does each epoch: the val loss over every val caption and over the first
 ``--captions`` (``val_captions``: the captions of the first images, in order), greedy decoding of the
 ``val_images`` images the trial decoded, and their scoring. Then the Spearman correlation, over the trials, of
-the subset's val loss with the full split's, and of either with the trials' val CIDEr-D.
+the subset's val loss with the full split's, and of either with the trials' val CIDEr-D. Also the data loading of
+one training epoch alone (``_train_epoch``'s gathering of each batch's tokens and features, no model).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from study.config import checkpoint_config
 from study.data.prepare import TokenSetting, prepare
 from study.metrics import score_captions
 from study.models import build_captioner
-from study.training import FeatureSource, SplitTensors, decode_images, load_checkpoint, validation_loss
+from study.training import (FeatureSource, SplitTensors, decode_images, length_bucketed_batches, load_checkpoint,
+                            validation_loss)
 
 
 def newest_checkpoints(study: Path) -> list[Path]:
@@ -60,6 +62,17 @@ def main() -> None:
             data_by_key[key] = prepare(cfg.dataset, [TokenSetting(cfg.tokens, cfg.effective_max_len, cfg.min_count)],
                                        need_grid=True, progress=False)
             print(f"prepared {cfg.dataset.kind} in {time.perf_counter() - t0:.1f} s")
+            data = data_by_key[key]
+            train = SplitTensors.of(data.tokens_for(cfg).splits["train"], data.images["train"].rows)
+            batches = length_bucketed_batches(train.lengths, cfg.batch_size, np.random.default_rng(0))
+            for grid in (False, True):
+                gather = FeatureSource(data, dev, need_grid=grid)
+                t0 = time.perf_counter()
+                for idx in batches:  # as _train_epoch gathers them
+                    train.ids[torch.from_numpy(idx), : int(train.lengths[idx].max())].to(dev, non_blocking=True)
+                    gather(train.feature_rows[idx])
+                print(f"data loading of one training epoch ({len(batches)} batches of {cfg.batch_size}, "
+                      f"{'pooled + grid' if grid else 'pooled'} features): {time.perf_counter() - t0:.2f} s")
         data = data_by_key[key]
         tokens = data.tokens_for(cfg)
         model = build_captioner(cfg, len(tokens.vocab), data.feature_dim, data.feature_stats)
