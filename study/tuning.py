@@ -800,6 +800,7 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     table = None
     if results is not None:
         drop_pruned_checkpoints(spec)
+        export_optuna_studies(spec)
         table, _ = load_trial_tables(spec)
         unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
         # A spent time budget ends the search normally, with fewer trials than the cap.
@@ -874,6 +875,37 @@ def _trial_history(fs, folder: str) -> list[dict[str, Any]]:
         results = [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
     by_epoch = {int(r["epoch"]): {k: r[k] for k in REPORTED if k in r} for r in results if "epoch" in r}
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def export_optuna_studies(spec: StudySpec) -> Path | None:
+    """Write the searchers' Optuna studies into ``<study>/optuna.db`` (an Optuna RDB storage, one study per group,
+    named ``<study>.<method>``), so ``optuna-dashboard sqlite:///<study>/optuna.db`` and
+    ``optuna.load_study(...).trials_dataframe()`` read them. Rebuilt from the searchers' newest JSON state
+    (never a pickle) after each search; trials still running then are left out."""
+    import optuna
+    import pyarrow.fs as pafs
+    from optuna.trial import TrialState
+
+    fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if i.base_name.startswith("searcher-state-") and i.base_name.endswith(".json")]
+    if not infos:
+        return None
+    state = _read_json(fs, max(infos, key=lambda i: i.mtime_ns or 0).path)
+    searcher = StudySearcher(spec)
+    fixed = searcher._group_fixed()
+    target = study_dir(spec) / "optuna.db"
+    tmp = target.with_suffix(".db.tmp")
+    tmp.unlink(missing_ok=True)
+    storage = f"sqlite:///{tmp}"
+    for key, group_state in state["groups"].items():
+        group = GroupSearch.from_state(spec, fixed[key], group_state)
+        study = optuna.create_study(study_name=f"{spec.name}.{key}", storage=storage,
+                                    direction="maximize" if spec.mode == "max" else "minimize")
+        study.set_user_attr("metric", spec.metric)  # what each value is (best epoch of the trial)
+        study.add_trials([t for t in group.study.get_trials(deepcopy=False) if t.state.is_finished()])
+    os.replace(tmp, target)
+    return target
 
 
 def experiment_states(spec: StudySpec) -> tuple[Any, list[str]]:

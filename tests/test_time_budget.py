@@ -50,6 +50,16 @@ def test_a_spent_budget_ends_the_search_normally_and_resume_adds_no_trials(tmp_p
     ran = len(outcome.trials)
     assert 0 < ran < 60
     assert set(outcome.trials["status"]) <= {"completed", "stopped"}
+    # The searchers' Optuna studies, persisted for optuna-dashboard and trials_dataframe().
+    import optuna
+
+    storage = f"sqlite:///{outcome.study_dir / 'optuna.db'}"
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    assert names == ["budget.init", "budget.none"]
+    frames = [optuna.load_study(study_name=n, storage=storage).trials_dataframe() for n in names]
+    # Every trial the searchers were told of; those the budget stopped mid-epoch were still running for them.
+    assert ran - 2 <= sum(len(f) for f in frames) <= ran
+    assert all("params_lr" in f and f.loc[f["state"] == "COMPLETE", "value"].notna().all() for f in frames)
 
     try:
         again = run_study(spec, spec_path, resume=True, progress=False)
