@@ -16,18 +16,7 @@ import pytest
 from study.config import ConfigError
 from study.spec import load_spec
 
-SPEC = """
-name: t
-dataset: {kind: shapes, images: 60}
-fixed: {cell: lstm}
-space:
-  inject: {choice: [init, attention]}
-  lr: {loguniform: [1.0e-3, 1.0e-2]}
-  attention_dim: {choice: [32, 64], when: {inject: attention}}
-stratify: inject
-search: {trials: 4}
-asha: {max_epochs: 3, grace_period: 1}
-"""
+from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attention, a conditional parameter
 
 
 # ----- item 5: spec mistakes found before Ray starts -------------------------------------------------------
