@@ -377,6 +377,52 @@ def trial_name(spec: StudySpec, trial) -> str:
 
 
 # ----- running and resuming ----------------------------------------------------------------------------
+class SearchTimeBudget(tune.Stopper):
+    """Ends the search once it has run ``budget_s`` seconds of wall time, summed over every driver of the study.
+
+    The seconds used are kept in ``ledger`` (``search_time.json`` in the study folder), so a resumed study gets
+    what is left; Tune's own ``time_budget_s`` starts again in full on ``Tuner.restore``. Trials running when
+    the budget is spent are stopped by Tune and ranked on the epochs they finished."""
+
+    WRITE_EVERY_S = 10.0
+
+    def __init__(self, budget_s: float, ledger: Path):
+        self.budget_s = budget_s
+        self.ledger = Path(ledger)
+        self._clock: float | None = None  # this driver's start, set at the first check (after Ray and data)
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        now = time.monotonic()
+        if self._clock is None:
+            self._clock, self._before, self._written = now, read_search_time(self.ledger)["used_s"], 0.0
+        used = self._before + now - self._clock
+        spent = used >= self.budget_s
+        if spent or now - self._written >= self.WRITE_EVERY_S:
+            atomic_write_json(self.ledger, {"budget_s": self.budget_s, "used_s": round(used, 1), "spent": spent})
+            self._written = now
+        return spent
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its RunConfig; a restored stopper must start its own clock and re-read the ledger.
+        return {"budget_s": self.budget_s, "ledger": self.ledger, "_clock": None}
+
+
+def read_search_time(ledger: Path) -> dict[str, Any]:
+    """``{"budget_s", "used_s", "spent"}`` of a study's time budget (zeros before the search starts)."""
+    if not Path(ledger).is_file():
+        return {"budget_s": None, "used_s": 0.0, "spent": False}
+    return json.loads(Path(ledger).read_text())
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
 @dataclass
 class StudyOutcome:
     name: str
@@ -442,6 +488,8 @@ def describe_budget(spec: StudySpec) -> str:
              f"metric={spec.metric} ({spec.mode})"]
     if spec.stratify:
         lines.append(f"  stratified by inject: {spec.trials_per_method} trials each for {', '.join(spec.methods)}")
+    if spec.search.time_budget_h:
+        lines.append(f"  time budget: {spec.search.time_budget_h:g} h of wall time for the search (summed over resumes)")
     lines.append(f"  ASHA: {'on' if spec.asha.enabled else 'off'}, max {spec.asha.max_epochs} epochs, "
                  f"grace {spec.asha.grace_period}, reduction {spec.asha.reduction_factor}")
     lines.append(f"  epochs at most: {total_trials(spec) * spec.asha.max_epochs}; resources per trial: "
@@ -482,6 +530,8 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     callback = TrackingCallback(tracker, spec, echo)
 
     drop_duplicate_actor_failures()
+    ledger = folder / "search_time.json"
+    budget = SearchTimeBudget(spec.search.time_budget_h * 3600, ledger) if spec.search.time_budget_h else None
     interrupted = False
     if resume and tune.Tuner.can_restore(experiment_path(spec)):
         tuner = tune.Tuner.restore(experiment_path(spec), trainable=trainable, resume_unfinished=True,
@@ -507,7 +557,7 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
                 # its last experiment snapshot names before the next snapshot is written, and a driver
                 # killed in between cannot resume that trial. Finished trials are pruned to their last.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                callbacks=[callback], verbose=verbose),
+                stop=budget, callbacks=[callback], verbose=verbose),
         )
     # Tuner.restore unpickles the RunConfig it saved, callbacks included: that callback's tracker holds the
     # journal counters of the killed driver. Replace it with this run's (Tune has no public setter).
@@ -522,7 +572,9 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     if results is not None:
         table, _ = load_trial_tables(spec)
         unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
-        interrupted = interrupted or len(unfinished) > 0 or len(table) < total_trials(spec)
+        # A spent time budget ends the search normally, with fewer trials than the cap.
+        all_ran = len(table) >= total_trials(spec) or read_search_time(ledger)["spent"]
+        interrupted = interrupted or len(unfinished) > 0 or not all_ran
     tracker.finish_study("KILLED" if interrupted else "FINISHED")
     return StudyOutcome(spec.name, folder, uri, experiment, table, interrupted, time.perf_counter() - t0)
 
