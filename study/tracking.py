@@ -286,6 +286,13 @@ class StudyTracker:
         tmp.write_text(json.dumps(self.runs, indent=1))
         os.replace(tmp, self.runs_file)
 
+    def _run_by_trial_tag(self, client, key: str) -> str | None:
+        """The active run of trial ``key`` in this study, found by its tags: a driver killed between creating a
+        run and writing its id to ``mlflow_runs.json`` leaves one that only its tags name."""
+        runs = client.search_runs([self._experiment_id(client)], max_results=1,
+                                  filter_string=f"tags.trial_id = '{key}' and tags.study = '{self.study_name}'")
+        return runs[0].info.run_id if runs else None
+
     def _send(self, client, event: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
@@ -313,6 +320,8 @@ class StudyTracker:
                     tags=[InputTag("mlflow.data.context", "training")])])
         elif kind == "trial_start":
             key = event["trial"]
+            if key not in self.runs and (found := self._run_by_trial_tag(client, key)) is not None:
+                self._remember(key, found)  # created by a driver killed before it could remember the id
             if key in self.runs:  # resumed or retried trial: same run, no duplicate
                 client.update_run(self.runs[key], status="RUNNING")
                 return
@@ -341,7 +350,7 @@ class StudyTracker:
             client.set_terminated(run_id, STATUS_TO_MLFLOW.get(event["status"], "FINISHED"))
         elif kind == "trial_discard":
             for key in event["trials"]:
-                run_id = self.runs.get(key)
+                run_id = self.runs.get(key) or self._run_by_trial_tag(client, key)
                 if run_id is None:
                     continue
                 if client.get_run(run_id).info.lifecycle_stage == "active":  # a replay may find it deleted

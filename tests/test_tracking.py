@@ -86,3 +86,32 @@ def test_confirm_runs_params_once_and_stopped_trials(tmp_path):
     assert trial.data.params["params"] == "1234" and "params" not in trial.data.metrics
     assert trial.data.metrics["best_val_CIDEr-D"] == 0.6 and trial.data.metrics["best_epoch"] == 2
     assert trial.data.tags["mlflow.source.name"] == "study run"
+
+
+def test_a_run_whose_id_was_never_remembered_is_found_by_its_tags(tmp_path):
+    """A driver killed between MLflow creating a trial's run and writing its id to mlflow_runs.json (seen in
+    the kill test): the next driver finds the run by its trial_id tag, to discard it or to log into it, so
+    nothing is left RUNNING and nothing is duplicated."""
+    import json
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    killed = StudyTracker(uri, "exp", "exp", tmp_path / "study")
+    killed.start_study({"trials": 2}, {})
+    killed.trial_started("lost", "init-lstm-1x64-word-lost", {"inject": "init"})
+    killed.trial_started("kept", "init-lstm-1x64-word-kept", {"inject": "init"})
+    # The kill: the two runs exist in MLflow, but neither their ids nor the sent position reached the disk.
+    runs_file = tmp_path / "study" / "mlflow_runs.json"
+    remembered = json.loads(runs_file.read_text())
+    runs_file.write_text(json.dumps({k: v for k, v in remembered.items() if k not in ("lost", "kept")}))
+    first_event = (tmp_path / "study" / "tracking_journal.jsonl").read_bytes().split(b"\n")[0]
+    (tmp_path / "study" / "tracking_sent.json").write_text(json.dumps({"sent": 1, "offset": len(first_event) + 1}))
+
+    again = StudyTracker(uri, "exp", "exp", tmp_path / "study")
+    again.start_study({"trials": 2}, {})
+    again.discard_trials(keep={"kept"})
+    again.trial_started("kept", "init-lstm-1x64-word-kept", {"inject": "init"})
+    again.trial_finished("kept", "completed")
+    again.finish_study()
+    _, runs = study_runs(uri, "exp")
+    assert list(runs["tags.trial_id"]) == ["kept"] and (runs["status"] == "FINISHED").all()
+    assert again.runs["kept"] == remembered["kept"]  # the same run, not a second one
