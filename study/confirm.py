@@ -238,7 +238,7 @@ def decide(spec: StudySpec, spec_path: Path, *, max_seeds: int | None = None, ho
             counts = {m: int(verdict.table.loc[m, "seeds"]) for m in (verdict.target, verdict.best_other)}
             looks.append({"seeds": counts, "best_other": verdict.best_other, "diff": verdict.diff,
                           "ci": list(verdict.ci), "level": plan.level, "verdict": verdict.verdict})
-            _write_json(record, {"max_seeds": plan.max_seeds, "plan": plan.describe(), "looks": looks})
+            tuning.atomic_write_json(record, {"max_seeds": plan.max_seeds, "plan": plan.describe(), "looks": looks})
             if console is not None:
                 console.print(f"look {len(looks)}: {counts} seeds, {verdict.target} - {verdict.best_other} = "
                               f"{100 * verdict.diff:.1f} [{100 * verdict.ci[0]:.1f}, {100 * verdict.ci[1]:.1f}] "
@@ -255,22 +255,15 @@ def decide(spec: StudySpec, spec_path: Path, *, max_seeds: int | None = None, ho
     return confirm_and_report(spec, spec_path, console=console, address=address, progress=progress)
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
-
 def confirm_and_report(spec: StudySpec, spec_path: Path, *, console=None, address: str | None = None,
                        progress: bool = True) -> Path:
     """Confirm stage (resumable) + verdict + report, logged to the study's MLflow parent run."""
     from analysis.report import build_report
     from study.provenance import provenance
-    from study.tracking import git_commit
     from study import tuning
     from study.data.prepare import prepare
     from study.registry import method_colors, method_roles
-    from study.tracking import StudyTracker, source_tags
+    from study.tracking import StudyTracker, git_commit, source_tags
 
     folder = tuning.study_dir(spec)
     trials, history = tuning.load_trial_tables(spec)
