@@ -17,6 +17,7 @@ from study.config import ConfigError
 from study.spec import load_spec
 
 from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attention, a conditional parameter
+from tests.test_spec import assert_spec_refused
 
 
 # ----- item 5: spec mistakes found before Ray starts -------------------------------------------------------
@@ -36,12 +37,7 @@ from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attenti
 def test_metric_mode_and_when_values_are_checked_when_the_spec_loads(tmp_path, text, needles):
     path = tmp_path / "spec.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load_spec(path)
-    message = str(err.value)
-    assert str(path) in message
-    for needle in needles:
-        assert needle in message, (needle, message)
+    assert_spec_refused(path, needles)
 
 
 def test_a_condition_on_a_later_parameter_is_refused_since_it_could_never_hold(tmp_path):

@@ -43,6 +43,16 @@ def test_good_spec_loads_with_defaults(tmp_path):
     assert Path(spec.storage).is_absolute()
 
 
+def assert_spec_refused(path, needles) -> None:
+    """Loading ``path`` is a ConfigError whose message names the file and every needle."""
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
 @pytest.mark.parametrize("text, needles", [
     ("name: t\nspace: {inject: {choice: [init]}\n", ["not valid YAML", "line"]),
     (GOOD + "asha_typo: 1\n", ["asha_typo: unknown key"]),
@@ -59,12 +69,7 @@ def test_good_spec_loads_with_defaults(tmp_path):
 ])
 def test_bad_specs_name_the_file_and_the_key(tmp_path, text, needles):
     path = _write(tmp_path, text)
-    with pytest.raises(ConfigError) as err:
-        load_spec(path)
-    message = str(err.value)
-    assert str(path) in message
-    for needle in needles:
-        assert needle in message, (needle, message)
+    assert_spec_refused(path, needles)
 
 
 def test_unknown_injection_method_lists_the_valid_ones(tmp_path):
