@@ -1,0 +1,30 @@
+"""Write-then-rename: a reader (another process, a resumed driver, a user's editor) sees the old file or the
+new one, never half of one. Every file the project writes that something later reads goes through here."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file beside it (same filesystem, so the rename is atomic).
+    The temporary name carries the PID: two processes writing the same file never share one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, value: Any, *, indent: int | None = None, **dumps_options: Any) -> Path:
+    return atomic_write_text(path, json.dumps(value, indent=indent, **dumps_options))
