@@ -39,6 +39,7 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 
 from study import tuning  # noqa: E402
+from study.tuning import callbacks, ray_compat, runner  # noqa: E402
 from study.spec import load_spec  # noqa: E402
 from study.tracking import StudyTracker  # noqa: E402
 
@@ -50,7 +51,7 @@ FIXED = {"cell": "lstm", "layers": 1, "tokens": "word", "min_count": 1, "embed":
 EVENTS: dict[str, Any] = {}  # filled by TimingCallback in the driver (Tune may pickle the callback itself)
 
 
-class TimingCallback(tuning.TrackingCallback):
+class TimingCallback(callbacks.TrackingCallback):
     """The study's own callback plus driver-side wall-clock times of each trial's start and end."""
 
     def __init__(self, tracker, spec, echo=None):
@@ -89,7 +90,7 @@ def run(folder: Path, name: str, *, dataset: dict, fixed: dict, space: dict, tri
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec_dict))
     spec = load_spec(path)
-    tuning.TrackingCallback = TimingCallback  # run_study builds its callback from this module global
+    runner.TrackingCallback = TimingCallback  # run_study builds its callback from this module global
     EVENTS["t0"] = time.time()
     t0 = time.perf_counter()
     try:
@@ -127,8 +128,8 @@ def _timed(name: str, func):
     return wrapper
 
 
-tuning.prepare = _timed("prepare", tuning.prepare)
-tuning.ensure_ray = _timed("ray.init", tuning.ensure_ray)
+runner.prepare_for_spec = _timed("prepare", runner.prepare_for_spec)
+ray_compat.ensure_ray = _timed("ray.init", ray_compat.ensure_ray)
 StudyTracker.flush = _timed("tracker.flush", StudyTracker.flush)
 
 

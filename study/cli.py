@@ -5,7 +5,6 @@ Heavy imports (torch, ray, mlflow) happen inside the commands so ``study --help`
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -263,57 +262,23 @@ def caption(
 
 
 # ----- studies -----------------------------------------------------------------------------------------
-def _resolve_study(study: str, storage: Optional[Path]) -> dict:
-    """Find a study's ``study.json`` from its name (under --storage or ./runs) or its folder."""
-    candidates = [Path(study), (storage or Path("runs")) / study]
-    for folder in candidates:
-        if (folder / "study.json").is_file():
-            try:
-                info = json.loads((folder / "study.json").read_text()) | {"folder": str(folder.resolve())}
-                return _portable(info, folder.resolve())
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:  # TypeError: not an object
-                _fail(f"{folder / 'study.json'} is damaged ({exc}): it should be the JSON object `study run` "
-                      "wrote, naming the study's spec, storage, tracking_uri and experiment; restore or rewrite it")
-    _fail(f"no study {study!r}: looked for study.json in {', '.join(str(c) for c in candidates)}")
-    raise AssertionError
-
-
-def _portable(info: dict, folder: Path) -> dict:
-    """A study folder read where it is, not where it was written: the default MLflow store is the folder's own
-    ``mlflow.db``, and a local study whose folder was copied or moved (same name) reads its Tune state there."""
-    from study.spec import storage_is_remote
-    from study.tracking import folder_tracking_uri
-
-    info["tracking_uri"] = folder_tracking_uri(info, folder)
-    storage = info.get("storage")
-    if (isinstance(storage, str) and not storage_is_remote(storage) and folder.name == info.get("name")
-            and (Path(storage) / folder.name).resolve() != folder and (folder / "tune").is_dir()):
-        info["storage"] = str(folder.parent)
-    return info
-
-
-def _require_search_started(info: dict) -> None:
-    """A study that stopped before its search began (e.g. a bad image in data preparation) has a study.json but
-    no Tune state and no trials: say so and how to go on, rather than fail on its missing MLflow experiment."""
-    from study.spec import storage_is_remote
-
-    if storage_is_remote(info["storage"]):  # Tune's state is in the bucket; nothing cheap to look at here
-        return
-    if not (Path(info["folder"]) / "tune").is_dir():
-        _fail(f"study {info['name']!r} has no trials yet: its search has not started (no Tune state in "
-              f"{info['folder']}). Either it is still preparing its data, or it stopped there (e.g. at a bad "
-              f"image): fix what its `study run` reported, then continue it with: study resume {info['folder']}")
-
-
-def _study_spec(info: dict):
-    """The spec a study was run with, including the storage and MLflow store it actually used."""
-    from study.spec import load_spec
+def _open_study(study: str, storage: Optional[Path], *, started: bool = True):
+    """The study named on the command line (a name under --storage or ./runs, or a folder), with the spec,
+    storage and MLflow store it ran with; ``started``: fail unless its search has begun."""
+    from study.paths import StudyRecordError
+    from study.study import Study, StudyNotFound
 
     try:
-        return load_spec(Path(info["spec"]), storage=info["storage"], tracking_uri=info["tracking_uri"],
-                         name=info["name"])
-    except ConfigError as exc:
+        found = Study.open(study, storage)
+    except (StudyNotFound, StudyRecordError, ConfigError) as exc:
         _fail(str(exc))
+    if started and not found.search_started():
+        # A study that stopped before its search began (e.g. a bad image in data preparation) has a study.json but
+        # no Tune state and no trials: say so and how to go on, rather than fail on its missing MLflow experiment.
+        _fail(f"study {found.name!r} has no trials yet: its search has not started (no Tune state in "
+              f"{found.paths.root}). Either it is still preparing its data, or it stopped there (e.g. at a bad "
+              f"image): fix what its `study run` reported, then continue it with: study resume {found.paths.root}")
+    return found
 
 
 @app.command()
@@ -330,42 +295,31 @@ def run(
 ) -> None:
     """Run a study: prepare data once, then Ray Tune with Optuna + ASHA, tracked in MLflow."""
     from study.spec import load_spec
+    from study.study import Study
+    from study.tuning import describe_budget
 
     try:
         spec = load_spec(spec_path, storage=storage, tracking_uri=tracking_uri)
     except ConfigError as exc:
         _fail(str(exc))
-    from study import tuning
-
-    out.print(tuning.describe_budget(spec), highlight=False)
+    out.print(describe_budget(spec), highlight=False)
     if dry_run:
         return
-    if new and tuning.study_exists(spec):
-        existing, folder = spec.name, tuning.study_dir(spec)
-        spec = load_spec(spec_path, storage=storage, tracking_uri=tracking_uri, name=tuning.fresh_name(spec))
-        out.print(f"study {existing} exists at {folder}; starting a new study {spec.name} beside it, in "
-                  f"{tuning.study_dir(spec)}", highlight=False)
-    _run_and_summarise(spec, spec_path, address, max_concurrent, resume=False, report=report)
+    study = Study.from_spec(spec, spec_path)
+    if new and study.exists():
+        existing = study
+        study = study.fresh()
+        out.print(f"study {existing.name} exists at {existing.paths.root}; starting a new study {study.name} "
+                  f"beside it, in {study.paths.root}", highlight=False)
+    _run_and_summarise(study, address, max_concurrent, resume=False, report=report)
 
 
-def _resume_hint(spec) -> str:
-    """The command that continues this study: by name when it lives in ./runs, else by its folder."""
-    from study import tuning
-    from study.spec import storage_is_remote
-
-    folder = tuning.study_dir(spec)
-    if storage_is_remote(spec.storage) or folder.parent.resolve() != (Path.cwd() / "runs").resolve():
-        return f"study resume {folder}"
-    return f"study resume {spec.name}"
-
-
-def _lock_study(spec, command: str):
+def _lock_study(study, command: str):
     """Take the study's driver lock (one driver per study, see study/lock.py) or fail naming its holder."""
-    from study import tuning
-    from study.lock import StudyInUse, acquire
+    from study.lock import StudyInUse
 
     try:
-        lock = acquire(tuning.study_dir(spec), command)
+        lock = study.lock(command)
     except StudyInUse as exc:
         _fail(str(exc))
     if lock.took_over:
@@ -373,26 +327,24 @@ def _lock_study(spec, command: str):
     return lock
 
 
-def _run_and_summarise(spec, spec_path: Path, address, max_concurrent, *, resume: bool, report: bool) -> None:
-    from study import tuning
+def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: bool) -> None:
     from study.leaderboard import format_table, leaderboard
 
-    _writable_folder(tuning.study_dir(spec))
-    with _lock_study(spec, f"study {'resume' if resume else 'run'} {spec.name}"):
-        if not resume and tuning.study_exists(spec):
+    spec = study.spec
+    _writable_folder(study.paths.root)
+    with _lock_study(study, f"study {'resume' if resume else 'run'} {spec.name}"):
+        if not resume and study.exists():
             # Running a spec again would add a second round of trials to the study it already made.
-            _fail(f"study {spec.name} already exists at {tuning.study_dir(spec)}. Continue it with:  "
-                  f"{_resume_hint(spec)}   or start a new study beside it with:  study run {spec_path} --new")
-        out.print(f"MLflow store: {tuning.tracking_uri(spec)} (experiment {spec.tracking.experiment or spec.name})")
+            _fail(f"study {spec.name} already exists at {study.paths.root}. Continue it with:  "
+                  f"{study.resume_command()}   or start a new study beside it with:  study run {study.spec_path} --new")
+        out.print(f"MLflow store: {study.tracking_uri} (experiment {study.experiment})")
         try:
-            outcome = tuning.run_study(spec, spec_path, address=address, max_concurrent=max_concurrent,
-                                       resume=resume, echo=lambda line: console.print(line, highlight=False))
+            outcome = study.search(address=address, max_concurrent=max_concurrent, resume=resume,
+                                   echo=lambda line: console.print(line, highlight=False))
         except KeyboardInterrupt:
             outcome = None
-        finally:
-            tuning.shutdown()
         if outcome is None or outcome.interrupted:
-            console.print(f"[yellow]study interrupted.[/] Resume with:  {_resume_hint(spec)}", highlight=False)
+            console.print(f"[yellow]study interrupted.[/] Resume with:  {study.resume_command()}", highlight=False)
             raise typer.Exit(130)
         table = outcome.trials
         counts = table["status"].value_counts().to_dict() if table is not None and len(table) else {}
@@ -400,9 +352,7 @@ def _run_and_summarise(spec, spec_path: Path, address, max_concurrent, *, resume
         # From the study's own results, not MLflow: a tracking server that is down must not end the study here.
         out.print(format_table(leaderboard(table, metric=spec.metric, mode=spec.mode), "text"))
         if report and spec.stratify == "inject":
-            from study.confirm import confirm_and_report
-
-            confirm_and_report(spec, spec_path, console=out)
+            study.report(console=out)
 
 
 @app.command()
@@ -413,9 +363,7 @@ def resume(
     report: bool = typer.Option(True, help="confirm stage and report after the search"),
 ) -> None:
     """Continue an interrupted study: finished trials are kept, running ones continue from checkpoints."""
-    info = _resolve_study(study, storage)
-    spec = _study_spec(info)
-    _run_and_summarise(spec, Path(info["spec"]), address, None, resume=True, report=report)
+    _run_and_summarise(_open_study(study, storage, started=False), address, None, resume=True, report=report)
 
 
 @app.command("leaderboard")
@@ -429,7 +377,6 @@ def leaderboard_cmd(
 ) -> None:
     """The best trial of each injection method and overall (each trial's best epoch), from the study's own
     results in its storage; MLflow is only a mirror of them."""
-    from study import tuning
     from study.leaderboard import format_table, leaderboard
 
     # Checked before anything is read: a misspelt metric or mode used to sort silently by nothing.
@@ -441,9 +388,7 @@ def leaderboard_cmd(
         _fail(f"--mode {mode!r} is not a mode; allowed: max, min")
     if fmt not in FORMATS:
         _fail(f"--format {fmt!r} is not a format; allowed: {', '.join(FORMATS)}")
-    info = _resolve_study(study, storage)
-    _require_search_started(info)
-    trials, _ = tuning.load_trial_tables(_study_spec(info))
+    trials, _ = _open_study(study, storage).tables()
     board = leaderboard(trials, metric=metric, mode=mode, best_per_method=not all_trials)
     out.print(format_table(board, fmt), highlight=False, soft_wrap=True)
 
@@ -454,16 +399,12 @@ def sync(
     storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
 ) -> None:
     """Send results journalled while the MLflow server was down."""
-    from study.tracking import StudyTracker
-
-    info = _resolve_study(study, storage)
-    tracker = StudyTracker(info["tracking_uri"], info["experiment"], info["name"], Path(info["folder"]))
+    tracker = _open_study(study, storage, started=False).tracker()
     pending = tracker.pending
     if tracker.flush(force=True):
-        out.print(f"sent {pending} journalled events to {info['tracking_uri']}")
+        out.print(f"sent {pending} journalled events to {tracker.uri}")
     else:
-        _fail(f"MLflow at {info['tracking_uri']} is still not reachable; {tracker.pending} events wait in "
-              f"{tracker.journal}")
+        _fail(f"MLflow at {tracker.uri} is still not reachable; {tracker.pending} events wait in {tracker.journal}")
 
 
 @app.command("report")
@@ -473,13 +414,9 @@ def report_cmd(
     address: Optional[str] = typer.Option(None, help="Ray address for the confirm stage"),
 ) -> None:
     """Run the confirm stage if needed, compute the verdict, write the report and log it to MLflow."""
-    from study.confirm import confirm_and_report
-
-    info = _resolve_study(study, storage)
-    _require_search_started(info)
-    spec = _study_spec(info)
-    with _lock_study(spec, f"study report {spec.name}"):  # two confirm stages would train the same runs twice
-        confirm_and_report(spec, Path(info["spec"]), console=out, address=address)
+    found = _open_study(study, storage)
+    with _lock_study(found, f"study report {found.name}"):  # two confirm stages would train the same runs twice
+        found.report(console=out, address=address)
 
 
 @app.command()
@@ -494,14 +431,10 @@ def decide(
     """Buy certainty for an inconclusive verdict: add one confirm seed at a time to init and the best other
     method until the verdict is decided, or the seed or time budget ends. Every look uses a sequential plan's
     level (Bonferroni over the planned looks), so the error rate stays bounded; then the report is rewritten."""
-    from study.confirm import decide as run_decide
-
-    info = _resolve_study(study, storage)
-    _require_search_started(info)
-    spec = _study_spec(info)
-    with _lock_study(spec, f"study decide {spec.name}"):
+    found = _open_study(study, storage)
+    with _lock_study(found, f"study decide {found.name}"):
         try:
-            run_decide(spec, Path(info["spec"]), max_seeds=max_seeds, hours=hours, address=address, console=out)
+            found.decide(max_seeds=max_seeds, hours=hours, address=address, console=out)
         except (ConfigError, ValueError) as exc:
             _fail(str(exc))
 

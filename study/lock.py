@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LOCK_FILE = "driver.lock"
+from study.paths import StudyPaths
+
+LOCK_FILE = StudyPaths.at(Path(".")).lock.name  # "driver.lock"
 FRESH_SECONDS = 10.0  # an empty lock younger than this is being written by a starting driver
 
 

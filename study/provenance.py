@@ -14,13 +14,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from study.paths import StudyPaths
+
 PACKAGES = ("torch", "ray", "optuna", "mlflow", "pycocoevalcap", "numpy", "pandas", "efficientnet-lite-pytorch")
 
 
-def provenance(folder: Path, data_info: dict[str, Any], *, report_commit: str) -> dict[str, str]:
+def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: str) -> dict[str, str]:
     """Ordered ``{what: value}`` rows for the report's provenance table."""
-    folder = Path(folder)
-    started = _study_start(folder)
+    started = _study_start(paths.journal)
     tags = started.get("tags", {})
     search_commit = tags.get("mlflow.source.git.commit") or tags.get("git_commit") or "unknown"
     rows = {"search run by commit": search_commit, "report written by commit": report_commit,
@@ -28,9 +29,8 @@ def provenance(folder: Path, data_info: dict[str, Any], *, report_commit: str) -
             "dataset": f"{data_info.get('dataset')} ({data_info.get('dataset_json')})",
             "dataset fingerprint": str(data_info.get("dataset_fingerprint")),
             "image encoder": str(data_info.get("encoder"))}
-    ledger = folder / "search_time.json"
-    if ledger.is_file():
-        used = json.loads(ledger.read_text())
+    if paths.search_time.is_file():
+        used = json.loads(paths.search_time.read_text())
         rows["search wall time"] = f"{used['used_s'] / 3600:.2f} h of a {used['budget_s'] / 3600:.2f} h budget"
     rows["hardware"] = _hardware()
     rows["python"] = platform.python_version()
@@ -42,8 +42,7 @@ def provenance(folder: Path, data_info: dict[str, Any], *, report_commit: str) -
     return rows
 
 
-def _study_start(folder: Path) -> dict[str, Any]:
-    journal = folder / "tracking_journal.jsonl"
+def _study_start(journal: Path) -> dict[str, Any]:
     if not journal.is_file():
         return {}
     with journal.open() as fh:

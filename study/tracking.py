@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from study.files import atomic_write_json
+from study.paths import StudyPaths, sqlite_uri  # noqa: F401  (sqlite_uri: the MLflow URI of a study's own store)
+
 log = logging.getLogger(__name__)
 
 # Fail fast against a dead server instead of MLflow's default minutes of retries; the journal covers us.
@@ -38,19 +41,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 RETRY_SECONDS = 30.0
 STATUS_TO_MLFLOW = {"completed": "FINISHED", "stopped": "FINISHED", "errored": "FAILED", "killed": "KILLED"}
-
-
-STORE_FILE = "mlflow.db"  # the default MLflow store: a sqlite file in the study folder
-
-
-def sqlite_uri(path: Path) -> str:
-    return f"sqlite:///{Path(path).resolve()}"
-
-
-def folder_tracking_uri(info: dict[str, Any], folder: Path) -> str:
-    """The MLflow store a ``study.json`` read from ``folder`` names: its own ``tracking_uri``, or (null: the
-    default store) the sqlite file in ``folder`` itself, so a copied or moved study folder reads its own store."""
-    return info.get("tracking_uri") or sqlite_uri(Path(folder) / STORE_FILE)
 
 
 def git_commit() -> str:
@@ -102,9 +92,8 @@ class StudyTracker:
     def __post_init__(self) -> None:
         self.study_dir = Path(self.study_dir)
         self.study_dir.mkdir(parents=True, exist_ok=True)
-        self.journal = self.study_dir / "tracking_journal.jsonl"
-        self.sent_file = self.study_dir / "tracking_sent.json"
-        self.runs_file = self.study_dir / "mlflow_runs.json"
+        paths = StudyPaths.at(self.study_dir)
+        self.journal, self.sent_file, self.runs_file = paths.journal, paths.journal_sent, paths.mlflow_runs
         self.runs: dict[str, str] = json.loads(self.runs_file.read_text()) if self.runs_file.exists() else {}
         sent = json.loads(self.sent_file.read_text()) if self.sent_file.exists() else {}
         self._sent = sent.get("sent", 0)
@@ -243,7 +232,7 @@ class StudyTracker:
                 self._sent += 1
                 self._sent_offset += len(line)
                 self.events_sent += 1
-                self.sent_file.write_text(json.dumps({"sent": self._sent, "offset": self._sent_offset}))
+                atomic_write_json(self.sent_file, {"sent": self._sent, "offset": self._sent_offset})
         except Exception as exc:  # any transport or server error: keep the journal, retry later
             self._offline_since = time.time()
             if not self._warned:
@@ -282,9 +271,7 @@ class StudyTracker:
         self._save_runs()
 
     def _save_runs(self) -> None:
-        tmp = self.runs_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.runs, indent=1))
-        os.replace(tmp, self.runs_file)
+        atomic_write_json(self.runs_file, self.runs, indent=1)
 
     def _run_by_trial_tag(self, client, key: str) -> str | None:
         """The active run of trial ``key`` in this study, found by its tags: a driver killed between creating a

@@ -14,7 +14,7 @@ from study.config import TrialConfig
 from study.confirm import confirm_configs, confirmed_trials
 from study.spec import StudySpec
 from study.training import _lr_lambda
-from study.tuning import StudySearcher
+from study.tuning.search import StudySearcher
 
 METHODS = ["init", "pre", "par", "merge", "attention", "none"]
 

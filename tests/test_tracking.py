@@ -62,7 +62,7 @@ def test_confirm_runs_params_once_and_stopped_trials(tmp_path):
     # A second report (e.g. after `study decide` added a seed) logs only the new confirm run, and a replay of
     # the whole journal (lost bookkeeping of what was sent) duplicates nothing.
     again = StudyTracker(uri, "exp", "exp", folder)
-    again.child_tags = source_tags("study report")  # as confirm_and_report does
+    again.child_tags = source_tags("study report")  # as write_report does
     assert not again.confirm_run("init-r1-s0", {"inject": "init", "seed": 1000}, {"test_CIDEr-D": 0.3}, [])
     assert again.confirm_run("init-r1-s1", {"inject": "init", "seed": 1001}, {"test_CIDEr-D": 0.35}, [])
     (folder / "tracking_sent.json").unlink()

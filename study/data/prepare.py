@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +22,10 @@ from study.data.features import extract_features
 from study.data.karpathy import CaptionDataset, load_karpathy
 from study.data.shapes import ensure_shapes
 from study.data.tokens import Vocab
+from study.registry import any_needs_grid
+
+if TYPE_CHECKING:
+    from study.spec import StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -203,3 +208,28 @@ def feature_stats(pooled: np.ndarray, grid: np.ndarray | None, train_rows: np.nd
         cells = grid[np.unique(pick)].astype(np.float32).reshape(-1, grid.shape[2])  # (n*G, F)
         stats.update(grid_mean=cells.mean(0), grid_std=np.maximum(cells.std(0), 1e-2))
     return stats
+
+
+def token_settings(spec: "StudySpec") -> list[TokenSetting]:
+    """Every tokenisation a trial of this spec may ask for (prepared once in the driver)."""
+    def values(name: str) -> list[Any]:
+        if name in spec.space and spec.space[name].choice is not None:
+            return list(spec.space[name].choice)
+        if name in spec.space:
+            raise ValueError(f"space.{name} must be a choice: captions are tokenised once per value")
+        return [spec.fixed.get(name, TrialConfig.model_fields[name].default)]
+
+    settings = []
+    for tokens in values("tokens"):
+        for max_len in values("max_len"):
+            for min_count in values("min_count"):
+                cfg = TrialConfig.model_validate({"tokens": tokens, "max_len": max_len, "min_count": min_count})
+                settings.append(TokenSetting.of(cfg))
+    return list(dict.fromkeys(settings))
+
+
+def prepare_for_spec(spec: "StudySpec", *, progress: bool = True) -> PreparedData:
+    """The data every trial of a study reads: its dataset's features (the grid only when a method of the study
+    reads it, as the registry says) and its captions tokenised every way the space asks for."""
+    need_grid = any_needs_grid([*spec.methods, spec.fixed.get("inject")])
+    return prepare(spec.dataset, token_settings(spec), need_grid=need_grid, progress=progress)

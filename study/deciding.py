@@ -1,0 +1,171 @@
+"""From confirm runs to an answer: the verdict, its report and MLflow evidence, and ``study decide``.
+
+``write_report`` computes the verdict with bootstrap intervals (``analysis``), writes the report, and gives
+MLflow each confirm run as a child run (``kind=confirm``), the parent the report, the verdict table
+(``verdict.csv`` and the ``verdict.json`` table) and a few headline metrics (tag ``verdict``).
+
+``add_seeds_until_decided`` (``study decide``) buys certainty when the verdict is inconclusive: one more seed
+at a time for the target and the best competitor, each look at the sequential plan's level
+(``analysis.sequential``), until the verdict is conclusive or the seed or time budget ends; the looks go to
+``decide.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from study.files import atomic_write_json
+from study.paths import StudyPaths
+from study.registry import method_colors, method_roles
+from study.spec import StudySpec
+
+if TYPE_CHECKING:
+    from study.study import Study
+
+
+def sequential_plan(spec: StudySpec, paths: StudyPaths, max_seeds: int | None = None):
+    """The study's sequential plan (``analysis.sequential``), or None for the fixed 95% design.
+
+    A plan in the spec (``confirm.max_seeds``) was fixed before the first look. Without one, ``study decide``
+    starts a plan after the first (95%) look: its error bound adds that look's 5%, and ``decide.json``
+    remembers the plan so later reports use the same level."""
+    from analysis.sequential import SequentialPlan
+
+    from study.config import ConfigError
+
+    planned = spec.confirm.max_seeds
+    if planned is not None:
+        if max_seeds is not None and max_seeds > planned:
+            raise ConfigError(f"confirm.max_seeds is {planned}: the plan was fixed before the first look, and "
+                              f"raising it to {max_seeds} now would void its error bound; edit the spec for a "
+                              "new study instead")
+        return SequentialPlan(spec.confirm.seeds, max_seeds or planned)
+    if max_seeds is None and paths.decide.is_file():
+        max_seeds = json.loads(paths.decide.read_text())["max_seeds"]
+    if max_seeds is None:
+        return None
+    return SequentialPlan(spec.confirm.seeds, max_seeds, spent_alpha=0.05)
+
+
+def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame) -> str | None:
+    """One report line: how many seeds the decision took, or would take (projected)."""
+    from analysis.sequential import SequentialPlan, project, smallest_plan
+    from analysis.verdict import INCONCLUSIVE
+    if verdict.best_other is None:
+        return None
+    seeds = int(min(verdict.table.loc[verdict.target, "seeds"], verdict.table.loc[verdict.best_other, "seeds"]))
+    if verdict.verdict != INCONCLUSIVE:
+        if plan is None:
+            return f"Decided with {seeds} seeds per method at the fixed 95% level (no sequential looks)."
+        return (f"Decided after {seeds} seeds per method: look {seeds - plan.first_seeds + 1} of {plan.looks} "
+                f"of the {plan.describe()}.")
+    if plan is not None and seeds >= plan.max_seeds:
+        return (f"Not decided after {seeds} seeds per method, the plan's limit ({plan.describe()}): the two "
+                "methods are closer than this test split can resolve at that error rate.")
+    parts = project(per_image, roles=method_roles(), margin=spec.confirm.margin)
+    needed = None if parts is None else smallest_plan(parts, spec.confirm.margin, spent_alpha=0.0 if plan else 0.05)
+    guess = ("more seeds alone are projected not to decide it (the test images' own variance is too large)"
+             if needed is None else f"a decision is projected to take about {needed.max_seeds} seeds per method "
+             "(assuming the difference stays at its estimate: a guide, not a promise)")
+    limit = plan.max_seeds if plan else (needed.max_seeds if needed else 3 * spec.confirm.seeds)
+    return (f"Not decided after {seeds} seeds per method; {guess}. `study decide {spec.name} --max-seeds "
+            f"{limit}` adds seeds one at a time under a sequential plan"
+            + ("." if plan else f" ({SequentialPlan(seeds, max(limit, seeds), spent_alpha=0.05).describe()})."))
+
+
+def add_seeds_until_decided(study: "Study", *, max_seeds: int | None = None, hours: float | None = None,
+                            address: str | None = None, console: Any = None, progress: bool = True) -> list[dict]:
+    """Add seeds to the target and the best competitor, one at a time, until the plan's verdict is conclusive,
+    ``max_seeds`` is reached or ``hours`` are spent; every look goes to ``decide.json``. Returns the looks."""
+    from analysis.sequential import verdict_at
+    from analysis.verdict import INCONCLUSIVE
+    from study.confirm import confirm_configs, load_confirm
+
+    spec, paths = study.spec, study.paths
+    plan = sequential_plan(spec, paths, max_seeds)
+    if plan is None:
+        raise ValueError("study decide needs --max-seeds (the spec plans no extra seeds: confirm.max_seeds)")
+    trials, _ = study.tables()
+    looks = json.loads(paths.decide.read_text())["looks"] if paths.decide.is_file() else []
+    started = time.monotonic()
+    study.confirm(address=address, progress=progress)  # the first look needs the confirm stage
+    while True:
+        per_image, runs, _ = load_confirm(paths, study.data(progress=progress))
+        verdict = verdict_at(per_image, runs, plan, roles=method_roles(), margin=spec.confirm.margin)
+        if verdict.best_other is None:
+            raise ValueError(f"the confirm results in {paths.confirm} have no target and competitor to compare")
+        counts = {m: int(verdict.table.loc[m, "seeds"]) for m in (verdict.target, verdict.best_other)}
+        looks.append({"seeds": counts, "best_other": verdict.best_other, "diff": verdict.diff,
+                      "ci": list(verdict.ci), "level": plan.level, "verdict": verdict.verdict})
+        atomic_write_json(paths.decide, {"max_seeds": plan.max_seeds, "plan": plan.describe(), "looks": looks})
+        if console is not None:
+            console.print(f"look {len(looks)}: {counts} seeds, {verdict.target} - {verdict.best_other} = "
+                          f"{100 * verdict.diff:.1f} [{100 * verdict.ci[0]:.1f}, {100 * verdict.ci[1]:.1f}] "
+                          f"at {100 * plan.level:.2f}%: {verdict.verdict}", highlight=False)
+        out_of_time = hours is not None and time.monotonic() - started >= hours * 3600
+        if verdict.verdict != INCONCLUSIVE or min(counts.values()) >= plan.max_seeds or out_of_time:
+            return looks
+        more = [run for m, n in counts.items() if n < plan.max_seeds
+                for run in confirm_configs(spec, trials, seeds=range(n, n + 1), methods=[m])
+                if run[1] == 1]  # the search's best configuration: the one the verdict compares
+        study.confirm(address=address, progress=progress, runs=more)
+
+
+def write_report(study: "Study", *, console: Any = None) -> Path:
+    """Verdict + report from the finished confirm runs, logged to the study's MLflow parent run."""
+    from analysis.report import build_report
+    from study.confirm import confirmed_trials, load_confirm, log_confirm_runs
+    from study.provenance import provenance
+    from study.tracking import git_commit, source_tags
+
+    spec, paths, data = study.spec, study.paths, study.data()
+    trials, history = study.tables()
+    per_image, runs, gallery = load_confirm(paths, data)
+    plan = sequential_plan(spec, paths)
+    result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
+                          per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
+                          margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
+                          spec_text=Path(study.spec_path).read_text(), level=plan.level if plan else 0.95,
+                          decision=lambda verdict: decision_note(spec, verdict, plan, per_image),
+                          resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
+                          provenance=provenance(paths, data.info, report_commit=git_commit()))
+    verdict = result.verdict
+    tracker = study.tracker()
+    tracker.child_tags = source_tags("study report")
+    log_confirm_runs(spec, paths, tracker)
+    table = verdict_table(verdict, method_roles())
+    table.to_csv(paths.verdict_csv, index=False)
+    tracker.study_artifact(paths.verdict_csv)
+    if len(table):
+        tracker.study_table({c: json.loads(table[c].to_json(orient="values")) for c in table.columns}, "verdict.json")
+    tracker.study_tags({"verdict": verdict.verdict, "verdict_text": verdict.text[:4000]},
+                       verdict_metrics(verdict))
+    tracker.study_artifact(result.path.parent, "report")
+    if console is not None:
+        console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}\nreport: {result.path}")
+    return result.path
+
+
+def verdict_table(verdict, roles: dict[str, str]) -> pd.DataFrame:
+    """One row per method: its role, configuration rank, seeds, images and each metric's mean and interval."""
+    table = verdict.table.rename_axis("method").reset_index()
+    if "role" not in table:
+        table.insert(1, "role", [roles.get(m, "") for m in table["method"]])
+    if "level" not in table:
+        table.insert(2, "level", verdict.level)
+    return table
+
+
+def verdict_metrics(verdict) -> dict[str, float]:
+    """The parent run's headline metrics: the compared difference and its interval, each method's test score."""
+    out = {"verdict.diff": verdict.diff, "verdict.ci_low": verdict.ci[0], "verdict.ci_high": verdict.ci[1],
+           "verdict.margin": verdict.margin}
+    for method, row in verdict.table.iterrows():
+        if verdict.metric in row:
+            out[f"test_{verdict.metric}.{method}"] = row[verdict.metric]
+    return {k: float(v) for k, v in out.items() if v is not None and not pd.isna(v)}

@@ -1,0 +1,156 @@
+"""``run_study``: a study's search, run or resumed.
+
+The data is prepared once in the driver and put into Ray's object store through ``tune.with_parameters`` (so
+concurrent trials on a node share one copy); a ``Tuner`` runs the trials with the study's searcher (Optuna, one
+per injection method when stratified), ASHA, actor reuse, retries from the last checkpoint, the time budget,
+and a callback that mirrors every trial into MLflow through the study tracker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+
+from study.data.prepare import prepare_for_spec
+from study.paths import StudyPaths
+from study.spec import StudySpec
+from study.tracking import StudyTracker, source_tags
+from study.tuning import ray_compat
+from study.tuning.callbacks import SearchTimeBudget, TrackingCallback, read_search_time, trial_name
+from study.tuning.search import StudySearcher, build_scheduler, export_optuna_studies, total_trials
+from study.tuning.trainable import drop_pruned_checkpoints, remove_lost_trial_folders, trial_function
+from study.tuning.trials import experiment_trials, load_trial_tables
+
+log = logging.getLogger(__name__)
+
+# One checkpoint per epoch with num_to_keep=1 snapshots the experiment often; that is intended here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+@dataclass
+class StudyOutcome:
+    name: str
+    study_dir: Path
+    tracking_uri: str
+    experiment: str
+    trials: Any  # pandas DataFrame, one row per trial
+    interrupted: bool
+    seconds: float
+
+
+def trial_slots(spec: StudySpec) -> int:
+    """Trials the cluster can run at once now. Tune lets a custom searcher have only one pending trial
+    unless told a concurrency, which serialises short trials; on an autoscaling cluster set
+    ``search.max_concurrent`` to the size it grows to."""
+    resources = ray.cluster_resources()
+    slots = resources.get("CPU", 1) / spec.resources.cpu
+    if spec.resources.gpu:
+        slots = min(slots, resources.get("GPU", 0) / spec.resources.gpu)
+    return max(1, int(slots))
+
+
+def describe_budget(spec: StudySpec) -> str:
+    """The dry-run text: the space and the trial budget."""
+    lines = [f"study {spec.name}: {total_trials(spec)} trials, search={spec.search.algorithm}, "
+             f"metric={spec.metric} ({spec.mode})"]
+    if spec.stratify:
+        lines.append(f"  stratified by inject: {spec.trials_per_method} trials each for {', '.join(spec.methods)}")
+    if spec.search.time_budget_h:
+        lines.append(f"  time budget: {spec.search.time_budget_h:g} h of wall time for the search (summed over resumes)")
+    lines.append(f"  ASHA: {'on' if spec.asha.enabled else 'off'}, max {spec.asha.max_epochs} epochs, "
+                 f"grace {spec.asha.grace_period}, reduction {spec.asha.reduction_factor}")
+    lines.append(f"  epochs at most: {total_trials(spec) * spec.asha.max_epochs}; resources per trial: "
+                 f"{spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
+    lines.append("  fixed: " + (", ".join(f"{k}={v}" for k, v in spec.fixed.items()) or "-"))
+    for name, desc in spec.space_description().items():
+        when = spec.space[name].when
+        lines.append(f"  {name}: {desc}" + (f" when {when}" if when else ""))
+    uri = StudyPaths.of(spec.storage, spec.name).tracking_uri(spec.tracking.uri)
+    lines.append(f"  dataset: {spec.dataset.kind}; storage: {spec.storage}; MLflow: {uri}")
+    return "\n".join(lines)
+
+
+def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, max_concurrent: int | None = None,
+              resume: bool = False, progress: bool = True, verbose: int = 0,
+              echo: Callable[[str], None] | None = None) -> StudyOutcome:
+    """Run (or, with ``resume``, continue) a study. Returns the trial table."""
+    t0 = time.perf_counter()
+    paths = StudyPaths.of(spec.storage, spec.name)
+    uri = paths.tracking_uri(spec.tracking.uri)
+    experiment = spec.tracking.experiment or spec.name
+    paths.write_record(spec.name, spec_path, spec.storage, uri, experiment)
+    tracker = StudyTracker(uri, experiment, spec.name, paths.root)
+
+    data = prepare_for_spec(spec, progress=progress)
+    tracker.start_study(
+        params={"trials": total_trials(spec), "search": spec.search.algorithm, "metric": spec.metric,
+                "stratify": spec.stratify, "asha_max_epochs": spec.asha.max_epochs, **{
+                    f"fixed.{k}": v for k, v in spec.fixed.items()}},
+        tags={**source_tags("study resume" if resume else "study run", spec.description),
+              "dataset": str(data.info["dataset"]), "dataset_fingerprint": str(data.info["dataset_fingerprint"]),
+              "feature_cache": str(data.info["feature_cache"]), "encoder": str(data.info["encoder"])},
+        spec_text=Path(spec_path).read_text() if Path(spec_path).is_file() else None,
+        dataset={"name": str(data.info["dataset"]), "digest": str(data.info["dataset_fingerprint"]),
+                 "source": str(data.info.get("dataset_json", data.info["dataset"]))})
+
+    ray_compat.ensure_ray(address)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_function, spec=spec, data=data),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    callback = TrackingCallback(tracker, spec, echo)
+
+    ray_compat.install()
+    ledger = paths.search_time
+    budget = SearchTimeBudget(spec.search.time_budget_h * 3600, ledger) if spec.search.time_budget_h else None
+    interrupted = False
+    if resume and tune.Tuner.can_restore(paths.tune):
+        # Tune unpickles the callback it saved; it attaches to this driver's tracker (see callbacks._LIVE).
+        tuner = tune.Tuner.restore(paths.tune, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        known = {trial["trial_id"] for trial in experiment_trials(spec)}
+        tracker.discard_trials(keep=known)
+        remove_lost_trial_folders(spec, known)
+    else:
+        if resume:
+            log.warning("no Tune state at %s yet: starting the study", paths.tune)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=StudySearcher(spec), scheduler=build_scheduler(spec), num_samples=total_trials(spec),
+                max_concurrent_trials=max_concurrent or spec.search.max_concurrent or trial_slots(spec),
+                reuse_actors=True,
+                trial_name_creator=functools.partial(trial_name, spec),
+                trial_dirname_creator=functools.partial(trial_name, spec)),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=paths.tune_parent,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                # Keep every checkpoint of a running trial: with num_to_keep, Tune deletes the checkpoint
+                # its last experiment snapshot names before the next snapshot is written, and a driver
+                # killed in between cannot resume that trial. Finished trials are pruned to their last.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                stop=budget, callbacks=[callback], verbose=verbose),
+        )
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+        results = None
+    table = None
+    if results is not None:
+        drop_pruned_checkpoints(spec)
+        export_optuna_studies(spec)
+        table, _ = load_trial_tables(spec)
+        unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
+        # A spent time budget ends the search normally, with fewer trials than the cap.
+        all_ran = len(table) >= total_trials(spec) or read_search_time(ledger)["spent"]
+        interrupted = interrupted or len(unfinished) > 0 or not all_ran
+    tracker.finish_study("KILLED" if interrupted else "FINISHED")
+    return StudyOutcome(spec.name, paths.root, uri, experiment, table, interrupted, time.perf_counter() - t0)

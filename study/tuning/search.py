@@ -1,0 +1,246 @@
+"""The search: a study's space as Optuna define-by-run, one Optuna study per injection method (so each gets the
+same number of trials), ASHA, and the export of the searchers' Optuna studies for optuna-dashboard.
+
+The searchers' state is saved as JSON (never a pickle): storage is often a shared bucket, and unpickling a file
+from there runs whatever code it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Searcher
+
+from study.paths import StudyPaths
+from study.spec import StudySpec
+from study.tuning.trials import read_json
+
+
+def _suggest(trial, name: str, param) -> Any:
+    kind = param.kind
+    if kind == "choice":
+        return trial.suggest_categorical(name, list(param.choice))
+    if kind == "uniform":
+        return trial.suggest_float(name, *param.uniform)
+    if kind == "loguniform":
+        return trial.suggest_float(name, *param.loguniform, log=True)
+    if kind == "int":
+        return trial.suggest_int(name, *param.int_)
+    low, high, step = param.quniform
+    if all(float(v).is_integer() for v in (low, high, step)):
+        return trial.suggest_int(name, int(low), int(high), step=int(step))
+    return trial.suggest_float(name, low, high, step=step)
+
+
+def define_by_run(spec: StudySpec, fixed: dict[str, Any], trial) -> dict[str, Any]:
+    """Sample one point on an Optuna trial: conditional parameters only where their ``when`` holds."""
+    sampled = dict(fixed)
+    for name, param in spec.space.items():
+        if name not in fixed and param.matches({**spec.fixed, **sampled}):
+            sampled[name] = _suggest(trial, name, param)
+    return sampled
+
+
+def _sampler(spec: StudySpec, seed: int, fixed: dict[str, Any]):
+    import optuna
+
+    if spec.search.algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.search.algorithm == "grid":
+        grid = {n: list(p.choice) for n, p in spec.space.items() if n not in fixed}
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(5, spec.trials_per_method // 2)))
+
+
+class GroupSearch:
+    """One Optuna study (TPE, random or grid) proposing the trials of one group: one injection method when the
+    study is stratified, else the whole space. Its state is plain data (``state`` / ``from_state``)."""
+
+    def __init__(self, spec: StudySpec, fixed: dict[str, Any], seed: int):
+        import optuna
+
+        self.spec, self.fixed, self.seed = spec, dict(fixed), seed
+        self.study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize",
+                                         sampler=_sampler(spec, seed, fixed))
+        self.running: dict[str, int] = {}  # Tune trial id -> Optuna trial number, until told
+        self.best: dict[str, float] = {}  # best metric so far of each running trial
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        trial = self.study.ask()
+        self.running[trial_id] = trial.number
+        return define_by_run(self.spec, self.fixed, trial)
+
+    def result(self, trial_id: str, value: Any) -> None:
+        if trial_id in self.running and _finite(value):
+            old = self.best.get(trial_id)
+            better = old is None or (value > old if self.spec.mode == "max" else value < old)
+            self.best[trial_id] = float(value) if better else old
+
+    def complete(self, trial_id: str, error: bool) -> None:
+        """Tell Optuna the trial's best epoch (the leaderboard's definition of a trial's score); an errored
+        trial teaches the sampler nothing."""
+        from optuna.trial import TrialState
+
+        number = self.running.pop(trial_id, None)
+        best = self.best.pop(trial_id, None)
+        if number is None:
+            return
+        if error:
+            self.study.tell(number, state=TrialState.FAIL)
+        elif best is None:
+            self.study.tell(number, state=TrialState.PRUNED)
+        else:
+            self.study.tell(number, best)
+
+    def state(self) -> dict[str, Any]:
+        from optuna.distributions import distribution_to_json
+
+        trials = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
+                   "distributions": {k: json.loads(distribution_to_json(d)) for k, d in t.distributions.items()},
+                   "system_attrs": t.system_attrs, "user_attrs": t.user_attrs}
+                  for t in self.study.get_trials(deepcopy=False)]
+        return {"seed": self.seed, "trials": trials, "running": self.running, "best": self.best}
+
+    @classmethod
+    def from_state(cls, spec: StudySpec, fixed: dict[str, Any], state: dict[str, Any]) -> "GroupSearch":
+        """Rebuild the Optuna study from its told and running trials. The sampler is seeded with (seed, trials
+        so far): a fresh sampler with the first seed would propose the study's first points again."""
+        import numpy as np
+        from optuna.distributions import json_to_distribution
+        from optuna.trial import TrialState, create_trial
+
+        trials = sorted(state["trials"], key=lambda t: t["number"])
+        seed = int(np.random.SeedSequence([int(state["seed"]), len(trials)]).generate_state(1)[0])
+        group = cls(spec, fixed, seed)
+        group.seed = int(state["seed"])
+        for t in trials:
+            trial_state = TrialState[t["state"]]
+            group.study.add_trial(create_trial(
+                state=trial_state, params=t["params"],
+                value=t["value"] if trial_state == TrialState.COMPLETE else None,
+                distributions={k: json_to_distribution(json.dumps(d)) for k, d in t["distributions"].items()},
+                system_attrs=t["system_attrs"], user_attrs=t["user_attrs"]))
+        numbers = [t.number for t in group.study.get_trials(deepcopy=False)]
+        if numbers != [t["number"] for t in trials]:
+            raise ValueError(f"searcher state: trial numbers {[t['number'] for t in trials]} are not 0..n-1")
+        group.running = {str(k): int(v) for k, v in state["running"].items()}
+        group.best = {str(k): float(v) for k, v in state["best"].items()}
+        return group
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class StudySearcher(Searcher):
+    """Tune's searcher for a study: with ``stratify: inject`` one ``GroupSearch`` per injection method and the
+    same number of trials each (so no method wins by getting more tuning; suggestions go round-robin to the
+    method with the fewest trials so far), else one ``GroupSearch`` for the whole space.
+
+    Tune saves a searcher's state into the storage folder for ``study resume``. This one saves it as JSON (the
+    trials told to each Optuna study) and never unpickles anything: storage is often a shared bucket, and
+    unpickling a file from there runs whatever code the file holds. Ray's own ``OptunaSearch`` pickles its
+    whole state, which is why it is not used here.
+    """
+
+    CKPT_FILE_TMPL = "searcher-state-{}.json"  # Tune's restore globs this: an old .pkl is never opened
+
+    def __init__(self, spec: StudySpec):
+        super().__init__(metric=spec.metric, mode=spec.mode)
+        self.spec = spec
+        self.groups = {key: GroupSearch(spec, fixed, spec.search.seed + i)
+                       for i, (key, fixed) in enumerate(self._group_fixed().items())}
+        self.per_group = spec.trials_per_method if spec.stratify == "inject" else spec.search.trials
+        self.counts = {key: 0 for key in self.groups}
+        self.owner: dict[str, str] = {}  # Tune trial id -> group
+
+    def _group_fixed(self) -> dict[str, dict[str, Any]]:
+        if self.spec.stratify == "inject":
+            return {m: {"inject": m} for m in self.spec.methods}
+        return {"all": {}}
+
+    def suggest(self, trial_id: str):
+        open_groups = [g for g in self.groups if self.counts[g] < self.per_group]
+        if not open_groups:
+            return Searcher.FINISHED
+        group = min(open_groups, key=lambda g: self.counts[g])
+        config = self.groups[group].suggest(trial_id)
+        self.counts[group] += 1
+        self.owner[trial_id] = group
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.owner:
+            self.groups[self.owner[trial_id]].result(trial_id, result.get(self.spec.metric))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.owner:
+            group = self.groups[self.owner[trial_id]]
+            group.result(trial_id, (result or {}).get(self.spec.metric))
+            group.complete(trial_id, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {"format": 1, "counts": self.counts, "owner": self.owner,
+                 "groups": {key: group.state() for key, group in self.groups.items()}}
+        Path(checkpoint_path).write_text(json.dumps(state))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        fixed = self._group_fixed()
+        if state.get("format") != 1 or set(state["groups"]) != set(fixed):
+            raise ValueError(f"{checkpoint_path}: not this study's searcher state (groups {sorted(fixed)})")
+        self.groups = {key: GroupSearch.from_state(self.spec, fixed[key], state["groups"][key]) for key in fixed}
+        self.counts = {key: int(state["counts"][key]) for key in fixed}
+        self.owner = {str(k): str(v) for k, v in state["owner"].items()}
+
+
+def total_trials(spec: StudySpec) -> int:
+    return spec.trials_per_method * len(spec.methods) if spec.stratify == "inject" else spec.search.trials
+
+
+def build_scheduler(spec: StudySpec):
+    if not spec.asha.enabled:
+        return FIFOScheduler()
+    # Time is the trial's own epoch, not Tune's count of its results: a trial resumed from a checkpoint newer
+    # than Tune's snapshot knew (see restore_source) would otherwise reach ASHA's rungs at the wrong epochs.
+    return ASHAScheduler(time_attr="epoch", metric=spec.metric, mode=spec.mode,
+                         max_t=spec.asha.max_epochs, grace_period=spec.asha.grace_period,
+                         reduction_factor=spec.asha.reduction_factor)
+
+
+def export_optuna_studies(spec: StudySpec) -> Path | None:
+    """Write the searchers' Optuna studies into ``<study>/optuna.db`` (an Optuna RDB storage, one study per group,
+    named ``<study>.<method>``), so ``optuna-dashboard sqlite:///<study>/optuna.db`` and
+    ``optuna.load_study(...).trials_dataframe()`` read them. Rebuilt from the searchers' newest JSON state
+    (never a pickle) after each search; trials still running then are left out."""
+    import optuna
+    import pyarrow.fs as pafs
+
+    paths = StudyPaths.of(spec.storage, spec.name)
+    fs, root = pafs.FileSystem.from_uri(paths.tune)
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if i.base_name.startswith("searcher-state-") and i.base_name.endswith(".json")]
+    if not infos:
+        return None
+    state = read_json(fs, max(infos, key=lambda i: i.mtime_ns or 0).path)
+    searcher = StudySearcher(spec)
+    fixed = searcher._group_fixed()
+    target = paths.optuna_db
+    tmp = target.with_suffix(".db.tmp")
+    tmp.unlink(missing_ok=True)
+    storage = f"sqlite:///{tmp}"
+    for key, group_state in state["groups"].items():
+        group = GroupSearch.from_state(spec, fixed[key], group_state)
+        study = optuna.create_study(study_name=f"{spec.name}.{key}", storage=storage,
+                                    direction="maximize" if spec.mode == "max" else "minimize")
+        study.set_user_attr("metric", spec.metric)  # what each value is (best epoch of the trial)
+        study.add_trials([t for t in group.study.get_trials(deepcopy=False) if t.state.is_finished()])
+    os.replace(tmp, target)  # a database built beside it, then swapped in whole
+    return target
+
+

@@ -1,0 +1,156 @@
+"""A study's trials read from Tune's folders as plain JSON: no Ray, no MLflow, no pickle.
+
+A trial folder (Tune's layout, ``<study>/tune/<run name>-<trial id>/``) holds Tune's ``params.json`` and
+``result.json``, and one ``checkpoint_NNNNNN/`` per reported epoch, written by the trial itself
+(``study.tuning.trainable``): ``checkpoint.pt`` and ``history.json``, the list of the trial's epochs so far.
+``tune/experiment_state-*.json`` is Tune's snapshot of which trials exist and how they stand.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from study.paths import StudyPaths
+from study.spec import REPORTED, StudySpec
+
+HISTORY_FILE = "history.json"  # in every trial checkpoint: the list of its epochs' reported metrics
+PRUNED_NOTE = "pruned.txt"  # all that is left in a checkpoint folder pruned while a snapshot may name it
+
+
+def experiment_path(spec: StudySpec) -> str:
+    """Tune's experiment folder of a study (local or a bucket URI)."""
+    return StudyPaths.of(spec.storage, spec.name).tune
+
+
+def trial_checkpoints(fs, trial_fs_path: str) -> list[tuple[int, str]]:
+    """(epoch, path) of a trial folder's complete checkpoints, oldest first.
+
+    Ordered by the epoch in each one's ``history.json``, not by folder name: a trial restored from a checkpoint
+    newer than Tune knew of is numbered on from Tune's count. A checkpoint cut short by a kill (no readable
+    history, or a checkpoint.pt that is not a whole zip archive) is left out."""
+    import zipfile
+
+    from study.training import CHECKPOINT_FILE
+
+    found = []
+    for path in checkpoint_folders(fs, trial_fs_path):
+        try:
+            with fs.open_input_stream(f"{path}/{HISTORY_FILE}") as fh:
+                epochs = json.loads(fh.read())
+            with fs.open_input_file(f"{path}/{CHECKPOINT_FILE}") as fh, zipfile.ZipFile(fh) as archive:
+                complete = archive.testzip() is None
+        except (OSError, ValueError, zipfile.BadZipFile):
+            continue
+        if complete and epochs:
+            found.append((int(epochs[-1]["epoch"]), path))
+    return sorted(found)
+
+
+def checkpoint_folders(fs, trial_fs_path: str) -> list[str]:
+    """Paths of a trial folder's ``checkpoint_NNNNNN`` folders, oldest first (local folder or s3://)."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(trial_fs_path, allow_not_found=True))
+    return sorted(i.path for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
+def load_trial_tables(spec: StudySpec):
+    """(trials, history) DataFrames of a study's search, read from the study's own storage; no MLflow, and no
+    pickle (``tune.ExperimentAnalysis`` would unpickle parts of the experiment state).
+
+    Which trials the study has, their configs and Tune's status come from the newest experiment-state file,
+    read as plain JSON; each trial's epochs come from ``history.json`` in its newest checkpoint, which the trial
+    writes itself and a driver crash cannot leave behind (Tune's own result files are copied from the driver
+    and can miss epochs after a crash). ``trials``: one row per trial with its parameters, how it ended, its
+    best epoch's metrics (best by ``spec.metric``: the one definition of a trial's score, as Optuna is told)
+    and total training seconds. ``history``: one row per trial-epoch.
+    """
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
+    rows, histories = [], []
+    for trial in experiment_trials(spec):
+        trial_id, config, folder = trial["trial_id"], trial["config"], f"{root}/{trial['relative_logdir']}"
+        history = _trial_history(fs, folder)
+        row: dict[str, Any] = {"trial_id": trial_id, "run": f"{spec.trial_config(config).run_name}-{trial_id}"}
+        row.update(spec.trial_config(config).model_dump(mode="json", exclude={"dataset"}))
+        for name in spec.space:  # a conditional parameter this trial never sampled has no value
+            if name not in config:
+                row[name] = None
+        epochs = max((int(m["epoch"]) for m in history), default=0)
+        if trial["status"] == "ERROR":
+            row["status"] = "errored"
+            row["error"] = last_line(_read_text(fs, f"{folder}/error.txt"))[:300]
+        elif trial["status"] == "TERMINATED":
+            row["status"] = "completed" if epochs >= spec.asha.max_epochs else "stopped"
+        else:
+            row["status"] = trial["status"].lower()
+        row["epochs"] = epochs
+        frame = pd.DataFrame(history, columns=[k for k in REPORTED if any(k in m for m in history)])
+        if spec.metric in frame and frame[spec.metric].notna().any():
+            best = frame.loc[frame[spec.metric].idxmax() if spec.mode == "max" else frame[spec.metric].idxmin()]
+            row.update({k: float(best[k]) for k in REPORTED if k in best and k != "epoch"})
+            row["best_epoch"] = int(best["epoch"])
+            row["train_seconds"] = float(frame["train_seconds"].sum())
+            frame.insert(0, "inject", row["inject"])
+            frame.insert(0, "trial_id", trial_id)
+            histories.append(frame)
+        rows.append(row)
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    return pd.DataFrame(rows), history
+
+
+def _trial_history(fs, folder: str) -> list[dict[str, Any]]:
+    """A trial's reported epochs: ``history.json`` of its newest checkpoint, or, for a study started before
+    checkpoints carried one, Tune's ``result.json`` (JSON lines; the last report of an epoch wins)."""
+    import pyarrow.fs as pafs
+
+    found = trial_checkpoints(fs, folder)
+    if found and fs.get_file_info(f"{found[-1][1]}/{HISTORY_FILE}").type == pafs.FileType.File:
+        return read_json(fs, f"{found[-1][1]}/{HISTORY_FILE}")
+    if fs.get_file_info(f"{folder}/result.json").type != pafs.FileType.File:
+        return []
+    with fs.open_input_stream(f"{folder}/result.json") as fh:
+        results = [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
+    by_epoch = {int(r["epoch"]): {k: r[k] for k in REPORTED if k in r} for r in results if "epoch" in r}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def experiment_states(spec: StudySpec) -> tuple[Any, list[str]]:
+    """(filesystem, paths) of Tune's experiment-state snapshots of a study, oldest first (one per session)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
+    return fs, sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                      if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
+
+
+def experiment_trials(spec: StudySpec) -> list[dict[str, Any]]:
+    """The trials of Tune's newest experiment-state snapshot (id, config, status, folder), read as plain JSON:
+    the pickled fields inside (Tune's ``CLOUDPICKLE_FALLBACK`` values) stay unread strings."""
+    fs, states = experiment_states(spec)
+    if not states:
+        raise FileNotFoundError(f"no Tune experiment state in {experiment_path(spec)}: the study has not started "
+                                "a trial yet")
+    return [json.loads(json_state) for json_state, _ in read_json(fs, states[-1])["trial_data"]]
+
+
+def read_json(fs, path: str) -> Any:
+    with fs.open_input_stream(path) as fh:
+        return json.loads(fh.read())
+
+
+def _read_text(fs, path: str) -> str:
+    try:
+        with fs.open_input_stream(path) as fh:
+            return fh.read().decode(errors="replace")
+    except (FileNotFoundError, OSError):
+        return ""
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:2000] if lines else "unknown error"
