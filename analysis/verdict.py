@@ -198,45 +198,18 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     per_image = per_image if "config_rank" in per_image else per_image.assign(config_rank=1)
     metrics = [m for m in dict.fromkeys([metric, *METRICS]) if m in per_image.columns]
 
-    ranks = per_image.groupby("method")["config_rank"].min()
-    # Paired: keep only images that every method scored (normally the whole test split).
-    chosen = per_image[per_image["config_rank"] == per_image["method"].map(ranks)]
-    image_sets = [set(g["image_id"]) for _, g in chosen.groupby("method")]
-    common = set.intersection(*image_sets)
-    dropped = set.union(*image_sets) - common
-    if dropped:
-        notes.append(f"{len(dropped)} images not scored for every method were left out of the comparison.")
-    images = np.array(sorted(common))
+    chosen, ranks, images = _paired_images(per_image, notes)
     if images.size == 0:
         return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, empty,
                        "The methods share no scored test image, so they cannot be compared.", 0, notes, target)
-
     order = list(roles)  # display order; a method without a role (e.g. since removed) is listed last
     methods = sorted(ranks.index, key=lambda m: (order.index(m) if m in order else len(order), m))
     roleless = [m for m in methods if m not in roles]
     if roleless:
         notes.append(f"{', '.join(roleless)} had no role in the verdict: shown, not compared.")
     arrays = {m: _method_arrays(chosen, m, int(ranks[m]), images, metrics) for m in methods}
-
-    rng = np.random.default_rng(seed)
-    image_w = _resample_weights(rng, n_boot, images.size)  # (B, N): one image resample shared by all: paired
-    seed_w = {m: _resample_weights(rng, n_boot, arrays[m][metric].shape[0]) for m in methods}  # (B, S_m)
-    if not resample_seeds:  # every seed once in every resample
-        seed_w = {m: np.full_like(w, 1.0 / w.shape[1]) for m, w in seed_w.items()}
-    keys = [(m, k) for m in methods for k in metrics]
-    means = _boot_means([arrays[m][k] for m, k in keys], [seed_w[m] for m, _ in keys], image_w)
-    boots = dict(zip(keys, means))
-    rows = []
-    for m in methods:
-        row: dict[str, Any] = {"method": m, "role": roles.get(m, ""), "config_rank": int(ranks[m]),
-                               "seeds": arrays[m][metric].shape[0], "images": images.size}
-        for k in metrics:
-            x = arrays[m][k]
-            row[k] = float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
-            row[f"{k}_lo"], row[f"{k}_hi"] = _interval(boots[m, k], level)
-        row.update(_run_costs(runs, m, int(ranks[m])))
-        rows.append(row)
-    table = pd.DataFrame(rows).set_index("method")
+    boots = _bootstrap(arrays, metrics, metric, n_boot, seed, images.size, resample_seeds)
+    table = _method_table(arrays, boots, runs, ranks, roles, metrics, metric, images.size, level)
 
     others = [m for m in competitors if m in table.index and not math.isnan(table.loc[m, metric])]
     if target not in table.index or not others:
@@ -253,15 +226,53 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     diff = float(table.loc[target, metric] - table.loc[best_other, metric])
     ci = _interval(diff_boot, level)
 
-    if ci[0] > -margin:
-        word = COMPETES
-    elif ci[1] < -margin:
-        word = DOES_NOT_COMPETE
-    else:
-        word = INCONCLUSIVE
+    word = COMPETES if ci[0] > -margin else DOES_NOT_COMPETE if ci[1] < -margin else INCONCLUSIVE
     text = _paragraph(word, diff, ci, target, best_other, floors, margin, metric, table, notes, level)
     return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target, level, diff_boot,
                    pairwise)
+
+
+def _paired_images(per_image: pd.DataFrame, notes: list[str]) -> tuple[pd.DataFrame, pd.Series, np.ndarray]:
+    """(rows of each method's best-ranked configuration, that rank per method, the sorted image ids every method
+    scored). Paired: an image some method lacks is left out (normally the whole test split stays)."""
+    ranks = per_image.groupby("method")["config_rank"].min()
+    chosen = per_image[per_image["config_rank"] == per_image["method"].map(ranks)]
+    image_sets = [set(g["image_id"]) for _, g in chosen.groupby("method")]
+    common = set.intersection(*image_sets)
+    dropped = set.union(*image_sets) - common
+    if dropped:
+        notes.append(f"{len(dropped)} images not scored for every method were left out of the comparison.")
+    return chosen, ranks, np.array(sorted(common))
+
+
+def _bootstrap(arrays: dict[str, dict[str, np.ndarray]], metrics: list[str], metric: str, n_boot: int, seed: int,
+               n_images: int, resample_seeds: bool) -> dict[tuple[str, str], np.ndarray]:
+    """(method, metric) -> the (B,) bootstrap means. One image resample is shared by all methods (paired); each
+    method's seeds are resampled on their own, or (``resample_seeds=False``) each seed weighs the same."""
+    rng = np.random.default_rng(seed)
+    image_w = _resample_weights(rng, n_boot, n_images)  # (B, N)
+    seed_w = {m: _resample_weights(rng, n_boot, arrays[m][metric].shape[0]) for m in arrays}  # (B, S_m)
+    if not resample_seeds:
+        seed_w = {m: np.full_like(w, 1.0 / w.shape[1]) for m, w in seed_w.items()}
+    keys = [(m, k) for m in arrays for k in metrics]
+    return dict(zip(keys, _boot_means([arrays[m][k] for m, k in keys], [seed_w[m] for m, _ in keys], image_w)))
+
+
+def _method_table(arrays: dict[str, dict[str, np.ndarray]], boots: dict[tuple[str, str], np.ndarray],
+                  runs: pd.DataFrame | None, ranks: pd.Series, roles: Mapping[str, str], metrics: list[str],
+                  metric: str, n_images: int, level: float) -> pd.DataFrame:
+    """One row per method (index ``method``): role, rank, seeds, images, each metric's mean and interval, costs."""
+    rows = []
+    for m in arrays:
+        row: dict[str, Any] = {"method": m, "role": roles.get(m, ""), "config_rank": int(ranks[m]),
+                               "seeds": arrays[m][metric].shape[0], "images": n_images}
+        for k in metrics:
+            x = arrays[m][k]
+            row[k] = float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
+            row[f"{k}_lo"], row[f"{k}_hi"] = _interval(boots[m, k], level)
+        row.update(_run_costs(runs, m, int(ranks[m])))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("method")
 
 
 def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, best_other: str, floors: list[str],

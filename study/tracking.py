@@ -281,116 +281,138 @@ class StudyTracker:
         return runs[0].info.run_id if runs else None
 
     def _send(self, client, event: dict[str, Any]) -> None:
-        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+        """Send one journalled event: ``_send_<kind>`` does the MLflow calls of each kind."""
+        handler = getattr(self, f"_send_{event['kind']}", None)
+        if handler is None:
+            raise ValueError(f"unknown journal event {event['kind']!r}")
+        handler(client, event)
 
-        kind = event["kind"]
-        if kind == "study_start":
-            parent = self.runs.get("__study__")
-            if parent is None:
-                run = client.create_run(self._experiment_id(client), run_name=self.study_name,
-                                        tags={"study": self.study_name, "kind": "study", **event["tags"]})
-                parent = run.info.run_id
-                self._remember("__study__", parent)
-                client.log_batch(parent, params=[Param(k, v) for k, v in event["params"].items()])
-                if event.get("spec"):
-                    client.log_text(parent, event["spec"], "spec.yaml")
-            else:  # a resume: the same parent run goes on
-                client.update_run(parent, status="RUNNING")
-                client.log_batch(parent, tags=[RunTag("resumed", "true")] + [
-                    RunTag(k, v) for k, v in event["tags"].items() if k.startswith("mlflow.")])
-            # Also on a resume whose first attempt failed after creating the run (or a study from before inputs).
-            if event.get("dataset") and not client.get_run(parent).inputs.dataset_inputs:
-                ds = event["dataset"]
-                # MLflow allows 36 characters of digest; the full fingerprint is the dataset_fingerprint tag.
-                client.log_inputs(parent, datasets=[DatasetInput(
-                    Dataset(name=ds["name"], digest=ds["digest"][:36], source_type="local", source=ds["source"]),
-                    tags=[InputTag("mlflow.data.context", "training")])])
-        elif kind == "trial_start":
-            key = event["trial"]
-            if key not in self.runs and (found := self._run_by_trial_tag(client, key)) is not None:
-                self._remember(key, found)  # created by a driver killed before it could remember the id
-            if key in self.runs:  # resumed or retried trial: same run, no duplicate
-                client.update_run(self.runs[key], status="RUNNING")
-                return
+    def _send_study_start(self, client, event: dict[str, Any]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
+
+        parent = self.runs.get("__study__")
+        if parent is None:
+            run = client.create_run(self._experiment_id(client), run_name=self.study_name,
+                                    tags={"study": self.study_name, "kind": "study", **event["tags"]})
+            parent = run.info.run_id
+            self._remember("__study__", parent)
+            client.log_batch(parent, params=[Param(k, v) for k, v in event["params"].items()])
+            if event.get("spec"):
+                client.log_text(parent, event["spec"], "spec.yaml")
+        else:  # a resume: the same parent run goes on
+            client.update_run(parent, status="RUNNING")
+            client.log_batch(parent, tags=[RunTag("resumed", "true")] + [
+                RunTag(k, v) for k, v in event["tags"].items() if k.startswith("mlflow.")])
+        # Also on a resume whose first attempt failed after creating the run (or a study from before inputs).
+        if event.get("dataset") and not client.get_run(parent).inputs.dataset_inputs:
+            ds = event["dataset"]
+            # MLflow allows 36 characters of digest; the full fingerprint is the dataset_fingerprint tag.
+            client.log_inputs(parent, datasets=[DatasetInput(
+                Dataset(name=ds["name"], digest=ds["digest"][:36], source_type="local", source=ds["source"]),
+                tags=[InputTag("mlflow.data.context", "training")])])
+
+    def _send_trial_start(self, client, event: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        key = event["trial"]
+        if key not in self.runs and (found := self._run_by_trial_tag(client, key)) is not None:
+            self._remember(key, found)  # created by a driver killed before it could remember the id
+        if key in self.runs:  # resumed or retried trial: same run, no duplicate
+            client.update_run(self.runs[key], status="RUNNING")
+            return
+        run = client.create_run(
+            self._experiment_id(client), run_name=event["name"],
+            tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "trial",
+                  "trial_id": key, **event.get("tags", {})})
+        self._remember(key, run.info.run_id)
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in event["params"].items()])
+
+    def _send_trial_result(self, client, event: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param
+
+        run_id = self.runs[event["trial"]]
+        client.log_batch(run_id, metrics=[Metric(k, v, event["time"], event["step"])
+                                          for k, v in event["metrics"].items()],
+                         params=[Param(k, v) for k, v in event.get("params", {}).items()])
+
+    def _send_trial_end(self, client, event: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self.runs.get(event["trial"])
+        if run_id is None:
+            return
+        tags = [RunTag("status", event["status"])]
+        if event.get("reason"):  # an error is an error; ASHA stopping a trial is not
+            key = "error" if event["status"] == "errored" else "status_reason"
+            tags.append(RunTag(key, event["reason"][:5000]))
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, tags=tags, metrics=[Metric(k, float(v), now, 0)
+                                                     for k, v in event.get("summary", {}).items()])
+        client.set_terminated(run_id, STATUS_TO_MLFLOW.get(event["status"], "FINISHED"))
+
+    def _send_trial_discard(self, client, event: dict[str, Any]) -> None:
+        for key in event["trials"]:
+            run_id = self.runs.get(key) or self._run_by_trial_tag(client, key)
+            if run_id is None:
+                continue
+            if client.get_run(run_id).info.lifecycle_stage == "active":  # a replay may find it deleted
+                client.set_tag(run_id, "status", "discarded")
+                client.set_terminated(run_id, "KILLED")
+                client.delete_run(run_id)  # soft delete: hidden from the leaderboard, kept in the store
+            self._forget(key)  # a later resume must not discard (or close) it again
+
+    def _send_study_tags(self, client, event: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        parent = self.runs["__study__"]
+        client.log_batch(parent, tags=[RunTag(k, str(v)) for k, v in event["tags"].items()],
+                         metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
+                                  for k, v in event["metrics"].items()])
+
+    def _send_confirm_run(self, client, event: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param
+
+        key = event["key"]
+        run_id = self.runs.get(key)
+        if run_id is not None and client.get_run(run_id).info.status == "FINISHED":
+            return  # logged before (a replayed journal)
+        if run_id is None:
             run = client.create_run(
                 self._experiment_id(client), run_name=event["name"],
-                tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "trial",
-                      "trial_id": key, **event.get("tags", {})})
-            self._remember(key, run.info.run_id)
-            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in event["params"].items()])
-        elif kind == "trial_result":
-            run_id = self.runs[event["trial"]]
-            client.log_batch(run_id, metrics=[Metric(k, v, event["time"], event["step"])
-                                              for k, v in event["metrics"].items()],
-                             params=[Param(k, v) for k, v in event.get("params", {}).items()])
-        elif kind == "trial_end":
-            run_id = self.runs.get(event["trial"])
-            if run_id is None:
-                return
-            tags = [RunTag("status", event["status"])]
-            if event.get("reason"):  # an error is an error; ASHA stopping a trial is not
-                key = "error" if event["status"] == "errored" else "status_reason"
-                tags.append(RunTag(key, event["reason"][:5000]))
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, tags=tags, metrics=[Metric(k, float(v), now, 0)
-                                                         for k, v in event.get("summary", {}).items()])
-            client.set_terminated(run_id, STATUS_TO_MLFLOW.get(event["status"], "FINISHED"))
-        elif kind == "trial_discard":
-            for key in event["trials"]:
-                run_id = self.runs.get(key) or self._run_by_trial_tag(client, key)
-                if run_id is None:
-                    continue
-                if client.get_run(run_id).info.lifecycle_stage == "active":  # a replay may find it deleted
-                    client.set_tag(run_id, "status", "discarded")
-                    client.set_terminated(run_id, "KILLED")
-                    client.delete_run(run_id)  # soft delete: hidden from the leaderboard, kept in the store
-                self._forget(key)  # a later resume must not discard (or close) it again
-        elif kind == "study_tags":
-            parent = self.runs["__study__"]
-            client.log_batch(parent, tags=[RunTag(k, str(v)) for k, v in event["tags"].items()],
-                             metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
-                                      for k, v in event["metrics"].items()])
-        elif kind == "confirm_run":
-            key = event["key"]
-            run_id = self.runs.get(key)
-            if run_id is not None and client.get_run(run_id).info.status == "FINISHED":
-                return  # logged before (a replayed journal)
-            if run_id is None:
-                run = client.create_run(
-                    self._experiment_id(client), run_name=event["name"],
-                    tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "confirm",
-                          **event.get("tags", {})})
-                run_id = run.info.run_id
-                self._remember(key, run_id)
-            # Re-sent after a crash in between: the same values again, which MLflow accepts.
-            client.log_batch(run_id, params=[Param(k, v) for k, v in event["params"].items()],
-                             metrics=[Metric(k, v, event["time"], 0) for k, v in event["metrics"].items()])
-            for path in map(Path, event["artifacts"]):
-                if path.exists():
-                    client.log_artifact(run_id, str(path))
-            client.set_terminated(run_id, "FINISHED")
-        elif kind == "study_table":
-            client.log_table(self.runs["__study__"], event["data"], event["artifact_file"])
-        elif kind == "study_artifact":
-            path = Path(event["path"])
-            if path.is_dir():
-                client.log_artifacts(self.runs["__study__"], str(path), event.get("artifact_path"))
-            elif path.exists():
-                client.log_artifact(self.runs["__study__"], str(path), event.get("artifact_path"))
-        elif kind == "study_end":
-            parent = self.runs.get("__study__")
-            # Close any trial run left RUNNING (a trial that never got its end event, e.g. a killed driver).
-            for key, run_id in self.runs.items():
-                if key == "__study__":
-                    continue
-                run = client.get_run(run_id)
-                if run.info.status == "RUNNING" and run.info.lifecycle_stage == "active":
-                    client.set_tag(run_id, "status", "killed")
-                    client.set_terminated(run_id, "KILLED")
-            if parent is not None:
-                client.set_terminated(parent, event["status"])
-        else:
-            raise ValueError(f"unknown journal event {kind!r}")
+                tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "confirm",
+                      **event.get("tags", {})})
+            run_id = run.info.run_id
+            self._remember(key, run_id)
+        # Re-sent after a crash in between: the same values again, which MLflow accepts.
+        client.log_batch(run_id, params=[Param(k, v) for k, v in event["params"].items()],
+                         metrics=[Metric(k, v, event["time"], 0) for k, v in event["metrics"].items()])
+        for path in map(Path, event["artifacts"]):
+            if path.exists():
+                client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, "FINISHED")
+
+    def _send_study_table(self, client, event: dict[str, Any]) -> None:
+        client.log_table(self.runs["__study__"], event["data"], event["artifact_file"])
+
+    def _send_study_artifact(self, client, event: dict[str, Any]) -> None:
+        path = Path(event["path"])
+        if path.is_dir():
+            client.log_artifacts(self.runs["__study__"], str(path), event.get("artifact_path"))
+        elif path.exists():
+            client.log_artifact(self.runs["__study__"], str(path), event.get("artifact_path"))
+
+    def _send_study_end(self, client, event: dict[str, Any]) -> None:
+        parent = self.runs.get("__study__")
+        # Close any trial run left RUNNING (a trial that never got its end event, e.g. a killed driver).
+        for key, run_id in self.runs.items():
+            if key == "__study__":
+                continue
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING" and run.info.lifecycle_stage == "active":
+                client.set_tag(run_id, "status", "killed")
+                client.set_terminated(run_id, "KILLED")
+        if parent is not None:
+            client.set_terminated(parent, event["status"])
 
 
 def study_runs(uri: str, experiment: str) -> tuple[Any, Any]:

@@ -62,7 +62,8 @@ def describe_budget(spec: StudySpec) -> str:
     lines = [f"study {spec.name}: {total_trials(spec)} trials, search={spec.search.algorithm}, "
              f"metric={spec.metric} ({spec.mode})"]
     if spec.stratify:
-        lines.append(f"  stratified by inject: {spec.trials_per_method} trials each for {', '.join(spec.methods)}")
+        lines.append(f"  stratified by inject: {spec.trials_per_method} trials each for "
+                     f"{', '.join(spec.methods)}")
     if spec.search.time_budget_h:
         lines.append(f"  time budget: {spec.search.time_budget_h:g} h of wall time for the search (summed over resumes)")
     lines.append(f"  ASHA: {'on' if spec.asha.enabled else 'off'}, max {spec.asha.max_epochs} epochs, "
@@ -81,38 +82,23 @@ def describe_budget(spec: StudySpec) -> str:
 def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, max_concurrent: int | None = None,
               resume: bool = False, progress: bool = True, verbose: int = 0,
               echo: Callable[[str], None] | None = None) -> StudyOutcome:
-    """Run (or, with ``resume``, continue) a study. Returns the trial table."""
+    """Run (or, with ``resume``, continue) a study's search. Returns the trial table."""
     t0 = time.perf_counter()
     paths = StudyPaths.of(spec.storage, spec.name)
     uri = paths.tracking_uri(spec.tracking.uri)
     experiment = spec.tracking.experiment or spec.name
     paths.write_record(spec.name, spec_path, spec.storage, uri, experiment)
     tracker = StudyTracker(uri, experiment, spec.name, paths.root)
-
     data = prepare_for_spec(spec, progress=progress)
-    tracker.start_study(
-        params={"trials": total_trials(spec), "search": spec.search.algorithm, "metric": spec.metric,
-                "stratify": spec.stratify, "asha_max_epochs": spec.asha.max_epochs, **{
-                    f"fixed.{k}": v for k, v in spec.fixed.items()}},
-        tags={**source_tags("study resume" if resume else "study run", spec.description),
-              "dataset": str(data.info["dataset"]), "dataset_fingerprint": str(data.info["dataset_fingerprint"]),
-              "feature_cache": str(data.info["feature_cache"]), "encoder": str(data.info["encoder"])},
-        spec_text=Path(spec_path).read_text() if Path(spec_path).is_file() else None,
-        dataset={"name": str(data.info["dataset"]), "digest": str(data.info["dataset_fingerprint"]),
-                 "source": str(data.info.get("dataset_json", data.info["dataset"]))})
+    _start_tracking(tracker, spec, spec_path, data.info, resume=resume)
 
     ray_compat.ensure_ray(address)
+    ray_compat.install()
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, spec=spec, data=data),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    callback = TrackingCallback(tracker, spec, echo)
-
-    ray_compat.install()
-    ledger = paths.search_time
-    budget = SearchTimeBudget(spec.search.time_budget_h * 3600, ledger) if spec.search.time_budget_h else None
-    interrupted = False
+    callback = TrackingCallback(tracker, spec, echo)  # before Tuner.restore: its saved copy attaches to this one
     if resume and tune.Tuner.can_restore(paths.tune):
-        # Tune unpickles the callback it saved; it attaches to this driver's tracker (see callbacks._LIVE).
         tuner = tune.Tuner.restore(paths.tune, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         known = {trial["trial_id"] for trial in experiment_trials(spec)}
@@ -121,36 +107,57 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     else:
         if resume:
             log.warning("no Tune state at %s yet: starting the study", paths.tune)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=StudySearcher(spec), scheduler=build_scheduler(spec), num_samples=total_trials(spec),
-                max_concurrent_trials=max_concurrent or spec.search.max_concurrent or trial_slots(spec),
-                reuse_actors=True,
-                trial_name_creator=functools.partial(trial_name, spec),
-                trial_dirname_creator=functools.partial(trial_name, spec)),
-            run_config=tune.RunConfig(
-                name="tune", storage_path=paths.tune_parent,
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                # Keep every checkpoint of a running trial: with num_to_keep, Tune deletes the checkpoint
-                # its last experiment snapshot names before the next snapshot is written, and a driver
-                # killed in between cannot resume that trial. Finished trials are pruned to their last.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                stop=budget, callbacks=[callback], verbose=verbose),
-        )
+        tuner = _new_tuner(spec, paths, trainable, callback, max_concurrent, verbose)
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
-        interrupted = True
         results = None
-    table = None
+    table, interrupted = None, True
     if results is not None:
         drop_pruned_checkpoints(spec)
         export_optuna_studies(spec)
         table, _ = load_trial_tables(spec)
         unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
         # A spent time budget ends the search normally, with fewer trials than the cap.
-        all_ran = len(table) >= total_trials(spec) or read_search_time(ledger)["spent"]
-        interrupted = interrupted or len(unfinished) > 0 or not all_ran
+        all_ran = len(table) >= total_trials(spec) or read_search_time(paths.search_time)["spent"]
+        interrupted = len(unfinished) > 0 or not all_ran
     tracker.finish_study("KILLED" if interrupted else "FINISHED")
     return StudyOutcome(spec.name, paths.root, uri, experiment, table, interrupted, time.perf_counter() - t0)
+
+
+def _start_tracking(tracker: StudyTracker, spec: StudySpec, spec_path: Path, info: dict[str, Any], *,
+                    resume: bool) -> None:
+    """The study's parent run: the search settings, where the code and data came from, and the spec."""
+    tracker.start_study(
+        params={"trials": total_trials(spec), "search": spec.search.algorithm, "metric": spec.metric,
+                "stratify": spec.stratify, "asha_max_epochs": spec.asha.max_epochs, **{
+                    f"fixed.{k}": v for k, v in spec.fixed.items()}},
+        tags={**source_tags("study resume" if resume else "study run", spec.description),
+              "dataset": str(info["dataset"]), "dataset_fingerprint": str(info["dataset_fingerprint"]),
+              "feature_cache": str(info["feature_cache"]), "encoder": str(info["encoder"])},
+        spec_text=Path(spec_path).read_text() if Path(spec_path).is_file() else None,
+        dataset={"name": str(info["dataset"]), "digest": str(info["dataset_fingerprint"]),
+                 "source": str(info.get("dataset_json", info["dataset"]))})
+
+
+def _new_tuner(spec: StudySpec, paths: StudyPaths, trainable: Any, callback: TrackingCallback,
+               max_concurrent: int | None, verbose: int) -> tune.Tuner:
+    hours = spec.search.time_budget_h
+    budget = SearchTimeBudget(hours * 3600, paths.search_time) if hours else None
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=StudySearcher(spec), scheduler=build_scheduler(spec), num_samples=total_trials(spec),
+            max_concurrent_trials=max_concurrent or spec.search.max_concurrent or trial_slots(spec),
+            reuse_actors=True,
+            trial_name_creator=functools.partial(trial_name, spec),
+            trial_dirname_creator=functools.partial(trial_name, spec)),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=paths.tune_parent,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            # Keep every checkpoint of a running trial: with num_to_keep, Tune deletes the checkpoint its last
+            # experiment snapshot names before the next snapshot is written, and a driver killed in between
+            # cannot resume that trial. Finished trials are pruned to their last.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            stop=budget, callbacks=[callback], verbose=verbose),
+    )
