@@ -96,12 +96,14 @@ def features(
 
 # ----- one trial ---------------------------------------------------------------------------------------
 def _epoch_table(history: list[dict]) -> Table:
+    from study.spec import format_metric
+
+    metrics = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4")
     table = Table(title="epochs", show_lines=False)
-    for col in ("epoch", "train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "sec"):
+    for col in ("epoch", *metrics, "sec"):
         table.add_column(col, justify="right")
     for m in history:
-        table.add_row(str(m["epoch"]), f"{m['train_loss']:.3f}", f"{m['val_loss']:.3f}", f"{m['val_bpc']:.3f}",
-                      f"{100 * m['val_CIDEr-D']:.1f}", f"{100 * m['val_BLEU-4']:.1f}", f"{m['epoch_seconds']:.1f}")
+        table.add_row(str(m["epoch"]), *(format_metric(k, m[k]) for k in metrics), f"{m['epoch_seconds']:.1f}")
     return table
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from study.spec import describe_metric
+
 COLUMNS = ["run", "inject", "cell", "layers", "hidden", "tokens", "lr", "dropout", "status", "epochs", "best_epoch",
            "val_CIDEr-D", "val_BLEU-4", "val_bpc", "val_loss"]
 
@@ -33,8 +35,9 @@ def format_table(frame: pd.DataFrame, fmt: str = "text") -> str:
         return "(no trials yet)"
     shown = frame.copy()
     for col in shown.columns:
-        if col.startswith("val_CIDEr") or col.startswith("val_BLEU"):
-            shown[col] = (100 * shown[col]).round(1)  # papers report x100
+        metric = describe_metric(col)
+        if metric is not None and metric.scale != 1:  # scores as papers print them (x100); losses as they are
+            shown[col] = metric.shown(shown[col])
     if fmt == "csv":
         return shown.to_csv(index=False)
     if fmt == "markdown":

@@ -166,3 +166,19 @@ def test_full_suite_scores_and_per_image_metrics(full_on_flickr):
     assert all(set(d) == set(refs) for d in per.values())
     assert np.mean(list(per["ROUGE-L"].values())) == pytest.approx(full["ROUGE-L"])
 
+
+
+def test_one_metric_table_says_direction_and_display():
+    from study.spec import METRIC_MODES, METRICS, REPORTED, format_metric
+
+    # Every score score_captions returns is a caption score: better high, printed x100 like the papers.
+    for name in metrics.FULL_METRICS:
+        assert METRICS[name].mode == "max" and format_metric(name, 0.4567) == "45.7", name
+    assert format_metric("val_CIDEr-D", 1.234) == "123.4" and format_metric("test_METEOR", 0.2) == "20.0"
+    assert format_metric("val_loss", 2.34567) == "2.346" and format_metric("val_bpc", np.float32(0.8123)) == "0.812"
+    assert format_metric("params", 123456) == "1.235e+05" and format_metric("val_BLEU-4", None) == "-"
+    assert format_metric("CIDEr-D", math.nan) == "nan"
+    # The metrics a spec may optimise are the reported ones, each with the mode that means "better".
+    assert METRIC_MODES == {"val_CIDEr-D": "max", "val_BLEU-4": "max", "val_loss": "min", "val_bpc": "min",
+                            "train_loss": "min"}
+    assert set(METRIC_MODES) <= set(REPORTED)
