@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from study.data.features import extract_features
+from study.data.features import extract_features, pick_device
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/flickr8k-1k/images"
 
@@ -38,7 +38,7 @@ def main() -> None:
     if not photos:
         raise SystemExit(f"no JPEGs in {args.data}")
     items = [(p.name, p) for p in photos]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(args.device))
     # The load average says how much of the CPU other processes took: CPU numbers are only comparable
     # between runs at similar load.
     print(f"device={device} torch_threads={args.threads} photos_available={len(items)} "

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from study.config import TrialConfig
+from study.data.features import pick_device
 from study.models import build_captioner
 
 BATCH, STEPS_T, VOCAB, EMBED, FEAT, GRID = 64, 20, 1000, 128, 1280, 49
@@ -99,12 +100,12 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "lstm_peephole"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:  # on a shared 2-core machine, 1 thread gives steadier numbers than 2 oversubscribed ones
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = pick_device(args.device)
 
     peak = matmul_peak(device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")

@@ -1,4 +1,8 @@
-"""Caption image files with a trained checkpoint (``study caption``)."""
+"""Caption image files with a trained checkpoint (``study caption``).
+
+An image goes the way a training image went: ``study.data.features.preprocess`` and ``encode_images`` (the
+feature cache's own code, float16 rounding included).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,11 @@ import numpy as np
 import torch
 
 from study.config import TrialConfig, checkpoint_config
-from study.data.features import EncoderSpec, get_encoder, preprocess
+from study.data.features import EncoderSpec, encode_images, get_encoder, load_encoder, pick_device, preprocess
 from study.data.karpathy import load_image
 from study.data.tokens import Vocab
 from study.models import build_captioner
-from study.training import CheckpointError, load_checkpoint, pick_device
+from study.training import CheckpointError, load_checkpoint
 
 
 def load_captioner(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, TrialConfig, Vocab]:
@@ -49,6 +53,14 @@ def checkpoint_encoder(state: dict[str, Any], cfg: TrialConfig, source: Path) ->
     return spec
 
 
+def image_features(paths: Sequence[Path], encoder: torch.nn.Module, spec: EncoderSpec,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(grid (b, g*g, C), pooled (b, C)) float16 features of image files: the numbers the feature cache
+    holds for them. A file that cannot be read is a ``DatasetError`` (a ValueError) naming it."""
+    pixels = np.stack([preprocess(load_image(Path(p)), spec) for p in paths])  # (b, 3, S, S)
+    return encode_images(encoder, pixels, spec, device)
+
+
 @torch.inference_mode()
 def caption_files(checkpoint: Path, images: Sequence[Path], *, beam_size: int = 3, device: str | None = None,
                   batch_size: int = 16) -> Iterator[tuple[Path, str]]:
@@ -57,17 +69,16 @@ def caption_files(checkpoint: Path, images: Sequence[Path], *, beam_size: int = 
     state = load_checkpoint(checkpoint)
     model, cfg, vocab = _captioner(state, checkpoint, dev)
     spec = checkpoint_encoder(state, cfg, checkpoint)
-    encoder = spec.build().to(dev).eval()
+    encoder = load_encoder(spec, dev)
     for start in range(0, len(images), batch_size):
         paths = [Path(p) for p in images[start:start + batch_size]]
-        pixels = torch.from_numpy(np.stack([preprocess(load_image(p), spec) for p in paths])).to(dev)
-        grid = encoder(pixels)  # (B, C, g, g)
-        grid = grid.flatten(2).transpose(1, 2).float()  # (B, g*g, C)
-        pooled = grid.mean(dim=1)  # (B, C)
+        grid, pooled = image_features(paths, encoder, spec, dev)
+        # float32 on the device, as training's FeatureSource hands the cached rows to the model
+        pooled_t = torch.from_numpy(pooled).to(dev, torch.float32)  # (b, C)
+        grid_t = torch.from_numpy(grid).to(dev, torch.float32) if model.needs_grid else None  # (b, g*g, C)
         if beam_size == 1:
-            ids = model.greedy(pooled, grid if model.needs_grid else None, cfg.effective_max_len)
+            ids = model.greedy(pooled_t, grid_t, cfg.effective_max_len)
         else:
-            ids = model.beam_search(pooled, grid if model.needs_grid else None, beam_size,
-                                    cfg.effective_max_len, cfg.length_penalty)
+            ids = model.beam_search(pooled_t, grid_t, beam_size, cfg.effective_max_len, cfg.length_penalty)
         for path, row in zip(paths, ids.cpu()):
             yield path, vocab.decode(row)

@@ -247,3 +247,24 @@ def test_real_photos_extract_and_reuse(tmp_path):
     assert cos[~np.eye(24, dtype=bool)].mean() < 0.8
     again = F.extract_features(items, cache_dir=tmp_path, fingerprint="flickr-24", progress=False)
     assert again.reused and again.computed == 0
+
+
+@pytest.mark.realdata
+@needs_data
+def test_a_captioned_photo_gets_exactly_the_cached_features(tmp_path):
+    """`study caption` encodes a file through the cache's own code (float16 grid, pooled from it): the model
+    sees the very numbers it was trained on, whatever the batch the photo arrives in."""
+    from study.inference import image_features
+
+    photos = sorted((DATA / "images").glob("*.jpg"))[:3]
+    cache = F.extract_features([(p.name, p) for p in photos], cache_dir=tmp_path, fingerprint="flickr-3",
+                               batch_size=2, progress=False)
+    spec = F.get_encoder("efficientnet_lite0")
+    encoder = F.load_encoder(spec, torch.device("cpu"))
+    grid, pooled = image_features(photos, encoder, spec, torch.device("cpu"))  # (3, 49, 1280), (3, 1280)
+    assert grid.dtype == pooled.dtype == np.float16
+    np.testing.assert_array_equal(grid, cache.grid)
+    np.testing.assert_array_equal(pooled, cache.pooled)
+    alone_grid, alone_pooled = image_features(photos[2:], encoder, spec, torch.device("cpu"))
+    np.testing.assert_array_equal(alone_grid[0], cache.grid[2])
+    np.testing.assert_array_equal(alone_pooled[0], cache.pooled[2])

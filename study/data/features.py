@@ -44,6 +44,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from study.data.karpathy import load_image as _load_image  # 8-bit RGB; DatasetError (a ValueError) if bad
+from study.files import atomic_write_json
 
 # Errors a broken or missing image raises while being decoded and preprocessed (karpathy.load_image raises
 # DatasetError, a ValueError; the rest is belt and braces for PIL).
@@ -213,6 +214,51 @@ def _decode(key: str, path: Path, spec: EncoderSpec) -> tuple[np.ndarray | None,
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Encoding: the one place the CNN runs (the cache and `study caption` both call it)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given ("cpu", "cuda", "cuda:1" ...), else CUDA when present, else CPU: the one device
+    choice of feature extraction, training, evaluation and captioning."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_encoder(spec: EncoderSpec, device: torch.device) -> torch.nn.Module:
+    """The frozen CNN of ``spec`` on ``device``, ready for :func:`encode_images`."""
+    return spec.build().eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+def encode_images(encoder: torch.nn.Module, pixels: np.ndarray, spec: EncoderSpec,
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, pooled) features of preprocessed images, exactly as the feature cache stores them.
+
+    pixels (b, 3, S, S) float32 from :func:`preprocess`; grid (b, g*g, C) float16, positions row-major and
+    channels last (for attention); pooled (b, C) float16, the mean over positions of the float16 grid. The
+    cache and ``study caption`` both call this: a captioned image gets the very numbers the model trained on.
+    """
+    x = torch.from_numpy(pixels)
+    if device.type == "cuda":
+        x = x.pin_memory()
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    # fp16 autocast on GPU; CPU stays fp32 (bf16 is slower there)
+    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    with torch.inference_mode(), amp:
+        fmap = encoder(x)  # (b, C, g, g)
+    c = spec.feature_dim
+    if fmap.shape[1:] != (c, spec.grid_size, spec.grid_size):
+        raise RuntimeError(f"encoder {spec.name!r} returned {tuple(fmap.shape[1:])}, spec says "
+                           f"{(c, spec.grid_size, spec.grid_size)}")
+    # (b, C, g, g) -> (b, g*g, C)
+    grid = fmap.float().flatten(2).transpose(1, 2).cpu().numpy().astype(np.float16)
+    # Pool in float32 from the float16 grid: pooled == grid.mean(1) exactly as stored.
+    pooled = grid.astype(np.float32).mean(axis=1).astype(np.float16)  # (b, C)
+    return grid, pooled
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------------------------
 
@@ -244,10 +290,7 @@ def _keys_digest(keys: Sequence[str]) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write-then-rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1)  # a reader (a resuming extractor) never sees half a file
 
 
 def _open_finished(folder: Path, keys: list[str], on_error: str, reused: bool, computed: int) -> FeatureCache:
@@ -281,12 +324,6 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _batches_prefetched(items: Sequence[tuple[str, Path]], start: int, batch_size: int, spec: EncoderSpec,
@@ -357,10 +394,36 @@ def extract_features(
         if (final / "meta.json").is_file():  # another process finished it while we waited
             return _open_finished(final, keys, on_error, reused=True, computed=0)
         computed = _fill_partial(partial, items, keys, spec, key, fingerprint, batch_size=batch_size,
-                                 device=_resolve_device(device), on_error=on_error, progress=progress,
+                                 device=pick_device(device), on_error=on_error, progress=progress,
                                  num_workers=num_workers)
         os.rename(partial, final)  # atomic: the cache appears complete or not at all
     return _open_finished(final, keys, on_error, reused=False, computed=computed)
+
+
+def _open_partial(partial: Path, identity: dict, pooled_shape: tuple[int, int],
+                  grid_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(pooled, grid, progress) of a partial folder: its memmaps and progress when its progress.json matches
+    ``identity`` (same cache key and images), else a fresh folder with zeroed arrays and no rows done."""
+    progress_path = partial / "progress.json"
+    state = None
+    if progress_path.is_file():
+        try:
+            state = json.loads(progress_path.read_text())
+        except json.JSONDecodeError:
+            state = None
+        if state is None or any(state.get(k) != v for k, v in identity.items()):
+            state = None
+    if state is not None:
+        return (np.lib.format.open_memmap(partial / "pooled.npy", mode="r+"),
+                np.lib.format.open_memmap(partial / "grid.npy", mode="r+"), state)
+    # Fresh start (or a partial folder from different inputs: start over).
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    pooled = np.lib.format.open_memmap(partial / "pooled.npy", mode="w+", dtype=np.float16, shape=pooled_shape)
+    grid = np.lib.format.open_memmap(partial / "grid.npy", mode="w+", dtype=np.float16, shape=grid_shape)
+    state = {**identity, "rows_done": 0, "failed": []}
+    _write_json(progress_path, state)
+    return pooled, grid, state
 
 
 def _fill_partial(partial: Path, items: Sequence[tuple[str, Path]], keys: list[str], spec: EncoderSpec,
@@ -371,34 +434,11 @@ def _fill_partial(partial: Path, items: Sequence[tuple[str, Path]], keys: list[s
     n, n_pos, c = len(items), spec.grid_size ** 2, spec.feature_dim
     progress_path = partial / "progress.json"
     identity = {"cache_key": key, "n": n, "keys_sha256": _keys_digest(keys)}
-
-    state = None
-    if progress_path.is_file():
-        try:
-            state = json.loads(progress_path.read_text())
-        except json.JSONDecodeError:
-            state = None
-        if state is None or any(state.get(k) != v for k, v in identity.items()):
-            state = None
-    if state is None:  # fresh start (or a partial folder from different inputs: start over)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        pooled = np.lib.format.open_memmap(partial / "pooled.npy", mode="w+", dtype=np.float16, shape=(n, c))
-        grid = np.lib.format.open_memmap(partial / "grid.npy", mode="w+", dtype=np.float16,
-                                         shape=(n, n_pos, c))
-        state = {**identity, "rows_done": 0, "failed": []}
-        _write_json(progress_path, state)
-    else:
-        pooled = np.lib.format.open_memmap(partial / "pooled.npy", mode="r+")
-        grid = np.lib.format.open_memmap(partial / "grid.npy", mode="r+")
-
+    pooled, grid, state = _open_partial(partial, identity, (n, c), (n, n_pos, c))
     start, failed = int(state["rows_done"]), list(state["failed"])
     computed = 0
     if start < n:
-        model = spec.build().eval().requires_grad_(False)
-        model = model.to(device, memory_format=torch.channels_last)
-        use_amp = device.type == "cuda"  # fp16 autocast on GPU; CPU stays fp32 (bf16 is slower there)
-        amp = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
+        model = load_encoder(spec, device)
         pool = ThreadPoolExecutor(num_workers, thread_name_prefix="decode") if num_workers > 0 else None
         bar = tqdm(total=n, initial=start, unit="img", desc=f"features {spec.name}", disable=not progress,
                    dynamic_ncols=True)
@@ -414,22 +454,13 @@ def _fill_partial(partial: Path, items: Sequence[tuple[str, Path]], keys: list[s
                         failed.append(keys[row0 + i])
                 rows = len(decoded)
                 batch_grid = np.zeros((rows, n_pos, c), np.float16)  # failed rows stay zero
+                batch_pooled = np.zeros((rows, c), np.float16)
                 if ok:
-                    x = torch.from_numpy(np.stack([decoded[i][0] for i in ok]))  # (b, 3, S, S)
-                    if device.type == "cuda":
-                        x = x.pin_memory()
-                    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                    with torch.inference_mode(), amp:
-                        fmap = model(x)  # (b, C, g, g)
-                    if fmap.shape[1:] != (c, spec.grid_size, spec.grid_size):
-                        raise RuntimeError(f"encoder {spec.name!r} returned {tuple(fmap.shape[1:])}, spec says "
-                                           f"{(c, spec.grid_size, spec.grid_size)}")
-                    # (b, C, g, g) -> (b, g*g, C): positions row-major, channels last for attention
-                    batch_grid[ok] = fmap.float().flatten(2).transpose(1, 2).cpu().numpy().astype(np.float16)
+                    pixels = np.stack([decoded[i][0] for i in ok])  # (b, 3, S, S)
+                    batch_grid[ok], batch_pooled[ok] = encode_images(model, pixels, spec, device)
                     computed += len(ok)
                 grid[row0:row0 + rows] = batch_grid
-                # Pool in float32 from the float16 grid: pooled == grid.mean(1) exactly as stored.
-                pooled[row0:row0 + rows] = batch_grid.astype(np.float32).mean(axis=1).astype(np.float16)
+                pooled[row0:row0 + rows] = batch_pooled
                 # Flush the rows first, then record them: progress never claims rows not on disk.
                 grid.flush()
                 pooled.flush()
