@@ -41,8 +41,8 @@ from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
 from study.data.tokens import PAD
 from study.models import build_captioner
-from study.training import (FeatureSource, SplitTensors, _autocast, _lr_lambda, _train_epoch, build_optimizer,
-                            length_bucketed_batches)
+from study.evaluation import FeatureSource, SplitTensors, autocast
+from study.training import _lr_lambda, _train_epoch, build_optimizer, length_bucketed_batches
 
 
 def epoch_batches(cfg: TrialConfig, train: SplitTensors, epoch: int) -> list[np.ndarray]:
@@ -98,7 +98,7 @@ def bookkeeping_seconds(cfg: TrialConfig, train: SplitTensors, features: Feature
     for idx in tqdm(batches, disable=True):
         tokens = train.ids[torch.from_numpy(idx), : int(train.lengths[idx].max())].to(device, non_blocking=True)
         pooled, _ = features(train.feature_rows[idx])
-        with _autocast(device):
+        with autocast(device):
             pass
         n = int((tokens[:, 1:] != PAD).sum())
         sched.step()

@@ -23,10 +23,10 @@ from scipy.stats import spearmanr
 
 from study.config import checkpoint_config
 from study.data.prepare import TokenSetting, prepare
-from study.metrics import score_captions
+from study.evaluation import FeatureSource, SplitTensors, score_split, validation_loss
 from study.models import build_captioner
-from study.training import (FeatureSource, SplitTensors, decode_images, length_bucketed_batches, load_checkpoint,
-                            validation_loss)
+from study.spec import format_metric
+from study.training import length_bucketed_batches, load_checkpoint
 
 
 def newest_checkpoints(study: Path) -> list[Path]:
@@ -89,17 +89,14 @@ def main() -> None:
         sub_split = SplitTensors.of(tokens.splits["val"], rows_val, limit=args.captions)
         (full, _), full_s = timed(lambda: validation_loss(model, full_split, features, dev, cfg.batch_size))
         (sub, _), sub_s = timed(lambda: validation_loss(model, sub_split, features, dev, cfg.batch_size))
-        n = len(rows_val) if cfg.val_images is None else min(cfg.val_images, len(rows_val))
-        hyps, decode_s = timed(lambda: decode_images(model, tokens.vocab, rows_val[:n], features, dev, beam_size=1,
-                                                     max_len=cfg.effective_max_len,
-                                                     length_penalty=cfg.length_penalty))
-        refs = {i: data.images["val"].references[i] for i in range(n)}
-        scores, metric_s = timed(lambda: score_captions(refs, dict(enumerate(hyps)), full=False))
+        greedy = score_split(model, cfg, data, "val", limit=cfg.val_images)  # as each epoch validates
+        n, scores = len(greedy.captions), greedy.scores
+        decode_s, metric_s = greedy.decode_seconds, greedy.metric_seconds
         rows.append((path.parents[1].name, state["epoch"], len(full_split.lengths), full, full_s,
                      len(sub_split.lengths), sub, sub_s, n, decode_s, metric_s, scores["CIDEr-D"]))
         print(f"{rows[-1][0]:<40} epoch {rows[-1][1]}: val loss all {full:.4f} ({full_s:.2f} s), first "
               f"{args.captions} {sub:.4f} ({sub_s:.2f} s); decode {n} images {decode_s:.2f} s, "
-              f"metrics {metric_s:.2f} s, CIDEr-D {100 * scores['CIDEr-D']:.1f}", flush=True)
+              f"metrics {metric_s:.2f} s, CIDEr-D {format_metric('CIDEr-D', scores['CIDEr-D'])}", flush=True)
 
     if not rows:
         raise SystemExit("no readable checkpoint")

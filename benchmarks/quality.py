@@ -24,9 +24,10 @@ import yaml
 
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
-from study.models import build_captioner
+from study.evaluation import score_split
 from study.registry import METHODS
-from study.training import FeatureSource, evaluate, load_checkpoint, run_trial
+from study.spec import format_metric
+from study.training import run_trial
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -66,14 +67,8 @@ def main() -> None:
             t0 = time.perf_counter()
             result = run_trial(cfg, data, work_dir=Path(tmp) / method, progress=False, final_test=not args.fast)
             last = result["epochs"][-1]
-            if args.fast:  # beam-3 test scores without the Java metrics, from the last checkpoint
-                state = load_checkpoint(Path(tmp) / method / "checkpoint")
-                tokens = data.tokens_for(cfg)
-                model = build_captioner(cfg, len(tokens.vocab), data.feature_dim)
-                model.load_state_dict(state["model"])
-                feats = FeatureSource(data, torch.device("cpu"), need_grid=model.needs_grid)
-                final, _, _ = evaluate(model, cfg, data, tokens, "test", feats, torch.device("cpu"),
-                                       beam_size=cfg.beam_size, full=False)
+            if args.fast:  # beam-3 test scores without the Java metrics, of the trained model
+                final = score_split(result["model"], cfg, data, "test", beam_size=cfg.beam_size, full=False).scores
             else:
                 final = result["final"]
             rows[method] = {"val_cider": last["val_CIDEr-D"], "val_bleu4": last["val_BLEU-4"],
@@ -81,8 +76,8 @@ def main() -> None:
                             "test_bleu4": final["BLEU-4"], "test_meteor": final.get("METEOR", float("nan")),
                             "seconds": time.perf_counter() - t0, "params": result["params"]}
             r = rows[method]
-            print(f"  {method:9s} val CIDEr-D {100 * r['val_cider']:6.1f}  test CIDEr-D {100 * r['test_cider']:6.1f}"
-                  f"  ({r['seconds']:.0f} s)", flush=True)
+            print(f"  {method:9s} val CIDEr-D {format_metric('CIDEr-D', r['val_cider']):>6}  test CIDEr-D "
+                  f"{format_metric('CIDEr-D', r['test_cider']):>6}  ({r['seconds']:.0f} s)", flush=True)
 
     floor = rows.get("none", {}).get("test_cider")
     print()
@@ -91,9 +86,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, r in rows.items():
         ratio = f"{r['test_cider'] / floor:.2f}x" if floor else "-"
-        print(f"| {method} | {r['params'] / 1e6:.2f} M | {r['val_loss']:.3f} | {100 * r['val_cider']:.1f} "
-              f"| {100 * r['val_bleu4']:.1f} | {100 * r['test_cider']:.1f} | {100 * r['test_bleu4']:.1f} "
-              f"| {100 * r['test_meteor']:.1f} | {ratio} | {r['seconds']:.0f} |")
+        cells = [format_metric(name, r[key]) for name, key in (
+            ("val_loss", "val_loss"), ("val_CIDEr-D", "val_cider"), ("val_BLEU-4", "val_bleu4"),
+            ("CIDEr-D", "test_cider"), ("BLEU-4", "test_bleu4"), ("METEOR", "test_meteor"))]
+        print(f"| {method} | {r['params'] / 1e6:.2f} M | {' | '.join(cells)} | {ratio} | {r['seconds']:.0f} |")
     if floor and "init" in rows:
         ratio = rows["init"]["test_cider"] / floor
         print(f"\ninit / none test CIDEr-D = {ratio:.2f}x: {'PASS' if ratio >= 2 else 'FAIL'} (issue asks >= 2x)")

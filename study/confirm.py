@@ -69,22 +69,18 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
     import tempfile
     import time
 
-    from study.inference import load_captioner
-    from study.training import CHECKPOINT_FILE, FeatureSource, evaluate, pick_device, run_trial
+    from study.evaluation import score_split
+    from study.training import CHECKPOINT_FILE, run_trial
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="confirm-") as tmp:
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
-        device = pick_device()
-        model, _, _ = load_captioner(Path(tmp) / "checkpoint", device)
         # The model goes back with the scores (this task may run on another node): the driver keeps it.
         checkpoint = (Path(tmp) / "checkpoint" / CHECKPOINT_FILE).read_bytes()
-    features = FeatureSource(data, device, need_grid=model.needs_grid)
-    scores, captions, per_image = evaluate(model, cfg, data, data.tokens_for(cfg), "test", features, device,
-                                           beam_size=cfg.beam_size, full=True, per_image=True)
+    test = score_split(result["model"], cfg, data, "test", beam_size=cfg.beam_size, full=True, per_image=True)
     return {"config": cfg.model_dump(mode="json", by_alias=True, exclude={"dataset"}),
-            "scores": scores, "captions": captions,
-            "per_image": {m: {str(k): v for k, v in d.items()} for m, d in per_image.items()},
+            "scores": test.scores, "captions": test.captions,
+            "per_image": {m: {str(k): v for k, v in d.items()} for m, d in test.per_image.items()},
             "params": result["params"], "epochs": len(result["epochs"]),
             "train_seconds": sum(e["train_seconds"] for e in result["epochs"]),
             "seconds": time.perf_counter() - t0, "checkpoint": checkpoint}

@@ -1,7 +1,7 @@
 """Caption image files with a trained checkpoint (``study caption``).
 
 An image goes the way a training image went: ``study.data.features.preprocess`` and ``encode_images`` (the
-feature cache's own code, float16 rounding included).
+feature cache's own code, float16 rounding included), then the evaluation's ``decode``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from study.config import TrialConfig, checkpoint_config
 from study.data.features import EncoderSpec, encode_images, get_encoder, load_encoder, pick_device, preprocess
 from study.data.karpathy import load_image
 from study.data.tokens import Vocab
+from study.evaluation import decode
 from study.models import build_captioner
 from study.training import CheckpointError, load_checkpoint
 
@@ -76,9 +77,7 @@ def caption_files(checkpoint: Path, images: Sequence[Path], *, beam_size: int = 
         # float32 on the device, as training's FeatureSource hands the cached rows to the model
         pooled_t = torch.from_numpy(pooled).to(dev, torch.float32)  # (b, C)
         grid_t = torch.from_numpy(grid).to(dev, torch.float32) if model.needs_grid else None  # (b, g*g, C)
-        if beam_size == 1:
-            ids = model.greedy(pooled_t, grid_t, cfg.effective_max_len)
-        else:
-            ids = model.beam_search(pooled_t, grid_t, beam_size, cfg.effective_max_len, cfg.length_penalty)
+        ids = decode(model, pooled_t, grid_t, beam_size=beam_size, max_len=cfg.effective_max_len,
+                     length_penalty=cfg.length_penalty)
         for path, row in zip(paths, ids.cpu()):
             yield path, vocab.decode(row)

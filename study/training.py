@@ -1,36 +1,45 @@
 """The one training loop. ``study train`` and the Ray Tune trainable both call :func:`run_trial`.
 
 A trial: seed -> build the captioner from the registries -> for each epoch: teacher-forced training over
-length-bucketed batches, validation loss / bits per character / greedy CIDEr-D and BLEU-4 -> checkpoint ->
-``report(metrics, checkpoint_dir)``. Optionally a final test evaluation with beam search and the full
-metric suite. Exceptions propagate: a trial that fails is failed (Tune records the reason), never papered over.
+length-bucketed batches, validation (``study.evaluation.validate``: loss, bits per character, greedy CIDEr-D
+and BLEU-4) -> checkpoint -> ``report(metrics, checkpoint_dir)``. Optionally a final test evaluation with beam
+search and the full metric suite. Exceptions propagate: a trial that fails is failed (Tune records the reason),
+never papered over. The checkpoint's format (save, load, resume checks) is defined here too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import pickle
 import shutil
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from study.config import TrialConfig
-from study.data.features import get_encoder
-from study.data.prepare import PreparedData, SplitCaptions, TokenSet
-from study.data.tokens import PAD, Vocab, normalize
-from study.metrics import score_captions
+from study.data.features import get_encoder, pick_device
+from study.data.prepare import PreparedData
+from study.data.tokens import Vocab
+from study.evaluation import (  # noqa: F401  decode_images, validation_loss: imported from here by tests
+    FeatureSource,
+    SplitTensors,
+    autocast,
+    caption_char_counts,
+    decode_images,
+    masked_nll,
+    score_split,
+    validate,
+    validation_loss,
+)
+from study.files import atomic_write_json
 from study.models import build_captioner
 
 log = logging.getLogger(__name__)
@@ -55,13 +64,6 @@ MODEL_SHAPE_FIELDS = ("inject", "cell", "layers", "hidden", "embed", "attention_
                       "min_count")
 
 
-def pick_device(requested: str | None = None) -> torch.device:
-    """``requested`` if given, else CUDA when present, else CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
                             bucket_batches: int = 50) -> list[np.ndarray]:
     """Shuffled batches of caption indices whose lengths are similar, so padding is small.
@@ -78,43 +80,6 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
         batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
     order = rng.permutation(len(batches))
     return [batches[i] for i in order]
-
-
-@dataclass
-class SplitTensors:
-    """One split's captions as tensors plus the feature row of each caption, ready for batching."""
-
-    ids: torch.Tensor  # (N_cap, L) int64
-    lengths: np.ndarray  # (N_cap,)
-    feature_rows: np.ndarray  # (N_cap,) rows of data.pooled / data.grid
-
-    @classmethod
-    def of(cls, captions: SplitCaptions, image_rows: np.ndarray, limit: int | None = None) -> "SplitTensors":
-        """``limit``: only the first captions (they are in image order)."""
-        return cls(torch.from_numpy(captions.ids[:limit]), captions.lengths[:limit],
-                   image_rows[captions.image[:limit]])
-
-
-class FeatureSource:
-    """Gathers image features for a batch of feature rows and moves them to the device as float32."""
-
-    def __init__(self, data: PreparedData, device: torch.device, need_grid: bool):
-        if need_grid and data.grid is None:
-            raise ValueError("this model attends over the spatial grid, but the data was prepared without it")
-        with warnings.catch_warnings():
-            # Arrays from Ray's object store are read-only; we only ever index (copy) them, never write.
-            warnings.simplefilter("ignore", UserWarning)
-            self.pooled = torch.from_numpy(data.pooled)  # (N, F) float16, shared memory, no copy
-            self.grid = torch.from_numpy(data.grid) if need_grid else None  # (N, G, F) float16
-        self.device = device
-
-    def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        index = torch.from_numpy(rows)
-        pooled = self.pooled[index].to(self.device, torch.float32, non_blocking=True)  # (B, F)
-        grid = None
-        if self.grid is not None:
-            grid = self.grid[index].to(self.device, torch.float32, non_blocking=True)  # (B, G, F)
-        return pooled, grid
 
 
 def _lr_lambda(cfg: TrialConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -136,90 +101,11 @@ def build_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Opt
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast on CUDA needs no GradScaler; on CPU we train in fp32 (CPU autocast is slower for RNNs).
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def masked_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over non-PAD targets and their count. logits (B, T, V), targets (B, T)."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=PAD, reduction="sum")
-    return loss, int((targets != PAD).sum())
-
-
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, split: SplitTensors, features: FeatureSource,
-                    device: torch.device, batch_size: int) -> tuple[float, float]:
-    """(mean nats per token, total nats) of teacher-forced validation captions."""
-    model.eval()
-    total, count = 0.0, 0
-    order = np.argsort(split.lengths, kind="stable")
-    for start in range(0, len(order), batch_size * 2):
-        idx = order[start:start + batch_size * 2]
-        tokens = split.ids[torch.from_numpy(idx), : int(split.lengths[idx].max())].to(device)
-        pooled, grid = features(split.feature_rows[idx])
-        with _autocast(device):
-            logits = model(pooled, grid, tokens[:, :-1])
-        loss, n = masked_nll(logits, tokens[:, 1:])
-        total += float(loss)
-        count += n
-    return total / max(count, 1), total
-
-
-@torch.no_grad()
-def decode_images(model: torch.nn.Module, vocab: Vocab, image_rows: np.ndarray, features: FeatureSource,
-                  device: torch.device, *, beam_size: int, max_len: int, length_penalty: float,
-                  batch_size: int = 128) -> list[str]:
-    """Captions for feature rows: greedy when ``beam_size == 1``, else batched beam search."""
-    model.eval()
-    captions: list[str] = []
-    for start in range(0, len(image_rows), batch_size):
-        pooled, grid = features(image_rows[start:start + batch_size])
-        with _autocast(device):
-            if beam_size == 1:
-                ids = model.greedy(pooled, grid, max_len)
-            else:
-                ids = model.beam_search(pooled, grid, beam_size, max_len, length_penalty)
-        captions.extend(vocab.decode(row) for row in ids.cpu())
-    return captions
-
-
-def evaluate(model: torch.nn.Module, cfg: TrialConfig, data: PreparedData, tokens: TokenSet, split: str,
-             features: FeatureSource, device: torch.device, *, beam_size: int, full: bool,
-             limit: int | None = None, per_image: bool = False,
-             timings: dict[str, float] | None = None) -> tuple[dict[str, float], list[str], Any]:
-    """Decode a split's images and score them against their references.
-
-    ``timings``, when given, receives ``decode_seconds`` and ``metric_seconds`` (the scoring's share)."""
-    images = data.images[split]
-    n = len(images.rows) if limit is None else min(limit, len(images.rows))
-    t0 = time.perf_counter()
-    hyps = decode_images(model, tokens.vocab, images.rows[:n], features, device, beam_size=beam_size,
-                         max_len=cfg.effective_max_len, length_penalty=cfg.length_penalty)
-    t1 = time.perf_counter()  # decoding ends with the captions on the CPU: no extra sync needed
-    refs = {i: images.references[i] for i in range(n)}
-    result = score_captions(refs, dict(enumerate(hyps)), full=full, per_image=per_image)
-    if timings is not None:
-        timings.update(decode_seconds=t1 - t0, metric_seconds=time.perf_counter() - t1)
-    if per_image:
-        scores, per = result
-        return scores, hyps, per
-    return result, hyps, None
-
-
-def caption_char_counts(data: PreparedData, split: str, limit: int | None = None) -> int:
-    """Characters (plus one end mark per caption) in a split's normalised captions, for bits per character;
-    ``limit``: only the first captions, as ``SplitTensors.of`` takes them."""
-    captions = [c for refs in data.images[split].references for c in refs][:limit]
-    return sum(len(normalize(c)) + 1 for c in captions)
-
-
 def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, cfg: TrialConfig,
                     vocab: Vocab, history: list[dict[str, Any]], data_info: dict[str, Any],
                     feature_dim: int) -> Path:
-    """Write ``checkpoint.pt`` atomically (tmp + rename); loadable with ``torch.load(weights_only=True)``.
+    """Write ``checkpoint.pt`` atomically (temporary file + rename); loadable with ``torch.load(weights_only=True)``.
 
     The checkpoint is self-contained for captioning: config, vocabulary, feature size and the encoder with
     its preprocessing travel with the weights, so ``study caption`` needs neither the dataset nor its cache.
@@ -240,9 +126,16 @@ def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch
         "data_info": {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in data_info.items()},
         "torch_rng": torch.get_rng_state(),
     }
-    tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / CHECKPOINT_FILE)
+    # Write-then-rename as study.files does, but torch.save streams into the file: study.files takes bytes, and
+    # the weights plus Adam's two moments of the largest model a spec allows (4 layers x 4096) are GBs, a second
+    # in-memory copy of which would be made every epoch by each of the trials Ray packs onto a node.
+    final = directory / CHECKPOINT_FILE
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
     return directory
 
 
@@ -317,7 +210,7 @@ def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTens
         tokens = train.ids[torch.from_numpy(idx), : int(train.lengths[idx].max())].to(device, non_blocking=True)
         pooled, grid = features(train.feature_rows[idx])
         data_seconds += time.perf_counter() - t0
-        with _autocast(device):
+        with autocast(device):
             logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
         loss_sum, n = masked_nll(logits, tokens[:, 1:])
         loss = loss_sum / n
@@ -339,6 +232,89 @@ def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTens
     return float(total) / max(tokens_seen, 1), tokens_seen, data_seconds
 
 
+@dataclass
+class _Trial:
+    """One trial's model, optimiser and data views: what every epoch works on."""
+
+    cfg: TrialConfig
+    data: PreparedData
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train: SplitTensors
+    val: SplitTensors  # the first cfg.val_captions val captions: the validation loss's
+    features: FeatureSource
+    val_chars: int  # characters of those captions, for bits per character
+    history: list[dict[str, Any]] = field(default_factory=list)  # every finished epoch's metrics
+
+    @classmethod
+    def build(cls, cfg: TrialConfig, data: PreparedData, device: torch.device) -> "_Trial":
+        torch.manual_seed(cfg.seed)  # first: the model's initial weights come from it
+        tokens = data.tokens_for(cfg)
+        model = build_captioner(cfg, len(tokens.vocab), data.feature_dim, data.feature_stats).to(device)
+        optimizer = build_optimizer(cfg, model)
+        train = SplitTensors.of(tokens.splits["train"], data.images["train"].rows)
+        steps_per_epoch = math.ceil(len(train.lengths) / cfg.batch_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+        val = SplitTensors.of(tokens.splits["val"], data.images["val"].rows, limit=cfg.val_captions)
+        return cls(cfg, data, device, model, optimizer, scheduler, train, val,
+                   FeatureSource(data, device, need_grid=model.needs_grid),
+                   caption_char_counts(data, "val", limit=cfg.val_captions))
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def resume(self, source: Path) -> int:
+        """Continue from a checkpoint (dir or file): its weights, optimiser, schedule, RNG and history.
+        Returns the first epoch still to train."""
+        state = load_checkpoint(source, for_resume=True)
+        check_resumable(self.model, state, self.cfg, source)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = list(state["history"])
+        log.info("resumed %s after epoch %d", self.cfg.run_name, state["epoch"])
+        return int(state["epoch"]) + 1
+
+    def run_epoch(self, epoch: int, progress: bool) -> dict[str, Any]:
+        """Train one epoch, validate; the epoch's metrics (``study.spec.REPORTED``)."""
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        train_loss, n_tokens, data_seconds = _train_epoch(self.model, self.optimizer, self.scheduler, self.cfg,
+                                                          self.train, self.features, self.device, rng, epoch,
+                                                          progress)
+        train_seconds = time.perf_counter() - t0
+        val = validate(self.model, self.cfg, self.data, self.val, self.features, self.val_chars)
+        return {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            **{k: val[k] for k in ("val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4")},
+            "current_lr": self.optimizer.param_groups[0]["lr"],  # after the schedule; not the config's lr
+            "train_seconds": train_seconds,  # includes data_seconds
+            "data_seconds": data_seconds,
+            **{k: val[k] for k in ("val_loss_seconds", "decode_seconds", "metric_seconds")},
+            "epoch_seconds": time.perf_counter() - t0,
+            "tokens_per_second": n_tokens / max(train_seconds, 1e-9),
+            "params": self.params,
+        }
+
+    def save(self, directory: Path, epoch: int) -> None:
+        save_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        epoch=epoch, cfg=self.cfg, vocab=self.data.tokens_for(self.cfg).vocab,
+                        history=self.history, data_info=self.data.info, feature_dim=self.data.feature_dim)
+
+    def final_test(self) -> dict[str, Any]:
+        """The test split decoded with the config's beam and scored with the full suite, and 10 samples."""
+        test = score_split(self.model, self.cfg, self.data, "test", beam_size=self.cfg.beam_size, full=True)
+        images = self.data.images["test"]
+        return {"final": {"split": "test", "beam_size": self.cfg.beam_size, **test.scores},
+                "samples": [{"image": str(images.paths[i]), "caption": test.captions[i],
+                             "references": images.references[i]} for i in range(min(10, len(test.captions)))]}
+
+
 def run_trial(
     cfg: TrialConfig,
     data: PreparedData,
@@ -356,92 +332,36 @@ def run_trial(
     Each epoch writes ``work_dir/checkpoint/checkpoint.pt`` and calls ``report(metrics, checkpoint_dir)``.
     ``resume_from`` (a checkpoint dir or file) continues after its last finished epoch. With ``final_test``
     the test split is decoded with beam search and scored with the full metric suite.
-    Returns ``{"config", "epochs": [per-epoch metrics], "final": {...}}``.
+    Returns ``{"config", "epochs": [per-epoch metrics], "params", "data", "final": {...}, "samples": [...],
+    "model"}``: ``final`` and ``samples`` with ``final_test`` only; ``model`` is the trained model (in eval
+    mode, on its device), for a caller that scores it further (the confirm stage) without reloading it.
     """
-    dev = pick_device(device)
-    torch.manual_seed(cfg.seed)
-    tokens = data.tokens_for(cfg)
-    vocab = tokens.vocab
-    model = build_captioner(cfg, len(vocab), data.feature_dim, data.feature_stats).to(dev)
-    optimizer = build_optimizer(cfg, model)
-    train = SplitTensors.of(tokens.splits["train"], data.images["train"].rows)
-    val = SplitTensors.of(tokens.splits["val"], data.images["val"].rows, limit=cfg.val_captions)
-    steps_per_epoch = math.ceil(len(train.lengths) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
-    features = FeatureSource(data, dev, need_grid=model.needs_grid)
-    val_chars = caption_char_counts(data, "val", limit=cfg.val_captions)
-    params = sum(p.numel() for p in model.parameters())
-
-    history: list[dict[str, Any]] = []
-    start_epoch = 1
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, for_resume=True)
-        check_resumable(model, state, cfg, Path(resume_from))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        log.info("resumed %s after epoch %d", cfg.run_name, start_epoch - 1)
-
+    trial = _Trial.build(cfg, data, pick_device(device))
+    start_epoch = 1 if resume_from is None else trial.resume(Path(resume_from))
     checkpoint_dir = work_dir / "checkpoint"
     for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, epoch])
-        train_loss, n_tokens, data_seconds = _train_epoch(model, optimizer, scheduler, cfg, train, features, dev,
-                                                          rng, epoch, progress)
-        train_seconds = time.perf_counter() - t0
-        val_loss, val_nats = validation_loss(model, val, features, dev, cfg.batch_size)
-        val_loss_seconds = time.perf_counter() - t0 - train_seconds
-        timings: dict[str, float] = {}
-        scores, _, _ = evaluate(model, cfg, data, tokens, "val", features, dev, beam_size=1, full=False,
-                                limit=cfg.val_images, timings=timings)
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_bpc": val_nats / math.log(2) / val_chars,
-            "val_CIDEr-D": scores["CIDEr-D"],
-            "val_BLEU-4": scores["BLEU-4"],
-            "current_lr": optimizer.param_groups[0]["lr"],  # after the schedule; not the config's lr
-            "train_seconds": train_seconds,  # includes data_seconds
-            "data_seconds": data_seconds,
-            "val_loss_seconds": val_loss_seconds,
-            "decode_seconds": timings["decode_seconds"],
-            "metric_seconds": timings["metric_seconds"],
-            "epoch_seconds": time.perf_counter() - t0,
-            "tokens_per_second": n_tokens / max(train_seconds, 1e-9),
-            "params": params,
-        }
-        history.append(metrics)
-        save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                        cfg=cfg, vocab=vocab, history=history, data_info=data.info, feature_dim=data.feature_dim)
+        metrics = trial.run_epoch(epoch, progress)
+        trial.history.append(metrics)
+        trial.save(checkpoint_dir, epoch)
         if on_epoch is not None:
             on_epoch(metrics)
         if report is not None:
             report(metrics, checkpoint_dir)
 
-    result: dict[str, Any] = {"config": cfg.model_dump(mode="json", by_alias=True), "epochs": history,
-                              "params": params, "data": {k: str(v) for k, v in data.info.items()}}
+    result: dict[str, Any] = {"config": cfg.model_dump(mode="json", by_alias=True), "epochs": trial.history,
+                              "params": trial.params, "data": {k: str(v) for k, v in data.info.items()}}
     if final_test:
-        scores, hyps, _ = evaluate(model, cfg, data, tokens, "test", features, dev, beam_size=cfg.beam_size,
-                                   full=True)
-        result["final"] = {"split": "test", "beam_size": cfg.beam_size, **scores}
-        images = data.images["test"]
-        result["samples"] = [{"image": str(images.paths[i]), "caption": hyps[i],
-                              "references": images.references[i]} for i in range(min(10, len(hyps)))]
+        result.update(trial.final_test())
+    result["model"] = trial.model.eval()
     return result
 
 
 def write_metrics(result: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``metrics.json`` (per-epoch entries plus final scores) next to the checkpoint."""
+    """Write ``metrics.json`` (per-epoch entries plus final scores) next to the checkpoint; ``result`` is
+    ``run_trial``'s, whose trained model (key ``model``) is left out: the checkpoint holds it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default, allow_nan=True))
-    os.replace(tmp, path)
-    return path
+    saved = {k: v for k, v in result.items() if k != "model"}
+    return atomic_write_json(out_dir / "metrics.json", saved, indent=2, default=_json_default, allow_nan=True)
 
 
 def _json_default(value: Any) -> Any:

@@ -15,14 +15,8 @@ import torch
 import yaml
 
 from study.config import TrialConfig
-from study.training import (
-    TrialDiverged,
-    evaluate,
-    FeatureSource,
-    length_bucketed_batches,
-    load_checkpoint,
-    run_trial,
-)
+from study.evaluation import score_split
+from study.training import TrialDiverged, length_bucketed_batches, load_checkpoint, run_trial
 
 torch.set_num_threads(1)
 
@@ -81,20 +75,22 @@ def test_char_and_word_models_report_comparable_bits_per_character(small_shapes,
 def test_real_image_features_beat_shuffled_ones(small_shapes, small_prepared, tmp_path):
     cfg = _cfg(small_shapes, epochs=8, hidden=128, lr=8e-3, val_images=None)
     work = tmp_path / "img"
-    run_trial(cfg, small_prepared, work_dir=work, progress=False)
-    from study.inference import load_captioner
-
-    model, _, _ = load_captioner(work / "checkpoint", torch.device("cpu"))
-    tokens = small_prepared.tokens_for(cfg)
-    features = FeatureSource(small_prepared, torch.device("cpu"), need_grid=False)
-    real, _, _ = evaluate(model, cfg, small_prepared, tokens, "val", features, torch.device("cpu"),
-                          beam_size=1, full=False)
+    result = run_trial(cfg, small_prepared, work_dir=work, progress=False)
+    model = result["model"]  # the trained model itself: what the confirm stage scores
+    real = score_split(model, cfg, small_prepared, "val").scores
     shuffled_data = dataclasses.replace(small_prepared, images=dict(small_prepared.images))
     val = small_prepared.images["val"]
     shuffled_data.images["val"] = dataclasses.replace(val, rows=np.roll(val.rows, 7))
-    shuffled, _, _ = evaluate(model, cfg, shuffled_data, tokens, "val", features, torch.device("cpu"),
-                              beam_size=1, full=False)
+    shuffled = score_split(model, cfg, shuffled_data, "val").scores
     assert real["CIDEr-D"] > 1.5 * shuffled["CIDEr-D"] + 0.05, (real, shuffled)
+
+    # The checkpoint it wrote captions exactly as the model run_trial returned it.
+    from study.inference import load_captioner
+
+    reloaded, _, _ = load_captioner(work / "checkpoint", torch.device("cpu"))
+    again = score_split(reloaded, cfg, small_prepared, "val", beam_size=2, per_image=True)
+    direct = score_split(model, cfg, small_prepared, "val", beam_size=2, per_image=True)
+    assert again.captions == direct.captions and again.per_image == direct.per_image
 
 
 def test_nan_features_make_the_trial_fail_with_a_reason(small_shapes, small_prepared, tmp_path):

@@ -1,0 +1,173 @@
+"""Decoding and scoring a trained captioner: the one evaluation path.
+
+Every caption the project writes goes through :func:`decode` (greedy when ``beam_size == 1``, else beam
+search), and every score through :func:`score_split`: the per-epoch validation of ``run_trial`` (greedy, fast
+metrics, the first ``val_images`` images), its optional final test, the confirm stage (beam, full suite, per
+image) and the benchmarks. ``study caption`` decodes image files with the same :func:`decode`. Teacher-forced
+validation loss and bits per character live here too: :func:`validate` is one epoch's whole validation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from study.config import TrialConfig
+from study.data.prepare import PreparedData, SplitCaptions
+from study.data.tokens import PAD, Vocab, normalize
+from study.metrics import score_captions
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (needs no GradScaler); CPU runs fp32 (CPU autocast is slower for RNNs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass
+class SplitTensors:
+    """One split's captions as tensors plus the feature row of each caption, ready for batching."""
+
+    ids: torch.Tensor  # (N_cap, L) int64
+    lengths: np.ndarray  # (N_cap,)
+    feature_rows: np.ndarray  # (N_cap,) rows of data.pooled / data.grid
+
+    @classmethod
+    def of(cls, captions: SplitCaptions, image_rows: np.ndarray, limit: int | None = None) -> "SplitTensors":
+        """``limit``: only the first captions (they are in image order)."""
+        return cls(torch.from_numpy(captions.ids[:limit]), captions.lengths[:limit],
+                   image_rows[captions.image[:limit]])
+
+
+class FeatureSource:
+    """Gathers image features for a batch of feature rows and moves them to the device as float32."""
+
+    def __init__(self, data: PreparedData, device: torch.device, need_grid: bool):
+        if need_grid and data.grid is None:
+            raise ValueError("this model attends over the spatial grid, but the data was prepared without it")
+        with warnings.catch_warnings():
+            # Arrays from Ray's object store are read-only; we only ever index (copy) them, never write.
+            warnings.simplefilter("ignore", UserWarning)
+            self.pooled = torch.from_numpy(data.pooled)  # (N, F) float16, shared memory, no copy
+            self.grid = torch.from_numpy(data.grid) if need_grid else None  # (N, G, F) float16
+        self.device = device
+
+    def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        index = torch.from_numpy(rows)
+        pooled = self.pooled[index].to(self.device, torch.float32, non_blocking=True)  # (B, F)
+        grid = None
+        if self.grid is not None:
+            grid = self.grid[index].to(self.device, torch.float32, non_blocking=True)  # (B, G, F)
+        return pooled, grid
+
+
+def masked_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over non-PAD targets and their count. logits (B, T, V), targets (B, T)."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=PAD, reduction="sum")
+    return loss, int((targets != PAD).sum())
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, split: SplitTensors, features: FeatureSource,
+                    device: torch.device, batch_size: int) -> tuple[float, float]:
+    """(mean nats per token, total nats) of teacher-forced validation captions."""
+    model.eval()
+    total, count = 0.0, 0
+    order = np.argsort(split.lengths, kind="stable")
+    for start in range(0, len(order), batch_size * 2):
+        idx = order[start:start + batch_size * 2]
+        tokens = split.ids[torch.from_numpy(idx), : int(split.lengths[idx].max())].to(device)  # (B, T)
+        pooled, grid = features(split.feature_rows[idx])
+        with autocast(device):
+            logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
+        loss, n = masked_nll(logits, tokens[:, 1:])
+        total += float(loss)
+        count += n
+    return total / max(count, 1), total
+
+
+def caption_char_counts(data: PreparedData, split: str, limit: int | None = None) -> int:
+    """Characters (plus one end mark per caption) in a split's normalised captions, for bits per character;
+    ``limit``: only the first captions, as ``SplitTensors.of`` takes them."""
+    captions = [c for refs in data.images[split].references for c in refs][:limit]
+    return sum(len(normalize(c)) + 1 for c in captions)
+
+
+@torch.no_grad()
+def decode(model: torch.nn.Module, pooled: torch.Tensor, grid: torch.Tensor | None, *, beam_size: int,
+           max_len: int, length_penalty: float) -> torch.Tensor:
+    """Token ids (B, T) for features pooled (B, F) and grid (B, G, F) or None: greedy when ``beam_size == 1``
+    (a beam of one gives the same captions, slower), else batched beam search."""
+    model.eval()
+    with autocast(pooled.device):
+        if beam_size == 1:
+            return model.greedy(pooled, grid, max_len)
+        return model.beam_search(pooled, grid, beam_size, max_len, length_penalty)
+
+
+def decode_images(model: torch.nn.Module, vocab: Vocab, image_rows: np.ndarray, features: FeatureSource,
+                  device: torch.device, *, beam_size: int, max_len: int, length_penalty: float,
+                  batch_size: int = 128) -> list[str]:
+    """Captions for feature rows (``device``: where ``features`` puts them, the model's)."""
+    captions: list[str] = []
+    for start in range(0, len(image_rows), batch_size):
+        pooled, grid = features(image_rows[start:start + batch_size])
+        ids = decode(model, pooled, grid, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+        captions.extend(vocab.decode(row) for row in ids.cpu())
+    return captions
+
+
+@dataclass
+class Evaluation:
+    """A model scored on (the first images of) a split."""
+
+    scores: dict[str, float]  # metric -> corpus score on pycocoevalcap's 0..1 scale
+    captions: list[str]  # one per image, in the split's order
+    per_image: dict[str, dict[Hashable, float]] | None  # metric -> image index -> score (per_image=True only)
+    decode_seconds: float
+    metric_seconds: float  # scoring's share (tokenising, n-gram statistics; Java in the full suite)
+
+
+def score_split(model: torch.nn.Module, cfg: TrialConfig, data: PreparedData, split: str, *, beam_size: int = 1,
+                full: bool = False, limit: int | None = None, per_image: bool = False) -> Evaluation:
+    """Decode a split's images with ``model`` (on its own device) and score them against their references.
+
+    ``beam_size`` 1 is greedy; ``full`` the coco-caption suite (METEOR, ROUGE-L, SPICE), else BLEU and
+    CIDEr-D only; ``limit`` the first images only; ``per_image`` also each image's scores."""
+    device = model_device(model)
+    features = FeatureSource(data, device, need_grid=model.needs_grid)
+    images = data.images[split]
+    n = len(images.rows) if limit is None else min(limit, len(images.rows))
+    t0 = time.perf_counter()
+    hyps = decode_images(model, data.tokens_for(cfg).vocab, images.rows[:n], features, device,
+                         beam_size=beam_size, max_len=cfg.effective_max_len, length_penalty=cfg.length_penalty)
+    t1 = time.perf_counter()  # decoding ends with the captions on the CPU: no extra sync needed
+    refs = {i: images.references[i] for i in range(n)}
+    result = score_captions(refs, dict(enumerate(hyps)), full=full, per_image=per_image)
+    scores, per = result if per_image else (result, None)
+    return Evaluation(scores, hyps, per, decode_seconds=t1 - t0, metric_seconds=time.perf_counter() - t1)
+
+
+def validate(model: torch.nn.Module, cfg: TrialConfig, data: PreparedData, val: SplitTensors,
+             features: FeatureSource, val_chars: int) -> dict[str, Any]:
+    """One epoch's validation: teacher-forced loss and bits per character over the ``val`` captions, greedy
+    CIDEr-D and BLEU-4 over the first ``cfg.val_images`` val images, and the seconds each part took."""
+    t0 = time.perf_counter()
+    val_loss, val_nats = validation_loss(model, val, features, features.device, cfg.batch_size)
+    val_loss_seconds = time.perf_counter() - t0
+    greedy = score_split(model, cfg, data, "val", beam_size=1, full=False, limit=cfg.val_images)
+    return {"val_loss": val_loss, "val_bpc": val_nats / math.log(2) / val_chars,
+            "val_CIDEr-D": greedy.scores["CIDEr-D"], "val_BLEU-4": greedy.scores["BLEU-4"],
+            "val_loss_seconds": val_loss_seconds, "decode_seconds": greedy.decode_seconds,
+            "metric_seconds": greedy.metric_seconds}
