@@ -13,7 +13,6 @@ full suite), as the literature does, so hypotheses and references get the same n
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from study.files import atomic_write_text
 
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>"]  # itos[:4], in id order
@@ -169,10 +170,7 @@ class Vocab:
 
     def save(self, path: Path) -> None:
         """Write JSON atomically (a reader never sees half a file)."""
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "Vocab":
