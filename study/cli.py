@@ -195,6 +195,7 @@ def train(
     from study.data.karpathy import DatasetError
     from study.data.prepare import TokenSetting, prepare
     from study.registry import METHODS
+    from study.spec import format_metric
     from study.training import CheckpointError, TrialDiverged, copy_checkpoint, run_trial, write_metrics
 
     if epochs is not None and epochs < 1:  # `--epochs 0` was once ignored; it would train nothing
@@ -220,14 +221,11 @@ def train(
             (out_dir / name).unlink(missing_ok=True)
     resume_from = out_dir if resume else None
 
-    rows: list[dict] = []
-
     def on_epoch(metrics: dict) -> None:
-        rows.append(metrics)
-        console.print(f"epoch {metrics['epoch']:>3}: train {metrics['train_loss']:.3f}  val {metrics['val_loss']:.3f}"
-                      f"  bpc {metrics['val_bpc']:.3f}  CIDEr-D {100 * metrics['val_CIDEr-D']:.1f}"
-                      f"  BLEU-4 {100 * metrics['val_BLEU-4']:.1f}  ({metrics['epoch_seconds']:.1f} s)",
-                      highlight=False)
+        shown = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4")
+        console.print(f"epoch {metrics['epoch']:>3}: " + "  ".join(
+            f"{k.removeprefix('val_')} {format_metric(k, metrics[k])}" for k in shown)
+            + f"  ({metrics['epoch_seconds']:.1f} s)", highlight=False)
 
     def report(metrics: dict, checkpoint_dir: Path) -> None:
         copy_checkpoint(checkpoint_dir.parent, out_dir)
@@ -241,8 +239,8 @@ def train(
     console.print(_epoch_table(result["epochs"]))
     if "final" in result:
         final = result["final"]
-        console.print("test (beam {}): ".format(final["beam_size"]) + "  ".join(
-            f"{k} {100 * v:.1f}" for k, v in final.items() if isinstance(v, float)), highlight=False)
+        console.print(f"test (beam {final['beam_size']}): " + "  ".join(
+            f"{k} {format_metric(k, v)}" for k, v in final.items() if isinstance(v, float)), highlight=False)
     out.print(f"metrics: {path}\ncheckpoint: {out_dir / 'checkpoint.pt'}")
 
 
@@ -439,6 +437,23 @@ def decide(
             found.decide(max_seeds=max_seeds, hours=hours, address=address, console=out)
         except (ConfigError, ValueError) as exc:
             _fail(str(exc))
+
+
+@app.command()
+def export(
+    study: str = typer.Argument(..., help="study name (under --storage) or its folder"),
+    dest: Path = typer.Argument(..., help="folder to write into, e.g. results/NAME"),
+    storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
+) -> None:
+    """Copy a reported study's results into a folder to commit or share: report.md/.html and figures,
+    provenance, the spec, the search's trials and learning curves, the confirm runs and the verdict as CSV.
+    No checkpoints, no features."""
+    found = _open_study(study, storage)
+    try:
+        written = found.export(dest)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    out.print(f"wrote {len(written)} files to {dest}: {', '.join(p.name for p in written)}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -22,7 +22,7 @@ import pandas as pd
 from study.files import atomic_write_json
 from study.paths import StudyPaths
 from study.registry import method_colors, method_roles
-from study.spec import StudySpec
+from study.spec import StudySpec, format_metric
 
 if TYPE_CHECKING:
     from study.study import Study
@@ -104,9 +104,9 @@ def add_seeds_until_decided(study: "Study", *, max_seeds: int | None = None, hou
                       "ci": list(verdict.ci), "level": plan.level, "verdict": verdict.verdict})
         atomic_write_json(paths.decide, {"max_seeds": plan.max_seeds, "plan": plan.describe(), "looks": looks})
         if console is not None:
-            console.print(f"look {len(looks)}: {counts} seeds, {verdict.target} - {verdict.best_other} = "
-                          f"{100 * verdict.diff:.1f} [{100 * verdict.ci[0]:.1f}, {100 * verdict.ci[1]:.1f}] "
-                          f"at {100 * plan.level:.2f}%: {verdict.verdict}", highlight=False)
+            diff, low, high = (format_metric(verdict.metric, v) for v in (verdict.diff, *verdict.ci))
+            console.print(f"look {len(looks)}: {counts} seeds, {verdict.target} - {verdict.best_other} = {diff} "
+                          f"[{low}, {high}] at {100 * plan.level:.2f}%: {verdict.verdict}", highlight=False)
         out_of_time = hours is not None and time.monotonic() - started >= hours * 3600
         if verdict.verdict != INCONCLUSIVE or min(counts.values()) >= plan.max_seeds or out_of_time:
             return looks
@@ -125,6 +125,7 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
 
     spec, paths, data = study.spec, study.paths, study.data()
     trials, history = study.tables()
+    origin = provenance(paths, data.info, report_commit=git_commit())
     per_image, runs, gallery = load_confirm(paths, data)
     plan = sequential_plan(spec, paths)
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
@@ -133,7 +134,8 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
                           spec_text=Path(study.spec_path).read_text(), level=plan.level if plan else 0.95,
                           decision=lambda verdict: decision_note(spec, verdict, plan, per_image),
                           resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
-                          provenance=provenance(paths, data.info, report_commit=git_commit()))
+                          provenance=origin)
+    atomic_write_json(paths.report / "provenance.json", origin, indent=2)
     verdict = result.verdict
     tracker = study.tracker()
     tracker.child_tags = source_tags("study report")

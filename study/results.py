@@ -93,3 +93,35 @@ def typed(frame: pd.DataFrame) -> pd.DataFrame:
             if converted.notna().sum() == frame[col].notna().sum() and frame[col].notna().any():
                 frame[col] = converted
     return frame
+
+
+# Files a results folder holds besides the frames: the report (with its figures) and the study's own records.
+_REPORT_FILES = ("report.md", "report.html", "provenance.json")
+
+
+def export(study: "Study", dest: Path) -> list[Path]:
+    """Copy what a study produced into ``dest`` (e.g. ``results/<name>/`` of a repository), never a checkpoint or a
+    feature: the report and its figures, its provenance, the spec it ran, the search's trials and learning curves,
+    the confirm runs and the verdict as CSV, the time budget ledger and ``study decide``'s looks. Every number in
+    them is the platform's own; the files are rewritten as a whole on each export. Returns the files written."""
+    import shutil
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = study.paths
+    if not (paths.report / "report.md").is_file():
+        raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `study report {study.name}` first")
+    written = []
+    for path in sorted(paths.report.iterdir()):
+        if path.name in _REPORT_FILES or path.suffix == ".png":
+            written.append(Path(shutil.copy2(path, dest / path.name)))
+    written.append(Path(shutil.copy2(study.spec_path, dest / "spec.yaml")))
+    for path in (paths.verdict_csv, paths.search_time, paths.decide):
+        if path.is_file():
+            written.append(Path(shutil.copy2(path, dest / path.name)))
+    frames = {"leaderboard.csv": study.leaderboard(best_per_method=False), "history.csv": study.history(),
+              "confirm_runs.csv": study.confirm_runs()}
+    for name, frame in frames.items():
+        frame.to_csv(dest / name, index=False)
+        written.append(dest / name)
+    return written

@@ -208,6 +208,12 @@ class Study:
 
         return per_image_frame(self.paths)
 
+    def export(self, dest: Path) -> list[Path]:
+        """Copy the report, figures, provenance, spec and result tables into ``dest`` (no checkpoints)."""
+        from study.results import export
+
+        return export(self, dest)
+
     def verdict(self) -> pd.DataFrame:
         """One row per method (index ``method``): its ``role``, ``seeds``, ``images`` and each test metric's mean
         with ``<metric>_lo``/``_hi`` bounds, at the level the report uses (95%, or the sequential plan's per-look

@@ -28,16 +28,14 @@ from study.config import TrialConfig
 from study.data.features import get_encoder, pick_device
 from study.data.prepare import PreparedData
 from study.data.tokens import Vocab
-from study.evaluation import (  # noqa: F401  decode_images, validation_loss: imported from here by tests
+from study.evaluation import (
     FeatureSource,
     SplitTensors,
     autocast,
     caption_char_counts,
-    decode_images,
     masked_nll,
     score_split,
     validate,
-    validation_loss,
 )
 from study.files import atomic_write_json
 from study.models import build_captioner

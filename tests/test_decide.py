@@ -56,7 +56,27 @@ def test_decide_adds_seeds_under_the_plan_and_the_report_says_so(tmp_path, small
     report = (folder / "report" / "report.md").read_text()
     assert "[97.5% CI]" in report
     assert "Not decided after 2 seeds per method, the plan's limit" in report
+    _check_export(folder, tmp_path)
     _check_mlflow(folder, tmp_path)
+
+
+def _check_export(folder: Path, tmp_path: Path) -> None:
+    """`study export` copies what a repository should hold of the study, and nothing trained."""
+    import pandas as pd
+
+    results = tmp_path / "results" / "decide"
+    exported = _study("export", str(folder), str(results), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    names = {p.name for p in results.iterdir()}
+    assert {"report.md", "report.html", "provenance.json", "spec.yaml", "verdict.csv", "decide.json",
+            "leaderboard.csv", "history.csv", "confirm_runs.csv", "methods.png"} <= names
+    assert not [n for n in names if n.endswith((".pt", ".npy"))]
+    assert (results / "report.md").read_text() == (folder / "report" / "report.md").read_text()
+    assert len(pd.read_csv(results / "leaderboard.csv")) == 2  # every search trial
+    runs = pd.read_csv(results / "confirm_runs.csv")
+    assert sorted(runs["run"]) == ["init-r1-s0", "init-r1-s1", "pre-r1-s0", "pre-r1-s1"]
+    origin = json.loads((results / "provenance.json").read_text())
+    assert len(origin["search run by commit"]) >= 7 and origin["ray"] == "2.60.0"
 
 
 def _check_mlflow(folder: Path, tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ import torch
 from study.config import TrialConfig
 from study.data.tokens import START
 from study.models import build_captioner
-from study.training import FeatureSource, decode_images, run_trial
+from study.evaluation import FeatureSource, decode_images
+from study.training import run_trial
 
 
 def _pre(small_shapes, small_prepared, **overrides) -> tuple[TrialConfig, torch.nn.Module]:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from ray import tune
 
 from study.files import atomic_write_json
-from study.spec import REPORTED, StudySpec
+from study.spec import REPORTED, StudySpec, format_metric
 from study.tracking import StudyTracker
 from study.tuning.trainable import prune_checkpoints
 from study.tuning.trials import last_line
@@ -65,7 +65,7 @@ class TrackingCallback(tune.Callback):
             return  # a resumed trial's restored epoch, logged before the driver died
         metric = result.get(self.spec.metric)
         self.echo(f"{self._name(trial)}  epoch {epoch}/{self.spec.asha.max_epochs}  "
-                  f"{self.spec.metric} {_fmt(self.spec.metric, metric)}  val_loss {result.get('val_loss', 0):.3f}  "
+                  f"{self.spec.metric} {format_metric(self.spec.metric, metric)}  val_loss {result.get('val_loss', 0):.3f}  "
                   f"({result.get('epoch_seconds', 0):.1f} s)")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -105,12 +105,6 @@ def error_reason(trial) -> str:
     if trial.error_file and os.path.exists(trial.error_file):
         text = Path(trial.error_file).read_text(errors="replace")
     return last_line(text)
-
-
-def _fmt(metric: str, value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    return f"{100 * value:.1f}" if ("CIDEr" in metric or "BLEU" in metric) else f"{value:.4g}"
 
 
 def spec_run_name(spec: StudySpec, sampled: dict[str, Any]) -> str:
