@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from study.data.features import extract_features, pick_device
+from study.data.encoders import pick_device
+from study.data.features import extract_features
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/flickr8k-1k/images"
 

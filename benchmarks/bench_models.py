@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from study.config import TrialConfig
-from study.data.features import pick_device
+from study.data.encoders import pick_device
 from study.models import build_captioner
 
 BATCH, STEPS_T, VOCAB, EMBED, FEAT, GRID = 64, 20, 1000, 128, 1280, 49

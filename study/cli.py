@@ -190,13 +190,14 @@ def train(
     overwrite: bool = typer.Option(False, help="replace the run already in --out"),
 ) -> None:
     """Train one configuration without Ray (the same loop the Tune trainable runs)."""
+    from study.checkpoints import CheckpointError, copy_checkpoint
     from study.config import load_trial_config
     from study.data.features import ImageReadError
     from study.data.karpathy import DatasetError
     from study.data.prepare import TokenSetting, prepare
     from study.registry import METHODS
     from study.spec import format_metric
-    from study.training import CheckpointError, TrialDiverged, copy_checkpoint, run_trial, write_metrics
+    from study.training import TrialDiverged, run_trial, write_metrics
 
     if epochs is not None and epochs < 1:  # `--epochs 0` was once ignored; it would train nothing
         _fail(f"--epochs must be at least 1, got {epochs}")

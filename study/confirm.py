@@ -69,8 +69,9 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
     import tempfile
     import time
 
+    from study.checkpoints import CHECKPOINT_FILE
     from study.evaluation import score_split
-    from study.training import CHECKPOINT_FILE, run_trial
+    from study.training import run_trial
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="confirm-") as tmp:

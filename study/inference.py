@@ -1,6 +1,6 @@
 """Caption image files with a trained checkpoint (``study caption``).
 
-An image goes the way a training image went: ``study.data.features.preprocess`` and ``encode_images`` (the
+An image goes the way a training image went: ``study.data.encoders.preprocess`` and ``encode_images`` (the
 feature cache's own code, float16 rounding included), then the evaluation's ``decode``.
 """
 
@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from study.checkpoints import CheckpointError, load_checkpoint
 from study.config import TrialConfig, checkpoint_config
-from study.data.features import EncoderSpec, encode_images, get_encoder, load_encoder, pick_device, preprocess
+from study.data.encoders import EncoderSpec, encode_images, get_encoder, load_encoder, pick_device, preprocess
 from study.data.karpathy import load_image
 from study.data.tokens import Vocab
 from study.evaluation import decode
 from study.models import build_captioner
-from study.training import CheckpointError, load_checkpoint
 
 
 def load_captioner(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, TrialConfig, Vocab]:

@@ -4,16 +4,13 @@ A trial: seed -> build the captioner from the registries -> for each epoch: teac
 length-bucketed batches, validation (``study.evaluation.validate``: loss, bits per character, greedy CIDEr-D
 and BLEU-4) -> checkpoint -> ``report(metrics, checkpoint_dir)``. Optionally a final test evaluation with beam
 search and the full metric suite. Exceptions propagate: a trial that fails is failed (Tune records the reason),
-never papered over. The checkpoint's format (save, load, resume checks) is defined here too.
+never papered over. The checkpoint's format (save, load, resume checks) lives in ``study.checkpoints``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import pickle
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,10 +21,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from study.checkpoints import check_resumable, load_checkpoint, save_checkpoint
 from study.config import TrialConfig
-from study.data.features import get_encoder, pick_device
+from study.data.encoders import pick_device
 from study.data.prepare import PreparedData
-from study.data.tokens import Vocab
 from study.evaluation import (
     FeatureSource,
     SplitTensors,
@@ -42,24 +39,11 @@ from study.models import build_captioner
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 Reporter = Callable[[dict[str, Any], Path], None]
 
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite; the message says when and with which settings."""
-
-
-class CheckpointError(ValueError):
-    """A file is not a usable caption-study checkpoint; the message names the file and what is wrong."""
-
-
-# What captioning needs from a checkpoint, and what resuming training needs on top.
-CAPTION_KEYS = ("model", "config", "vocab", "feature_dim")
-RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "torch_rng")
-# TrialConfig fields that shape the model's tensors: the ones named when a resumed model does not fit its checkpoint.
-MODEL_SHAPE_FIELDS = ("inject", "cell", "layers", "hidden", "embed", "attention_dim", "seed_h", "tokens",
-                      "min_count")
 
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
@@ -97,97 +81,6 @@ def build_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Opt
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     # The fused kernel (CPU and CUDA) measured ~10% faster per epoch than the per-tensor default on CPU.
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-
-
-def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, cfg: TrialConfig,
-                    vocab: Vocab, history: list[dict[str, Any]], data_info: dict[str, Any],
-                    feature_dim: int) -> Path:
-    """Write ``checkpoint.pt`` atomically (temporary file + rename); loadable with ``torch.load(weights_only=True)``.
-
-    The checkpoint is self-contained for captioning: config, vocabulary, feature size and the encoder with
-    its preprocessing travel with the weights, so ``study caption`` needs neither the dataset nor its cache.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    encoder = get_encoder(cfg.dataset.encoder)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "config": cfg.model_dump(mode="json", by_alias=True),
-        "vocab": vocab.to_dict(),
-        "history": history,
-        "feature_dim": feature_dim,
-        # Captioning a new image must reproduce the features the model was trained on.
-        "encoder": {"name": encoder.name, "version": encoder.version, "preprocessing": encoder.preprocessing()},
-        "data_info": {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in data_info.items()},
-        "torch_rng": torch.get_rng_state(),
-    }
-    # Write-then-rename as study.files does, but torch.save streams into the file: study.files takes bytes, and
-    # the weights plus Adam's two moments of the largest model a spec allows (4 layers x 4096) are GBs, a second
-    # in-memory copy of which would be made every epoch by each of the trials Ray packs onto a node.
-    final = directory / CHECKPOINT_FILE
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return directory
-
-
-def load_checkpoint(path: Path, *, for_resume: bool = False) -> dict[str, Any]:
-    """Load a checkpoint file or a directory holding one (weights only: no code runs on load).
-
-    Anything that is not a caption-study checkpoint is a ``CheckpointError`` naming the file; it never
-    suggests ``weights_only=False``, which would run whatever code a crafted file holds.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's message here advises weights_only=False: the one thing a user must not do with a stranger's file.
-        raise CheckpointError(f"{path} is not a caption-study checkpoint: it is corrupt or holds Python objects "
-                              "other than tensors and plain data (never loaded: no code from a file runs)") from None
-    except (EOFError, RuntimeError, KeyError) as exc:
-        # What torch.load raises for an empty file, a zip that is not a torch archive, and plain text.
-        raise CheckpointError(f"{path} is not a caption-study checkpoint: not a complete file written by "
-                              f"torch.save (empty, truncated or another format; {type(exc).__name__})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a caption-study checkpoint: it holds a {type(state).__name__}, "
-                              "not the dict `study train` writes")
-    needed = CAPTION_KEYS + (RESUME_KEYS if for_resume else ())
-    missing = [key for key in needed if key not in state]
-    if missing:
-        use = "resume training" if for_resume else "caption"
-        raise CheckpointError(f"{path} is not a caption-study checkpoint that can {use}: it lacks "
-                              f"{', '.join(repr(k) for k in missing)}")
-    return state
-
-
-def check_resumable(model: torch.nn.Module, state: dict[str, Any], cfg: TrialConfig, source: Path) -> None:
-    """Refuse to resume a model whose tensors do not fit the checkpoint's, naming the settings that differ
-    (torch's own error lists tensor names and sizes, not the config keys a user has to change)."""
-    own, saved = model.state_dict(), state["model"]
-    mismatched = [k for k in own.keys() | saved.keys()
-                  if k not in own or k not in saved or own[k].shape != saved[k].shape]
-    if not mismatched:
-        return
-    old = state["config"]
-    changed = [k for k in MODEL_SHAPE_FIELDS if old.get(k) != getattr(cfg, k)]
-    if changed:
-        then = ", ".join(f"{k}={old.get(k)}" for k in changed)
-        now = ", ".join(f"{k}={getattr(cfg, k)}" for k in changed)
-        why = f"the checkpoint was trained with {then}, this config has {now}"
-    else:
-        why = "its vocabulary or image features differ from this data's (it was trained on other data)"
-    raise CheckpointError(f"cannot resume from {source}: {why}; resume with the checkpoint's settings, "
-                          "or train into a new folder")
 
 
 def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTensors, features: FeatureSource,
@@ -369,11 +262,3 @@ def _json_default(value: Any) -> Any:
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
-
-def copy_checkpoint(work_dir: Path, out_dir: Path) -> Path:
-    """Copy the last checkpoint from the work dir to ``out_dir/checkpoint.pt``."""
-    src = work_dir / "checkpoint" / CHECKPOINT_FILE
-    dst = out_dir / CHECKPOINT_FILE
-    if src.resolve() != dst.resolve():
-        shutil.copyfile(src, dst)
-    return dst

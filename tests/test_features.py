@@ -1,4 +1,5 @@
-"""Feature extraction and its disk cache: hit/miss, keys, crash-safe resume, bad images, real photos.
+"""Feature extraction (study.data.encoders) and its disk cache (study.data.features): hit/miss, keys, crash-safe
+resume, bad images, real photos.
 
 Most tests use a tiny seeded conv "encoder" on generated images; two use the real EfficientNet-Lite0 on
 Flickr8k photos (skipped when the shared data folder is absent).
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from study.data import encoders as E
 from study.data import features as F
 
 DATA = Path(__file__).parents[1].parent / "shared/data/flickr8k-1k"
@@ -54,9 +56,9 @@ def tiny(monkeypatch):
         builds.append(1)
         return _TinyGrid()
 
-    spec = F.EncoderSpec(name=TINY, feature_dim=8, grid_size=2, image_size=32, mean=(0.5, 0.5, 0.5),
+    spec = E.EncoderSpec(name=TINY, feature_dim=8, grid_size=2, image_size=32, mean=(0.5, 0.5, 0.5),
                          std=(0.25, 0.25, 0.25), build=build, version="1")
-    monkeypatch.setitem(F.ENCODERS, TINY, spec)
+    monkeypatch.setitem(E.ENCODERS, TINY, spec)
     return spec, builds
 
 
@@ -90,7 +92,7 @@ def test_miss_then_hit_reuses_without_building_the_cnn(tmp_path, tiny, monkeypat
     assert not (cache.path.parent / f"{cache.path.name}.partial").exists()
 
     # Row i is image i; grid positions are row-major (r, c) -> r*g + c; pooled is the grid's mean.
-    x = torch.from_numpy(F.preprocess(Image.open(items[7][1]), spec))[None]
+    x = torch.from_numpy(E.preprocess(Image.open(items[7][1]), spec))[None]
     with torch.no_grad():
         fmap = _TinyGrid()(x)[0]  # (8, 2, 2)
     np.testing.assert_allclose(cache.grid[7, 1], fmap[:, 0, 1].numpy(), rtol=2e-3, atol=2e-3)
@@ -100,7 +102,7 @@ def test_miss_then_hit_reuses_without_building_the_cnn(tmp_path, tiny, monkeypat
     assert np.abs(cache.pooled).sum(1).min() > 0  # every row was written
 
     # Second call: same folder, no CNN built (a build would raise), identical numbers.
-    monkeypatch.setitem(F.ENCODERS, TINY, dataclasses.replace(spec, build=_raise_if_built))
+    monkeypatch.setitem(E.ENCODERS, TINY, dataclasses.replace(spec, build=_raise_if_built))
     again = F.extract_features(items, encoder=TINY, cache_dir=tmp_path / "cache", fingerprint="fp",
                                progress=False)
     assert (again.reused, again.computed, again.path) == (True, 0, cache.path)
@@ -186,15 +188,15 @@ def test_corrupt_or_missing_image_errors_or_is_skipped(tmp_path, tiny):
 
 def test_unknown_encoder_lists_valid_names():
     with pytest.raises(KeyError, match="efficientnet_lite0"):
-        F.get_encoder("vgg16")
+        E.get_encoder("vgg16")
 
 
 def test_preprocess_resizes_shorter_side_and_centre_crops():
-    spec = F.get_encoder("efficientnet_lite0")
+    spec = E.get_encoder("efficientnet_lite0")
     # A wide image: left third black, middle white, right third black; the centre crop sees only white.
     img = np.zeros((300, 900, 3), np.uint8)
     img[:, 300:600] = 255
-    x = F.preprocess(Image.fromarray(img), spec)
+    x = E.preprocess(Image.fromarray(img), spec)
     assert x.shape == (3, 224, 224) and x.dtype == np.float32
     # 255 under mean 127/std 128 -> (255 - 127) / 128 = 1.0
     np.testing.assert_allclose(x[:, 10:-10, 10:-10], 1.0, atol=1e-5)
@@ -213,13 +215,13 @@ needs_data = pytest.mark.skipif(not (DATA / "dataset_flickr8k.json").is_file(), 
 @needs_data
 def test_tf_normalisation_makes_dog_photos_dogs():
     """The Lite0 weights expect mean 127 / std 128 (TF EfficientNet-Lite), not ImageNet mean/std."""
-    spec = F.get_encoder("efficientnet_lite0")
+    spec = E.get_encoder("efficientnet_lite0")
     imagenet = dataclasses.replace(spec, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    model = F.efficientnet_lite0_classifier()
+    model = E.efficientnet_lite0_classifier()
     photos = _dog_photos(16)
     dog_mass, top5_hits = {}, {}
     for name, s in (("tf", spec), ("imagenet", imagenet)):
-        x = torch.from_numpy(np.stack([F.preprocess(Image.open(p), s) for p in photos]))
+        x = torch.from_numpy(np.stack([E.preprocess(Image.open(p), s) for p in photos]))
         with torch.inference_mode():
             probs = model(x.contiguous(memory_format=torch.channels_last)).softmax(-1)  # (16, 1000)
         top5 = probs.topk(5).indices
@@ -259,8 +261,8 @@ def test_a_captioned_photo_gets_exactly_the_cached_features(tmp_path):
     photos = sorted((DATA / "images").glob("*.jpg"))[:3]
     cache = F.extract_features([(p.name, p) for p in photos], cache_dir=tmp_path, fingerprint="flickr-3",
                                batch_size=2, progress=False)
-    spec = F.get_encoder("efficientnet_lite0")
-    encoder = F.load_encoder(spec, torch.device("cpu"))
+    spec = E.get_encoder("efficientnet_lite0")
+    encoder = E.load_encoder(spec, torch.device("cpu"))
     grid, pooled = image_features(photos, encoder, spec, torch.device("cpu"))  # (3, 49, 1280), (3, 1280)
     assert grid.dtype == pooled.dtype == np.float16
     np.testing.assert_array_equal(grid, cache.grid)

@@ -18,7 +18,8 @@ from study.spec import REPORTED
 from study.data.tokens import normalize
 from study.models import build_captioner
 from study.evaluation import FeatureSource, SplitTensors, validation_loss
-from study.training import load_checkpoint, run_trial
+from study.checkpoints import load_checkpoint
+from study.training import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 TIMINGS = ("data_seconds", "val_loss_seconds", "decode_seconds", "metric_seconds")

@@ -14,9 +14,11 @@ import pytest
 import torch
 import yaml
 
+from study import checkpoints
+from study.checkpoints import copy_checkpoint, load_checkpoint
 from study.config import TrialConfig
 from study.evaluation import score_split
-from study.training import TrialDiverged, length_bucketed_batches, load_checkpoint, run_trial
+from study.training import TrialDiverged, length_bucketed_batches, run_trial
 
 torch.set_num_threads(1)
 
@@ -97,6 +99,32 @@ def test_nan_features_make_the_trial_fail_with_a_reason(small_shapes, small_prep
     poisoned = dataclasses.replace(small_prepared, pooled=np.full_like(small_prepared.pooled, np.inf))
     with pytest.raises(TrialDiverged, match=r"epoch 1.*init-lstm"):
         run_trial(_cfg(small_shapes, epochs=1), poisoned, work_dir=tmp_path, progress=False)
+
+
+def test_copy_checkpoint_killed_mid_copy_keeps_the_previous_one(tmp_path, monkeypatch):
+    """`study train` copies each epoch's checkpoint into the run folder: a copy cut short leaves the previous
+    epoch's file whole (the copy goes to a temporary name that replaces it only when complete), and no debris."""
+    work, out = tmp_path / "run" / ".work", tmp_path / "run"
+    (work / "checkpoint").mkdir(parents=True)
+    (work / "checkpoint" / "checkpoint.pt").write_bytes(b"epoch 1" * 1000)
+    assert copy_checkpoint(work, out) == out / "checkpoint.pt"
+    assert (out / "checkpoint.pt").read_bytes() == b"epoch 1" * 1000
+
+    (work / "checkpoint" / "checkpoint.pt").write_bytes(b"epoch 2" * 1000)
+
+    def killed(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])  # half a file, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.shutil, "copyfile", killed)
+    with pytest.raises(KeyboardInterrupt):
+        copy_checkpoint(work, out)
+    assert (out / "checkpoint.pt").read_bytes() == b"epoch 1" * 1000
+    assert sorted(p.name for p in out.iterdir()) == [".work", "checkpoint.pt"]
+
+    monkeypatch.undo()
+    copy_checkpoint(work, out)
+    assert (out / "checkpoint.pt").read_bytes() == b"epoch 2" * 1000
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from typing import Any
 from ray import tune
 
 from study.data.prepare import PreparedData
+from study.files import atomic_write_json
 from study.spec import StudySpec
 from study.tuning.trials import (
     HISTORY_FILE, PRUNED_NOTE, checkpoint_folders, experiment_path, experiment_trials, trial_checkpoints)
@@ -63,7 +64,7 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
             # Every checkpoint carries the trial's epochs so far as plain JSON: which checkpoint is newest,
             # and the study's tables (load_trial_tables), are read from it without loading a model.
             history.append(metrics)
-            (checkpoint_dir / HISTORY_FILE).write_text(json.dumps(history))
+            atomic_write_json(checkpoint_dir / HISTORY_FILE, history)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
         try:
@@ -84,7 +85,7 @@ def restore_source(checkpoint, fs, trial_fs_path: str):
     checkpoint only when the folder has none)."""
     import pyarrow.fs as pafs
 
-    from study.training import CHECKPOINT_FILE
+    from study.checkpoints import CHECKPOINT_FILE
 
     found = trial_checkpoints(fs, trial_fs_path)
     if found:

@@ -31,7 +31,7 @@ def trial_checkpoints(fs, trial_fs_path: str) -> list[tuple[int, str]]:
     history, or a checkpoint.pt that is not a whole zip archive) is left out."""
     import zipfile
 
-    from study.training import CHECKPOINT_FILE
+    from study.checkpoints import CHECKPOINT_FILE
 
     found = []
     for path in checkpoint_folders(fs, trial_fs_path):
