@@ -1,0 +1,30 @@
+"""What every ``study`` command prints with, and how it fails: one sentence naming what and where, exit code 2."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+# soft_wrap: never break an error message or a table row in the middle of a key name.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def fail(message: str) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def writable_folder(folder: Path) -> None:
+    """Create ``folder`` and write a scratch file in it: a read-only or impossible path fails now, with its
+    name, rather than with a traceback when the first result is saved."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to {folder}: {exc.strerror or exc}")
