@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from study.config import ConfigError
 from study.spec import load_spec
 
+from tests.conftest import journal_events, process_group_members, study_spec, wait_for
 from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attention, a conditional parameter
 from tests.test_spec import assert_spec_refused
 
@@ -140,19 +140,6 @@ time.sleep(120)
 """
 
 
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            text = (proc / "stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(proc.name))
-    return members
-
-
 def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over_and_cleaned_up(tmp_path):
     import json
     import os
@@ -173,16 +160,14 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over_
 
         os.kill(holder.pid, signal.SIGKILL)  # kill -9 of the driver alone: its "Ray" (the child) lives on
         holder.wait(timeout=30)
-        assert child in _group_members(holder.pid)
+        assert child in process_group_members(holder.pid)
         with acquire(tmp_path, "study resume t") as lock:
             assert lock.took_over and f"PID {holder.pid}" in lock.took_over and "no longer running" in lock.took_over
             assert child in lock.ended
             assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
         assert not (tmp_path / LOCK_FILE).exists()  # released
-        deadline = time.time() + 10
-        while _group_members(holder.pid) and time.time() < deadline:
-            time.sleep(0.1)
-        assert _group_members(holder.pid) == []
+        wait_for(lambda: process_group_members(holder.pid) == [], 10,
+                 "end of the killed driver's child (its \"Ray\"), ended by the lock's takeover")
     finally:
         if holder.poll() is None:
             os.killpg(holder.pid, signal.SIGKILL)
@@ -197,41 +182,13 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over_
 
 # ----- real studies: helpers ----------------------------------------------------------------------------------
 def _study_spec(tmp_path: Path, shapes, name: str, **overrides) -> Path:
-    import yaml
-
-    spec = {
-        "name": name,
-        "dataset": {"kind": "shapes", "images": shapes.images, "image_size": shapes.image_size, "seed": shapes.seed,
-                    "cache_dir": str(shapes.cache_dir)},
+    """The shared spec with this module's smaller model, 6 trials and a 1-seed, 1-epoch, greedy confirm stage."""
+    settings = {
         "fixed": {"cell": "lstm", "hidden": 16, "embed": 16, "min_count": 1, "batch_size": 40, "val_images": 20},
-        "space": {"inject": {"choice": ["init", "merge"]}, "lr": {"loguniform": [3e-3, 1e-2]}},
-        "stratify": "inject",
         "search": {"trials": 6, "seed": 1},
-        "asha": {"max_epochs": 3, "grace_period": 3, "reduction_factor": 2},
-        "resources": {"cpu": 1},
-        "storage": str(tmp_path / "runs"),
-        "max_failures": 1,
         "confirm": {"top_k": 1, "seeds": 1, "epochs": 1, "beam_size": 1, "margin": 0.05},
     }
-    spec.update(overrides)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _journal(folder: Path) -> list[dict]:
-    import json
-
-    journal = folder / "tracking_journal.jsonl"
-    return [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
-
-
-def _wait_for(condition, driver: subprocess.Popen, seconds: float, what: str) -> None:
-    deadline = time.time() + seconds
-    while not condition() and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert driver.poll() is None, f"driver ended before {what}: {driver.stdout.read()[-3000:]}"
-    assert condition(), f"no {what} within {seconds} s"
+    return study_spec(tmp_path, name, shapes, **{**settings, **overrides})
 
 
 ENV = {"PYTHONUNBUFFERED": "1"}
@@ -268,7 +225,7 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     resume = ["resume", "killed", "--storage", str(tmp_path / "runs"), "--no-report"]
 
     def ended() -> set[str]:
-        return {e["trial"] for e in _journal(folder) if e["kind"] == "trial_end"}
+        return {e["trial"] for e in journal_events(folder) if e["kind"] == "trial_end"}
 
     completed_at_kill, leftovers = [], []
     drivers = [_driver(["run", str(spec_path), "--no-report"], tmp_path)]
@@ -276,10 +233,10 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     try:
         for kill_after in (1, 3):  # kill -9 after the first trial ends, and after the third
             driver = drivers[-1]
-            _wait_for(lambda: len(ended()) >= kill_after, driver, 300, f"{kill_after} trial ends")
+            wait_for(lambda: len(ended()) >= kill_after, 300, f"{kill_after} trial ends", process=driver)
             _kill_driver_only(driver)
-            completed_at_kill.append((len(_journal(folder)), ended()))
-            leftovers.append(_group_members(driver.pid))
+            completed_at_kill.append((len(journal_events(folder)), ended()))
+            leftovers.append(process_group_members(driver.pid))
             # A crafted pickle where the old searcher state lived, newer than any real state file.
             (folder / "tune" / "searcher-state-9999-12-31_23-59-59.pkl").write_bytes(
                 pickle.dumps(_Exploit(marker)))
@@ -295,12 +252,12 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
 
     # The killed drivers' Ray outlived them; each resume took over the stale lock and ended that Ray.
     assert all(leftovers), "a killed driver's Ray should still have been running"
-    assert all(_group_members(driver.pid) == [] for driver in drivers)
+    assert all(process_group_members(driver.pid) == [] for driver in drivers)
     assert "took over a stale lock" in output and "ended" in output
     assert not marker.exists()  # the pickle was never opened
 
     # No epoch was trained twice: each trial's epochs reach the journal (and MLflow) once, in order.
-    events = _journal(folder)
+    events = journal_events(folder)
     steps: dict[str, list[int]] = {}
     for event in events:
         if event["kind"] == "trial_result":
@@ -374,7 +331,8 @@ def offline_study(tmp_path_factory, small_shapes, small_prepared):
     driver = _driver(["run", str(spec_path), "--new"], tmp)
     folder = tmp / "runs" / "offline-2"
     try:
-        _wait_for(lambda: any(e["kind"] == "trial_start" for e in _journal(folder)), driver, 300, "a trial start")
+        wait_for(lambda: any(e["kind"] == "trial_start" for e in journal_events(folder)), 300, "a trial start",
+                 process=driver)
         listening = _listening(driver.pid)
         second = subprocess.run([sys.executable, "-m", "study", "resume", "offline-2", *storage], capture_output=True,
                                 text=True, timeout=120, cwd=tmp)
@@ -419,7 +377,7 @@ def test_a_dead_tracking_server_does_not_stop_the_leaderboard_confirm_stage_or_r
     assert "finished" in output and "verdict:" in output
     report = offline_study.folder / "report" / "report.md"
     assert f"report: {report}" in output and report.is_file()
-    kinds = [e["kind"] for e in _journal(offline_study.folder)]  # all kept for `study sync`
+    kinds = [e["kind"] for e in journal_events(offline_study.folder)]  # all kept for `study sync`
     assert kinds.count("trial_result") == 2 and {"study_start", "study_end", "study_tags", "study_artifact"} <= set(kinds)
     board = offline_study.board
     assert board.returncode == 0, board.stderr
@@ -452,7 +410,7 @@ def test_the_python_api_reads_the_study_as_typed_frames_like_the_cli(offline_stu
     board = s.leaderboard()
     cli_rows = [line.split(",") for line in offline_study.board.stdout.strip().splitlines()[1:]]
     assert list(board["run"]) == [row[0] for row in cli_rows]  # the CLI prints the same frame
-    confirm = s.confirm()
+    confirm = s.confirm_runs()
     runs = sorted((offline_study.folder / "confirm").glob("*.json"))
     assert len(confirm) == len(runs) > 0 and confirm["CIDEr-D"].between(0, 10).all()
     assert set(confirm["method"]) == set(trials["inject"])

@@ -6,25 +6,19 @@ exactly one finished run per trial.
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.conftest import journal_events, study_spec, wait_for
 
 
 def _trials_training_now(folder: Path) -> int:
     """Trials that have reported an epoch and not ended. The head has 1 CPU, so 2 of them means one trains on
     the worker (2 trials that merely reported could both be the head's, one after the other)."""
-    journal = folder / "tracking_journal.jsonl"
-    if not journal.exists():
-        return 0
     reporting, ended = set(), set()
-    for line in journal.read_text().splitlines():
-        event = json.loads(line)
+    for event in journal_events(folder):
         if event["kind"] == "trial_result":
             reporting.add(event["trial"])
         elif event["kind"] == "trial_end":
@@ -42,32 +36,24 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
     from study.spec import load_spec
     from study.tracking import sqlite_uri, study_runs
 
-    spec_path = tmp_path / "multi.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": "multi",
-        "dataset": {"kind": "shapes", "images": small_shapes.images, "image_size": small_shapes.image_size,
-                    "seed": small_shapes.seed, "cache_dir": str(small_shapes.cache_dir)},
-        "fixed": {"hidden": 48, "embed": 32, "min_count": 1, "batch_size": 40, "val_images": 20},
-        "space": {"inject": {"choice": ["init", "par"]}, "lr": {"loguniform": [3e-3, 1e-2]}},
-        "stratify": "inject",
-        "search": {"trials": 4, "seed": 2, "max_concurrent": 2},
-        "asha": {"max_epochs": 4, "grace_period": 4},
-        "resources": {"cpu": 1},
-        "max_failures": 3,
-        "storage": str(tmp_path / "runs"),
-    }))
+    spec_path = study_spec(tmp_path, "multi", small_shapes, methods=["init", "par"],
+                           fixed={"hidden": 48, "embed": 32, "min_count": 1, "batch_size": 40, "val_images": 20},
+                           search={"trials": 4, "seed": 2, "max_concurrent": 2},
+                           asha={"max_epochs": 4, "grace_period": 4}, max_failures=3, confirm=None)
     spec = load_spec(spec_path)
     folder = tmp_path / "runs" / "multi"
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    killed = threading.Event()
+    killed, not_killed = threading.Event(), []
 
     def kill_worker_when_both_nodes_train() -> None:
-        deadline = time.time() + 300
-        while _trials_training_now(folder) < 2 and time.time() < deadline:
-            time.sleep(0.2)
+        try:
+            wait_for(lambda: _trials_training_now(folder) >= 2, 300, "2 trials training at once (one on each node)")
+        except AssertionError as err:
+            not_killed.append(str(err))
+            return
         cluster.remove_node(worker, allow_graceful=False)  # kills the worker's raylet and its trials
         killed.set()
 
@@ -81,7 +67,7 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
     finally:
         tuning.shutdown()
         cluster.shutdown()
-    assert killed.is_set(), "the worker was never killed"
+    assert killed.is_set(), f"the worker was never killed: {not_killed or 'the study ended first'}"
 
     table = outcome.trials
     assert len(table) == 4 and (table.status == "completed").all(), table[["trial_id", "status"]]

@@ -2,7 +2,9 @@
 
 * a study whose `init` trials diverge (NaN features): they end as errored with the reason, the others finish;
 * a driver killed mid-study, then `study resume`: every trial finishes, exactly one MLflow run per trial,
-  none left RUNNING; the leaderboard reads it back.
+  none left RUNNING; the leaderboard reads it back; a second resume changes nothing. That study is run once per
+  module (`resumed_study`), and its `study report` once, killed after its first confirm run and run again
+  (`interrupted_report`); each test checks one behaviour of them.
 """
 
 from __future__ import annotations
@@ -12,38 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-
-
-def _spec(tmp_path: Path, dataset: dict, name: str, methods: list[str], **overrides) -> Path:
-    spec = {
-        "name": name,
-        "dataset": dataset,
-        "fixed": {"cell": "lstm", "hidden": 48, "embed": 32, "min_count": 1, "batch_size": 40, "val_images": 20},
-        "space": {"inject": {"choice": methods}, "lr": {"loguniform": [3e-3, 1e-2]}},
-        "stratify": "inject",
-        "search": {"trials": 2 * len(methods), "seed": 1},
-        "asha": {"max_epochs": 3, "grace_period": 3, "reduction_factor": 2},
-        "resources": {"cpu": 1},
-        "storage": str(tmp_path / "runs"),
-        "max_failures": 1,
-        "confirm": {"top_k": 1, "seeds": 2, "epochs": 2, "beam_size": 2, "margin": 0.05},
-    }
-    spec.update(overrides)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _dataset(shapes) -> dict:
-    return {"kind": "shapes", "images": shapes.images, "image_size": shapes.image_size, "seed": shapes.seed,
-            "cache_dir": str(shapes.cache_dir)}
+from tests.conftest import journal_events, process_group_members, study_spec, wait_for
 
 
 def _trial_runs(tmp_path: Path, name: str):
@@ -69,8 +45,7 @@ def test_diverging_trials_end_errored_with_reason_while_the_study_goes_on(tmp_pa
     pooled.flush()
     del pooled
 
-    spec_path = _spec(tmp_path, _dataset(shapes), "nan", ["init", "none"],
-                      asha={"max_epochs": 2, "grace_period": 2})
+    spec_path = study_spec(tmp_path, "nan", shapes, methods=["init", "none"], asha={"max_epochs": 2, "grace_period": 2})
     spec = load_spec(spec_path)
     try:
         outcome = tuning.run_study(spec, spec_path, progress=False, verbose=0)
@@ -92,124 +67,177 @@ def test_diverging_trials_end_errored_with_reason_while_the_study_goes_on(tmp_pa
 
 
 def _journal_results(folder: Path) -> int:
-    journal = folder / "tracking_journal.jsonl"
-    if not journal.exists():
-        return 0
-    return sum(1 for line in journal.read_text().splitlines() if '"trial_result"' in line)
+    return sum(1 for event in journal_events(folder) if event["kind"] == "trial_result")
 
 
-@pytest.mark.slow
-def test_killed_driver_then_resume_finishes_every_trial_once(tmp_path, small_shapes, small_prepared):
-    spec_path = _spec(tmp_path, _dataset(small_shapes), "resumable", ["init", "merge"])
+def _kill_group(process: subprocess.Popen, what: str) -> None:
+    """kill -9 of a process and every process of its group (the Ray it started), waiting until none is left."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended, and its Ray with it
+        pass
+    process.wait(timeout=60)
+    wait_for(lambda: not process_group_members(process.pid), 60, f"end of every process of the killed {what}")
+
+
+@pytest.fixture(scope="module")
+def resumed_study(tmp_path_factory, small_shapes, small_prepared):
+    """A study whose driver is killed (with its Ray) after 3 epoch results, then `study resume`d; its MLflow runs,
+    checkpoints and leaderboard read right after; then resumed a second time, finished already."""
+    from types import SimpleNamespace
+
+    tmp = tmp_path_factory.mktemp("resumable")
+    spec_path = study_spec(tmp, "resumable", small_shapes)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([sys.executable, "-m", "study", "run", str(spec_path), "--no-report"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                              cwd=tmp_path)
-    folder = tmp_path / "runs" / "resumable"
-    deadline = time.time() + 240
+                              cwd=tmp)
+    folder = tmp / "runs" / "resumable"
     try:
-        while _journal_results(folder) < 3 and driver.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-        assert _journal_results(folder) >= 3, "no trial reported in time"
+        wait_for(lambda: _journal_results(folder) >= 3, 240, "3 trial results in the journal", process=driver)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-study
-        driver.wait(timeout=60)
-    time.sleep(2)
+        _kill_group(driver, "driver")  # the driver and the Ray it started, mid-study
 
-    proc = subprocess.run([sys.executable, "-m", "study", "resume", "resumable", "--storage",
-                           str(tmp_path / "runs"), "--no-report"], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env=env)
+    resume = [sys.executable, "-m", "study", "resume", "resumable", "--storage", str(tmp / "runs"), "--no-report"]
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600, cwd=tmp, env=env)
+    assert resumed.returncode == 0, (resumed.stdout[-3000:], resumed.stderr[-3000:])  # all below reads its study
+    parents, runs = _trial_runs(tmp, "resumable")
+    checkpoints = {trial_dir: len(list(trial_dir.glob("checkpoint_*")))
+                   for trial_dir in (folder / "tune").glob("*-lstm-*")}
+    board = subprocess.run([sys.executable, "-m", "study", "leaderboard", "resumable", "--storage", str(tmp / "runs"),
+                            "--format", "csv"], capture_output=True, text=True, timeout=120, cwd=tmp)
+    again = subprocess.run(resume, capture_output=True, text=True, timeout=300, cwd=tmp, env=env)
+    _, runs_after = _trial_runs(tmp, "resumable")
+    return SimpleNamespace(tmp=tmp, spec_path=spec_path, folder=folder, env=env, resumed=resumed, parents=parents,
+                           runs=runs, checkpoints=checkpoints, board=board, again=again, runs_after=runs_after)
+
+
+@pytest.mark.slow
+def test_resume_of_a_killed_driver_runs_the_study_to_its_end(resumed_study):
+    proc = resumed_study.resumed
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "finished" in proc.stdout
 
-    parents, runs = _trial_runs(tmp_path, "resumable")
+
+@pytest.mark.slow
+def test_a_resumed_study_holds_exactly_one_finished_mlflow_run_per_trial(resumed_study):
+    parents, runs = resumed_study.parents, resumed_study.runs
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
     assert len(runs) == 4, runs[["tags.mlflow.runName", "status"]]
     assert runs["tags.trial_id"].is_unique
     assert (runs["status"] == "FINISHED").all() and (runs["tags.status"] == "completed").all(), \
         runs[["tags.mlflow.runName", "status", "tags.status", *[c for c in ["tags.error"] if c in runs]]].to_string()
     assert (runs["metrics.epoch_seconds"] > 0).all()
+
+
+@pytest.mark.slow
+def test_after_a_resume_finished_trials_keep_only_their_last_checkpoint_and_lost_trials_none(resumed_study):
     # Finished trials keep only their last checkpoint (running ones keep all, so a crash can always resume).
     # A folder of a trial lost with the killed driver's last snapshot (it started, no epoch ended) may remain,
     # without any checkpoint: its place was proposed again.
-    known = set(runs["tags.trial_id"])
-    for trial_dir in (folder / "tune").glob("*-lstm-*"):
-        kept = len(list(trial_dir.glob("checkpoint_*")))
+    known = set(resumed_study.runs["tags.trial_id"])
+    for trial_dir, kept in resumed_study.checkpoints.items():
         assert kept == (1 if trial_dir.name.rsplit("-", 1)[-1] in known else 0), (trial_dir, kept)
 
-    board = subprocess.run([sys.executable, "-m", "study", "leaderboard", "resumable", "--storage",
-                            str(tmp_path / "runs"), "--format", "csv"], capture_output=True, text=True,
-                           timeout=120, cwd=tmp_path)
-    assert board.returncode == 0, board.stderr
-    lines = board.stdout.strip().splitlines()
-    assert lines[0].startswith("run,inject") and len(lines) == 3  # header + best of init + best of merge
-    assert {line.split(",")[1] for line in lines[1:]} == {"init", "merge"}
+
+@pytest.mark.slow
+def test_the_leaderboard_of_a_resumed_study_lists_the_best_trial_of_each_method_fully_trained(resumed_study):
     import io
 
     import pandas as pd
 
+    board = resumed_study.board
+    assert board.returncode == 0, board.stderr
+    lines = board.stdout.strip().splitlines()
+    assert lines[0].startswith("run,inject") and len(lines) == 3  # header + best of init + best of merge
+    assert {line.split(",")[1] for line in lines[1:]} == {"init", "merge"}
     frame = pd.read_csv(io.StringIO(board.stdout))
     assert (frame["epochs"] == 3).all() and (frame["status"] == "completed").all()  # epochs actually trained
 
+
+@pytest.mark.slow
+def test_resuming_a_finished_study_is_harmless_and_duplicates_no_run(resumed_study):
     # Resuming a finished study is harmless: nothing is retrained, nothing duplicated.
-    again = subprocess.run([sys.executable, "-m", "study", "resume", "resumable", "--storage",
-                            str(tmp_path / "runs"), "--no-report"], capture_output=True, text=True, timeout=300,
-                           cwd=tmp_path, env=env)
+    again = resumed_study.again
     assert again.returncode == 0, again.stderr[-3000:]
-    _, runs_after = _trial_runs(tmp_path, "resumable")
-    assert len(runs_after) == 4
-    info = json.loads((folder / "study.json").read_text())
+    assert len(resumed_study.runs_after) == 4
+
+
+@pytest.mark.slow
+def test_study_json_of_a_study_on_the_default_store_names_no_tracking_uri(resumed_study):
+    info = json.loads((resumed_study.folder / "study.json").read_text())
     assert info["tracking_uri"] is None  # the default store: the mlflow.db in the folder study.json is read from
 
-    # The confirm stage + report, interrupted after its first finished run, then run again.
-    report_cmd = [sys.executable, "-m", "study", "report", "resumable", "--storage", str(tmp_path / "runs")]
+
+@pytest.fixture(scope="module")
+def interrupted_report(resumed_study):
+    """`study report` of the resumed study killed (with its Ray) once its first confirm run is written, then run
+    again to its end."""
+    from types import SimpleNamespace
+
+    tmp, folder, env = resumed_study.tmp, resumed_study.folder, resumed_study.env
+    report_cmd = [sys.executable, "-m", "study", "report", "resumable", "--storage", str(tmp / "runs")]
     confirm = folder / "confirm"
     first = subprocess.Popen(report_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                             cwd=tmp_path, env=env)
-    deadline = time.time() + 300
+                             cwd=tmp, env=env)
     try:
-        while not list(confirm.glob("*.json")) and first.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert first.poll() is None, first.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
+        # A run is finished once its .json is there (written after its .pt, each by a rename).
+        wait_for(lambda: list(confirm.glob("*.json")), 300, "finished confirm run", process=first)
         done_before = {p.name: p.stat().st_mtime_ns for p in confirm.glob("*.json")}
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
+        _kill_group(first, "report")
+    second = subprocess.run(report_cmd, capture_output=True, text=True, timeout=600, cwd=tmp, env=env)
+    return SimpleNamespace(folder=folder, confirm=confirm, done_before=done_before, second=second,
+                           results={p.name: p for p in confirm.glob("*.json")})
+
+
+@pytest.mark.slow
+def test_an_interrupted_confirm_stage_reruns_only_the_runs_it_had_not_finished(interrupted_report):
+    done_before, second, results = interrupted_report.done_before, interrupted_report.second, interrupted_report.results
     assert 1 <= len(done_before) < 4
-    time.sleep(2)
-    second = subprocess.run(report_cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-3000:])
-    results = {p.name: p for p in confirm.glob("*.json")}
     assert sorted(results) == ["init-r1-s0.json", "init-r1-s1.json", "merge-r1-s0.json", "merge-r1-s1.json"]
     for name, mtime in done_before.items():  # finished confirm runs were not trained again
         assert results[name].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_confirm_retrains_the_best_trial_of_each_method_for_the_confirm_epochs_and_scores_each_image(
+        resumed_study, interrupted_report):
     from study import tuning
     from study.spec import load_spec
 
-    trials, _ = tuning.load_trial_tables(load_spec(spec_path))
+    trials, _ = tuning.load_trial_tables(load_spec(resumed_study.spec_path))
     best_init = trials[trials.inject == "init"].sort_values("val_CIDEr-D").iloc[-1]
-    retrained = json.loads(results["init-r1-s0.json"].read_text())
+    retrained = json.loads(interrupted_report.results["init-r1-s0.json"].read_text())
     assert retrained["config"]["lr"] == pytest.approx(best_init["lr"]) and retrained["config"]["epochs"] == 2
     assert {"CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"} <= set(retrained["per_image"])
 
-    report = folder / "report" / "report.md"
-    assert f"report: {report}" in second.stdout and report.is_file()
-    text = report.read_text()
-    assert "## Verdict" in text and "init" in text and "merge" in text and "methods.png" in text
-    parents, _ = _trial_runs(tmp_path, "resumable")
+
+@pytest.mark.slow
+def test_the_report_is_written_with_a_verdict_also_tagged_on_the_study_run(resumed_study, interrupted_report):
     from study.tracking import get_run_tags, sqlite_uri
 
+    folder = interrupted_report.folder
+    report = folder / "report" / "report.md"
+    assert f"report: {report}" in interrupted_report.second.stdout and report.is_file()
+    text = report.read_text()
+    assert "## Verdict" in text and "init" in text and "merge" in text and "methods.png" in text
+    parents, _ = _trial_runs(resumed_study.tmp, "resumable")
     tags = get_run_tags(sqlite_uri(folder / "mlflow.db"), parents.iloc[0]["run_id"])
     assert tags["verdict"] in {"competes", "does not compete", "inconclusive: more seeds needed"}
-    from study.tracking import confirm_runs
 
+
+@pytest.mark.slow
+def test_each_confirm_run_is_logged_once_with_its_checkpoint_however_often_the_stage_started(interrupted_report):
+    from study.tracking import confirm_runs, sqlite_uri
+
+    folder, results = interrupted_report.folder, interrupted_report.results
     # One child run per confirm run, each with its checkpoint, however often the confirm stage was started.
     logged = confirm_runs(sqlite_uri(folder / "mlflow.db"), "resumable")
     expected = [f"confirm-{name.removesuffix('.json')}" for name in sorted(results)]
     assert sorted(logged["tags.mlflow.runName"]) == expected
-    assert all((confirm / name.replace(".json", ".pt")).is_file() for name in results)
+    assert all((interrupted_report.confirm / name.replace(".json", ".pt")).is_file() for name in results)
 
 
 def _free_port() -> int:
@@ -218,6 +246,16 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:  # refused while the server starts (HTTPError and timeouts are OSErrors too)
+        return False
 
 
 @pytest.mark.slow
@@ -229,9 +267,8 @@ def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_l
 
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"  # nothing listens here yet: the server is "down"
-    spec_path = _spec(tmp_path, _dataset(small_shapes), "offline", ["init", "none"],
-                      search={"trials": 2, "seed": 0}, asha={"max_epochs": 1, "grace_period": 1},
-                      tracking={"uri": uri})
+    spec_path = study_spec(tmp_path, "offline", small_shapes, methods=["init", "none"], search={"trials": 2, "seed": 0},
+                           asha={"max_epochs": 1, "grace_period": 1}, tracking={"uri": uri})
     spec = load_spec(spec_path)
     try:
         with pytest.warns(RuntimeWarning, match="not reachable.*study sync"):
@@ -249,15 +286,10 @@ def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_l
          "--default-artifact-root", str(tmp_path / "server-artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 90
-        synced = None
-        while time.time() < deadline:
-            synced = subprocess.run([sys.executable, "-m", "study", "sync", "offline", "--storage",
-                                     str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
-            if synced.returncode == 0:
-                break
-            time.sleep(2)
-        assert synced is not None and synced.returncode == 0, synced.stderr[-2000:]
+        wait_for(lambda: _answers(f"{uri}/health"), 90, f"answer from the MLflow server at {uri}", process=server)
+        synced = subprocess.run([sys.executable, "-m", "study", "sync", "offline", "--storage", str(tmp_path / "runs")],
+                                capture_output=True, text=True, timeout=120)
+        assert synced.returncode == 0, synced.stderr[-2000:]
         assert "sent" in synced.stdout
         parents, runs = study_runs(uri, "offline")
         assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
@@ -274,7 +306,7 @@ def test_resume_deletes_the_folders_of_trials_lost_with_the_last_snapshot_and_no
     from study import tuning
     from study.spec import load_spec
 
-    spec = load_spec(_spec(tmp_path, {"kind": "shapes", "images": 60}, "lost", ["init"]))
+    spec = load_spec(study_spec(tmp_path, "lost", {"kind": "shapes", "images": 60}, methods=["init"]))
     tune_dir = Path(tuning.experiment_path(spec))
     folders = {
         "init-lstm-1x48-word-aaaa0001": ["params.json", "checkpoint_000000/model.pt"],  # known: kept

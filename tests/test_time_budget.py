@@ -8,6 +8,7 @@ import json
 import pytest
 
 from study.tuning import SearchTimeBudget, read_search_time
+from tests.conftest import study_spec
 
 
 def test_the_budget_is_summed_over_drivers(tmp_path):
@@ -22,25 +23,17 @@ def test_the_budget_is_summed_over_drivers(tmp_path):
 
 @pytest.mark.slow
 def test_a_spent_budget_ends_the_search_normally_and_resume_adds_no_trials(tmp_path, small_shapes, small_prepared):
-    import yaml
-
     from study.spec import load_spec
     from study.tuning import run_study, shutdown
 
-    spec_path = tmp_path / "budget.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": "budget",
-        "dataset": {"kind": "shapes", "images": small_shapes.images, "image_size": small_shapes.image_size,
-                    "seed": small_shapes.seed, "cache_dir": str(small_shapes.cache_dir)},
-        "fixed": {"hidden": 16, "embed": 16, "min_count": 1, "batch_size": 80, "val_images": 10},
-        "space": {"inject": {"choice": ["init", "none"]}, "lr": {"loguniform": [1e-3, 1e-2]}},
-        "stratify": "inject",
+    spec_path = study_spec(
+        tmp_path, "budget", small_shapes, methods=["init", "none"], lr=(1e-3, 1e-2),
+        fixed={"hidden": 16, "embed": 16, "min_count": 1, "batch_size": 80, "val_images": 10},
         # Far more trials than any machine finishes in 15 s (CI, with more cores, ran 60 in 11 s): the budget,
         # not the trial count, must be what ends this search.
-        "search": {"trials": 5000, "seed": 0, "time_budget_h": 15 / 3600},
-        "asha": {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
-        "storage": str(tmp_path / "runs"),
-    }))
+        search={"trials": 5000, "seed": 0, "time_budget_h": 15 / 3600},
+        asha={"max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
+        resources=None, max_failures=None, confirm=None)
     spec = load_spec(spec_path)
     try:
         outcome = run_study(spec, spec_path, progress=False)
