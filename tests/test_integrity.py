@@ -87,7 +87,7 @@ def test_searcher_state_is_json_and_a_pickle_where_the_old_state_was_is_never_op
     import json
     import pickle
 
-    from study.tuning import StudySearcher
+    from study.tuning.search import StudySearcher
 
     spec = _searcher_spec(tmp_path)
     searcher = StudySearcher(spec)
@@ -319,12 +319,14 @@ def offline_study(tmp_path_factory, small_shapes, small_prepared):
     driver tried while it runs and Ray's listening sockets read meanwhile; then the leaderboard and sync."""
     from types import SimpleNamespace
 
-    from study import tuning
 
     tmp = tmp_path_factory.mktemp("offline")
     spec_path = _study_spec(tmp, small_shapes, "offline", search={"trials": 2, "seed": 0},
                             asha={"max_epochs": 1, "grace_period": 1}, tracking={"uri": "http://127.0.0.1:9"})
-    tuning.write_study_file(load_spec(spec_path), spec_path)  # what a started `study run` leaves first
+    from study.study import Study
+
+    offline = Study.from_spec(load_spec(spec_path), spec_path)  # what a started `study run` leaves first:
+    offline.paths.write_record(offline.name, spec_path, offline.spec.storage, offline.tracking_uri, offline.experiment)
     storage = ["--storage", str(tmp / "runs")]
     refused = subprocess.run([sys.executable, "-m", "study", "run", str(spec_path)], capture_output=True, text=True,
                              timeout=120, cwd=tmp)

@@ -33,6 +33,7 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
     from ray.cluster_utils import Cluster
 
     from study import tuning
+    from study.tuning.trials import experiment_path
     from study.spec import load_spec
     from study.tracking import sqlite_uri, study_runs
 
@@ -77,7 +78,7 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
     # the one epoch that was in flight.
     from ray import tune
 
-    analysis = tune.ExperimentAnalysis(tuning.experiment_path(spec))
+    analysis = tune.ExperimentAnalysis(experiment_path(spec))
     failures = {t.trial_id: t.run_metadata.num_failures for t in analysis.trials}
     assert sum(failures.values()) >= 1, failures
     for trial_id, frame in analysis.trial_dataframes.items():
@@ -98,10 +99,10 @@ def test_a_dead_actor_reported_twice_leaves_the_requeued_trial_to_retry():
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.experiment import Trial
 
-    from study import tuning
+    from study.tuning import ray_compat
 
-    tuning.drop_duplicate_actor_failures()
-    tuning.drop_duplicate_actor_failures()  # idempotent: run_study installs it once per study
+    ray_compat.drop_duplicate_actor_failures()
+    ray_compat.drop_duplicate_actor_failures()  # idempotent: run_study installs it once per study
     trial = Trial("__fake", stub=True, max_failures=3)
     trial.set_status(Trial.PENDING)
     controller = TuneController.__new__(TuneController)  # only the state this path reads

@@ -303,11 +303,12 @@ def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_l
 def test_resume_deletes_the_folders_of_trials_lost_with_the_last_snapshot_and_nothing_else(tmp_path):
     """Seen in clean-clone CI runs: a lost trial's folder can hold Tune's params.json, or (driver killed
     earlier) only the checkpoints the trial wrote itself. Both go; known trials and other folders stay."""
-    from study import tuning
     from study.spec import load_spec
+    from study.tuning.trainable import remove_lost_trial_folders
+    from study.tuning.trials import experiment_path
 
     spec = load_spec(study_spec(tmp_path, "lost", {"kind": "shapes", "images": 60}, methods=["init"]))
-    tune_dir = Path(tuning.experiment_path(spec))
+    tune_dir = Path(experiment_path(spec))
     folders = {
         "init-lstm-1x48-word-aaaa0001": ["params.json", "checkpoint_000000/model.pt"],  # known: kept
         "init-lstm-1x48-word-bbbb0002": ["params.json", "checkpoint_000000/model.pt"],  # lost, synced
@@ -318,7 +319,7 @@ def test_resume_deletes_the_folders_of_trials_lost_with_the_last_snapshot_and_no
         for file in files:
             (tune_dir / name / file).parent.mkdir(parents=True, exist_ok=True)
             (tune_dir / name / file).write_text("x")
-    tuning.remove_lost_trial_folders(spec, known={"aaaa0001"})
+    remove_lost_trial_folders(spec, known={"aaaa0001"})
     assert sorted(p.name for p in tune_dir.iterdir()) == ["init-lstm-1x48-word-aaaa0001", "notes"]
 
 
@@ -343,7 +344,7 @@ def test_a_resumed_trial_continues_from_its_newest_complete_checkpoint_whatever_
     import pyarrow.fs as pafs
     from ray import tune
 
-    from study.tuning import restore_source
+    from study.tuning.trainable import restore_source
 
     fs = pafs.LocalFileSystem()
     trial = tmp_path / "init-lstm-1x48-word-aaaa0001"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from study.tuning import SearchTimeBudget, read_search_time
+from study.tuning.callbacks import SearchTimeBudget, read_search_time
 from tests.conftest import study_spec
 
 
@@ -69,7 +69,7 @@ def test_a_study_started_before_checkpoints_carried_history_reads_tunes_result_j
     from Tune's result.json lines (plain JSON), the last report of a repeated epoch winning."""
     import pyarrow.fs as pafs
 
-    from study.tuning import _trial_history
+    from study.tuning.trials import _trial_history
 
     folder = tmp_path / "init-lstm-1x64-word-abc"
     (folder / "checkpoint_000000").mkdir(parents=True)
