@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import wait_for
+
 from tests.hosts.netns_hosts import NetnsHosts, namespaces, reachable, skip_reason, BRIDGE
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -202,21 +204,10 @@ def test_ray_up_runs_jobs_on_both_hosts_and_ray_down_stops_them(hosts, tmp_path)
         print(f"ray up {up_seconds} s, ray down {down_seconds:.1f} s; commands in {log}")
     assert down.returncode == 0, f"ray down failed: {down.stderr[-3000:]}"
     # `ray down` of a local-provider cluster runs `ray stop` on the head only: it marks the workers terminated
-    # in its state file but never logs in to them (ray/autoscaler/_private/commands.py teardown_cluster,
-    # LocalNodeProvider.terminate_node). The worker's raylet exits about a minute after its GCS is gone (its
-    # agents and log monitor stay), so the worker still runs Ray here.
-    assert wait_until(lambda: not ray_processes(head), 30), f"Ray left on the head: {ray_processes(head)}"
-    left = ray_processes(worker)
-    assert any("raylet" in c or "ray::" in c for c in left), f"expected Ray still on the worker, found {left}"
-    # So docs/cluster.md says to run `ray stop` on every worker after `ray down`; do that, then nothing is left.
+    # in its state file but never logs in to them (Ray 2.60: ray/autoscaler/_private/commands.py
+    # teardown_cluster, LocalNodeProvider.terminate_node), so docs/cluster.md says to run `ray stop` on every
+    # worker after `ray down`. Whether Ray still left the worker running is Ray's business; what is checked is
+    # that the documented steps leave nothing behind.
+    wait_for(lambda: not ray_processes(head), 30, "Ray gone from the head after ray down")
     hosts.ssh(worker, "ray stop", timeout=60)
-    assert wait_until(lambda: not ray_processes(worker), 30), f"Ray left on the worker: {ray_processes(worker)}"
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
+    wait_for(lambda: not ray_processes(worker), 30, "Ray gone from the worker after ray stop")
