@@ -15,6 +15,7 @@ The verdict, the report and ``study decide`` read these files: see ``study.decid
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from study.config import TrialConfig
 from study.files import atomic_write_bytes, atomic_write_json
 from study.paths import StudyPaths
 from study.spec import StudySpec
+
+log = logging.getLogger(__name__)
+
 
 def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | None = None,
                     methods: list[str] | None = None) -> list[tuple[str, int, int, TrialConfig]]:
@@ -35,7 +39,8 @@ def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | Non
     for _, row in chosen[chosen["method"].isin(methods or spec.methods)].iterrows():
         sampled = {k: row[k] for k in spec.space if k in row and not _missing(row[k])}
         for seed in seeds if seeds is not None else range(spec.confirm.seeds):
-            cfg = spec.trial_config({**sampled, "seed": 1000 + seed, "epochs": epochs,
+            # The method is the row's, not a searched value: confirmed_trials keeps it as "method".
+            cfg = spec.trial_config({**sampled, "inject": row["method"], "seed": 1000 + seed, "epochs": epochs,
                                      "beam_size": spec.confirm.beam_size})
             runs.append((row["method"], int(row["config_rank"]), seed, cfg))
     return runs
@@ -93,8 +98,10 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
     import ray
 
     paths.confirm.mkdir(parents=True, exist_ok=True)
-    todo = [(m, r, s, cfg) for m, r, s, cfg in (confirm_configs(spec, trials) if runs is None else runs)
-            if not paths.confirm_result(run_name(m, r, s)).exists()]
+    planned = confirm_configs(spec, trials) if runs is None else runs
+    for m, r, s, cfg in planned:
+        set_aside_if_stale(paths, run_name(m, r, s), cfg)
+    todo = [(m, r, s, cfg) for m, r, s, cfg in planned if not paths.confirm_result(run_name(m, r, s)).exists()]
     if not todo:
         return paths.confirm
     remote = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
@@ -117,6 +124,31 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
         bar.update(1)
     bar.close()
     return paths.confirm
+
+
+def set_aside_if_stale(paths: StudyPaths, name: str, cfg: TrialConfig) -> bool:
+    """Move a finished confirm run whose configuration is not the one the stage now trains under that name
+    (``confirm/stale/``, with its model and per-image CSV) so that it is trained again; True if it was.
+
+    Written by other code (a bug once trained every confirm run as ``init``; a search re-ranked since), such a
+    result would be reported under a method it is not. Fields only one side knows (a field added to the
+    config since) are not compared."""
+    path = paths.confirm_result(name)
+    if not path.is_file():
+        return False
+    stored = json.loads(path.read_text())["config"]
+    wanted = json.loads(json.dumps(cfg.model_dump(mode="json", by_alias=True, exclude={"dataset"})))
+    differs = sorted(k for k in stored.keys() & wanted.keys() if stored[k] != wanted[k])
+    if not differs:
+        return False
+    stale = paths.confirm / "stale"
+    stale.mkdir(exist_ok=True)
+    for old in (path, paths.confirm_model(name), path.with_suffix(".per_image.csv")):
+        if old.exists():
+            old.replace(stale / old.name)
+    log.warning("confirm run %s was trained with %s; set aside in %s and trained again", name,
+                ", ".join(f"{k}={stored[k]!r} (now {wanted[k]!r})" for k in differs), stale)
+    return True
 
 
 def load_confirm(paths: StudyPaths, data) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

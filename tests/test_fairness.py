@@ -83,6 +83,39 @@ def test_confirm_stage_retrains_each_methods_best_trials_by_their_best_epoch():
     runs = confirm_configs(spec, trials)
     assert len(runs) == 4 * 3
     by_run = {(m, r, s): cfg for m, r, s, cfg in runs}
+    # Each run trains its own method (a bug once trained every confirm run as the default, init).
+    assert all(cfg.inject == m for m, _, _, cfg in runs) and {m for m, *_ in runs} == {"init", "attention"}
     assert by_run["init", 1, 2].lr == 2e-3 and by_run["init", 1, 2].seed == 1002
     assert by_run["attention", 1, 0].attention_dim == 32
     assert by_run["init", 2, 0].attention_dim == TrialConfig().attention_dim  # not sampled: the default
+
+
+def test_a_confirm_result_trained_with_another_config_is_set_aside_and_trained_again(tmp_path):
+    """The flickr8k study of 2026-11-24 had confirm results trained as init under every method's name: the
+    confirm stage must not report them, but move them aside (nothing deleted) and train those runs again."""
+    import json
+
+    from study.confirm import set_aside_if_stale
+    from study.paths import StudyPaths
+
+    spec = _spec(confirm={"top_k": 1, "seeds": 1})
+    trials = pd.DataFrame({"trial_id": ["a", "e"], "inject": ["init", "attention"], "status": ["completed"] * 2,
+                           "val_CIDEr-D": [0.4, 0.3], "lr": [1e-3, 5e-3], "attention_dim": [math.nan, 32]})
+    (init_run, attention_run) = confirm_configs(spec, trials)
+    paths = StudyPaths.at(tmp_path)
+    paths.confirm.mkdir()
+
+    def stored(name: str, cfg: TrialConfig, **changes) -> None:
+        config = {**cfg.model_dump(mode="json", by_alias=True, exclude={"dataset"}), **changes}
+        config.pop("val_captions", None)  # a field added since: not compared
+        paths.confirm_result(name).write_text(json.dumps({"config": config, "scores": {}}))
+        paths.confirm_model(name).write_bytes(b"model")
+
+    stored("init-r1-s0", init_run[3])
+    stored("attention-r1-s0", attention_run[3], inject="init")
+    assert not set_aside_if_stale(paths, "init-r1-s0", init_run[3])
+    assert set_aside_if_stale(paths, "attention-r1-s0", attention_run[3])
+    assert [p.name for p in paths.confirm_results()] == ["init-r1-s0.json"]
+    assert sorted(p.name for p in (paths.confirm / "stale").iterdir()) == ["attention-r1-s0.json",
+                                                                            "attention-r1-s0.pt"]
+    assert not set_aside_if_stale(paths, "attention-r1-s0", attention_run[3])  # nothing left to set aside
