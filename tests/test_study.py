@@ -360,3 +360,29 @@ def test_a_resumed_trial_continues_from_its_newest_complete_checkpoint_whatever_
                   tune.Checkpoint(str(trial / "checkpoint_000009"))):  # none, older, pruned, gone
         assert restore_source(named, fs, str(trial)).path == newest
     assert restore_source(None, fs, str(tmp_path / "no-checkpoints-left")) is None
+
+
+def test_a_checkpoint_tune_wrote_into_a_pruned_folder_survives_pruning_and_the_studys_end(tmp_path):
+    """After a killed driver's restore, Tune numbers checkpoints from its older count and can write a finished
+    trial's checkpoint into a folder pruned before (its pruned.txt still there). Pruning must keep that folder as
+    a checkpoint and the study's end must not drop it: CI once saw a trial left with no checkpoint, its table
+    read from Tune's result.json and missing epochs."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from study.tuning.trainable import drop_pruned, prune_checkpoints
+    from study.tuning.trials import _trial_history, trial_checkpoints
+
+    trial = tmp_path / "init-lstm-1x48-word-aaaa0001"
+    _checkpoint(trial / "checkpoint_000001", 3)  # the restored trial's final report, written over a pruned folder
+    (trial / "checkpoint_000001" / "pruned.txt").write_text("pruned: checkpoint_000002 is this trial's checkpoint")
+    _checkpoint(trial / "checkpoint_000002", 3)  # the same final epoch, from before the kill
+    fs = pafs.LocalFileSystem()
+    registered = str(trial / "checkpoint_000001")
+    prune_checkpoints(SimpleNamespace(storage=SimpleNamespace(storage_filesystem=fs, trial_fs_path=str(trial)),
+                                      checkpoint=SimpleNamespace(path=registered)))
+    drop_pruned(fs, str(trial))
+    assert [path for _, path in trial_checkpoints(fs, str(trial))] == [registered]
+    assert [m["epoch"] for m in _trial_history(fs, str(trial))] == [1, 2, 3]
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000001"]  # the pruned copy is gone

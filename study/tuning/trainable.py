@@ -132,6 +132,10 @@ def prune_checkpoints(trial) -> None:
     if not found:
         return
     keep = max(found, key=lambda item: (item[0], item[1] == registered, item[1]))[1]
+    # After a restore Tune numbers checkpoints on from its own, older count, so it can write one into a folder
+    # pruned before: the note left there must go, or the study's end would drop the trial's one checkpoint.
+    if fs.get_file_info(f"{keep}/{PRUNED_NOTE}").type == pafs.FileType.File:
+        fs.delete_file(f"{keep}/{PRUNED_NOTE}")
     for path in checkpoint_folders(fs, trial.storage.trial_fs_path):
         if path != keep and fs.get_file_info(f"{path}/{PRUNED_NOTE}").type == pafs.FileType.NotFound:
             fs.delete_dir_contents(path)
@@ -147,6 +151,15 @@ def drop_pruned_checkpoints(spec: StudySpec) -> None:
     fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
     for trial in experiment_trials(spec):
         if trial["status"] in ("TERMINATED", "ERROR"):
-            for path in checkpoint_folders(fs, f"{root}/{trial['relative_logdir']}"):
-                if fs.get_file_info(f"{path}/{PRUNED_NOTE}").type == pafs.FileType.File:
-                    fs.delete_dir(path)
+            drop_pruned(fs, f"{root}/{trial['relative_logdir']}")
+
+
+def drop_pruned(fs, trial_fs_path: str) -> None:
+    """Remove a trial folder's pruned checkpoint folders; one that holds a complete checkpoint stays, whatever
+    note it carries (Tune may have written a checkpoint into a folder pruned before, see prune_checkpoints)."""
+    import pyarrow.fs as pafs
+
+    complete = {path for _, path in trial_checkpoints(fs, trial_fs_path)}
+    for path in checkpoint_folders(fs, trial_fs_path):
+        if path not in complete and fs.get_file_info(f"{path}/{PRUNED_NOTE}").type == pafs.FileType.File:
+            fs.delete_dir(path)
