@@ -55,13 +55,15 @@ def hosts():
 SMOKE_SPEC = """\
 name: cluster-smoke
 dataset: {{kind: shapes, images: 60, seed: 0, image_size: 64}}
-fixed: {{cell: lstm, layers: 1, tokens: word, embed: 32, hidden: 64, batch_size: 4, beam_size: 1}}
+fixed: {{cell: lstm, layers: 1, tokens: word, embed: 32, hidden: 256, batch_size: 4, beam_size: 1}}
 space:
   inject: {{choice: [init, merge]}}
   lr: {{loguniform: [2.0e-3, 1.0e-2]}}
 stratify: inject
 search: {{algorithm: random, trials: 4, seed: 0}}
-asha: {{max_epochs: 5, grace_period: 5}}
+# Trials of several seconds: a trial of 1 s ended before the worker's actor had started on a loaded machine, and
+# Tune reused the head's actor for every trial (CI saw all 4 on the head).
+asha: {{max_epochs: 20, grace_period: 20}}
 resources: {{cpu: 1, gpu: 0}}
 storage: {shared}/runs
 tracking: {{uri: "sqlite:///{shared}/mlflow.db"}}
