@@ -119,9 +119,40 @@ def export(study: "Study", dest: Path) -> list[Path]:
     for path in (paths.verdict_csv, paths.search_time, paths.decide):
         if path.is_file():
             written.append(Path(shutil.copy2(path, dest / path.name)))
+    runs = study.confirm_runs()
     frames = {"leaderboard.csv": study.leaderboard(best_per_method=False), "history.csv": study.history(),
-              "confirm_runs.csv": study.confirm_runs()}
+              "confirm_runs.csv": runs, "test_scores.csv": test_scores(runs)}
     for name, frame in frames.items():
         frame.to_csv(dest / name, index=False)
         written.append(dest / name)
-    return written
+    (dest / "test_scores.md").write_text(test_scores_markdown(frames["test_scores.csv"]))
+    return [*written, dest / "test_scores.md"]
+
+
+def test_scores(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per method and configuration rank: the seeds, and each test metric's mean and standard deviation
+    over them (each run's corpus-level score, as papers report one run's), methods in the registry's order."""
+    from study.registry import method_roles
+
+    if runs.empty:
+        return pd.DataFrame(columns=["method", "config_rank", "seeds"])
+    order = {m: i for i, m in enumerate(method_roles())}
+    runs = runs.sort_values(["method", "config_rank"], key=lambda c: c.map(order) if c.name == "method" else c)
+    grouped = runs.groupby(["method", "config_rank"], sort=False)
+    table = grouped[list(TEST_METRICS)].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    return grouped.size().rename("seeds").to_frame().join(table).reset_index()
+
+
+def test_scores_markdown(table: pd.DataFrame) -> str:
+    """``test_scores`` as a Markdown table, scores x100 as mean ± standard deviation over seeds."""
+    from study.spec import format_metric
+
+    header = ["method", "seeds", *TEST_METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [f"{row['method']}" + (f" (rank {row['config_rank']})" if row["config_rank"] != 1 else ""),
+                 str(row["seeds"])]
+        cells += [f"{format_metric(m, row[f'{m}_mean'])} ± {format_metric(m, row[f'{m}_std'])}" for m in TEST_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -69,12 +69,17 @@ def _check_export(folder: Path, tmp_path: Path) -> None:
     assert exported.returncode == 0, exported.stderr[-2000:]
     names = {p.name for p in results.iterdir()}
     assert {"report.md", "report.html", "provenance.json", "spec.yaml", "verdict.csv", "decide.json",
-            "leaderboard.csv", "history.csv", "confirm_runs.csv", "methods.png"} <= names
+            "leaderboard.csv", "history.csv", "confirm_runs.csv", "test_scores.csv", "test_scores.md",
+            "methods.png"} <= names
     assert not [n for n in names if n.endswith((".pt", ".npy"))]
     assert (results / "report.md").read_text() == (folder / "report" / "report.md").read_text()
     assert len(pd.read_csv(results / "leaderboard.csv")) == 2  # every search trial
     runs = pd.read_csv(results / "confirm_runs.csv")
     assert sorted(runs["run"]) == ["init-r1-s0", "init-r1-s1", "pre-r1-s0", "pre-r1-s1"]
+    scores = pd.read_csv(results / "test_scores.csv")  # per method: seeds, mean and sd of every test metric
+    assert list(scores["method"]) == ["init", "pre"] and list(scores["seeds"]) == [2, 2]
+    assert scores.loc[0, "CIDEr-D_mean"] == pytest.approx(runs[runs["method"] == "init"]["CIDEr-D"].mean())
+    assert "| init | 2 |" in (results / "test_scores.md").read_text()
     origin = json.loads((results / "provenance.json").read_text())
     assert len(origin["search run by commit"]) >= 7 and origin["ray"] == "2.60.0"
 
