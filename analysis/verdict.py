@@ -36,7 +36,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-METRICS = ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L")
+# The metrics whose test-set score is the mean of its per-image scores (coco-caption averages CIDEr-D and ROUGE-L
+# over images), so resampling images resamples the score itself. BLEU and METEOR pool counts over the corpus
+# first: their per-image mean is another, lower number (see ``analysis.scores``, which prints them as papers do).
+METRICS = ("CIDEr-D", "ROUGE-L")
 PRIMARY = "CIDEr-D"
 # The roles a method can have in the verdict (the registry assigns them).
 TARGET = "target"  # the method the question asks about (init)
@@ -175,7 +178,7 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     """Per-method means with ``level`` intervals, ``target - best competitor`` with its paired interval, the verdict.
 
     ``per_image`` columns: ``method, config_rank, seed, image_id`` and the metrics in ``METRICS`` (0..1;
-    missing metrics or NaN values are allowed). ``roles``: ``{method: "target" | "competitor" | "floor"}``
+    missing metrics or NaN values are allowed; other columns are ignored). ``roles``: ``{method: "target" | "competitor" | "floor"}``
     in display order, one target. Each method is represented by its lowest ``config_rank`` (the search's best
     on validation): picking among confirmed configs by test score would bias it upward. Only images scored
     for every method enter (paired comparison). Deterministic given ``seed``. ``level`` above 0.95 is a
@@ -184,6 +187,9 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0 (0..1 scale), got {margin}")
+    if metric not in METRICS:
+        raise ValueError(f"the verdict's metric must be the mean of per-image scores, one of {', '.join(METRICS)}; "
+                         f"{metric} is a corpus statistic (see analysis.scores)")
     target, competitors, floors = _split_roles(roles)
     notes: list[str] = []
     empty = pd.DataFrame(columns=["config_rank", "seeds", "images"])

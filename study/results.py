@@ -7,7 +7,8 @@
     s.history()       # one row per trial and epoch: every reported metric (learning curves)
     s.leaderboard()   # the best trial of each injection method, the overall best first
     s.confirm_runs()  # one row per confirm run: method, config rank, seed, test metrics, time, parameters
-    s.verdict()       # one row per method: role, seeds, each test metric's mean and interval
+    s.verdict()       # one row per method: role, seeds, CIDEr-D and ROUGE-L means with intervals
+    s.test_scores()   # one row per method: every corpus-level test metric, mean and sd over seeds
 
 Everything is read from the study's own folder (Tune's trial folders and the confirm stage's JSON files), as
 ``study leaderboard`` and ``study report`` read it: no MLflow server, no Ray, no GPU. Scores are on
@@ -23,12 +24,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from analysis.scores import CORPUS_METRICS
 from study.paths import StudyPaths
 
 if TYPE_CHECKING:
     from study.study import Study
 
-TEST_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+TEST_METRICS = CORPUS_METRICS  # every coco-caption score a confirm run records
 
 
 def load(study: str | Path, storage: str | Path | None = None) -> "Study":
@@ -121,7 +123,7 @@ def export(study: "Study", dest: Path) -> list[Path]:
             written.append(Path(shutil.copy2(path, dest / path.name)))
     runs = study.confirm_runs()
     frames = {"leaderboard.csv": study.leaderboard(best_per_method=False), "history.csv": study.history(),
-              "confirm_runs.csv": runs, "test_scores.csv": test_scores(runs)}
+              "confirm_runs.csv": runs, "test_scores.csv": study.test_scores()}
     for name, frame in frames.items():
         frame.to_csv(dest / name, index=False)
         written.append(dest / name)
@@ -130,29 +132,18 @@ def export(study: "Study", dest: Path) -> list[Path]:
 
 
 def test_scores(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per method and configuration rank: the seeds, and each test metric's mean and standard deviation
-    over them (each run's corpus-level score, as papers report one run's), methods in the registry's order."""
+    """``analysis.scores.corpus_scores`` of the confirm runs, methods in the registry's order."""
+    from analysis.scores import corpus_scores
     from study.registry import method_roles
 
-    if runs.empty:
-        return pd.DataFrame(columns=["method", "config_rank", "seeds"])
-    order = {m: i for i, m in enumerate(method_roles())}
-    runs = runs.sort_values(["method", "config_rank"], key=lambda c: c.map(order) if c.name == "method" else c)
-    grouped = runs.groupby(["method", "config_rank"], sort=False)
-    table = grouped[list(TEST_METRICS)].agg(["mean", "std"])
-    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
-    return grouped.size().rename("seeds").to_frame().join(table).reset_index()
+    return corpus_scores(runs, order=list(method_roles()))
 
 
 def test_scores_markdown(table: pd.DataFrame) -> str:
     """``test_scores`` as a Markdown table, scores x100 as mean ± standard deviation over seeds."""
-    from study.spec import format_metric
+    from analysis.scores import corpus_rows
 
-    header = ["method", "seeds", *TEST_METRICS]
+    header, rows = corpus_rows(table)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in table.iterrows():
-        cells = [f"{row['method']}" + (f" (rank {row['config_rank']})" if row["config_rank"] != 1 else ""),
-                 str(row["seeds"])]
-        cells += [f"{format_metric(m, row[f'{m}_mean'])} ± {format_metric(m, row[f'{m}_std'])}" for m in TEST_METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"

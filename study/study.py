@@ -208,6 +208,14 @@ class Study:
 
         return per_image_frame(self.paths)
 
+    def test_scores(self) -> pd.DataFrame:
+        """One row per method and configuration rank: ``seeds`` and every test metric's corpus-level score as
+        ``<metric>_mean`` and ``<metric>_std`` over seeds (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D: the numbers papers
+        print, the table the README quotes)."""
+        from study.results import test_scores
+
+        return test_scores(self.confirm_runs())
+
     def export(self, dest: Path) -> list[Path]:
         """Copy the report, figures, provenance, spec and result tables into ``dest`` (no checkpoints)."""
         from study.results import export
@@ -215,8 +223,9 @@ class Study:
         return export(self, dest)
 
     def verdict(self) -> pd.DataFrame:
-        """One row per method (index ``method``): its ``role``, ``seeds``, ``images`` and each test metric's mean
-        with ``<metric>_lo``/``_hi`` bounds, at the level the report uses (95%, or the sequential plan's per-look
+        """One row per method (index ``method``): its ``role``, ``seeds``, ``images`` and the mean of CIDEr-D and ROUGE-L
+        (the metrics whose corpus score is the mean over images; see ``test_scores`` for BLEU and METEOR) with
+        ``<metric>_lo``/``_hi`` bounds, at the level the report uses (95%, or the sequential plan's per-look
         level after ``study decide``). ``attrs``: ``verdict`` (the words), ``diff`` and ``ci`` (target - best
         other, and its interval), ``best_other``, ``margin``, ``level``, ``text``."""
         from study.results import verdict_frame

@@ -55,7 +55,11 @@ def test_competes_when_init_equals_best_other_with_many_images():
     # The floor is reported but never the comparator; costs sit beside the scores.
     assert v.table.loc["none", "CIDEr-D"] < 0.25
     assert v.table.loc["attention", "params"] == 2e6 and v.table.loc["init", "train_seconds"] == 120.0
-    assert np.isnan(v.table.loc["init", "METEOR"])  # METEOR absent (no Java) stays NaN, no crash
+    # Only metrics whose corpus score is the per-image mean get intervals; BLEU and METEOR are corpus statistics.
+    assert "BLEU-4" not in v.table and "METEOR" not in v.table
+    assert v.table.loc["init", "ROUGE-L"] == pytest.approx(v.table.loc["init", "CIDEr-D"] / 2)
+    with pytest.raises(ValueError, match="BLEU-4 is a corpus statistic"):
+        V.compute_verdict(per_image, roles=method_roles(), margin=0.02, metric="BLEU-4")
     d = v.to_dict()
     assert d["verdict"] == V.COMPETES and d["init.CIDEr-D"] == pytest.approx(v.table.loc["init", "CIDEr-D"])
     assert "competes" in v.text and "attention" in v.text
@@ -299,3 +303,17 @@ def test_report_shows_each_difference_to_init_the_seeds_the_configurations_anoma
     assert "| init | 1 | a1b2 | lstm | 512 | 0.0021 |" in text
     assert "| method | rank | seed 0 | seed 1 | seed 2 |" in text
     assert "| git commit | abc123 |" in text
+
+
+def test_corpus_scores_are_each_runs_corpus_score_over_seeds_in_registry_order():
+    from analysis.scores import corpus_rows, corpus_scores
+
+    runs = pd.DataFrame({"method": ["pre", "init", "init", "extra"], "config_rank": 1, "seed": [0, 0, 1, 0],
+                         "BLEU-4": [0.19, 0.20, 0.22, 0.1], "CIDEr-D": [0.47, 0.50, 0.52, 0.3]})
+    table = corpus_scores(runs, order=["init", "pre"])
+    assert list(table["method"]) == ["init", "pre", "extra"] and list(table["seeds"]) == [2, 1, 1]
+    assert table.loc[0, "BLEU-4_mean"] == pytest.approx(0.21)
+    assert table.loc[0, "BLEU-4_std"] == pytest.approx(np.std([0.20, 0.22], ddof=1))
+    header, rows = corpus_rows(table)
+    assert header == ["method", "seeds", "BLEU-4", "CIDEr-D"]
+    assert rows[0] == ["init", "2", "21.0 ± 1.4", "51.0 ± 1.4"] and rows[1][2] == "19.0"  # one seed: no sd
