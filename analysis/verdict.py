@@ -224,10 +224,7 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
                        f"The confirm results have no {what}, so there is nothing to compare.", n_boot, notes,
                        target)
     best_other = max(others, key=lambda m: table.loc[m, metric])
-    pairwise = pd.DataFrame(
-        [{"method": m, "diff": float(table.loc[target, metric] - table.loc[m, metric]),
-          **dict(zip(("lo", "hi"), _interval(boots[target, metric] - boots[m, metric], level)))}
-         for m in methods if m != target and not math.isnan(table.loc[m, metric])]).set_index("method")
+    pairwise = _pairwise(table, boots, target, metric, level)
     diff_boot = boots[target, metric] - boots[best_other, metric]  # paired through the shared image_w
     diff = float(table.loc[target, metric] - table.loc[best_other, metric])
     ci = _interval(diff_boot, level)
@@ -236,6 +233,15 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     text = _paragraph(word, diff, ci, target, best_other, floors, margin, metric, table, notes, level)
     return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target, level, diff_boot,
                    pairwise)
+
+
+def _pairwise(table: pd.DataFrame, boots: dict[tuple[str, str], np.ndarray], target: str, metric: str,
+              level: float) -> pd.DataFrame:
+    """``target - method`` for every other scored method (index ``method``): ``diff`` and its paired ``lo``, ``hi``."""
+    rows = [{"method": m, "diff": float(table.loc[target, metric] - table.loc[m, metric]),
+             **dict(zip(("lo", "hi"), _interval(boots[target, metric] - boots[m, metric], level)))}
+            for m in table.index if m != target and not math.isnan(table.loc[m, metric])]
+    return pd.DataFrame(rows, columns=["method", "diff", "lo", "hi"]).set_index("method")
 
 
 def _paired_images(per_image: pd.DataFrame, notes: list[str]) -> tuple[pd.DataFrame, pd.Series, np.ndarray]:

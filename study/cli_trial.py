@@ -157,10 +157,6 @@ def train(
     """Train one configuration without Ray (the same loop the Tune trainable runs)."""
     from study.checkpoints import CheckpointError, copy_checkpoint
     from study.config import load_trial_config
-    from study.data.features import ImageReadError
-    from study.data.karpathy import DatasetError
-    from study.data.prepare import TokenSetting, prepare
-    from study.registry import METHODS
     from study.spec import format_metric
     from study.training import TrialDiverged, run_trial, write_metrics
 
@@ -175,30 +171,18 @@ def train(
     fresh = out_dir is None
     out_dir = _train_out_dir(out_dir, cfg.run_name, overwrite=overwrite, resume=resume)
     console.print(f"output: {out_dir}", highlight=False)
-    try:
-        data = prepare(cfg.dataset, [TokenSetting.of(cfg)], need_grid=METHODS[cfg.inject].needs_grid,
-                       device=device)
-    except (DatasetError, ImageReadError, FileNotFoundError, ValueError) as exc:
-        if fresh:
-            out_dir.rmdir()  # nothing was written: leave no empty run folder behind
-        fail(str(exc))
+    data = _train_data(cfg, out_dir, remove_if_failed=fresh, device=device)
     if overwrite:  # only once the data is ready: a run that fails before training keeps the old one
         for name in RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
     resume_from = out_dir if resume else None
-
-    def on_epoch(metrics: dict) -> None:
-        shown = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4")
-        console.print(f"epoch {metrics['epoch']:>3}: " + "  ".join(
-            f"{k.removeprefix('val_')} {format_metric(k, metrics[k])}" for k in shown)
-            + f"  ({metrics['epoch_seconds']:.1f} s)", highlight=False)
 
     def report(metrics: dict, checkpoint_dir: Path) -> None:
         copy_checkpoint(checkpoint_dir.parent, out_dir)
 
     try:
         result = run_trial(cfg, data, work_dir=out_dir / ".work", report=report, resume_from=resume_from,
-                           device=device, final_test=test, on_epoch=on_epoch)
+                           device=device, final_test=test, on_epoch=_print_epoch)
     except (CheckpointError, TrialDiverged) as exc:
         fail(str(exc))
     path = write_metrics(result, out_dir)
@@ -208,6 +192,31 @@ def train(
         console.print(f"test (beam {final['beam_size']}): " + "  ".join(
             f"{k} {format_metric(k, v)}" for k, v in final.items() if isinstance(v, float)), highlight=False)
     out.print(f"metrics: {path}\ncheckpoint: {out_dir / 'checkpoint.pt'}")
+
+
+def _train_data(cfg, out_dir: Path, *, remove_if_failed: bool, device: str | None):
+    """The trial's prepared data (features cached), or a clear failure that leaves no empty run folder."""
+    from study.data.features import ImageReadError
+    from study.data.karpathy import DatasetError
+    from study.data.prepare import TokenSetting, prepare
+    from study.registry import METHODS
+
+    try:
+        return prepare(cfg.dataset, [TokenSetting.of(cfg)], need_grid=METHODS[cfg.inject].needs_grid, device=device)
+    except (DatasetError, ImageReadError, FileNotFoundError, ValueError) as exc:
+        if remove_if_failed:
+            out_dir.rmdir()  # nothing was written yet
+        fail(str(exc))
+
+
+def _print_epoch(metrics: dict) -> None:
+    """One line per epoch of `study train`: losses, bits per char, the validation metrics, seconds."""
+    from study.spec import format_metric
+
+    shown = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4")
+    console.print(f"epoch {metrics['epoch']:>3}: " + "  ".join(
+        f"{k.removeprefix('val_')} {format_metric(k, metrics[k])}" for k in shown)
+        + f"  ({metrics['epoch_seconds']:.1f} s)", highlight=False)
 
 
 @app.command()
