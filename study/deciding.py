@@ -131,7 +131,7 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
                           margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
-                          spec_text=Path(study.spec_path).read_text(), level=plan.level if plan else 0.95,
+                          spec_text=study.spec_text, level=plan.level if plan else 0.95,
                           decision=lambda verdict: decision_note(spec, verdict, plan, per_image),
                           resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
                           provenance=origin)

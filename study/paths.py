@@ -2,6 +2,7 @@
 
     <storage>/<name>/                  the study folder (a local folder; see ``StudyPaths.of`` for s3://)
         study.json                     spec file, storage, MLflow store and experiment (``study resume NAME``)
+        spec.yaml                      the spec as the study started: what every later stage reads
         driver.lock                    the running driver (study/lock.py)
         mlflow.db                      the default MLflow store
         tracking_journal.jsonl         every tracking event, written before MLflow sees it (study/tracking.py)
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from study.files import atomic_write_json
+from study.files import atomic_write_json, atomic_write_text
 
 
 def storage_is_remote(storage: str) -> bool:
@@ -69,6 +70,7 @@ class StudyPaths:
         return self.tune.rsplit("/", 1)[0]
 
     study_file = property(lambda self: self.root / "study.json")
+    spec_copy = property(lambda self: self.root / "spec.yaml")  # the spec as the study started, never rewritten
     lock = property(lambda self: self.root / "driver.lock")
     mlflow_db = property(lambda self: self.root / "mlflow.db")
     journal = property(lambda self: self.root / "tracking_journal.jsonl")
@@ -100,8 +102,12 @@ class StudyPaths:
     def write_record(self, name: str, spec_path: Path, storage: str, tracking_uri: str, experiment: str) -> Path:
         """``study.json``: how ``study resume/leaderboard/report NAME`` finds the spec, storage and MLflow store.
         The default store is written as ``"tracking_uri": null`` (the ``mlflow.db`` beside the file, wherever the
-        folder is moved); only another store is written out."""
+        folder is moved); only another store is written out. The first call also copies the spec into the folder
+        (``spec.yaml``): every later stage reads that copy, so editing the YAML after ``study run`` (what users
+        do between studies) never changes what a running or finished study trains and reports."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if not self.spec_copy.exists():
+            atomic_write_text(self.spec_copy, Path(spec_path).read_text())
         return atomic_write_json(self.study_file, {
             "name": name, "spec": str(Path(spec_path).resolve()), "storage": storage,
             "tracking_uri": None if tracking_uri == sqlite_uri(self.mlflow_db) else tracking_uri,

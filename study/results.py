@@ -117,7 +117,8 @@ def export(study: "Study", dest: Path) -> list[Path]:
     for path in sorted(paths.report.iterdir()):
         if path.name in _REPORT_FILES or path.suffix == ".png":
             written.append(Path(shutil.copy2(path, dest / path.name)))
-    written.append(Path(shutil.copy2(study.spec_path, dest / "spec.yaml")))
+    (dest / "spec.yaml").write_text(study.spec_text)
+    written.append(dest / "spec.yaml")
     for path in (paths.verdict_csv, paths.search_time, paths.decide):
         if path.is_file():
             written.append(Path(shutil.copy2(path, dest / path.name)))

@@ -308,10 +308,11 @@ def _check_trial(values: dict[str, Any], where: str) -> None:
 
 
 def load_spec(path: Path, *, check_paths: bool = True, storage: str | None = None,
-              tracking_uri: str | None = None, name: str | None = None) -> StudySpec:
-    """Load a search-space YAML. Relative dataset paths are taken from the spec's folder, a relative storage
-    folder from the working directory. ``storage``, ``tracking_uri`` and ``name`` override the file's values
-    (``name``: a study started with ``study run --new`` is named NAME-2 ... while its file still says NAME)."""
+              tracking_uri: str | None = None, name: str | None = None, base: Path | None = None) -> StudySpec:
+    """Load a search-space YAML. Relative dataset paths are taken from ``base`` (default: the spec's folder; a
+    study's own copy of its spec passes the folder the original was in), a relative storage folder from the
+    working directory. ``storage``, ``tracking_uri`` and ``name`` override the file's values (``name``: a study
+    started with ``study run --new`` is named NAME-2 ... while its file still says NAME)."""
     path = Path(path).resolve()
     data = read_yaml(path)
     if name is not None:
@@ -320,7 +321,7 @@ def load_spec(path: Path, *, check_paths: bool = True, storage: str | None = Non
         data["storage"] = storage
     if tracking_uri is not None:
         data["tracking"] = {**(data.get("tracking") or {}), "uri": tracking_uri}
-    base = path.parent
+    base = Path(base).resolve() if base is not None else path.parent
     dataset = data.get("dataset")
     if isinstance(dataset, dict):
         dataset = dict(dataset)

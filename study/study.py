@@ -13,6 +13,7 @@ need no Ray, no MLflow and no GPU.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -55,16 +56,28 @@ class Study:
         candidates = [Path(study).expanduser(), Path(storage or "runs").expanduser() / str(study)]
         for folder in candidates:
             if (folder / "study.json").is_file():
-                record = StudyPaths.at(folder).read_record()
-                spec = load_spec(Path(record["spec"]), storage=record["storage"], name=record["name"],
+                paths = StudyPaths.at(folder)
+                record = paths.read_record()
+                original = Path(record["spec"])
+                # The study's own copy when it has one (studies started before it existed read the original).
+                source = paths.spec_copy if paths.spec_copy.is_file() else original
+                if source != original:
+                    _warn_if_edited(original, source)
+                spec = load_spec(source, storage=record["storage"], name=record["name"], base=original.parent,
                                  tracking_uri=record["tracking_uri"], check_paths=check_paths)
-                return cls.from_spec(spec, Path(record["spec"]))
+                return cls.from_spec(spec, original)
         raise StudyNotFound(f"no study {str(study)!r}: looked for study.json in "
                             f"{', '.join(str(c) for c in candidates)}")
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def spec_text(self) -> str:
+        """The spec the study runs with: its own copy (``spec.yaml`` in the folder), else the original file."""
+        copy = self.paths.spec_copy
+        return (copy if copy.is_file() else self.spec_path).read_text()
 
     @property
     def tracking_uri(self) -> str:
@@ -231,3 +244,15 @@ class Study:
         from study.results import verdict_frame
 
         return verdict_frame(self)
+
+
+def _warn_if_edited(original: Path, copy: Path) -> None:
+    """Say so when the YAML a study was started from has changed since: the study keeps using its own copy."""
+    try:
+        edited = original.read_text() != copy.read_text()
+    except OSError:
+        edited = False  # moved or deleted: nothing to compare, and nothing the study needs
+    if edited:
+        logging.getLogger(__name__).warning(
+            "%s was edited after this study started; the study keeps the spec it ran with, %s "
+            "(a study of the edited spec: study run %s --new)", original, copy, original)

@@ -15,7 +15,7 @@ import pytest
 from study.config import ConfigError
 from study.spec import load_spec
 
-from tests.conftest import journal_events, process_group_members, study_spec, wait_for
+from tests.conftest import journal_events, process_group_members, shapes_dataset, study_spec, wait_for
 from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attention, a conditional parameter
 from tests.test_spec import assert_spec_refused
 
@@ -240,6 +240,8 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
             # A crafted pickle where the old searcher state lived, newer than any real state file.
             (folder / "tune" / "searcher-state-9999-12-31_23-59-59.pkl").write_bytes(
                 pickle.dumps(_Exploit(marker)))
+            # The user edits the YAML meanwhile (twice the trials): the study keeps the spec it started with.
+            spec_path.write_text(spec_path.read_text().replace("trials: 6", "trials: 12"))
             drivers.append(_driver(resume, tmp_path))
         final = drivers[-1]
         output, _ = final.communicate(timeout=600)
@@ -254,6 +256,7 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     assert all(leftovers), "a killed driver's Ray should still have been running"
     assert all(process_group_members(driver.pid) == [] for driver in drivers)
     assert "took over a stale lock" in output and "ended" in output
+    assert "was edited after this study started" in output and "trials: 6" in (folder / "spec.yaml").read_text()
     assert not marker.exists()  # the pickle was never opened
 
     # No epoch was trained twice: each trial's epochs reach the journal (and MLflow) once, in order.
@@ -285,6 +288,31 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     assert len(trial_dirs) == 6 and all(len(list(p.glob("checkpoint_*"))) == 1 for p in trial_dirs)
     # The searchers' state was restored from JSON: six trials in all, three per method.
     assert sorted(trials["inject"]) == ["init"] * 3 + ["merge"] * 3
+
+
+def test_a_study_reads_its_own_copy_of_the_spec_whatever_happens_to_the_yaml_later(tmp_path, small_shapes, caplog):
+    """`study run` copies the spec into the study folder; opening the study later reads that copy (relative dataset
+    paths still taken from where the YAML was) and says so when the YAML has been edited or is gone."""
+    from study.study import Study
+
+    dataset = {**shapes_dataset(small_shapes), "cache_dir": "cache"}  # relative to the YAML's folder
+    spec_path = study_spec(tmp_path, "copied", dataset, confirm={"top_k": 1, "seeds": 2, "epochs": 1})
+    started = Study.from_spec(load_spec(spec_path), spec_path)
+    started.paths.write_record(started.name, spec_path, started.spec.storage, started.tracking_uri, started.experiment)
+    original = spec_path.read_text()
+    assert (started.paths.root / "spec.yaml").read_text() == original
+
+    spec_path.write_text(original.replace("seeds: 2", "seeds: 5"))  # edited for the next study
+    with caplog.at_level("WARNING"):
+        opened = Study.open(started.paths.root)
+    assert opened.spec.confirm.seeds == 2 and opened.spec_text == original
+    assert Path(opened.spec.dataset.cache_dir) == tmp_path / "cache"  # resolved from the YAML's folder, not the copy's
+    assert "was edited after this study started" in caplog.text and "--new" in caplog.text
+    # A second write (a resume) never replaces the copy with the edited file.
+    opened.paths.write_record(opened.name, spec_path, opened.spec.storage, opened.tracking_uri, opened.experiment)
+    assert (started.paths.root / "spec.yaml").read_text() == original
+    spec_path.unlink()  # the YAML deleted: the study still opens
+    assert Study.open(started.paths.root).spec.confirm.seeds == 2
 
 
 # ----- items 1, 6 and 10 on one real study: refusals, a dead tracking server, a loopback-only Ray -------------

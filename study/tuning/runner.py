@@ -90,7 +90,7 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     paths.write_record(spec.name, spec_path, spec.storage, uri, experiment)
     tracker = StudyTracker(uri, experiment, spec.name, paths.root)
     data = prepare_for_spec(spec, progress=progress)
-    _start_tracking(tracker, spec, spec_path, data.info, resume=resume)
+    _start_tracking(tracker, spec, paths, data.info, resume=resume)
 
     ray_compat.ensure_ray(address)
     ray_compat.install()
@@ -125,7 +125,7 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     return StudyOutcome(spec.name, paths.root, uri, experiment, table, interrupted, time.perf_counter() - t0)
 
 
-def _start_tracking(tracker: StudyTracker, spec: StudySpec, spec_path: Path, info: dict[str, Any], *,
+def _start_tracking(tracker: StudyTracker, spec: StudySpec, paths: StudyPaths, info: dict[str, Any], *,
                     resume: bool) -> None:
     """The study's parent run: the search settings, where the code and data came from, and the spec."""
     tracker.start_study(
@@ -135,7 +135,7 @@ def _start_tracking(tracker: StudyTracker, spec: StudySpec, spec_path: Path, inf
         tags={**source_tags("study resume" if resume else "study run", spec.description),
               "dataset": str(info["dataset"]), "dataset_fingerprint": str(info["dataset_fingerprint"]),
               "feature_cache": str(info["feature_cache"]), "encoder": str(info["encoder"])},
-        spec_text=Path(spec_path).read_text() if Path(spec_path).is_file() else None,
+        spec_text=paths.spec_copy.read_text() if paths.spec_copy.is_file() else None,
         dataset={"name": str(info["dataset"]), "digest": str(info["dataset_fingerprint"]),
                  "source": str(info.get("dataset_json", info["dataset"]))})
 
