@@ -88,12 +88,18 @@ def verdict_frame(study: "Study") -> pd.DataFrame:
 
 def typed(frame: pd.DataFrame) -> pd.DataFrame:
     """Numbers as numbers (int where whole, Int64 where some are missing), names as strings."""
-    frame = frame.convert_dtypes(convert_string=False, convert_boolean=False)
+    # Column by column rather than DataFrame.convert_dtypes, whose keywords for leaving strings and booleans
+    # alone are deprecated (pandas 4 drops them).
+    frame = frame.copy()
     for col in frame.columns:
-        if frame[col].dtype == object:
-            converted = pd.to_numeric(frame[col], errors="coerce")
-            if converted.notna().sum() == frame[col].notna().sum() and frame[col].notna().any():
-                frame[col] = converted
+        values = frame[col]
+        if values.dtype == object:
+            converted = pd.to_numeric(values, errors="coerce")
+            if converted.notna().sum() == values.notna().sum() and values.notna().any():
+                values = converted
+        if pd.api.types.is_float_dtype(values) and values.notna().any() and (values.dropna() % 1 == 0).all():
+            values = values.astype("Int64")  # whole numbers (epochs, seeds) with some missing
+        frame[col] = values
     return frame
 
 

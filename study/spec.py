@@ -164,6 +164,9 @@ class AshaSettings(StrictModel):
     max_epochs: int = Field(10, ge=1, description="epochs of a trial that is never stopped (trial epochs)")
     grace_period: int = Field(2, ge=1, description="epochs before a trial can be stopped")
     reduction_factor: float = Field(3.0, gt=1.0, description="keep 1/reduction_factor at each rung")
+    per_method: bool = Field(True, description="with stratify: inject, each method's trials are compared only with "
+                                               "each other (same rungs and fractions for every method); false: one "
+                                               "bracket for all, so a method that learns fast early gets more epochs")
 
     @model_validator(mode="after")
     def _grace_below_max(self) -> "AshaSettings":

@@ -119,3 +119,33 @@ def test_a_confirm_result_trained_with_another_config_is_set_aside_and_trained_a
     assert sorted(p.name for p in (paths.confirm / "stale").iterdir()) == ["attention-r1-s0.json",
                                                                             "attention-r1-s0.pt"]
     assert not set_aside_if_stale(paths, "attention-r1-s0", attention_run[3])  # nothing left to set aside
+
+
+def test_asha_compares_each_methods_trials_only_with_their_own_method():
+    """init learns fast, none slowly: one shared ASHA cuts every none trial at the first rung, so the search never
+    sees a trained none (or pre, or par); per-method ASHA promotes the best third of each method's own trials."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from study.tuning.search import PerMethodASHA, build_scheduler
+
+    space = {"inject": {"choice": ["init", "none"]}, "lr": {"loguniform": [1e-4, 1e-2]}}
+    asha = {"max_epochs": 9, "grace_period": 1, "reduction_factor": 3}
+    scores = {"init": [0.50, 0.45, 0.40], "none": [0.10, 0.08, 0.06]}  # val CIDEr-D after epoch 1
+
+    def continued(spec: StudySpec) -> dict[str, list[bool]]:
+        scheduler = build_scheduler(spec)
+        out: dict[str, list[bool]] = {}
+        for method, values in scores.items():
+            for i, value in enumerate(values):
+                trial = Trial("caption", config={"inject": method, "lr": 1e-3}, trial_id=f"{method}{i}", stub=True)
+                scheduler.on_trial_add(None, trial)
+                decision = scheduler.on_trial_result(None, trial, {"epoch": 1, "val_CIDEr-D": value})
+                out.setdefault(method, []).append(decision == TrialScheduler.CONTINUE)
+        return out
+
+    per_method = _spec(space=space, search={"trials": 6, "seed": 0}, asha=asha)
+    assert isinstance(build_scheduler(per_method), PerMethodASHA)  # the default with stratify: inject
+    assert continued(per_method) == {"init": [True, False, False], "none": [True, False, False]}
+    shared = _spec(space=space, search={"trials": 6, "seed": 0}, asha={**asha, "per_method": False})
+    assert continued(shared) == {"init": [True, False, False], "none": [False, False, False]}
