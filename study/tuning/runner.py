@@ -66,8 +66,10 @@ def describe_budget(spec: StudySpec) -> str:
                      f"{', '.join(spec.methods)}")
     if spec.search.time_budget_h:
         lines.append(f"  time budget: {spec.search.time_budget_h:g} h of wall time for the search (summed over resumes)")
-    lines.append(f"  ASHA: {'on' if spec.asha.enabled else 'off'}, max {spec.asha.max_epochs} epochs, "
-                 f"grace {spec.asha.grace_period}, reduction {spec.asha.reduction_factor}")
+    per_method = spec.asha.enabled and spec.stratify == "inject" and spec.asha.per_method
+    lines.append(f"  ASHA: {'on' if spec.asha.enabled else 'off'}{', one bracket per method' if per_method else ''}, "
+                 f"max {spec.asha.max_epochs} epochs, grace {spec.asha.grace_period}, "
+                 f"reduction {spec.asha.reduction_factor}")
     lines.append(f"  epochs at most: {total_trials(spec) * spec.asha.max_epochs}; resources per trial: "
                  f"{spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
     lines.append("  fixed: " + (", ".join(f"{k}={v}" for k, v in spec.fixed.items()) or "-"))
