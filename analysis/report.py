@@ -2,7 +2,7 @@
 
 ``build_report`` writes ``report.md`` with its PNGs beside it (relative links) and ``report.html``, the
 same content as one self-contained file (PNGs embedded as base64) for MLflow's artifact viewer or e-mail.
-Both are rendered from one list of blocks, so they cannot drift apart. Every section whose input is empty
+Both are rendered from one list of blocks (``analysis.render``), so they cannot drift apart. Every section whose input is empty
 says so instead of failing: a report of a half-finished study is still worth reading.
 
 Input frames (metric values on pycocoevalcap's 0..1 scale; the report prints x100):
@@ -20,8 +20,6 @@ The injection methods come in as data too: ``roles`` (``{method: "target" | "com
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.effects import Effects, compute_effects, lower_is_better
+from analysis.render import Block, to_html, to_markdown
 from analysis.scores import corpus_rows, corpus_scores
 from analysis.verdict import METRICS, PRIMARY, Verdict, compute_verdict
 
@@ -67,66 +66,6 @@ class ReportResult:
     images: list[Path]  # the PNGs written (those whose input was not empty)
     html: Path | None = None  # report.html, PNGs embedded
     effects: Effects | None = None
-
-
-# --- blocks: ("h1"|"h2"|"h3"|"p", text) | ("ul", [items]) | ("table", header, rows) | ("img", path, alt)
-# | ("code", text). Markdown inline syntax used in text: **bold** only.
-Block = tuple
-
-
-def _md(blocks: list[Block], out_dir: Path) -> str:
-    out = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + rest[0])
-        elif kind == "p":
-            out.append(rest[0])
-        elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in rest[0]))
-        elif kind == "table":
-            header, rows = rest
-            cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
-            lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
-            out.append("\n".join(lines))
-        elif kind == "img":
-            out.append(f"![{rest[1]}]({Path(rest[0]).relative_to(out_dir).as_posix()})")
-        elif kind == "code":
-            out.append("```yaml\n" + rest[0].rstrip() + "\n```")
-        else:
-            raise ValueError(f"unknown report block {kind!r}")
-    return "\n\n".join(out) + "\n"
-
-
-def _inline_html(text: str) -> str:
-    parts = html.escape(text).split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _html(blocks: list[Block], title: str) -> str:
-    body = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2", "h3"):
-            body.append(f"<{kind}>{_inline_html(rest[0])}</{kind}>")
-        elif kind == "p":
-            body.append(f"<p>{_inline_html(rest[0])}</p>")
-        elif kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in rest[0]) + "</ul>")
-        elif kind == "table":
-            header, rows = rest
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-            trs = "".join("<tr>" + "".join(f"<td>{_inline_html(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-            body.append(f"<table><tr>{head}</tr>{trs}</table>")
-        elif kind == "img":
-            data = base64.b64encode(Path(rest[0]).read_bytes()).decode()
-            body.append(f'<p><img alt="{html.escape(rest[1])}" src="data:image/png;base64,{data}"></p>')
-        elif kind == "code":
-            body.append(f"<pre>{html.escape(rest[0])}</pre>")
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.45}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-             "img{max-width:100%}pre{background:#f4f4f4;padding:1em;overflow:auto}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 def _x100(value: float) -> str:
@@ -380,8 +319,8 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
         blocks += [("h2", "Appendix: the study spec"), ("code", spec_text)]
 
     md_path = out_dir / "report.md"
-    md_path.write_text(_md(blocks, out_dir))
+    md_path.write_text(to_markdown(blocks, out_dir))
     html_path = out_dir / "report.html"
-    html_path.write_text(_html(blocks, f"Study report: {study_name}"))
+    html_path.write_text(to_html(blocks, f"Study report: {study_name}"))
     images = [p for p in figures.values() if p is not None]
     return ReportResult(md_path, verdict, images, html_path, effects)

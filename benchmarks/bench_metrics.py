@@ -15,7 +15,8 @@ import time
 import warnings
 from pathlib import Path
 
-from study.metrics import find_java, ptb_tokenize, score_captions
+from study.metrics import find_java, score_captions
+from study.ptb import ptb_tokenize
 
 
 def held_out_sets(captions: list[list[str]]) -> dict[int, tuple[dict, dict]]:

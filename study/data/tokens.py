@@ -6,7 +6,7 @@ words the model never saw become UNK, as in deployment) and is saved as JSON nex
 checkpoints.
 
 The metrics do not use these tokens: they score the decoded text against the raw reference captions, both
-tokenised by coco-caption's PTB tokenizer (:func:`study.metrics.ptb_tokenize`, or the Java original in the
+tokenised by coco-caption's PTB tokenizer (:func:`study.ptb.ptb_tokenize`, or the Java original in the
 full suite), as the literature does, so hypotheses and references get the same normalisation.
 """
 
