@@ -175,7 +175,7 @@ def sync(
     if tracker.flush(force=True):
         out.print(f"sent {pending} journalled events to {tracker.uri}")
     else:
-        fail(f"MLflow at {tracker.uri} is still not reachable; {tracker.pending} events wait in {tracker.journal}")
+        fail(f"MLflow at {tracker.uri} is still not reachable; {tracker.pending} events wait in {tracker.journal.path}")
 
 
 @app.command("report")

@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from study.journal import Journal
 from study.paths import StudyPaths
 
 PACKAGES = ("torch", "ray", "optuna", "mlflow", "pycocoevalcap", "numpy", "pandas", "efficientnet-lite-pytorch")
@@ -21,7 +22,7 @@ PACKAGES = ("torch", "ray", "optuna", "mlflow", "pycocoevalcap", "numpy", "panda
 
 def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: str) -> dict[str, str]:
     """Ordered ``{what: value}`` rows for the report's provenance table."""
-    started = _study_start(paths.journal)
+    started = _study_start(paths)
     tags = started.get("tags", {})
     search_commit = tags.get("mlflow.source.git.commit") or tags.get("git_commit") or "unknown"
     rows = {"search run by commit": search_commit, "report written by commit": report_commit,
@@ -42,15 +43,9 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
     return rows
 
 
-def _study_start(journal: Path) -> dict[str, Any]:
-    if not journal.is_file():
-        return {}
-    with journal.open() as fh:
-        for line in fh:
-            event = json.loads(line)
-            if event.get("kind") == "study_start":
-                return event
-    return {}
+def _study_start(paths: StudyPaths) -> dict[str, Any]:
+    """The study's first ``study_start`` event (the driver that began the search), or {}."""
+    return next(Journal(paths.journal, paths.journal_sent).events("study_start"), {})
 
 
 def _hardware() -> str:

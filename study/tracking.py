@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from study.files import atomic_write_json
+from study.journal import Journal
 from study.paths import StudyPaths, sqlite_uri  # noqa: F401  (sqlite_uri: the MLflow URI of a study's own store)
 
 log = logging.getLogger(__name__)
@@ -93,23 +94,16 @@ class StudyTracker:
         self.study_dir = Path(self.study_dir)
         self.study_dir.mkdir(parents=True, exist_ok=True)
         paths = StudyPaths.at(self.study_dir)
-        self.journal, self.sent_file, self.runs_file = paths.journal, paths.journal_sent, paths.mlflow_runs
+        self.journal = Journal(paths.journal, paths.journal_sent)
+        self.runs_file = paths.mlflow_runs
         self.runs: dict[str, str] = json.loads(self.runs_file.read_text()) if self.runs_file.exists() else {}
-        sent = json.loads(self.sent_file.read_text()) if self.sent_file.exists() else {}
-        self._sent = sent.get("sent", 0)
-        self._sent_offset = sent.get("offset", 0)  # byte offset of the first unsent event in the journal
-        lines = self.journal.read_bytes().splitlines() if self.journal.exists() else []
-        self._written = len(lines)
-        self.confirm_logged: set[str] = set()  # confirm runs journalled already (a re-run adds only new ones)
+        # Confirm runs journalled already (a re-run adds only new ones).
+        self.confirm_logged: set[str] = {event["key"] for event in self.journal.events("confirm_run")}
         # The newest epoch journalled for each trial, across drivers: a resumed trial tells Tune its restored
         # epoch again (its result may not have reached the killed driver), and it must not be logged twice.
         self.last_step: dict[str, int] = {}
-        for line in lines:
-            if b'"trial_result"' in line:
-                event = json.loads(line)
-                self.last_step[event["trial"]] = max(self.last_step.get(event["trial"], 0), event["step"])
-            elif b'"confirm_run"' in line:
-                self.confirm_logged.add(json.loads(line)["key"])
+        for event in self.journal.events("trial_result"):
+            self.last_step[event["trial"]] = max(self.last_step.get(event["trial"], 0), event["step"])
         # Standard tags every child run gets (set by start_study: commit, entry point, user).
         self.child_tags: dict[str, str] = {}
         self._offline_since: float | None = None
@@ -157,17 +151,12 @@ class StudyTracker:
 
     def _best_epoch(self, trial_id: str, metric: str, mode: str) -> dict[str, float]:
         found: dict[str, Any] | None = None
-        if self.journal.exists():
-            with self.journal.open("rb") as fh:
-                for line in fh:
-                    if b'"trial_result"' not in line:
-                        continue
-                    event = json.loads(line)
-                    value = event["metrics"].get(metric)
-                    if event["trial"] != trial_id or value is None or value != value:
-                        continue
-                    if found is None or (value > found["value"] if mode == "max" else value < found["value"]):
-                        found = {"value": value, "step": event["step"]}
+        for event in self.journal.events("trial_result"):
+            value = event["metrics"].get(metric)
+            if event["trial"] != trial_id or value is None or value != value:
+                continue
+            if found is None or (value > found["value"] if mode == "max" else value < found["value"]):
+                found = {"value": value, "step": event["step"]}
         return {} if found is None else {f"best_{metric}": found["value"], "best_epoch": float(found["step"])}
 
     def confirm_run(self, name: str, params: dict[str, Any], metrics: dict[str, float],
@@ -205,15 +194,13 @@ class StudyTracker:
         self._event({"kind": "study_end", "status": status})
 
     def _event(self, event: dict[str, Any]) -> None:
-        with self.journal.open("a") as fh:
-            fh.write(json.dumps(event) + "\n")
-        self._written += 1
+        self.journal.append(event)
         self.flush()
 
     # ----- sending ------------------------------------------------------------------------------------
     @property
     def pending(self) -> int:
-        return self._written - self._sent
+        return self.journal.pending
 
     def flush(self, force: bool = False) -> bool:
         """Send every journalled event not yet in MLflow. Returns True when nothing is left to send."""
@@ -223,22 +210,18 @@ class StudyTracker:
             return False
         t0 = time.perf_counter()
         try:
-            with self.journal.open("rb") as fh:  # read only what was not sent yet
-                fh.seek(self._sent_offset)
-                lines = fh.readlines()
+            lines = self.journal.unsent()
             client = _client(self.uri)
             for line in lines:
                 self._send(client, json.loads(line))
-                self._sent += 1
-                self._sent_offset += len(line)
+                self.journal.mark_sent(line)
                 self.events_sent += 1
-                atomic_write_json(self.sent_file, {"sent": self._sent, "offset": self._sent_offset})
         except Exception as exc:  # any transport or server error: keep the journal, retry later
             self._offline_since = time.time()
             if not self._warned:
                 warnings.warn(
                     f"MLflow at {self.uri} is not reachable ({type(exc).__name__}: {exc}). The study goes on; "
-                    f"results are kept in {self.journal} and sent when the server is back, or by "
+                    f"results are kept in {self.journal.path} and sent when the server is back, or by "
                     f"`study sync {self.study_dir}`.", RuntimeWarning, stacklevel=3)
                 self._warned = True
             return False

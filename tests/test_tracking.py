@@ -115,3 +115,17 @@ def test_a_run_whose_id_was_never_remembered_is_found_by_its_tags(tmp_path):
     _, runs = study_runs(uri, "exp")
     assert list(runs["tags.trial_id"]) == ["kept"] and (runs["status"] == "FINISHED").all()
     assert again.runs["kept"] == remembered["kept"]  # the same run, not a second one
+
+
+def test_the_journal_keeps_every_event_and_how_far_mlflow_got_across_processes(tmp_path):
+    from study.journal import Journal
+
+    journal = Journal(tmp_path / "j.jsonl", tmp_path / "sent.json")
+    for step in (1, 2):
+        journal.append({"kind": "trial_result", "trial": "a", "step": step})
+    journal.append({"kind": "trial_end", "trial": "a", "reason": 'has "trial_result" in its text'})
+    assert [e["step"] for e in journal.events("trial_result")] == [1, 2]  # by kind, not by substring
+    first = journal.unsent()[0]
+    journal.mark_sent(first)
+    again = Journal(tmp_path / "j.jsonl", tmp_path / "sent.json")  # a new driver reads where the last one stopped
+    assert again.pending == 2 and again.unsent()[0] == journal.unsent()[0] != first
