@@ -129,7 +129,9 @@ def export(study: "Study", dest: Path) -> list[Path]:
         if path.is_file():
             written.append(Path(shutil.copy2(path, dest / path.name)))
     runs = study.confirm_runs()
-    frames = {"leaderboard.csv": study.leaderboard(best_per_method=False), "history.csv": study.history(),
+    # trials.csv carries every trial's id and parameters, so history.csv (by trial_id) joins onto it.
+    frames = {"leaderboard.csv": study.leaderboard(best_per_method=False), "trials.csv": study.trials(),
+              "history.csv": study.history(),
               "confirm_runs.csv": runs, "test_scores.csv": study.test_scores()}
     for name, frame in frames.items():
         frame.to_csv(dest / name, index=False)

@@ -69,11 +69,13 @@ def _check_export(folder: Path, tmp_path: Path) -> None:
     assert exported.returncode == 0, exported.stderr[-2000:]
     names = {p.name for p in results.iterdir()}
     assert {"report.md", "report.html", "provenance.json", "spec.yaml", "verdict.csv", "decide.json",
-            "leaderboard.csv", "history.csv", "confirm_runs.csv", "test_scores.csv", "test_scores.md",
+            "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "test_scores.csv", "test_scores.md",
             "methods.png"} <= names
     assert not [n for n in names if n.endswith((".pt", ".npy"))]
     assert (results / "report.md").read_text() == (folder / "report" / "report.md").read_text()
     assert len(pd.read_csv(results / "leaderboard.csv")) == 2  # every search trial
+    trials, history = pd.read_csv(results / "trials.csv"), pd.read_csv(results / "history.csv")
+    assert set(history["trial_id"]) == set(trials["trial_id"])  # the learning curves join onto the parameters
     runs = pd.read_csv(results / "confirm_runs.csv")
     assert sorted(runs["run"]) == ["init-r1-s0", "init-r1-s1", "pre-r1-s0", "pre-r1-s1"]
     scores = pd.read_csv(results / "test_scores.csv")  # per method: seeds, mean and sd of every test metric
