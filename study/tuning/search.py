@@ -65,6 +65,9 @@ class GroupSearch:
     def __init__(self, spec: StudySpec, fixed: dict[str, Any], seed: int):
         import optuna
 
+        # Optuna logs "A new study created ..." at INFO for each of these internal studies (24 lines on the
+        # quickstart); the study's own lines say what the searchers do.
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.spec, self.fixed, self.seed = spec, dict(fixed), seed
         self.study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize",
                                          sampler=_sampler(spec, seed, fixed))
@@ -268,6 +271,8 @@ def export_optuna_studies(spec: StudySpec) -> Path | None:
     ``optuna.load_study(...).trials_dataframe()`` read them. Rebuilt from the searchers' newest JSON state
     (never a pickle) after each search; trials still running then are left out."""
     import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per study written, as in GroupSearch
     import pyarrow.fs as pafs
 
     paths = StudyPaths.of(spec.storage, spec.name)
