@@ -271,10 +271,9 @@ def export_optuna_studies(spec: StudySpec) -> Path | None:
     ``optuna.load_study(...).trials_dataframe()`` read them. Rebuilt from the searchers' newest JSON state
     (never a pickle) after each search; trials still running then are left out."""
     import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per study written, as in GroupSearch
     import pyarrow.fs as pafs
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per study written, as in GroupSearch
     paths = StudyPaths.of(spec.storage, spec.name)
     fs, root = pafs.FileSystem.from_uri(paths.tune)
     infos = [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
