@@ -30,7 +30,7 @@ import pandas as pd
 from analysis import plots
 from analysis.effects import Effects, compute_effects, lower_is_better
 from analysis.render import Block, to_html, to_markdown
-from analysis.scores import corpus_rows, corpus_scores
+from analysis.scores import corpus_rows, corpus_scores, x100 as _x100
 from analysis.verdict import METRICS, PRIMARY, Verdict, compute_verdict
 
 QUESTION = (
@@ -66,10 +66,6 @@ class ReportResult:
     images: list[Path]  # the PNGs written (those whose input was not empty)
     html: Path | None = None  # report.html, PNGs embedded
     effects: Effects | None = None
-
-
-def _x100(value: float) -> str:
-    return "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}"
 
 
 def _with_ci(row: pd.Series, metric: str) -> str:
@@ -151,7 +147,7 @@ def _run_blocks(trials: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame)
 
 def _corpus_blocks(runs: pd.DataFrame, order: list[str]) -> list[Block]:
     """Every test metric as papers print it: each run's corpus-level score, mean ± sd over its seeds."""
-    table = corpus_scores(runs, order) if not runs.empty else pd.DataFrame()
+    table = corpus_scores(runs, order)
     if table.empty:
         return []
     header, rows = corpus_rows(table)

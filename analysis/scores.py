@@ -36,6 +36,11 @@ def corpus_scores(runs: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame
     return grouped.size().rename("seeds").to_frame().join(table).reset_index()
 
 
+def x100(value: float | None) -> str:
+    """A 0..1 score as papers print it: x100, one decimal; ``n/a`` when missing."""
+    return "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}"
+
+
 def corpus_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """``corpus_scores`` for display: a header and rows of ``mean ± sd`` x100 (one decimal, as papers print)."""
     metrics = [m for m in CORPUS_METRICS if f"{m}_mean" in table]
@@ -47,6 +52,4 @@ def corpus_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 
 def _mean_sd(mean: float, sd: float) -> str:
-    if pd.isna(mean):
-        return "n/a"
-    return f"{100 * mean:.1f}" + ("" if pd.isna(sd) else f" ± {100 * sd:.1f}")
+    return x100(mean) + ("" if pd.isna(mean) or pd.isna(sd) else f" ± {x100(sd)}")

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.scores import x100
+
 # The metrics whose test-set score is the mean of its per-image scores (coco-caption averages CIDEr-D and ROUGE-L
 # over images), so resampling images resamples the score itself. BLEU and METEOR pool counts over the corpus
 # first: their per-image mean is another, lower number (see ``analysis.scores``, which prints them as papers do).
@@ -155,10 +157,6 @@ def _run_costs(runs: pd.DataFrame | None, method: str, rank: int) -> dict[str, f
     if "config_rank" in sel:
         sel = sel[sel["config_rank"] == rank]
     return {c: float(sel[c].mean()) if c in sel and len(sel) else math.nan for c in cols}
-
-
-def _pct(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
 def _split_roles(roles: Mapping[str, str]) -> tuple[str, list[str], list[str]]:
@@ -291,26 +289,26 @@ def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, bes
                margin: float, metric: str, table: pd.DataFrame, notes: list[str], level: float = 0.95) -> str:
     """The verdict in words, numbers x100 as the captioning literature prints them."""
     tgt, other = table.loc[target], table.loc[best_other]
-    s = (f"Seeding the first LSTM layer's memory ({target}) scores {metric} {_pct(tgt[metric])} "
-         f"[{_pct(tgt[metric + '_lo'])}, {_pct(tgt[metric + '_hi'])}] against {_pct(other[metric])} "
-         f"[{_pct(other[metric + '_lo'])}, {_pct(other[metric + '_hi'])}] for the best other injection "
-         f"({best_other}); the difference {target} - {best_other} is {_pct(diff)} with a {100 * level:.4g}% paired-bootstrap "
-         f"interval [{_pct(ci[0])}, {_pct(ci[1])}] (x100; {int(tgt['seeds'])} seeds of {target}, "
+    s = (f"Seeding the first LSTM layer's memory ({target}) scores {metric} {x100(tgt[metric])} "
+         f"[{x100(tgt[metric + '_lo'])}, {x100(tgt[metric + '_hi'])}] against {x100(other[metric])} "
+         f"[{x100(other[metric + '_lo'])}, {x100(other[metric + '_hi'])}] for the best other injection "
+         f"({best_other}); the difference {target} - {best_other} is {x100(diff)} with a {100 * level:.4g}% paired-bootstrap "
+         f"interval [{x100(ci[0])}, {x100(ci[1])}] (x100; {int(tgt['seeds'])} seeds of {target}, "
          f"{int(other['seeds'])} of {best_other}, {int(tgt['images'])} test images). ")
     if word == COMPETES:
-        s += (f"The whole interval lies above -{_pct(margin)}, the equivalence margin, so {target} competes: "
-              f"it is at most {_pct(margin)} points worse")
+        s += (f"The whole interval lies above -{x100(margin)}, the equivalence margin, so {target} competes: "
+              f"it is at most {x100(margin)} points worse")
         s += (" and in fact better." if ci[0] > margin else ".")
     elif word == DOES_NOT_COMPETE:
-        s += (f"The whole interval lies below -{_pct(margin)}, the equivalence margin, so {target} does not "
+        s += (f"The whole interval lies below -{x100(margin)}, the equivalence margin, so {target} does not "
               f"compete with {best_other}.")
     else:
-        s += (f"The interval straddles -{_pct(margin)}, the equivalence margin: the data cannot yet tell "
+        s += (f"The interval straddles -{x100(margin)}, the equivalence margin: the data cannot yet tell "
               f"whether {target} is within the margin; more seeds (or test images) would narrow it.")
     for floor in floors:
         if floor in table.index and not math.isnan(table.loc[floor, metric]):
-            s += (f" Without any image ({floor}) the decoder reaches {_pct(table.loc[floor, metric])}, so the "
-                  f"image adds {_pct(tgt[metric] - table.loc[floor, metric])} points to {target}.")
+            s += (f" Without any image ({floor}) the decoder reaches {x100(table.loc[floor, metric])}, so the "
+                  f"image adds {x100(tgt[metric] - table.loc[floor, metric])} points to {target}.")
     if not (math.isnan(tgt["params"]) or math.isnan(other["params"])):
         s += (f" {target} has {tgt['params'] / 1e6:.2f} M parameters and trained {tgt['train_seconds']:.0f} s "
               f"per run; {best_other} {other['params'] / 1e6:.2f} M and {other['train_seconds']:.0f} s.")

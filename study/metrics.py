@@ -4,8 +4,9 @@ Scores are on pycocoevalcap's own 0..1 scale (CIDEr-D can exceed 1; reports prin
 
 - ``score_captions(refs, hyps)`` (``full=False``, called every validation epoch of every trial): BLEU-1..4 and
   CIDEr-D with pycocoevalcap's own ``Bleu(4)`` and ``Cider()`` scorers, tokenised by
-  :func:`study.ptb.ptb_tokenize`, a pure-Python reproduction of the Stanford PTBTokenizer 3.4.1 that coco-caption runs in Java. No Java starts,
-  so the scores are identical to the full path's BLEU/CIDEr-D at a fraction of the time.
+  :func:`study.ptb.ptb_tokenize`, a pure-Python reproduction of the Stanford PTBTokenizer 3.4.1 that
+  coco-caption runs in Java. No Java starts, so the scores are identical to the full path's BLEU/CIDEr-D at a
+  fraction of the time.
 - ``score_captions(refs, hyps, full=True)`` (final test evaluation): the real PTBTokenizer (one Java call),
   BLEU, METEOR (one Java call for the whole set), ROUGE-L, CIDEr-D. SPICE is reported as NaN: its jar
   downloads Stanford CoreNLP models at run time, which is impossible offline.

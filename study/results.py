@@ -30,9 +30,6 @@ from study.paths import StudyPaths
 if TYPE_CHECKING:
     from study.study import Study
 
-TEST_METRICS = CORPUS_METRICS  # every coco-caption score a confirm run records
-
-
 def load(study: str | Path, storage: str | Path | None = None) -> "Study":
     """Open a study by name (under ``storage``, default ``./runs``) or by its folder (its dataset is not
     checked: reading results needs no images)."""
@@ -48,11 +45,11 @@ def confirm_frame(paths: StudyPaths) -> pd.DataFrame:
         result = json.loads(path.read_text())
         row = {"run": path.stem, "method": result["method"], "config_rank": result["config_rank"],
                "seed": result["seed"]}
-        row.update({m: result["scores"].get(m) for m in TEST_METRICS})
+        row.update({m: result["scores"].get(m) for m in CORPUS_METRICS})
         row.update({k: result.get(k) for k in ("epochs", "train_seconds", "seconds", "params")})
         row.update({k: v for k, v in result["config"].items() if k not in row})
         rows.append(row)
-    columns = ["run", "method", "config_rank", "seed", *TEST_METRICS, "epochs", "train_seconds", "seconds", "params"]
+    columns = ["run", "method", "config_rank", "seed", *CORPUS_METRICS, "epochs", "train_seconds", "seconds", "params"]
     return typed(pd.DataFrame(rows, columns=None if rows else columns))
 
 

@@ -236,9 +236,9 @@ class Study:
         return export(self, dest)
 
     def verdict(self) -> pd.DataFrame:
-        """One row per method (index ``method``): its ``role``, ``seeds``, ``images`` and the mean of CIDEr-D and ROUGE-L
-        (the metrics whose corpus score is the mean over images; see ``test_scores`` for BLEU and METEOR) with
-        ``<metric>_lo``/``_hi`` bounds, at the level the report uses (95%, or the sequential plan's per-look
+        """One row per method (index ``method``): its ``role``, ``seeds``, ``images`` and the mean of CIDEr-D and
+        ROUGE-L (the metrics whose corpus score is the mean over images; see ``test_scores`` for BLEU and METEOR)
+        with ``<metric>_lo``/``_hi`` bounds, at the level the report uses (95%, or the sequential plan's per-look
         level after ``study decide``). ``attrs``: ``verdict`` (the words), ``diff`` and ``ci`` (target - best
         other, and its interval), ``best_other``, ``margin``, ``level``, ``text``."""
         from study.results import verdict_frame
