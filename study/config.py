@@ -130,6 +130,9 @@ class TrialConfig(StrictModel):
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(10, ge=1, le=1000)
     seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast around the forward pass (weights, optimiser and loss stay fp32); "
+        "auto: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32 (study.precision)")
 
     # --- evaluation ----------------------------------------------------------------------------------
     beam_size: int = Field(3, ge=1, le=20, description="beam width for final test captions")
@@ -220,5 +223,6 @@ def load_trial_config(path: Path, overrides: dict[str, Any] | None = None) -> Tr
 
 def checkpoint_config(data: dict[str, Any], source: str) -> TrialConfig:
     """The trial config stored in a checkpoint, without checking its dataset paths: a trained model must
-    caption on a machine where its training data is not (moved, deleted or never copied there)."""
-    return validate_model(TrialConfig, data, source, check_paths=False)
+    caption on a machine where its training data is not (moved, deleted or never copied there). A checkpoint
+    from before the ``precision`` setting was trained in fp32 (on the CPU) and decodes so."""
+    return validate_model(TrialConfig, {"precision": "fp32", **data}, source, check_paths=False)

@@ -23,11 +23,7 @@ from study.config import TrialConfig
 from study.data.prepare import PreparedData, SplitCaptions
 from study.data.tokens import PAD, Vocab, normalize
 from study.metrics import score_captions
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (needs no GradScaler); CPU runs fp32 (CPU autocast is slower for RNNs)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+from study.precision import autocast
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -80,8 +76,9 @@ def masked_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, split: SplitTensors, features: FeatureSource,
-                    device: torch.device, batch_size: int) -> tuple[float, float]:
-    """(mean nats per token, total nats) of teacher-forced validation captions."""
+                    device: torch.device, batch_size: int, precision: str = "fp32") -> tuple[float, float]:
+    """(mean nats per token, total nats) of teacher-forced validation captions, under the training's
+    ``precision`` (``study.precision``)."""
     model.eval()
     total, count = 0.0, 0
     order = np.argsort(split.lengths, kind="stable")
@@ -89,7 +86,7 @@ def validation_loss(model: torch.nn.Module, split: SplitTensors, features: Featu
         idx = order[start:start + batch_size * 2]
         tokens = split.ids[torch.from_numpy(idx), : int(split.lengths[idx].max())].to(device)  # (B, T)
         pooled, grid = features(split.feature_rows[idx])
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
         loss, n = masked_nll(logits, tokens[:, 1:])
         total += float(loss)
@@ -106,11 +103,12 @@ def caption_char_counts(data: PreparedData, split: str, limit: int | None = None
 
 @torch.no_grad()
 def decode(model: torch.nn.Module, pooled: torch.Tensor, grid: torch.Tensor | None, *, beam_size: int,
-           max_len: int, length_penalty: float) -> torch.Tensor:
+           max_len: int, length_penalty: float, precision: str = "fp32") -> torch.Tensor:
     """Token ids (B, T) for features pooled (B, F) and grid (B, G, F) or None: greedy when ``beam_size == 1``
-    (a beam of one gives the same captions, slower), else batched beam search."""
+    (a beam of one gives the same captions, slower), else batched beam search; under the autocast of
+    ``precision``, as the model trained."""
     model.eval()
-    with autocast(pooled.device):
+    with autocast(pooled.device, precision):
         if beam_size == 1:
             return model.greedy(pooled, grid, max_len)
         return model.beam_search(pooled, grid, beam_size, max_len, length_penalty)
@@ -118,12 +116,13 @@ def decode(model: torch.nn.Module, pooled: torch.Tensor, grid: torch.Tensor | No
 
 def decode_images(model: torch.nn.Module, vocab: Vocab, image_rows: np.ndarray, features: FeatureSource,
                   device: torch.device, *, beam_size: int, max_len: int, length_penalty: float,
-                  batch_size: int = 128) -> list[str]:
+                  precision: str = "fp32", batch_size: int = 128) -> list[str]:
     """Captions for feature rows (``device``: where ``features`` puts them, the model's)."""
     captions: list[str] = []
     for start in range(0, len(image_rows), batch_size):
         pooled, grid = features(image_rows[start:start + batch_size])
-        ids = decode(model, pooled, grid, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+        ids = decode(model, pooled, grid, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
+                     precision=precision)
         captions.extend(vocab.decode(row) for row in ids.cpu())
     return captions
 
@@ -151,7 +150,8 @@ def score_split(model: torch.nn.Module, cfg: TrialConfig, data: PreparedData, sp
     n = len(images.rows) if limit is None else min(limit, len(images.rows))
     t0 = time.perf_counter()
     hyps = decode_images(model, data.tokens_for(cfg).vocab, images.rows[:n], features, device,
-                         beam_size=beam_size, max_len=cfg.effective_max_len, length_penalty=cfg.length_penalty)
+                         beam_size=beam_size, max_len=cfg.effective_max_len, length_penalty=cfg.length_penalty,
+                         precision=cfg.precision)
     t1 = time.perf_counter()  # decoding ends with the captions on the CPU: no extra sync needed
     refs = {i: images.references[i] for i in range(n)}
     result = score_captions(refs, dict(enumerate(hyps)), full=full, per_image=per_image)
@@ -164,7 +164,7 @@ def validate(model: torch.nn.Module, cfg: TrialConfig, data: PreparedData, val: 
     """One epoch's validation: teacher-forced loss and bits per character over the ``val`` captions, greedy
     CIDEr-D and BLEU-4 over the first ``cfg.val_images`` val images, and the seconds each part took."""
     t0 = time.perf_counter()
-    val_loss, val_nats = validation_loss(model, val, features, features.device, cfg.batch_size)
+    val_loss, val_nats = validation_loss(model, val, features, features.device, cfg.batch_size, cfg.precision)
     val_loss_seconds = time.perf_counter() - t0
     greedy = score_split(model, cfg, data, "val", beam_size=1, full=False, limit=cfg.val_images)
     return {"val_loss": val_loss, "val_bpc": val_nats / math.log(2) / val_chars,

@@ -78,6 +78,6 @@ def caption_files(checkpoint: Path, images: Sequence[Path], *, beam_size: int = 
         pooled_t = torch.from_numpy(pooled).to(dev, torch.float32)  # (b, C)
         grid_t = torch.from_numpy(grid).to(dev, torch.float32) if model.needs_grid else None  # (b, g*g, C)
         ids = decode(model, pooled_t, grid_t, beam_size=beam_size, max_len=cfg.effective_max_len,
-                     length_penalty=cfg.length_penalty)
+                     length_penalty=cfg.length_penalty, precision=cfg.precision)
         for path, row in zip(paths, ids.cpu()):
             yield path, vocab.decode(row)

@@ -1,7 +1,7 @@
 """Where a study's files live: the one place that knows the folder layout.
 
     <storage>/<name>/                  the study folder (a local folder; see ``StudyPaths.of`` for s3://)
-        study.json                     spec file, storage, MLflow store and experiment (``study resume NAME``)
+        study.json                     spec file, storage, MLflow store, experiment and the pinned precision
         spec.yaml                      the spec as the study started: what every later stage reads
         driver.lock                    the running driver (study/lock.py)
         mlflow.db                      the default MLflow store
@@ -99,19 +99,21 @@ class StudyPaths:
         """The study's MLflow store: the one the spec names, else ``mlflow.db`` in the study folder."""
         return configured or sqlite_uri(self.mlflow_db)
 
-    def write_record(self, name: str, spec_path: Path, storage: str, tracking_uri: str, experiment: str) -> Path:
+    def write_record(self, name: str, spec_path: Path, storage: str, tracking_uri: str, experiment: str,
+                     precision: str | None = None) -> Path:
         """``study.json``: how ``study resume/leaderboard/report NAME`` finds the spec, storage and MLflow store.
         The default store is written as ``"tracking_uri": null`` (the ``mlflow.db`` beside the file, wherever the
         folder is moved); only another store is written out. The first call also copies the spec into the folder
         (``spec.yaml``): every later stage reads that copy, so editing the YAML after ``study run`` (what users
-        do between studies) never changes what a running or finished study trains and reports."""
+        do between studies) never changes what a running or finished study trains and reports. ``precision``:
+        what every trial and confirm run of the study uses (``auto`` resolved once, by the first driver)."""
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.spec_copy.exists():
             atomic_write_text(self.spec_copy, Path(spec_path).read_text())
         return atomic_write_json(self.study_file, {
             "name": name, "spec": str(Path(spec_path).resolve()), "storage": storage,
             "tracking_uri": None if tracking_uri == sqlite_uri(self.mlflow_db) else tracking_uri,
-            "experiment": experiment}, indent=2)
+            "experiment": experiment, "precision": precision}, indent=2)
 
     def read_record(self) -> dict[str, Any]:
         """``study.json`` read where the folder is now, not where it was written: ``tracking_uri`` is the folder's

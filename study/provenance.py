@@ -29,7 +29,8 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
             "report written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "dataset": f"{data_info.get('dataset')} ({data_info.get('dataset_json')})",
             "dataset fingerprint": str(data_info.get("dataset_fingerprint")),
-            "image encoder": str(data_info.get("encoder"))}
+            "image encoder": str(data_info.get("encoder")),
+            "precision": _precision(paths)}
     if paths.search_time.is_file():
         used = json.loads(paths.search_time.read_text())
         rows["search wall time"] = f"{used['used_s'] / 3600:.2f} h of a {used['budget_s'] / 3600:.2f} h budget"
@@ -41,6 +42,16 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
         except metadata.PackageNotFoundError:
             rows[name] = "not installed"
     return rows
+
+
+def _precision(paths: StudyPaths) -> str:
+    """What every trial and confirm run trained and decoded in (study.json; fp32 for studies begun before it)."""
+    try:
+        pinned = json.loads(paths.study_file.read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return f"{pinned} (autocast around the forward pass; weights and loss fp32)" if pinned == "bf16" else \
+        (pinned or "fp32")
 
 
 def _study_start(paths: StudyPaths) -> dict[str, Any]:

@@ -233,6 +233,9 @@ class StudySpec(StrictModel):
             raise ValueError("stratify: inject needs space.inject as a choice of methods")
         if "epochs" in self.space:
             raise ValueError("epochs is set by asha.max_epochs, not searched")
+        if "precision" in self.space:
+            raise ValueError("precision is one setting for the whole study (every trial and confirm run alike); "
+                             "set it in fixed: (auto, fp32 or bf16), not in space:")
         if self.search.algorithm == "grid":
             bad = [n for n, p in self.space.items() if p.choice is None]
             if bad:
@@ -264,6 +267,10 @@ class StudySpec(StrictModel):
     @property
     def trials_per_method(self) -> int:
         return math.ceil(self.search.trials / max(1, len(self.methods)))
+
+    def with_precision(self, precision: str) -> "StudySpec":
+        """This spec with ``fixed.precision`` set: how a study pins what ``auto`` resolved to (study.precision)."""
+        return self.model_copy(update={"fixed": {**self.fixed, "precision": precision}})
 
     def trial_config(self, sampled: dict[str, Any]) -> TrialConfig:
         """The full trial config of a sampled point."""

@@ -65,7 +65,8 @@ class Study:
                     _warn_if_edited(original, source)
                 spec = load_spec(source, storage=record["storage"], name=record["name"], base=original.parent,
                                  tracking_uri=record["tracking_uri"], check_paths=check_paths)
-                return cls.from_spec(spec, original)
+                # Studies begun before the precision setting trained in fp32 on the CPU: keep them so.
+                return cls.from_spec(spec.with_precision(record.get("precision") or "fp32"), original)
         raise StudyNotFound(f"no study {str(study)!r}: looked for study.json in "
                             f"{', '.join(str(c) for c in candidates)}")
 
@@ -140,11 +141,22 @@ class Study:
         """Run (or continue) the search; Ray is shut down after it."""
         from study import tuning
 
+        self.pin_precision()
         try:
             return tuning.run_study(self.spec, self.spec_path, address=address, max_concurrent=max_concurrent,
                                     resume=resume, echo=echo, progress=progress, verbose=verbose)
         finally:
             tuning.shutdown()
+
+    def pin_precision(self) -> str:
+        """Resolve ``precision: auto`` once, in this driver, for the device the trials use (CUDA when the spec asks
+        for GPUs, else this CPU), so that every trial and confirm run of the study uses the same precision
+        whichever node runs it; ``study.json`` keeps it for ``study resume`` and the later stages."""
+        from study.precision import resolve
+
+        precision = resolve(self.spec.fixed.get("precision", "auto"), "cuda" if self.spec.resources.gpu else "cpu")
+        self.spec = self.spec.with_precision(precision)
+        return precision
 
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(trials, history) of the search as the stages read them (``study.tuning.trials``)."""

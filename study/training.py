@@ -28,7 +28,6 @@ from study.data.prepare import PreparedData
 from study.evaluation import (
     FeatureSource,
     SplitTensors,
-    autocast,
     caption_char_counts,
     masked_nll,
     score_split,
@@ -36,6 +35,7 @@ from study.evaluation import (
 )
 from study.files import atomic_write_json
 from study.models import build_captioner
+from study.precision import autocast, resolve
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTens
         tokens = train.ids[torch.from_numpy(idx), : int(train.lengths[idx].max())].to(device, non_blocking=True)
         pooled, grid = features(train.feature_rows[idx])
         data_seconds += time.perf_counter() - t0
-        with autocast(device):
+        with autocast(device, cfg.precision):
             logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
         loss_sum, n = masked_nll(logits, tokens[:, 1:])
         loss = loss_sum / n
@@ -227,7 +227,10 @@ def run_trial(
     "model"}``: ``final`` and ``samples`` with ``final_test`` only; ``model`` is the trained model (in eval
     mode, on its device), for a caller that scores it further (the confirm stage) without reloading it.
     """
-    trial = _Trial.build(cfg, data, pick_device(device))
+    torch_device = pick_device(device)
+    # ``auto`` becomes what runs here, so the checkpoint, metrics.json and the result all name it.
+    cfg = cfg.model_copy(update={"precision": resolve(cfg.precision, torch_device)})
+    trial = _Trial.build(cfg, data, torch_device)
     start_epoch = 1 if resume_from is None else trial.resume(Path(resume_from))
     checkpoint_dir = work_dir / "checkpoint"
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -239,7 +242,8 @@ def run_trial(
         if report is not None:
             report(metrics, checkpoint_dir)
 
-    result: dict[str, Any] = {"config": cfg.model_dump(mode="json", by_alias=True), "epochs": trial.history,
+    result: dict[str, Any] = {"config": cfg.model_dump(mode="json", by_alias=True), "precision": cfg.precision,
+                              "epochs": trial.history,
                               "params": trial.params, "data": {k: str(v) for k, v in data.info.items()}}
     if final_test:
         result.update(trial.final_test())

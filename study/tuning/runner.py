@@ -73,6 +73,12 @@ def describe_budget(spec: StudySpec) -> str:
     lines.append(f"  epochs at most: {total_trials(spec) * spec.asha.max_epochs}; resources per trial: "
                  f"{spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
     lines.append("  fixed: " + (", ".join(f"{k}={v}" for k, v in spec.fixed.items()) or "-"))
+    precision = spec.fixed.get("precision", "auto")
+    if precision == "auto":
+        from study.precision import resolve
+
+        device = "cuda" if spec.resources.gpu else "cpu"
+        lines.append(f"  precision: auto, {resolve(precision, device)} on this driver's {device} (pinned for every trial)")
     for name, desc in spec.space_description().items():
         when = spec.space[name].when
         lines.append(f"  {name}: {desc}" + (f" when {when}" if when else ""))
@@ -89,7 +95,7 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     paths = StudyPaths.of(spec.storage, spec.name)
     uri = paths.tracking_uri(spec.tracking.uri)
     experiment = spec.tracking.experiment or spec.name
-    paths.write_record(spec.name, spec_path, spec.storage, uri, experiment)
+    paths.write_record(spec.name, spec_path, spec.storage, uri, experiment, spec.fixed.get("precision"))
     tracker = StudyTracker(uri, experiment, spec.name, paths.root)
     data = prepare_for_spec(spec, progress=progress)
     _start_tracking(tracker, spec, paths, data.info, resume=resume)
