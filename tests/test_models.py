@@ -248,3 +248,56 @@ def test_beam_search_finds_a_better_scored_caption_than_greedy() -> None:
     beam = logprob(model.beam_search(pooled, grid, 10, 6, length_penalty=0.0))
     assert (beam >= greedy - 1e-9).all()
     assert (beam > greedy + 1e-6).sum() >= 1
+
+
+def _per_token_module_call(model) -> None:
+    """Give ``model``'s cell stack the step it had before the single-step kernels: the whole ``nn.GRU`` /
+    ``nn.LSTM`` module called on a (B, 1, I) sequence (``CellStack.step``, the generic path)."""
+    from types import MethodType
+
+    from study.models.cells import CellStack
+
+    model.cell.step = MethodType(CellStack.step, model.cell)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_attention_step_equals_the_per_token_module_call(cell: str, layers: int) -> None:
+    """The cheaper attention step (torch.gru_cell / lstm_cell on the stack's own weights, the grid cast once)
+    changes no number: logits, every gradient and beam captions equal the per-token nn.GRU/nn.LSTM formula."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(cell, "attention", layers=layers)
+    fast = build_captioner(cfg, VOCAB, FEAT).double().eval()  # eval: dropout off, so both see the same numbers
+    slow = build_captioner(cfg, VOCAB, FEAT).double().eval()
+    slow.load_state_dict(fast.state_dict())
+    _per_token_module_call(slow)
+    pooled, grid, tokens_in, targets = synthetic_task(images=6)
+    pooled, grid = pooled.double(), grid.double()
+    losses = []
+    for model in (fast, slow):
+        logits = model(pooled, grid, tokens_in)
+        loss = loss_of(model, pooled, grid, tokens_in, targets)
+        loss.backward()
+        losses.append((logits, loss))
+    assert torch.allclose(losses[0][0], losses[1][0], atol=1e-12)
+    for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-12), name
+    assert torch.equal(fast.beam_search(pooled, grid, 3, 8), slow.beam_search(pooled, grid, 3, 8))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_attention_under_bf16_autocast_stays_near_fp32(cell: str) -> None:
+    """Under bf16 autocast the attention step (grid cast once, energy in bf16, softmax in fp32) gives the fp32
+    loss to bf16's precision: within 1% relative on an untrained model."""
+    from study.precision import autocast
+
+    torch.manual_seed(0)
+    model = build_captioner(tiny_cfg(cell, "attention", hidden=64), VOCAB, FEAT).eval()
+    pooled, grid, tokens_in, targets = synthetic_task(images=16)
+    losses = []
+    for precision in ("fp32", "bf16"):
+        with autocast(torch.device("cpu"), precision):
+            logits = model(pooled, grid, tokens_in)
+        assert logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        losses.append(float(F.cross_entropy(logits.float().reshape(-1, VOCAB), targets.reshape(-1))))
+    assert losses[1] == pytest.approx(losses[0], rel=0.01)

@@ -77,9 +77,9 @@ class Captioner(nn.Module):
         if self.injection.stepwise:  # the input at step t depends on the state after t-1 (attention)
             outs = []
             for t in range(emb.shape[1]):
-                o, state = self.cell(self.injection.step_inputs(emb[:, t : t + 1], ctx, state), state)
-                outs.append(o)
-            out = torch.cat(outs, dim=1)  # (B, T, H)
+                o, state = self.cell.step(self.injection.step_inputs(emb[:, t : t + 1], ctx, state)[:, 0], state)
+                outs.append(o)  # (B, H)
+            out = torch.stack(outs, dim=1)  # (B, T, H)
         else:
             out, state = self.cell(self.injection.step_inputs(emb, ctx, state), state)
         return self.out(self.injection.combine_output(self.drop(out), ctx)), state

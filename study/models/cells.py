@@ -2,7 +2,10 @@
 
 Every stack has the same interface, so the captioner never asks which cell it holds:
 
-* ``forward(x (B, T, I), state | None) -> (out (B, T, H), state)``; ``T = 1`` steps one token.
+* ``forward(x (B, T, I), state | None) -> (out (B, T, H), state)``.
+* ``step(x (B, I), state) -> (out (B, H), state)``: one token, for injections whose input at step t reads the
+  state after t-1 (attention). The fused stacks call torch's single-step kernels (``torch.gru_cell``,
+  ``torch.lstm_cell``) on the same weights, without ``nn.GRU``/``nn.LSTM``'s per-call set-up.
 * ``state`` is always ``(h (L, B, H), c (L, B, H) | None)``; ``c`` is ``None`` for a GRU (``has_memory`` False).
 * ``zero_state(batch, like)`` and ``reorder_state(state, index)`` (beam search: pick/expand batch rows).
 
@@ -48,6 +51,20 @@ class CellStack(nn.Module):
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:  # pragma: no cover
         raise NotImplementedError
 
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """One time step: x (B, I) -> top layer's output (B, H) and the new state."""
+        out, state = self(x[:, None], state)
+        return out[:, 0], state
+
+    def _layer_input(self, x: Tensor, layer: int) -> Tensor:
+        """Between stacked layers, dropout on the layer below's output (as nn.LSTM/nn.GRU apply it)."""
+        return x if layer == 0 else nn.functional.dropout(x, self.dropout, self.training)
+
+    def _weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        rnn = self.rnn
+        return (getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}"),
+                getattr(rnn, f"bias_ih_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"))
+
 
 class FusedLSTM(CellStack):
     """``torch.nn.LSTM`` (cuDNN / oneDNN kernels; no peepholes), forget-gate bias 1 (Jozefowicz et al. 2015)."""
@@ -69,6 +86,16 @@ class FusedLSTM(CellStack):
         out, (h, c) = self.rnn(x, state)  # out (B, T, H); h, c (L, B, H)
         return out, (h, c)
 
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        h0, c0 = state  # (L, B, H) each
+        hs, cs = [], []
+        for layer in range(self.layers):
+            h, c = torch.lstm_cell(self._layer_input(x, layer), (h0[layer], c0[layer]), *self._weights(layer))
+            hs.append(h)
+            cs.append(c)
+            x = h  # (B, H)
+        return x, (torch.stack(hs), torch.stack(cs))
+
 
 class FusedGRU(CellStack):
     """``torch.nn.GRU`` (fused kernels).
@@ -89,6 +116,14 @@ class FusedGRU(CellStack):
         h0 = self.zero_state(x.shape[0], x)[0] if state is None else state[0]
         out, h = self.rnn(x, h0)  # out (B, T, H); h (L, B, H)
         return out, (h, None)
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        h0 = state[0]  # (L, B, H)
+        hs = []
+        for layer in range(self.layers):
+            x = torch.gru_cell(self._layer_input(x, layer), h0[layer], *self._weights(layer))  # (B, H)
+            hs.append(x)
+        return x, (torch.stack(hs), None)
 
 
 class PeepholeLSTMLayer(nn.Module):
