@@ -1,12 +1,16 @@
-"""Model speed: training tokens/s per cell and width, achieved FLOP/s against a measured matmul peak, and
-batched vs per-image beam search.
+"""Model speed: training tokens/s per cell and width at fp32 and bf16, achieved FLOP/s against the measured
+matmul peak of that precision, and batched vs per-image beam search.
 
-    PYTHONPATH=. python benchmarks/bench_models.py [--widths 128 256 512] [--steps 10] [--images 100] [--threads 1]
+    PYTHONPATH=. python benchmarks/bench_models.py [--widths 256 512 1024] [--precisions fp32 bf16] [--steps 10]
+                                                   [--images 100] [--threads 1] [--skip-beam]
 
 Training setup (the study's defaults for a word model): 1 layer, batch 64, T = 20, vocab 1000, embed 128,
-1280-d image features (EfficientNet-lite0), inject ``init``, Adam. FLOPs are counted analytically for the
-matmuls only (input, recurrent and vocabulary projections; backward = 2x forward), so the FLOP/s figure is a
-lower bound on the work the machine does (element-wise gate math, softmax and the optimiser are left out).
+1280-d image features (EfficientNet-lite0), inject ``init`` for each cell, and ``attention`` (GRU,
+attention_dim 256, 7 x 7 grid) as a fourth row; Adam; bf16 is ``torch.autocast`` around the forward pass, as
+training runs it (``study.precision``). FLOPs are counted analytically for the matmuls only (input, recurrent,
+attention and vocabulary projections; backward = 2x forward), so the FLOP/s figure is a lower bound on the work
+the machine does (element-wise gate math, softmax, dropout and the optimiser are left out). The peak is the best
+of five 2048^3 ``torch.mm`` in that dtype: what this CPU's matmul kernels reach, not a datasheet number.
 """
 
 from __future__ import annotations
@@ -20,9 +24,14 @@ import torch.nn.functional as F
 from study.config import TrialConfig
 from study.data.encoders import pick_device
 from study.models import build_captioner
+from study.precision import autocast
 
-BATCH, STEPS_T, VOCAB, EMBED, FEAT, GRID = 64, 20, 1000, 128, 1280, 49
+BATCH, STEPS_T, VOCAB, EMBED, FEAT, GRID, ATTENTION = 64, 20, 1000, 128, 1280, 49, 256
 GATES = {"lstm": 4, "lstm_peephole": 4, "gru": 3}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (row name, cell, inject): each cell with init, and attention on the GRU (the study's best attention cell)
+ROWS = [("lstm", "lstm", "init"), ("gru", "gru", "init"), ("lstm_peephole", "lstm_peephole", "init"),
+        ("attention (gru)", "gru", "attention")]
 
 
 def sync(device: torch.device) -> None:
@@ -30,9 +39,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Best-of fp32 GFLOP/s of an n^3 torch.mm: this machine's practical peak."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device: torch.device, precision: str = "fp32", n: int = 2048, repeats: int = 5) -> float:
+    """Best-of GFLOP/s of an n^3 torch.mm in ``precision``'s dtype: this machine's practical peak."""
+    dtype = DTYPES[precision]
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     sync(device)
     best = float("inf")
@@ -44,29 +54,36 @@ def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def train_flops_per_token(cell: str, hidden: int) -> float:
-    """Matmul FLOPs of forward + backward per token (the per-image init projection is amortised over T)."""
+def train_flops_per_token(cell: str, inject: str, hidden: int) -> float:
+    """Matmul FLOPs of forward + backward per token (per-image projections amortised over T)."""
     gates = GATES[cell]
-    forward = 2 * EMBED * gates * hidden + 2 * hidden * gates * hidden + 2 * hidden * VOCAB
-    forward += 2 * FEAT * hidden / STEPS_T
+    rnn_input = EMBED + (FEAT if inject == "attention" else 0)
+    forward = 2 * rnn_input * gates * hidden + 2 * hidden * gates * hidden + 2 * hidden * VOCAB
+    if inject == "attention":  # query, scores over the grid, context; keys once per image
+        forward += 2 * hidden * ATTENTION + 2 * GRID * ATTENTION + 2 * GRID * FEAT
+        forward += 2 * GRID * FEAT * ATTENTION / STEPS_T
+    else:
+        forward += 2 * FEAT * hidden / STEPS_T
     return 3 * forward
 
 
-def time_training(cell: str, hidden: int, steps: int, device: torch.device) -> float:
+def time_training(cell: str, inject: str, hidden: int, precision: str, steps: int, device: torch.device) -> float:
     """Seconds per training step (forward + backward + Adam), median of ``steps`` after 2 warm-up steps."""
     torch.manual_seed(0)
-    cfg = TrialConfig(cell=cell, inject="init", hidden=hidden, embed=EMBED, layers=1)
+    cfg = TrialConfig(cell=cell, inject=inject, hidden=hidden, embed=EMBED, layers=1, attention_dim=ATTENTION)
     model = build_captioner(cfg, VOCAB, FEAT).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     pooled = torch.randn(BATCH, FEAT, device=device).half()
+    grid = torch.randn(BATCH, GRID, FEAT, device=device).half() if model.needs_grid else None
     tokens = torch.randint(4, VOCAB, (BATCH, STEPS_T + 1), device=device)
     times = []
     for i in range(steps + 2):
         sync(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logits = model(pooled, None, tokens[:, :-1])
-        F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+        with autocast(device, precision):
+            logits = model(pooled, grid, tokens[:, :-1])
+        F.cross_entropy(logits.reshape(-1, VOCAB).float(), tokens[:, 1:].reshape(-1)).backward()
         opt.step()
         sync(device)
         if i >= 2:
@@ -96,8 +113,10 @@ def time_beam(inject: str, images: int, device: torch.device) -> tuple[float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512])
-    parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "lstm_peephole"])
+    parser.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--rows", nargs="+", default=[name for name, _, _ in ROWS], help="which rows to time")
+    parser.add_argument("--skip-beam", action="store_true", help="training rows only")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when present)")
@@ -107,17 +126,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
 
-    peak = matmul_peak(device)
+    peaks = {precision: matmul_peak(device, precision) for precision in args.precisions}
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"fp32 matmul peak (2048^3 torch.mm, best of 5): {peak:.1f} GFLOP/s\n")
-    print("training: 1 layer, batch 64, T=20, vocab 1000, embed 128, inject init, Adam")
-    print(f"{'cell':<14}{'hidden':>7}{'ms/step':>10}{'tokens/s':>11}{'GFLOP/s':>10}{'% peak':>8}")
-    for cell in args.cells:
+    print("matmul peak (2048^3 torch.mm, best of 5): "
+          + ", ".join(f"{p} {peak:.1f} GFLOP/s" for p, peak in peaks.items()) + "\n")
+    print("training: 1 layer, batch 64, T=20, vocab 1000, embed 128, Adam (fused); bf16 = autocast")
+    print("| row | hidden | precision | ms/step | tokens/s | GFLOP/s | share of that precision's peak |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for name, cell, inject in ROWS:
+        if name not in args.rows:
+            continue
         for hidden in args.widths:
-            step = time_training(cell, hidden, args.steps, device)
-            tokens_per_s = BATCH * STEPS_T / step
-            gflops = train_flops_per_token(cell, hidden) * tokens_per_s / 1e9
-            print(f"{cell:<14}{hidden:>7}{step * 1e3:>10.1f}{tokens_per_s:>11.0f}{gflops:>10.1f}{gflops / peak:>8.1%}")
+            for precision in args.precisions:
+                step = time_training(cell, inject, hidden, precision, args.steps, device)
+                tokens_per_s = BATCH * STEPS_T / step
+                gflops = train_flops_per_token(cell, inject, hidden) * tokens_per_s / 1e9
+                print(f"| {name} | {hidden} | {precision} | {step * 1e3:.1f} | {tokens_per_s:.0f} | {gflops:.1f} "
+                      f"| {gflops / peaks[precision]:.1%} |", flush=True)
+    if args.skip_beam:
+        return
 
     print(f"\nbeam search: {args.images} images, beam 3, max_len 20, lstm hidden 256")
     print(f"{'inject':<11}{'batched s':>10}{'per-image s':>13}{'speed-up':>10}{'same':>6}")

@@ -41,7 +41,8 @@ from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
 from study.data.tokens import PAD
 from study.models import build_captioner
-from study.evaluation import FeatureSource, SplitTensors, autocast
+from study.evaluation import FeatureSource, SplitTensors
+from study.precision import autocast
 from study.training import _lr_lambda, _train_epoch, build_optimizer, length_bucketed_batches
 
 
@@ -98,7 +99,7 @@ def bookkeeping_seconds(cfg: TrialConfig, train: SplitTensors, features: Feature
     for idx in tqdm(batches, disable=True):
         tokens = train.ids[torch.from_numpy(idx), : int(train.lengths[idx].max())].to(device, non_blocking=True)
         pooled, _ = features(train.feature_rows[idx])
-        with autocast(device):
+        with autocast(device, cfg.precision):
             pass
         n = int((tokens[:, 1:] != PAD).sum())
         sched.step()
