@@ -119,11 +119,15 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
             raise typer.Exit(130)
         table = outcome.trials
         counts = table["status"].value_counts().to_dict() if table is not None and len(table) else {}
-        out.print(f"study {spec.name} finished in {outcome.seconds:.0f} s: {counts}")
+        words = {"completed": "ran to the end", "stopped": "stopped early by ASHA", "errored": "errored"}
+        ended = ", ".join(f"{n} {words.get(status, status)}" for status, n in counts.items()) or "no trials"
+        after = "; the confirm stage and the report follow" if report and spec.stratify == "inject" else ""
+        out.print(f"search of study {spec.name} finished in {outcome.seconds:.0f} s: {sum(counts.values())} "
+                  f"trials, {ended}{after}", highlight=False)
         # From the study's own results, not MLflow: a tracking server that is down must not end the study here.
         out.print(format_table(leaderboard(table, metric=spec.metric, mode=spec.mode), "text"))
         if report and spec.stratify == "inject":
-            study.report(console=out)
+            _report(study)
 
 
 @app.command()
@@ -187,7 +191,17 @@ def report_cmd(
     """Run the confirm stage if needed, compute the verdict, write the report and log it to MLflow."""
     found = _open_study(study, storage)
     with _lock_study(found, f"study report {found.name}"):  # two confirm stages would train the same runs twice
-        found.report(console=out, address=address)
+        _report(found, address)
+
+
+def _report(study, address: str | None = None) -> None:
+    """The confirm stage and the report; a search in which no trial produced a score fails saying why."""
+    from study.confirm import NoScoredTrial
+
+    try:
+        study.report(console=out, address=address)
+    except NoScoredTrial as exc:
+        fail(str(exc))
 
 
 @app.command()

@@ -17,7 +17,10 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from study import registry
 from study.registry import CELLS, METHODS
+
+SEED_MAX = 2**31 - 1  # torch, numpy and Optuna all take seeds this large; 2**70 overflowed each of them
 
 
 class ConfigError(ValueError):
@@ -41,15 +44,23 @@ def _check_paths(info: ValidationInfo) -> bool:
     return not (info.context or {}).get("skip_path_checks", False)
 
 
+def _known_encoder(name: str) -> str:
+    if name not in registry.ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; valid encoders: {', '.join(sorted(registry.ENCODERS))}")
+    return name
+
+
 class ShapesDataset(StrictModel):
     """The embedded, generated dataset: rendered scenes of 1-3 shapes with 5 grammar captions each."""
 
     kind: Literal["shapes"] = "shapes"
     images: int = Field(1000, ge=30, description="total images; split 80/10/10 into train/val/test")
-    seed: int = Field(0, description="generator seed: same seed and options give byte-identical files")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="generator seed: same seed and options give byte-identical files")
     image_size: int = Field(128, ge=32, le=512, description="rendered side in pixels (resized for the encoder)")
     encoder: str = Field("efficientnet_lite0", description="image encoder registry name")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where data and features are cached")
+
+    _encoder = field_validator("encoder")(_known_encoder)
 
 
 class KarpathyDataset(StrictModel):
@@ -70,6 +81,8 @@ class KarpathyDataset(StrictModel):
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where features are cached")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    _encoder = field_validator("encoder")(_known_encoder)
 
     @field_validator("json_path")
     @classmethod
@@ -129,7 +142,7 @@ class TrialConfig(StrictModel):
     schedule: Literal["constant", "cosine", "step"] = Field("cosine", description="LR schedule over epochs")
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(10, ge=1, le=1000)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX - 1000, description="model and batch-order seed (confirm runs add 1000+k)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast around the forward pass (weights, optimiser and loss stay fp32); "
         "auto: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32 (study.precision)")

@@ -46,11 +46,18 @@ def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | Non
     return runs
 
 
+class NoScoredTrial(ValueError):
+    """No trial of the search reported the spec's metric: nothing to confirm (the message says why)."""
+
+
 def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
     """The search trials the confirm stage retrains: each method's best ``top_k`` by the spec's metric (each
     trial scored by its best epoch), with ``method, config_rank, trial_id``, the metric and the searched
-    parameters (None where a conditional one was not sampled)."""
+    parameters (None where a conditional one was not sampled). Raises ``NoScoredTrial`` when no trial has a
+    score."""
     done = trials[trials["status"] != "errored"] if "status" in trials else trials
+    if spec.metric not in done or done[spec.metric].isna().all():
+        raise NoScoredTrial(_why_unscored(spec, trials))
     rows = []
     for method in spec.methods:
         best = done[done["inject"] == method].sort_values(spec.metric, ascending=spec.mode == "min")
@@ -59,6 +66,22 @@ def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
                          spec.metric: row.get(spec.metric),
                          **{k: (None if _missing(row.get(k)) else row.get(k)) for k in spec.space if k != "inject"}})
     return pd.DataFrame(rows, columns=None if rows else ["method", "config_rank", "trial_id"])
+
+
+def _why_unscored(spec: StudySpec, trials: pd.DataFrame) -> str:
+    """One sentence: how many trials ran, how they ended, and the errors' reasons."""
+    if trials.empty:
+        return (f"study {spec.name}: no trial ran, so no trial produced a score ({spec.metric}) to confirm "
+                "(a time budget spent before the first trial started?)")
+    counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
+    ended = ", ".join(f"{n} {status}" for status, n in counts.items())
+    text = f"study {spec.name}: none of its {len(trials)} trials produced a score ({spec.metric}) to confirm: {ended}"
+    if "error" in trials:
+        reasons = trials["error"].dropna().value_counts()
+        text += "; errors: " + "; ".join(f"{reason} ({n}x)" for reason, n in reasons.head(3).items())
+    if counts.get("stopped") or counts.get("completed"):
+        text += "; the others ended before finishing an epoch (time budget spent?)"
+    return text
 
 
 def _missing(value: Any) -> bool:

@@ -51,6 +51,10 @@ CELLS: dict[str, str] = {
     "lstm_peephole": "study.models.cells:PeepholeLSTM",
 }
 
+# Image encoders by name: study.data.encoders registers their specs (and adds any new name here), and configs
+# check a dataset's encoder against this set without importing torch.
+ENCODERS: set[str] = {"efficientnet_lite0", "resnet50_torchvision"}
+
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from study.config import (
+    SEED_MAX,
     ConfigError,
     DatasetConfig,
     ShapesDataset,
@@ -112,6 +113,11 @@ class Param(StrictModel):
             raise ValueError("give exactly one of choice, uniform, loguniform, int, quniform")
         if self.choice is not None and not self.choice:
             raise ValueError("choice needs at least one value")
+        if self.choice is not None:
+            repeated = [v for i, v in enumerate(self.choice) if v in self.choice[:i]]
+            if repeated:
+                # A repeated value is a grid point counted twice: the dry run promised trials that never ran.
+                raise ValueError(f"choice lists {repeated} more than once; give each value once")
         for name in ("uniform", "loguniform", "int_", "quniform"):
             rng = getattr(self, name)
             if rng is not None and not rng[0] < rng[1]:
@@ -153,7 +159,7 @@ class SearchSettings(StrictModel):
         "optuna", description="optuna (TPE), random, or grid (choice parameters only)")
     trials: int = Field(12, ge=1, description="total trials (split equally between methods when stratified)")
     max_concurrent: int | None = Field(None, ge=1, description="trials at once (default: what resources allow)")
-    seed: int = Field(0, description="searcher seed")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="searcher seed")
     time_budget_h: float | None = Field(
         None, gt=0, description="wall-clock hours for the search, summed over resumes; trials still running when "
         "it is spent are stopped and ranked on the epochs they finished (None: until every trial has run)")
@@ -231,8 +237,9 @@ class StudySpec(StrictModel):
             raise ValueError(f"{both} are both fixed and searched; keep one")
         if self.stratify == "inject" and not self.methods:
             raise ValueError("stratify: inject needs space.inject as a choice of methods")
-        if "epochs" in self.space:
-            raise ValueError("epochs is set by asha.max_epochs, not searched")
+        if "epochs" in self.space or "epochs" in self.fixed:
+            raise ValueError("epochs is not a trial parameter of a study: the search trains asha.max_epochs "
+                             "(ASHA stops weak trials earlier) and the confirm stage confirm.epochs; set those")
         if "precision" in self.space:
             raise ValueError("precision is one setting for the whole study (every trial and confirm run alike); "
                              "set it in fixed: (auto, fp32 or bf16), not in space:")
@@ -240,12 +247,22 @@ class StudySpec(StrictModel):
             bad = [n for n, p in self.space.items() if p.choice is None]
             if bad:
                 raise ValueError(f"grid search needs choice parameters only; not choices: {bad}")
-        # Every fixed value, and every choice value, must make a valid TrialConfig.
+        # Every fixed value, every choice value, both ends of every range and the confirm stage's settings must
+        # make a valid TrialConfig: found now, not by a trial (or the confirm stage) after hours of search.
         probe = {**self.fixed, "epochs": self.asha.max_epochs}
-        _check_trial(probe, "fixed")
+        _check_trial(probe, "fixed" if self.asha.max_epochs <= 1000 else "asha.max_epochs")
         for name, param in self.space.items():
             for value in param.choice or []:
                 _check_trial({**probe, name: value}, f"space.{name}: value {value!r}")
+            if param.choice is None:
+                described = param.describe()
+                for end in ("low", "high"):
+                    value = described[end]
+                    if name in ("layers", "hidden", "embed", "attention_dim", "batch_size", "min_count", "max_len"):
+                        value = round(value)
+                    _check_trial({**probe, name: value}, f"space.{name}: {param.kind} {end} end {described[end]!r}")
+        _check_trial({**probe, "epochs": self.confirm.epochs or self.asha.max_epochs,
+                      "beam_size": self.confirm.beam_size}, "confirm")
         if self.metric not in METRIC_MODES:
             raise ValueError(f"metric: {self.metric!r} is not a metric a trial reports; allowed: "
                              f"{', '.join(METRIC_MODES)}")
@@ -303,6 +320,10 @@ def _check_when(where: str, key: str, values: list[Any], fixed: dict[str, Any], 
         if bad:
             raise ValueError(f"{where}: {bad} not among the choices of space.{key}; allowed: {list(param.choice)}")
         return
+    if param.kind in ("uniform", "loguniform"):
+        # A continuous draw equals a given number with probability zero: the condition would never hold.
+        raise ValueError(f"{where}: {key} is drawn from a continuous range ({param.kind}), so it never equals "
+                         f"{values}; condition on a choice parameter, or make {key} a choice")
     desc = param.describe()
     bad = [v for v in values if not isinstance(v, (int, float)) or not desc["low"] <= v <= desc["high"]]
     if bad:

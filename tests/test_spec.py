@@ -66,6 +66,19 @@ def assert_spec_refused(path, needles) -> None:
      ["dataset", "/no/such/file.json does not exist"]),
     (GOOD.replace("kind: shapes", "kind: coco"), ["dataset", "coco", "shapes", "karpathy"]),
     (GOOD.replace("when: {inject: attention}", "when: {injection: attention}"), ["injection", "neither searched"]),
+    # Issue 22: every range end, the confirm settings, the encoder and the seeds are checked at load.
+    (GOOD.replace("[1.0e-3, 1.0e-2]", "[0.5, 5.0]"), ["space.lr: loguniform high end 5.0", "less than 1"]),
+    (GOOD + "confirm: {epochs: 5000}\n", ["confirm: epochs", "less than or equal to 1000"]),
+    (GOOD + "confirm: {beam_size: 50}\n", ["confirm: beam_size", "less than or equal to 20"]),
+    (GOOD.replace("images: 60", "images: 60, encoder: resnet9000"), ["unknown encoder 'resnet9000'",
+                                                                        "efficientnet_lite0"]),
+    (GOOD.replace("trials: 4", f"trials: 4, seed: {2**70}"), ["search.seed", "less than or equal to 2147483647"]),
+    (GOOD.replace("cell: lstm", f"cell: lstm, seed: {2**70}"), ["fixed", "seed", "less than or equal"]),
+    (GOOD.replace("[init, attention]", "[init, init, attention]"), ["['init'] more than once"]),
+    (GOOD.replace("cell: lstm", "cell: lstm, epochs: 7"), ["epochs is not a trial parameter of a study",
+                                                          "asha.max_epochs", "confirm.epochs"]),
+    (GOOD.replace("when: {inject: attention}", "when: {lr: 0.005}"), ["lr is drawn from a continuous range",
+                                                                     "never equals"]),
 ])
 def test_bad_specs_name_the_file_and_the_key(tmp_path, text, needles):
     path = _write(tmp_path, text)

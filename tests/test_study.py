@@ -57,6 +57,12 @@ def test_diverging_trials_end_errored_with_reason_while_the_study_goes_on(tmp_pa
     assert (init.status == "errored").all() and init.error.str.contains("became nan|became inf").all()
     assert init.error.str.contains("not retried").all()  # the retries ended at once instead of training again
     assert (none.status == "completed").all()
+    # Had every trial diverged, the confirm stage says that no trial produced a score, and the errors' reasons.
+    from study.confirm import NoScoredTrial, confirmed_trials
+
+    with pytest.raises(NoScoredTrial, match=r"none of its 2 trials produced a score \(val_CIDEr-D\) to confirm: "
+                                            r"2 errored; errors: .*training loss became"):
+        confirmed_trials(spec, init)
 
     _, runs = _trial_runs(tmp_path, "nan")
     assert len(runs) == 4

@@ -164,3 +164,13 @@ def test_bad_trial_yaml_names_the_key(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert "cel: unknown key" in proc.stderr and "layers" in proc.stderr and str(config) in proc.stderr
+
+
+def test_a_min_count_that_leaves_no_word_is_refused_naming_the_count_it_needs(small_shapes):
+    """min_count 100000 on shapes used to leave only the special tokens: training "succeeded", every score 0."""
+    from study.config import ConfigError
+    from study.data.prepare import TokenSetting, prepare
+
+    with pytest.raises(ConfigError, match=r"min_count 100000: no word of the train split occurs that often.*"
+                                          r"the most frequent word occurs (\d+) times: use min_count \1 or less"):
+        prepare(small_shapes, [TokenSetting("word", 20, 100000)], progress=False)

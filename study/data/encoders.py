@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from study import registry
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Registry
@@ -72,6 +74,7 @@ def register_encoder(spec: EncoderSpec, *, overwrite: bool = False) -> EncoderSp
     if spec.name in ENCODERS and not overwrite:
         raise ValueError(f"encoder {spec.name!r} is already registered")
     ENCODERS[spec.name] = spec
+    registry.ENCODERS.add(spec.name)  # so configs naming it validate
     return spec
 
 

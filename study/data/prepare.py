@@ -11,17 +11,18 @@ Data flow: config -> (shapes generator) -> Karpathy JSON -> CaptionDataset -> Fe
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from study.config import KarpathyDataset, ShapesDataset, TrialConfig
+from study.config import ConfigError, KarpathyDataset, ShapesDataset, TrialConfig
 from study.data.features import extract_features
 from study.data.karpathy import CaptionDataset, load_karpathy
 from study.data.shapes import ensure_shapes
-from study.data.tokens import Vocab
+from study.data.tokens import SPECIALS, Vocab, word_tokens
 from study.registry import any_needs_grid
 
 if TYPE_CHECKING:
@@ -117,6 +118,12 @@ def tokenize_splits(
     if vocab is None:
         train_captions = [c for refs in images["train"].references for c in refs]
         vocab = Vocab.build(setting.kind, train_captions, min_count=setting.min_count)
+        if len(vocab) == len(SPECIALS):
+            # Every caption would be <unk>s: training "succeeds" and every score is 0.
+            top = max(Counter(t for c in train_captions for t in word_tokens(c)).values(), default=0)
+            raise ConfigError(f"min_count {setting.min_count}: no word of the train split occurs that often, so "
+                              f"the vocabulary would hold only {SPECIALS}; the most frequent word occurs {top} "
+                              f"times: use min_count {top} or less")
     splits: dict[str, SplitCaptions] = {}
     for name, split in images.items():
         texts = [c for refs in split.references for c in refs]
