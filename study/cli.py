@@ -114,6 +114,8 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
                                    echo=lambda line: console.print(line, highlight=False))
         except KeyboardInterrupt:
             outcome = None
+        except ConfigError as exc:  # found before the first trial: the data, or resources this machine lacks
+            fail(str(exc))
         if outcome is None or outcome.interrupted:
             console.print(f"[yellow]study interrupted.[/] Resume with:  {study.resume_command()}", highlight=False)
             raise typer.Exit(130)

@@ -251,6 +251,20 @@ def _corrupt_study_json(tmp: Path, shapes, shapes_json: Path) -> tuple[list, lis
                                                                   "is damaged"]
 
 
+def _resources_beyond_the_machine(tmp: Path, shapes, shapes_json: Path) -> tuple[list, list[str]]:
+    spec = tmp / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "big", "dataset": _shapes_block(shapes), "fixed": {"hidden": 16, "min_count": 1},
+        "space": {"inject": {"choice": ["init", "merge"]}}, "stratify": "inject", "search": {"trials": 2},
+        "asha": {"max_epochs": 1, "grace_period": 1}, "resources": {"cpu": 1000}, "storage": str(tmp / "runs")}))
+    return ["run", spec], ["each trial asks for 1000 CPUs and 0 GPUs, but this machine has", "no trial could start"]
+
+
+def _min_count_beyond_every_word(tmp: Path, shapes, shapes_json: Path) -> tuple[list, list[str]]:
+    config = _trial_yaml(tmp / "t.yaml", _shapes_block(shapes), min_count=100000)
+    return ["train", config, "--out", tmp / "out"], ["min_count 100000: no word of the train split occurs that often"]
+
+
 CASES = {
     "binary config": _binary_config,
     "bad image": _bad_image,
@@ -268,6 +282,8 @@ CASES = {
     "leaderboard --metric nope": _metric_nope,
     "leaderboard --mode maxx": _mode_maxx,
     "corrupt study.json": _corrupt_study_json,
+    "resources beyond the machine": _resources_beyond_the_machine,
+    "min_count beyond every word": _min_count_beyond_every_word,
 }
 
 
@@ -276,6 +292,10 @@ def test_bad_input_is_one_sentence_naming_what_and_where(case, small_shapes, sha
     args, fragments = CASES[case](tmp_path, small_shapes, shapes_json)
     result = _study(*args)
     _assert_sentence(result, *fragments)
+    if case == "resources beyond the machine":
+        # Refused before the study was recorded: after fixing the YAML, `study run` starts it (no "exists").
+        assert not (tmp_path / "runs" / "big" / "study.json").exists()
+        _assert_sentence(_study(*args), *fragments)
     # Never advise loading a stranger's file with code execution enabled.
     assert "weights_only=False" not in result.output and "weights_only` set to `False" not in result.output
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
+from study.config import ConfigError
 from study.data.prepare import prepare_for_spec
 from study.paths import StudyPaths
 from study.spec import StudySpec
@@ -57,6 +58,19 @@ def trial_slots(spec: StudySpec) -> int:
     return max(1, int(slots))
 
 
+def check_local_resources(spec: StudySpec) -> None:
+    """A study on this machine alone whose trials ask for more CPUs or GPUs than it has would never start a trial
+    (Tune only warns, every minute, for ever): refuse it, naming what the machine has. On a cluster
+    (``--address``) the autoscaler may still add nodes, so the study starts and Tune's warnings say what waits."""
+    import torch
+
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    if spec.resources.cpu > cpus or spec.resources.gpu > gpus:
+        raise ConfigError(f"resources: each trial asks for {spec.resources.cpu:g} CPUs and {spec.resources.gpu:g} "
+                          f"GPUs, but this machine has {cpus} CPUs and {gpus} GPUs, so no trial could start; lower "
+                          "resources: in the spec, or run on a cluster that has them (study run --address ...)")
+
+
 def describe_budget(spec: StudySpec) -> str:
     """The dry-run text: the space and the trial budget."""
     lines = [f"study {spec.name}: {total_trials(spec)} trials, search={spec.search.algorithm}, "
@@ -92,6 +106,8 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
               echo: Callable[[str], None] | None = None) -> StudyOutcome:
     """Run (or, with ``resume``, continue) a study's search. Returns the trial table."""
     t0 = time.perf_counter()
+    if address is None:
+        check_local_resources(spec)  # before anything is written: a refused study leaves no folder behind
     paths = StudyPaths.of(spec.storage, spec.name)
     uri = paths.tracking_uri(spec.tracking.uri)
     experiment = spec.tracking.experiment or spec.name
