@@ -214,6 +214,8 @@ def decide(
     hours: Optional[float] = typer.Option(None, min=0, help="stop adding seeds after this many hours"),
     storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
     address: Optional[str] = typer.Option(None, help="Ray address for the added confirm runs"),
+    stricter: bool = typer.Option(False, "--stricter", help="also re-judge a study already decided at the fixed "
+                                  "95% level under a sequential plan (its stricter level may add seeds)"),
 ) -> None:
     """Buy certainty for an inconclusive verdict: add one confirm seed at a time to init and the best other
     method until the verdict is decided, or the seed or time budget ends. Every look uses a sequential plan's
@@ -221,7 +223,7 @@ def decide(
     found = _open_study(study, storage)
     with _lock_study(found, f"study decide {found.name}"):
         try:
-            found.decide(max_seeds=max_seeds, hours=hours, address=address, console=out)
+            found.decide(max_seeds=max_seeds, hours=hours, address=address, console=out, stricter=stricter)
         except (ConfigError, ValueError) as exc:
             fail(str(exc))
 

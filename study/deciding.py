@@ -79,11 +79,16 @@ def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame) -> st
 
 
 def add_seeds_until_decided(study: "Study", *, max_seeds: int | None = None, hours: float | None = None,
-                            address: str | None = None, console: Any = None, progress: bool = True) -> list[dict]:
+                            address: str | None = None, console: Any = None, progress: bool = True,
+                            stricter: bool = False) -> list[dict]:
     """Add seeds to the target and the best competitor, one at a time, until the plan's verdict is conclusive,
-    ``max_seeds`` is reached or ``hours`` are spent; every look goes to ``decide.json``. Returns the looks."""
+    ``max_seeds`` is reached or ``hours`` are spent; every look goes to ``decide.json``. Returns the looks.
+
+    A study whose fixed-design (95%) verdict is already decided, and that planned no sequential looks, is left
+    as it is (no look, no run) unless ``stricter``: re-judging that look at a plan's stricter level may call it
+    inconclusive and train more runs, which the user must ask for."""
     from analysis.sequential import verdict_at
-    from analysis.verdict import INCONCLUSIVE
+    from analysis.verdict import INCONCLUSIVE, compute_verdict
     from study.confirm import confirm_configs, load_confirm
 
     spec, paths = study.spec, study.paths
@@ -94,6 +99,17 @@ def add_seeds_until_decided(study: "Study", *, max_seeds: int | None = None, hou
     looks = json.loads(paths.decide.read_text())["looks"] if paths.decide.is_file() else []
     started = time.monotonic()
     study.confirm(address=address, progress=progress)  # the first look needs the confirm stage
+    if not looks and spec.confirm.max_seeds is None and not stricter:
+        per_image, runs, _ = load_confirm(paths, study.data(progress=progress))
+        fixed = compute_verdict(per_image, runs, roles=method_roles(), margin=spec.confirm.margin)
+        if fixed.verdict != INCONCLUSIVE and fixed.best_other is not None:
+            if console is not None:
+                diff, low, high = (format_metric(fixed.metric, v) for v in (fixed.diff, *fixed.ci))
+                console.print(f"study {spec.name} is already decided at the fixed 95% level: {fixed.verdict} "
+                              f"({fixed.target} - {fixed.best_other} = {diff} [{low}, {high}]); nothing to add. "
+                              "`study decide --stricter` re-judges it under a sequential plan, whose stricter level "
+                              "may call it inconclusive and train more seeds.", highlight=False)
+            return []
     while True:
         per_image, runs, _ = load_confirm(paths, study.data(progress=progress))
         verdict = verdict_at(per_image, runs, plan, roles=method_roles(), margin=spec.confirm.margin)

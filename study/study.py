@@ -187,12 +187,12 @@ class Study:
         return write_report(self, console=console)
 
     def decide(self, *, max_seeds: int | None = None, hours: float | None = None, address: str | None = None,
-               console: Any = None, progress: bool = True) -> Path:
+               console: Any = None, progress: bool = True, stricter: bool = False) -> Path:
         """Add seeds under a sequential plan until the verdict is decided (``study decide``), then report."""
         from study.deciding import add_seeds_until_decided
 
         add_seeds_until_decided(self, max_seeds=max_seeds, hours=hours, address=address, console=console,
-                                progress=progress)
+                                progress=progress, stricter=stricter)
         return self.report(console=console, address=address, progress=progress)
 
     # ----- reading the results as pandas frames (no Ray, no MLflow) ---------------------------------------

@@ -19,14 +19,11 @@ def _study(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-@pytest.mark.slow
-def test_decide_adds_seeds_under_the_plan_and_the_report_says_so(tmp_path, small_shapes):
-    # Two barely trained methods write captions that score 0 on every test image, so init - pre is exactly 0
-    # with no spread; with margin 0 the interval [0, 0] neither clears nor falls below it: inconclusive at
-    # every look, and decide must stop at max_seeds.
-    spec_path = tmp_path / "decide.yaml"
+def _tiny_spec(tmp_path: Path, small_shapes, name: str, confirm: dict) -> Path:
+    """Two barely trained methods (init, pre) whose captions score 0 on every test image."""
+    spec_path = tmp_path / f"{name}.yaml"
     spec_path.write_text(yaml.safe_dump({
-        "name": "decide",
+        "name": name,
         "dataset": {"kind": "shapes", "images": small_shapes.images, "image_size": small_shapes.image_size,
                     "seed": small_shapes.seed, "cache_dir": str(small_shapes.cache_dir)},
         "fixed": {"hidden": 8, "embed": 8, "min_count": 1, "batch_size": 160, "lr": 1e-6, "max_len": 4,
@@ -37,8 +34,16 @@ def test_decide_adds_seeds_under_the_plan_and_the_report_says_so(tmp_path, small
         "search": {"trials": 2, "seed": 0},
         "asha": {"max_epochs": 1, "grace_period": 1},
         "storage": str(tmp_path / "runs"),
-        "confirm": {"seeds": 1, "epochs": 1, "beam_size": 1, "margin": 0.0, "max_seeds": 2},
+        "confirm": {"seeds": 1, "epochs": 1, "beam_size": 1, **confirm},
     }, sort_keys=False))
+    return spec_path
+
+
+@pytest.mark.slow
+def test_decide_adds_seeds_under_the_plan_and_the_report_says_so(tmp_path, small_shapes):
+    # init - pre is exactly 0 with no spread; with margin 0 the interval [0, 0] neither clears nor falls below
+    # it: inconclusive at every look, and decide must stop at max_seeds.
+    spec_path = _tiny_spec(tmp_path, small_shapes, "decide", {"margin": 0.0, "max_seeds": 2})
     run = _study("run", str(spec_path), "--no-report", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     too_many = _study("decide", "decide", "--storage", str(tmp_path / "runs"), "--max-seeds", "5", cwd=tmp_path)
@@ -58,6 +63,22 @@ def test_decide_adds_seeds_under_the_plan_and_the_report_says_so(tmp_path, small
     assert "Not decided after 2 seeds per method, the plan's limit" in report
     _check_export(folder, tmp_path)
     _check_mlflow(folder, tmp_path)
+
+
+@pytest.mark.slow
+def test_decide_on_a_study_decided_at_95_percent_trains_nothing_unless_asked(tmp_path, small_shapes):
+    """A verdict decided at the fixed 95% level (here: a margin no difference can exceed) is not re-judged at a
+    plan's stricter level, which once called a "competes" study inconclusive and trained two more runs."""
+    spec_path = _tiny_spec(tmp_path, small_shapes, "done", {"margin": 10.0})
+    run = _study("run", str(spec_path), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = tmp_path / "runs" / "done"
+    before = sorted(p.name for p in (folder / "confirm").glob("*.json"))
+    assert before == ["init-r1-s0.json", "pre-r1-s0.json"]
+    decided = _study("decide", "done", "--storage", str(tmp_path / "runs"), "--max-seeds", "3", cwd=tmp_path)
+    assert decided.returncode == 0, decided.stderr[-3000:]
+    assert "is already decided at the fixed 95% level: competes" in " ".join(decided.stdout.split())
+    assert sorted(p.name for p in (folder / "confirm").glob("*.json")) == before and not (folder / "decide.json").exists()
 
 
 def _check_export(folder: Path, tmp_path: Path) -> None:
