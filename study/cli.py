@@ -118,7 +118,7 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
             fail(str(exc))
         if outcome is None or outcome.interrupted:
             console.print(f"[yellow]study interrupted.[/] Resume with:  {study.resume_command()}", highlight=False)
-            raise typer.Exit(130)
+            raise typer.Exit(_interrupted_exit_code())
         table = outcome.trials
         counts = table["status"].value_counts().to_dict() if table is not None and len(table) else {}
         words = {"completed": "ran to the end", "stopped": "stopped early by ASHA", "errored": "errored"}
@@ -204,6 +204,17 @@ def _report(study, address: str | None = None) -> None:
         study.report(console=out, address=address)
     except NoScoredTrial as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]confirm stage interrupted.[/] Finished confirm runs are kept; continue with:  "
+                      f"study report {study.paths.root}", highlight=False)
+        raise typer.Exit(_interrupted_exit_code()) from None
+
+
+def _interrupted_exit_code() -> int:
+    """143 when SIGTERM stopped the driver (as a shell reports a TERMed process), 130 for Ctrl-C."""
+    from study.tuning import terminated
+
+    return 143 if terminated() else 130
 
 
 @app.command()

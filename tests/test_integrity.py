@@ -290,6 +290,32 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     assert sorted(trials["inject"]) == ["init"] * 3 + ["merge"] * 3
 
 
+@pytest.mark.slow
+def test_sigterm_stops_the_driver_as_ctrl_c_does_with_exit_143_and_the_resume_hint(tmp_path, small_shapes,
+                                                                                   small_prepared):
+    """`kill -TERM` (what `timeout` or a cluster scheduler sends) once ended the driver with Ray's C++ stack dump
+    (exit 134) and no word on how to resume."""
+    import os
+    import signal
+
+    spec_path = _study_spec(tmp_path, small_shapes, "termed")
+    folder = tmp_path / "runs" / "termed"
+    driver = _driver(["run", str(spec_path), "--no-report"], tmp_path)
+    try:
+        wait_for(lambda: any(e["kind"] == "trial_result" for e in journal_events(folder)), 300, "a trial result",
+                 process=driver)
+        os.kill(driver.pid, signal.SIGTERM)
+        output, _ = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=60)
+    assert driver.returncode == 143, output[-3000:]
+    assert "study interrupted" in output and "Resume with:  study resume" in output, output[-3000:]
+    assert "SIGTERM received" not in output and "PyMember_GetOne" not in output and "Traceback" not in output
+    wait_for(lambda: process_group_members(driver.pid) == [], 60, "the end of the driver's Ray")
+
+
 def test_a_study_reads_its_own_copy_of_the_spec_whatever_happens_to_the_yaml_later(tmp_path, small_shapes, caplog):
     """`study run` copies the spec into the study folder; opening the study later reads that copy (relative dataset
     paths still taken from where the YAML was) and says so when the YAML has been edited or is gone."""

@@ -10,8 +10,8 @@
 ``study.study.Study`` is what the CLI and the Python API call; it calls ``run_study`` for its search stage.
 """
 
-from study.tuning.ray_compat import ensure_ray, shutdown
+from study.tuning.ray_compat import ensure_ray, shutdown, terminated
 from study.tuning.runner import StudyOutcome, describe_budget, run_study
 from study.tuning.trials import load_trial_tables
 
-__all__ = ["StudyOutcome", "describe_budget", "ensure_ray", "load_trial_tables", "run_study", "shutdown"]
+__all__ = ["StudyOutcome", "describe_budget", "ensure_ray", "load_trial_tables", "run_study", "shutdown", "terminated"]

@@ -9,6 +9,7 @@ with a workaround that silently stopped applying. What is relied on:
 * ``TuneController._set_trial_status`` and ``_checkpoint_manager._should_force_sync_up``: snapshot the
   experiment whenever a trial starts or ends (``snapshot_on_trial_start_and_end``).
 * ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``: a local Ray that listens on loopback only (``ensure_ray``).
+* The core worker's SIGTERM handler in the driver, replaced after ``ray.init`` (``stop_on_sigterm``).
 * Tune's trial folder layout (``checkpoint_NNNNNN/``, ``params.json``, ``result.json``,
   ``experiment_state-*.json``), read by ``study.tuning.trials``.
 
@@ -131,13 +132,39 @@ def ensure_ray(address: str | None) -> None:
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if address is not None:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-        return
-    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address="local", log_to_driver=False, include_dashboard=False, runtime_env=runtime_env)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+    else:
+        cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(address="local", log_to_driver=False, include_dashboard=False, runtime_env=runtime_env)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+    stop_on_sigterm()
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (what ``timeout``, a cluster scheduler or ``kill`` send) stop the driver as Ctrl-C does.
+
+    ``ray.init`` installs the core worker's own SIGTERM handler in the driver, which aborts it with a C++ stack
+    dump (exit 134) and no chance to say how to resume. This handler, installed after it, re-sends the signal as
+    SIGINT to this process: Tune then stops the experiment gracefully (or Python raises KeyboardInterrupt), and
+    the CLI exits 143 with the resume hint (``terminated()``)."""
+    import os
+    import signal
+
+    def as_interrupt(signum, frame) -> None:
+        _TERMINATED.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, as_interrupt)
+
+
+_TERMINATED: list[int] = []
+
+
+def terminated() -> bool:
+    """Whether this driver was asked to stop by SIGTERM (exit 143, not Ctrl-C's 130)."""
+    return bool(_TERMINATED)
 
 
 def shutdown() -> None:
