@@ -244,14 +244,19 @@ def export(
     study: str = typer.Argument(..., help="study name (under --storage) or its folder"),
     dest: Path = typer.Argument(..., help="folder to write into, e.g. results/NAME"),
     storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
+    force: bool = typer.Option(False, "--force", help="replace a previous export in DEST (only the files its "
+                               "export.json lists)"),
 ) -> None:
     """Copy a reported study's results into a folder to commit or share: report.md/.html and figures,
     provenance, the spec, the search's trials and learning curves, the confirm runs and the verdict as CSV.
-    No checkpoints, no features."""
+    No checkpoints, no features. DEST must be outside the study folder and empty (or a previous export, with
+    --force)."""
+    from study.results import ExportRefused
+
     found = _open_study(study, storage)
     try:
-        written = found.export(dest)
-    except FileNotFoundError as exc:
+        written = found.export(dest, force=force)
+    except (FileNotFoundError, ExportRefused) as exc:
         fail(str(exc))
     out.print(f"wrote {len(written)} files to {dest}: {', '.join(p.name for p in written)}", highlight=False)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from analysis.scores import CORPUS_METRICS
+from study.files import atomic_write_json
 from study.paths import StudyPaths
 
 if TYPE_CHECKING:
@@ -104,18 +105,54 @@ def typed(frame: pd.DataFrame) -> pd.DataFrame:
 _REPORT_FILES = ("report.md", "report.html", "provenance.json")
 
 
-def export(study: "Study", dest: Path) -> list[Path]:
+EXPORT_MANIFEST = "export.json"  # in an export folder: the study and the files its export wrote
+
+
+class ExportRefused(ValueError):
+    """The export's destination is inside the study, or holds files an export of this study would not own."""
+
+
+def _clear_destination(study: "Study", dest: Path, force: bool) -> None:
+    """Refuse a destination inside the study folder, and a non-empty one unless ``force``; with ``force`` remove
+    the files a previous export listed in its manifest, and only those."""
+    root = study.paths.root.resolve()
+    target = dest.resolve()
+    if target == root or root in target.parents:
+        raise ExportRefused(f"{dest} is inside the study folder {root}: export to a folder of its own, e.g. "
+                            f"results/{study.name}")
+    if not dest.is_dir() or not any(dest.iterdir()):
+        return
+    manifest = dest / EXPORT_MANIFEST
+    if not force:
+        raise ExportRefused(f"{dest} is not empty: export into a new folder, or pass --force to replace what a "
+                            "previous export wrote there (other files are left alone)")
+    previous = json.loads(manifest.read_text())["files"] if manifest.is_file() else []
+    for name in [*previous, EXPORT_MANIFEST]:
+        (dest / Path(name).name).unlink(missing_ok=True)
+
+
+def export(study: "Study", dest: Path, *, force: bool = False) -> list[Path]:
     """Copy what a study produced into ``dest`` (e.g. ``results/<name>/`` of a repository), never a checkpoint or a
     feature: the report and its figures, its provenance, the spec it ran, the search's trials and learning curves,
     the confirm runs and the verdict as CSV, the time budget ledger and ``study decide``'s looks. Every number in
-    them is the platform's own; the files are rewritten as a whole on each export. Returns the files written."""
+    them is the platform's own. ``dest`` must be outside the study and empty; ``force`` first removes what the
+    previous export there wrote (its ``export.json`` lists it). A file of the user's that the export would
+    overwrite is refused by name. Returns the files written."""
     import shutil
 
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     paths = study.paths
     if not (paths.report / "report.md").is_file():
         raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `study report {study.name}` first")
+    _clear_destination(study, dest, force)
+    names = [p.name for p in paths.report.iterdir() if p.name in _REPORT_FILES or p.suffix == ".png"]
+    names += ["spec.yaml", *(p.name for p in (paths.verdict_csv, paths.search_time, paths.decide) if p.is_file()),
+              "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "test_scores.csv", "test_scores.md"]
+    taken = sorted(name for name in names if (dest / name).exists())
+    if taken:
+        raise ExportRefused(f"{dest} holds files that are not a previous export's: {', '.join(taken)}; move them, "
+                            "or export into another folder")
+    dest.mkdir(parents=True, exist_ok=True)
     written = []
     for path in sorted(paths.report.iterdir()):
         if path.name in _REPORT_FILES or path.suffix == ".png":
@@ -134,7 +171,9 @@ def export(study: "Study", dest: Path) -> list[Path]:
         frame.to_csv(dest / name, index=False)
         written.append(dest / name)
     (dest / "test_scores.md").write_text(test_scores_markdown(frames["test_scores.csv"]))
-    return [*written, dest / "test_scores.md"]
+    written.append(dest / "test_scores.md")
+    atomic_write_json(dest / EXPORT_MANIFEST, {"study": study.name, "files": [p.name for p in written]}, indent=2)
+    return written
 
 
 def test_scores(runs: pd.DataFrame) -> pd.DataFrame:

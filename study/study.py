@@ -241,11 +241,12 @@ class Study:
 
         return test_scores(self.confirm_runs())
 
-    def export(self, dest: Path) -> list[Path]:
-        """Copy the report, figures, provenance, spec and result tables into ``dest`` (no checkpoints)."""
+    def export(self, dest: Path, *, force: bool = False) -> list[Path]:
+        """Copy the report, figures, provenance, spec and result tables into ``dest`` (no checkpoints); ``dest``
+        outside the study and empty, or (``force``) holding a previous export, which is replaced."""
         from study.results import export
 
-        return export(self, dest)
+        return export(self, dest, force=force)
 
     def verdict(self) -> pd.DataFrame:
         """One row per method (index ``method``): its ``role``, ``seeds``, ``images`` and the mean of CIDEr-D and

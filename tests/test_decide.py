@@ -106,6 +106,26 @@ def _check_export(folder: Path, tmp_path: Path) -> None:
     origin = json.loads((results / "provenance.json").read_text())
     assert len(origin["search run by commit"]) >= 7 and origin["ray"] == "2.60.0"
 
+    # The destination: never inside the study, never mixed with other files (issue 22, item 7).
+    report = (folder / "report" / "report.md").read_text()
+    inside = _study("export", str(folder), str(folder / "report"), cwd=tmp_path)
+    assert inside.returncode == 2 and "is inside the study folder" in inside.stderr, inside.stderr[-2000:]
+    assert (folder / "report" / "report.md").read_text() == report and not (folder / "report" / "trials.csv").exists()
+    again = _study("export", str(folder), str(results), cwd=tmp_path)
+    assert again.returncode == 2 and "is not empty" in again.stderr and "--force" in again.stderr
+    manifest = json.loads((results / "export.json").read_text())
+    (results / "notes.txt").write_text("the user's own")
+    (results / "old.csv").write_text("written by an earlier export")
+    (results / "export.json").write_text(json.dumps({**manifest, "files": [*manifest["files"], "old.csv"]}))
+    forced = _study("export", str(folder), str(results), "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert (results / "notes.txt").exists() and not (results / "old.csv").exists() and (results / "trials.csv").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report")
+    clash = _study("export", str(folder), str(mine), "--force", cwd=tmp_path)
+    assert clash.returncode == 2 and "report.md" in clash.stderr and (mine / "report.md").read_text() == "my own report"
+
 
 def _check_mlflow(folder: Path, tmp_path: Path) -> None:
     """The study's MLflow store holds the answer and its evidence, and a copied study folder reads its own."""

@@ -200,3 +200,17 @@ def test_real_flickr8k_subset_loads():
     assert all(len(r.captions) == 5 and r.path.is_file() for r in ds.records)
     assert load_image(ds.records[0].path).mode == "RGB"
     assert len(ds.fingerprint()) == 64
+
+
+@pytest.mark.parametrize("entry", [_entry("../../outside.png", filepath="."), _entry("outside.png", filepath="../.."),
+                                   _entry("/tmp/outside.png")], ids=["filename ..", "filepath ..", "absolute"])
+def test_an_entry_naming_a_file_outside_images_root_is_refused_even_when_skipping(tmp_path, entry):
+    """A crafted entry (`filepath: ../../..` or an absolute filename) was read, encoded and could end up
+    embedded in report.html; the file exists, so only the path check stops it."""
+    outside = tmp_path.parent / "outside.png"
+    Image.new("RGB", (4, 4)).save(outside)
+    Image.new("RGB", (4, 4)).save("/tmp/outside.png")
+    path = _write(tmp_path, [_entry("a.png"), entry], images=["a.png"])
+    for on_error in ("error", "skip"):
+        with pytest.raises(DatasetError, match=r"images\[1\] .*leads outside images_root"):
+            load_karpathy(path, on_error=on_error)

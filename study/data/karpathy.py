@@ -161,9 +161,16 @@ def _read_entry(entry: object, root: Path, restval: str) -> ImageRecord | None:
         raise _EntryProblem("no captions (empty 'sentences' list or only empty sentences)")
 
     filepath = entry.get("filepath")
+    if filepath is not None and not isinstance(filepath, str):
+        raise ValueError(f"'filepath' must be a string, got {filepath!r}")
     path = root / filepath / filename if filepath else root / filename
     if not path.is_file() and filepath and (root / filename).is_file():
         path = root / filename  # images_root already points inside the filepath folder
+    inside = Path(os.path.normpath(path))  # lexical: '..' and absolute names count, symlinks in the root do not
+    if inside != root and root not in inside.parents:
+        # A crafted entry would be read, encoded and could end up embedded in report.html.
+        raise ValueError(f"the image path {filepath or ''}/{filename} leads outside images_root {root} (to "
+                         f"{inside}); entries must name files under images_root")
     if not path.is_file():
         raise _EntryProblem(f"image file {path} does not exist")
     return ImageRecord(filename, path, split, tuple(captions))
