@@ -179,7 +179,10 @@ def sync(
     tracker = _open_study(study, storage, started=False).tracker()
     pending = tracker.pending
     if tracker.flush(force=True):
-        out.print(f"sent {pending} journalled events to {tracker.uri}")
+        out.print(f"sent {tracker.events_sent} journalled events to {tracker.uri}")
+        if tracker.journal.torn_tail():
+            console.print(f"[yellow]the last line of {tracker.journal.path} is incomplete[/] (torn by a kill or a "
+                          "full disk): it was left unsent", highlight=False)
     else:
         fail(f"MLflow at {tracker.uri} is still not reachable; {tracker.pending} events wait in {tracker.journal.path}")
 

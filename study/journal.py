@@ -32,30 +32,59 @@ class Journal:
         return self.written - self.sent
 
     def append(self, event: dict[str, Any]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(event) + "\n")
+        with self.path.open("ab") as fh:
+            if fh.tell() and not _ends_with_newline(self.path):
+                # A kill or a full disk tore the last line: end it, so this event is a line of its own (the torn
+                # one is then a bad line, skipped by name) rather than glued onto it.
+                fh.write(b"\n")  # (the torn line was counted in ``written`` already)
+            fh.write((json.dumps(event) + "\n").encode())
         self.written += 1
 
     def events(self, kind: str) -> Iterator[dict[str, Any]]:
-        """Every journalled event of one ``kind``, oldest first (lines of other kinds are not parsed)."""
+        """Every journalled event of one ``kind``, oldest first (lines of other kinds are not parsed; a torn or
+        garbled line is passed over: ``unsent`` names it)."""
         if not self.path.exists():
             return
         marker = f'"{kind}"'.encode()
         with self.path.open("rb") as fh:
             for line in fh:
                 if marker in line:
-                    event = json.loads(line)
-                    if event.get("kind") == kind:
+                    event = parse_event(line)
+                    if event is not None and event.get("kind") == kind:
                         yield event
 
-    def unsent(self) -> list[bytes]:
-        """The raw lines not sent yet (read from the sent offset on, not the whole file)."""
+    def unsent(self) -> list[tuple[int, bytes, dict[str, Any] | None]]:
+        """(line number, raw line, event) of each complete line not sent yet, read from the sent offset on; the
+        event is None for a line that is not a journal event (garbled JSON, or no ``kind``). An incomplete last
+        line (no newline: a write in progress, or torn by a kill) is left for later."""
         with self.path.open("rb") as fh:
             fh.seek(self.sent_offset)
-            return fh.readlines()
+            lines = fh.readlines()
+        if lines and not lines[-1].endswith(b"\n"):
+            lines.pop()
+        return [(self.sent + 1 + i, line, parse_event(line)) for i, line in enumerate(lines)]
+
+    def torn_tail(self) -> bool:
+        """Whether the last line is incomplete (no newline): torn by a kill or a full disk, or being written."""
+        return self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
 
     def mark_sent(self, line: bytes) -> None:
         """Record one more line as sent, durably (a driver killed right after resends nothing)."""
         self.sent += 1
         self.sent_offset += len(line)
         atomic_write_json(self.sent_file, {"sent": self.sent, "offset": self.sent_offset})
+
+
+def parse_event(line: bytes) -> dict[str, Any] | None:
+    """A journal line's event, or None when the line is not one (torn, garbled, or without a ``kind``)."""
+    try:
+        event = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return event if isinstance(event, dict) and isinstance(event.get("kind"), str) else None
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) == b"\n"

@@ -209,11 +209,15 @@ class StudyTracker:
         if not force and self._offline_since is not None and time.time() - self._offline_since < RETRY_SECONDS:
             return False
         t0 = time.perf_counter()
+        lines = self.journal.unsent()
         try:
-            lines = self.journal.unsent()
             client = _client(self.uri)
-            for line in lines:
-                self._send(client, json.loads(line))
+            for number, line, event in lines:
+                if event is None:  # a torn or garbled line: not a server problem, and it must not block the rest
+                    log.warning("%s line %d is not a journal event (torn by a kill or a full disk?); skipped: %r",
+                                self.journal.path, number, line[:120])
+                else:
+                    self._send(client, event)
                 self.journal.mark_sent(line)
                 self.events_sent += 1
         except Exception as exc:  # any transport or server error: keep the journal, retry later
@@ -266,8 +270,9 @@ class StudyTracker:
     def _send(self, client, event: dict[str, Any]) -> None:
         """Send one journalled event: ``_send_<kind>`` does the MLflow calls of each kind."""
         handler = getattr(self, f"_send_{event['kind']}", None)
-        if handler is None:
-            raise ValueError(f"unknown journal event {event['kind']!r}")
+        if handler is None:  # written by another version of the platform: not a server problem, so not fatal
+            log.warning("journal event of unknown kind %r not sent to MLflow", event["kind"])
+            return
         handler(client, event)
 
     def _send_study_start(self, client, event: dict[str, Any]) -> None:

@@ -129,3 +129,37 @@ def test_the_journal_keeps_every_event_and_how_far_mlflow_got_across_processes(t
     journal.mark_sent(first)
     again = Journal(tmp_path / "j.jsonl", tmp_path / "sent.json")  # a new driver reads where the last one stopped
     assert again.pending == 2 and again.unsent()[0] == journal.unsent()[0] != first
+
+
+def test_torn_and_garbled_journal_lines_are_named_and_skipped_never_a_server_problem(tmp_path, caplog):
+    """What a kill or a full disk mid-append leaves: a torn last line, then (after the next append) a garbled
+    line in the middle, and a line without an event kind. None of them may block the events after it from
+    MLflow, or be reported as the server being down; the readers of the journal pass over them."""
+    import logging
+
+    from study.paths import StudyPaths
+    from study.provenance import _study_start
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    folder = tmp_path / "study"
+    tracker = StudyTracker(uri, "exp", "exp", folder)
+    tracker.start_study({"trials": 2}, {"git_commit": "x"})
+    tracker.trial_started("a", "init-lstm-1x64-word-a", {"inject": "init"})
+    journal = tracker.journal.path
+    with journal.open("ab") as fh:
+        fh.write(b'{"kind": "trial_result", "trial": "a", "metr')  # torn mid-append
+    again = StudyTracker(uri, "exp", "exp", folder)
+    assert again.journal.torn_tail() and again.flush(force=True)  # the torn tail is left, not an error
+    with caplog.at_level(logging.WARNING, logger="study.tracking"):
+        again.journal.append({"trial": "a", "no": "kind"})  # a line that lost its kind
+        again.trial_result("a", {"val_CIDEr-D": 0.4, "epoch": 1}, step=1)  # appended after the torn line
+        again.trial_finished("a", "completed")
+        again.finish_study()
+    assert again.pending == 0 and not again.journal.torn_tail()
+    skipped = [r.getMessage() for r in caplog.records if "is not a journal event" in r.getMessage()]
+    assert len(skipped) == 2 and "line 3" in skipped[0] and "line 4" in skipped[1], skipped
+    assert not [r for r in caplog.records if "not reachable" in r.getMessage()]
+    parents, runs = study_runs(uri, "exp")
+    assert parents.iloc[0]["status"] == "FINISHED"
+    assert runs.iloc[0]["metrics.val_CIDEr-D"] == 0.4 and runs.iloc[0]["status"] == "FINISHED"
+    assert _study_start(StudyPaths.at(folder))["kind"] == "study_start"  # the report's reader too
