@@ -205,7 +205,7 @@ def _report(study, address: str | None = None) -> None:
 
     try:
         study.report(console=out, address=address)
-    except NoScoredTrial as exc:
+    except (NoScoredTrial, ConfigError) as exc:  # nothing to confirm; the data changed since the search
         fail(str(exc))
     except KeyboardInterrupt:
         console.print(f"[yellow]confirm stage interrupted.[/] Finished confirm runs are kept; continue with:  "

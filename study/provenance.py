@@ -44,6 +44,22 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
     return rows
 
 
+def check_dataset_unchanged(paths: StudyPaths, data_info: dict[str, Any]) -> None:
+    """Refuse to go on with a study whose dataset changed since its search began (images moved between splits,
+    captions replaced): its trials were ranked on other data, and its confirm runs would be scored on another test
+    split. The fingerprint the search recorded is in the journal's first ``study_start`` event."""
+    from study.config import ConfigError
+
+    recorded = _study_start(paths).get("tags", {}).get("dataset_fingerprint")
+    now = str(data_info.get("dataset_fingerprint"))
+    if recorded and recorded != now:
+        raise ConfigError(
+            f"the dataset {data_info.get('dataset_json', data_info.get('dataset'))} changed since study "
+            f"{paths.root.name}'s search began: its fingerprint was {recorded}, it is {now} now (images, splits or "
+            "captions differ). Restore the data the study ran on, or start a new study on this data "
+            "(study run SPEC --new)")
+
+
 def _precision(paths: StudyPaths) -> str:
     """What every trial and confirm run trained and decoded in (study.json; fp32 for studies begun before it)."""
     try:

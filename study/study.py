@@ -132,8 +132,12 @@ class Study:
         """The features and tokenised captions every stage reads (prepared once per Study object)."""
         from study.data.prepare import prepare_for_spec
 
+        from study.provenance import check_dataset_unchanged
+
         if self._data is None:
-            self._data = prepare_for_spec(self.spec, progress=progress)
+            data = prepare_for_spec(self.spec, progress=progress)
+            check_dataset_unchanged(self.paths, data.info)
+            self._data = data
         return self._data
 
     def search(self, *, resume: bool = False, address: str | None = None, max_concurrent: int | None = None,

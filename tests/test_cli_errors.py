@@ -19,7 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from study.cli import app
-from study.config import TrialConfig
+from study.config import ConfigError, TrialConfig
 
 TINY = {"hidden": 16, "embed": 16, "dropout": 0.0, "epochs": 1, "min_count": 1, "batch_size": 40,
         "val_images": 10}
@@ -342,3 +342,32 @@ def test_study_that_died_in_data_preparation_says_so_and_how_to_resume(command, 
     result = _study(command, "died", "--storage", died_in_preparation)
     _assert_sentence(result, "study 'died' has no trials yet", "no Tune state",
                      f"study resume {(died_in_preparation / 'died').resolve()}")
+
+
+def test_a_dataset_changed_after_the_search_is_refused_naming_both_fingerprints(shapes_json, tmp_path):
+    """Images moved from train to test after the search: `study report` re-extracted features and scored the
+    confirm runs on the new test split, exit 0, no warning. Every stage now compares the data's fingerprint with
+    the one the search journalled when it began (study_start), and refuses when they differ."""
+    from study.spec import load_spec
+    from study.study import Study
+    from study.tracking import source_tags
+
+    dataset = _karpathy_copy(shapes_json, tmp_path / "data", per_split={"train": 20, "val": 5, "test": 5})
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "moved", "dataset": {"kind": "karpathy", "json": str(dataset), "cache_dir": str(tmp_path / "c")},
+        "fixed": {"min_count": 1}, "space": {"inject": {"choice": ["init", "merge"]}}, "stratify": "inject",
+        "storage": str(tmp_path / "runs")}))
+    study = Study.from_spec(load_spec(spec_path), spec_path)
+    recorded = study.data(progress=False).info  # what the search prepared and journalled as it began
+    study.tracker().start_study({}, {**source_tags("study run"), "dataset_fingerprint": recorded["dataset_fingerprint"]})
+    assert Study.from_spec(study.spec, spec_path).data(progress=False).info["dataset_fingerprint"] == \
+        recorded["dataset_fingerprint"]  # unchanged data: no complaint
+
+    data = json.loads(dataset.read_text())
+    for entry in [e for e in data["images"] if e["split"] == "train"][:5]:
+        entry["split"] = "test"
+    dataset.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="changed since study moved's search began: its fingerprint was "
+                                          f"{recorded['dataset_fingerprint']}, it is [0-9a-f]+ now"):
+        Study.from_spec(study.spec, spec_path).data(progress=False)

@@ -22,6 +22,7 @@ from ray import tune
 from study.config import ConfigError
 from study.data.prepare import prepare_for_spec
 from study.paths import StudyPaths
+from study.provenance import check_dataset_unchanged
 from study.spec import StudySpec
 from study.tracking import StudyTracker, source_tags
 from study.tuning import ray_compat
@@ -114,6 +115,7 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     paths.write_record(spec.name, spec_path, spec.storage, uri, experiment, spec.fixed.get("precision"))
     tracker = StudyTracker(uri, experiment, spec.name, paths.root)
     data = prepare_for_spec(spec, progress=progress)
+    check_dataset_unchanged(paths, data.info)
     _start_tracking(tracker, spec, paths, data.info, resume=resume)
 
     ray_compat.ensure_ray(address)
