@@ -160,17 +160,38 @@ def _alive(holder: dict[str, Any]) -> bool:
 
 def _end_job(holder: dict[str, Any]) -> list[int]:
     """SIGKILL what is left of a dead driver's job: the processes of the process group it led (its local
-    Ray's GCS, raylet, agents and workers inherit it). Only when it led its group, so nothing else is hit."""
+    Ray's GCS, raylet, agents and workers inherit it). Only when it led its group, and only processes proven to
+    be that job's: started no earlier than the driver, and running Ray or this platform by their command line.
+    A PID (and so a group id) reused by an unrelated process, even a session leader, is never signalled."""
     if not holder.get("group_leader") or holder.get("host") != socket.gethostname():
         return []
     group = int(holder["pid"])
+    driver_start = holder.get("process_start")
     ended = []
     for proc in Path("/proc").glob("[0-9]*"):
-        fields = _stat(int(proc.name))
-        if fields and int(fields[2]) == group and int(proc.name) != os.getpid():
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-                ended.append(int(proc.name))
-            except OSError:
-                pass  # gone meanwhile, or not ours
+        pid = int(proc.name)
+        fields = _stat(pid)
+        if not fields or int(fields[2]) != group or pid == os.getpid() or not _of_the_job(pid, fields, driver_start):
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            ended.append(pid)
+        except OSError:
+            pass  # gone meanwhile, or not ours
     return ended
+
+
+_JOB_COMMANDS = ("ray", "study")  # raylet, gcs_server, ray::IDLE, default_worker.py, python -m study ...
+
+
+def _of_the_job(pid: int, fields: list[str], driver_start: str | None) -> bool:
+    """Whether a process of the dead driver's group is one that driver's job started."""
+    if driver_start is None or int(fields[19]) < int(driver_start):
+        return False  # older than the driver (or the lock cannot say): not its child
+    if pid == int(fields[2]) and fields[19] != driver_start:
+        return False  # the group's leader is a new process that reused the driver's PID
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return any(word in command for word in _JOB_COMMANDS)

@@ -134,7 +134,8 @@ HOLD_LOCK = """
 import subprocess, sys, time
 from study.lock import acquire
 lock = acquire(sys.argv[1], "study run held")
-child = subprocess.Popen(["sleep", "120"])  # stands for the Ray processes a driver starts (same group)
+# Stands for the Ray processes a driver starts: same group, and "ray" in its command line like raylet's.
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "raylet-stand-in"])
 print(child.pid, flush=True)
 time.sleep(120)
 """
@@ -145,6 +146,7 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over_
     import os
     import signal
     import socket
+    import time
 
     from study.lock import LOCK_FILE, StudyInUse, acquire
 
@@ -172,6 +174,21 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over_
         if holder.poll() is None:
             os.killpg(holder.pid, signal.SIGKILL)
             holder.wait(timeout=30)
+
+    # A stale lock whose PID now belongs to an unrelated process that leads its own group (PID reuse): taken
+    # over, and nothing is signalled, neither that process nor anything in its group (issue 22, item 8).
+    stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps({
+            "pid": stranger.pid, "host": socket.gethostname(), "started": "long ago", "process_start": "1",
+            "group_leader": True, "command": "study run reused"}))
+        with acquire(tmp_path, "study resume t") as lock:
+            assert "no longer running" in lock.took_over and lock.ended == []
+        time.sleep(0.5)
+        assert stranger.poll() is None, "an unrelated process whose PID the dead driver had was killed"
+    finally:
+        stranger.kill()
+        stranger.wait(timeout=30)
 
     # A lock held on another host cannot be checked from here: refused, naming the host.
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then",
