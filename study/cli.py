@@ -15,7 +15,7 @@ import typer
 
 from study import cli_trial
 from study.config import ConfigError
-from study.console import console, fail, out, writable_folder
+from study.console import HELP_MARKUP, console, fail, out, writable_folder
 from study.spec import METRIC_MODES
 
 FORMATS = ("text", "csv", "markdown")  # what `study leaderboard --format` can print (study.leaderboard.format_table)
@@ -23,7 +23,8 @@ FORMATS = ("text", "csv", "markdown")  # what `study leaderboard --format` can p
 app = typer.Typer(
     help="caption-study: a Ray Tune study of recurrent image captioners. Does seeding the first LSTM layer's "
          "memory cell with the image (inject: init) compete with the other ways of injecting it?",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+    no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+    rich_markup_mode=HELP_MARKUP)
 app.add_typer(cli_trial.app)  # data shapes, features, train, caption: one configuration, no Ray
 
 
@@ -175,9 +176,14 @@ def sync(
     study: str = typer.Argument(..., help="study name (under --storage) or its folder"),
     storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
 ) -> None:
-    """Send results journalled while the MLflow server was down."""
-    tracker = _open_study(study, storage, started=False).tracker()
-    pending = tracker.pending
+    """Send results journalled while the MLflow server was down (or rebuild a lost store from the journal)."""
+    found = _open_study(study, storage, started=False)
+    with _lock_study(found, f"study sync {found.name}"):  # a running driver sends its own; two syncs would race
+        tracker = found.tracker()
+        _send_journal(tracker)
+
+
+def _send_journal(tracker) -> None:
     if tracker.flush(force=True):
         out.print(f"sent {tracker.events_sent} journalled events to {tracker.uri}")
         if tracker.journal.torn_tail():

@@ -11,10 +11,10 @@ import typer
 from rich.table import Table
 
 from study.config import ConfigError, TrialConfig
-from study.console import console, fail, out, writable_folder
+from study.console import HELP_MARKUP, console, fail, out, writable_folder
 
-app = typer.Typer()
-data_app = typer.Typer(help="Generate or inspect datasets.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=HELP_MARKUP)
+data_app = typer.Typer(help="Generate or inspect datasets.", no_args_is_help=True, rich_markup_mode=HELP_MARKUP)
 app.add_typer(data_app, name="data")
 
 

@@ -165,8 +165,22 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
                        verdict_metrics(verdict))
     tracker.study_artifact(result.path.parent, "report")
     if console is not None:
-        console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}\nreport: {result.path}")
+        console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}\nreport: {result.path}", highlight=False)
+        console.print(next_steps(study, result.html), highlight=False, soft_wrap=True)
     return result.path
+
+
+def next_steps(study: "Study", html: Path | None) -> str:
+    """Where to look next: the HTML report, and the commands that open MLflow's and Optuna's views of the study."""
+    lines = []
+    if html is not None:
+        lines.append(f"report (one page, figures inside): {html}")
+    lines.append(f"MLflow UI:   mlflow ui --backend-store-uri {study.tracking_uri}   (then http://127.0.0.1:5000, "
+                 f"experiment {study.experiment})")
+    if study.paths.optuna_db.is_file():
+        lines.append(f"Optuna:      optuna-dashboard sqlite:///{study.paths.optuna_db.resolve()}   "
+                     "(pip install 'caption-study[ui]')")
+    return "\n".join(lines)
 
 
 def verdict_table(verdict, roles: dict[str, str]) -> pd.DataFrame:

@@ -64,6 +64,11 @@ class Journal:
             lines.pop()
         return [(self.sent + 1 + i, line, parse_event(line)) for i, line in enumerate(lines)]
 
+    def rewind(self) -> None:
+        """Mark nothing as sent: the whole journal goes to MLflow again (a store that lost the study's runs)."""
+        self.sent, self.sent_offset = 0, 0
+        atomic_write_json(self.sent_file, {"sent": 0, "offset": 0})
+
     def torn_tail(self) -> bool:
         """Whether the last line is incomplete (no newline): torn by a kill or a full disk, or being written."""
         return self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)

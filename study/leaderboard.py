@@ -40,11 +40,18 @@ def format_table(frame: pd.DataFrame, fmt: str = "text") -> str:
             shown[col] = metric.shown(shown[col])
     if fmt == "csv":
         return shown.to_csv(index=False)
+    if fmt not in ("text", "markdown"):
+        raise ValueError(f"unknown format {fmt!r}; use text, csv or markdown")
+    # For people: each metric with its own fixed decimals (34.0 beside 33.5, not 34), other numbers to 4
+    # significant digits (lr 0.005276, not 0.005276470510290681).
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            metric = describe_metric(col)
+            shown[col] = [("-" if pd.isna(v) else f"{v:.{metric.digits}f}" if metric else f"{v:.4g}")
+                          for v in shown[col]]
     if fmt == "markdown":
         return shown.to_markdown(index=False) if _has_tabulate() else _markdown(shown)
-    if fmt != "text":
-        raise ValueError(f"unknown format {fmt!r}; use text, csv or markdown")
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    return shown.to_string(index=False)
 
 
 def _has_tabulate() -> bool:

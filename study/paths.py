@@ -117,8 +117,10 @@ class StudyPaths:
 
     def read_record(self) -> dict[str, Any]:
         """``study.json`` read where the folder is now, not where it was written: ``tracking_uri`` is the folder's
-        own ``mlflow.db`` when the record names none, and a local study whose folder was copied or moved (same
-        name) gets ``storage`` = the folder's parent. Adds ``folder`` (this folder, resolved)."""
+        own ``mlflow.db`` when the record names none, and a local study whose folder was copied or moved gets
+        ``storage`` = the folder's parent and, when it was renamed, ``name`` = the folder's name (its MLflow
+        ``experiment`` stays the record's), so that every path of the study is inside this folder and a copy
+        never writes into the original. Adds ``folder`` (this folder, resolved)."""
         folder = self.root.resolve()
         try:
             info = json.loads(self.study_file.read_text())
@@ -133,7 +135,8 @@ class StudyPaths:
         info["folder"] = str(folder)
         info["tracking_uri"] = info.get("tracking_uri") or sqlite_uri(folder / self.mlflow_db.name)
         storage = info.get("storage")
-        if (isinstance(storage, str) and not storage_is_remote(storage) and folder.name == info.get("name")
-                and (Path(storage) / folder.name).resolve() != folder and (folder / "tune").is_dir()):
-            info["storage"] = str(folder.parent)
+        if (isinstance(storage, str) and not storage_is_remote(storage)
+                and (Path(storage) / str(info.get("name"))).resolve() != folder):
+            info.setdefault("experiment", info.get("name"))
+            info["storage"], info["name"] = str(folder.parent), folder.name
         return info

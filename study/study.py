@@ -65,6 +65,9 @@ class Study:
                     _warn_if_edited(original, source)
                 spec = load_spec(source, storage=record["storage"], name=record["name"], base=original.parent,
                                  tracking_uri=record["tracking_uri"], check_paths=check_paths)
+                if record.get("experiment") and record["experiment"] != spec.name:  # a renamed copy: same store
+                    spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(
+                        update={"experiment": record["experiment"]})})
                 # Studies begun before the precision setting trained in fp32 on the CPU: keep them so.
                 return cls.from_spec(spec.with_precision(record.get("precision") or "fp32"), original)
         raise StudyNotFound(f"no study {str(study)!r}: looked for study.json in "

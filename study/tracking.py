@@ -109,6 +109,7 @@ class StudyTracker:
         self._offline_since: float | None = None
         self._exp_id: str | None = None  # looked up once per tracker, not per trial
         self._warned = False
+        self._checked_store = False  # whether this tracker has seen that the store still holds the parent run
         self.seconds_in_mlflow = 0.0
         self.events_sent = 0
 
@@ -209,9 +210,10 @@ class StudyTracker:
         if not force and self._offline_since is not None and time.time() - self._offline_since < RETRY_SECONDS:
             return False
         t0 = time.perf_counter()
-        lines = self.journal.unsent()
         try:
             client = _client(self.uri)
+            self._rebuild_if_store_lost(client)
+            lines = self.journal.unsent()
             for number, line, event in lines:
                 if event is None:  # a torn or garbled line: not a server problem, and it must not block the rest
                     log.warning("%s line %d is not a journal event (torn by a kill or a full disk?); skipped: %r",
@@ -235,6 +237,27 @@ class StudyTracker:
             log.warning("MLflow at %s is reachable again; %d journalled events sent", self.uri, len(lines))
         self._offline_since = None
         return True
+
+    def _rebuild_if_store_lost(self, client) -> None:
+        """When the store no longer holds the study's parent run (``mlflow.db`` deleted, a new server), send the
+        whole journal again: it is the source of truth, and every send finds or makes its run afresh."""
+        from mlflow.exceptions import MlflowException
+
+        parent = self.runs.get("__study__")
+        if parent is None or self._checked_store:
+            return
+        try:
+            client.get_run(parent)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("the MLflow store at %s no longer holds study %s's runs (deleted or replaced?): rebuilding "
+                        "them from %s", self.uri, self.study_name, self.journal.path)
+            self.runs = {}
+            self._save_runs()
+            self.journal.rewind()
+            self._exp_id = None
+        self._checked_store = True
 
     def _experiment_id(self, client) -> str:
         if self._exp_id is not None:
@@ -267,6 +290,14 @@ class StudyTracker:
                                   filter_string=f"tags.trial_id = '{key}' and tags.study = '{self.study_name}'")
         return runs[0].info.run_id if runs else None
 
+    def _run_by_tags(self, client, kind: str, run_name: str | None = None) -> str | None:
+        """This study's active run of ``kind`` (and name): a second sender finds what the first one made."""
+        query = f"tags.study = '{self.study_name}' and tags.kind = '{kind}'"
+        if run_name is not None:
+            query += f" and attributes.run_name = '{run_name}'"
+        runs = client.search_runs([self._experiment_id(client)], filter_string=query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
     def _send(self, client, event: dict[str, Any]) -> None:
         """Send one journalled event: ``_send_<kind>`` does the MLflow calls of each kind."""
         handler = getattr(self, f"_send_{event['kind']}", None)
@@ -278,7 +309,9 @@ class StudyTracker:
     def _send_study_start(self, client, event: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
 
-        parent = self.runs.get("__study__")
+        parent = self.runs.get("__study__") or self._run_by_tags(client, "study")
+        if parent is not None and "__study__" not in self.runs:
+            self._remember("__study__", parent)  # made by another sender that had not written mlflow_runs.json
         if parent is None:
             run = client.create_run(self._experiment_id(client), run_name=self.study_name,
                                     tags={"study": self.study_name, "kind": "study", **event["tags"]})
@@ -361,7 +394,7 @@ class StudyTracker:
         from mlflow.entities import Metric, Param
 
         key = event["key"]
-        run_id = self.runs.get(key)
+        run_id = self.runs.get(key) or self._run_by_tags(client, "confirm", event["name"])
         if run_id is not None and client.get_run(run_id).info.status == "FINISHED":
             return  # logged before (a replayed journal)
         if run_id is None:

@@ -246,6 +246,33 @@ def test_each_confirm_run_is_logged_once_with_its_checkpoint_however_often_the_s
     assert all((interrupted_report.confirm / name.replace(".json", ".pt")).is_file() for name in results)
 
 
+@pytest.mark.slow
+def test_a_copied_study_folder_acts_on_itself_never_on_the_original(resumed_study, interrupted_report):
+    """`cp -a runs/A runs_j/B; study report runs_j/B` rewrote A's report, and `study resume runs_j/B` rewrote A's
+    study.json and could not restore Tune's callback (it held A's path). A study folder is self-contained."""
+    import shutil
+
+    original = interrupted_report.folder
+    before = {p.relative_to(original): p.read_bytes() for p in original.rglob("*")
+              if p.is_file() and p.suffix in (".json", ".md", ".yaml", ".csv")}
+    copy = resumed_study.tmp / "copies" / "renamed"
+    shutil.copytree(original, copy, symlinks=True)
+    env = resumed_study.env
+    report = subprocess.run([sys.executable, "-m", "study", "report", str(copy)], capture_output=True, text=True,
+                            timeout=600, cwd=resumed_study.tmp, env=env)
+    assert report.returncode == 0, report.stderr[-3000:]
+    resume = subprocess.run([sys.executable, "-m", "study", "resume", "renamed", "--storage", str(copy.parent),
+                             "--no-report"], capture_output=True, text=True, timeout=600, cwd=resumed_study.tmp,
+                            env=env)
+    assert resume.returncode == 0, (resume.stdout[-3000:], resume.stderr[-3000:])
+    after = {p.relative_to(original): p.read_bytes() for p in original.rglob("*")
+             if p.is_file() and p.suffix in (".json", ".md", ".yaml", ".csv")}
+    assert after == before  # nothing of the original was written
+    record = json.loads((copy / "study.json").read_text())
+    assert record["name"] == "renamed" and record["storage"] == str(copy.parent) and record["tracking_uri"] is None
+    assert f"report: {copy / 'report' / 'report.md'}" in report.stdout
+
+
 def _free_port() -> int:
     import socket
 

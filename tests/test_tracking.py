@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from study.tracking import StudyTracker, sqlite_uri, study_runs
 
 
@@ -163,3 +165,85 @@ def test_torn_and_garbled_journal_lines_are_named_and_skipped_never_a_server_pro
     assert parents.iloc[0]["status"] == "FINISHED"
     assert runs.iloc[0]["metrics.val_CIDEr-D"] == 0.4 and runs.iloc[0]["status"] == "FINISHED"
     assert _study_start(StudyPaths.at(folder))["kind"] == "study_start"  # the report's reader too
+
+
+def _a_journalled_study(uri: str, folder) -> StudyTracker:
+    """A small study's tracking: parent, two trials (one completed, one stopped), a confirm run, the end."""
+    from study.tracking import source_tags
+
+    tracker = StudyTracker(uri, "exp", "exp", folder)
+    tracker.start_study({"trials": 2}, source_tags("study run"))
+    for trial, score in (("a", 0.4), ("b", 0.2)):
+        tracker.trial_started(trial, f"init-{trial}", {"inject": "init"})
+        tracker.trial_result(trial, {"val_CIDEr-D": score}, step=1)
+    tracker.trial_finished("a", "completed")
+    tracker.trial_finished("b", "stopped", "stopped by ASHA after 1 epoch")
+    (folder / "ckpt.pt").write_bytes(b"model")
+    tracker.confirm_run("init-r1-s0", {"inject": "init", "seed": 1000}, {"test_CIDEr-D": 0.3}, [folder / "ckpt.pt"])
+    tracker.finish_study()
+    return tracker
+
+
+def _assert_one_run_each(uri: str) -> None:
+    from study.tracking import confirm_runs
+
+    parents, trials = study_runs(uri, "exp")
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    assert sorted(trials["tags.trial_id"]) == ["a", "b"] and (trials["status"] == "FINISHED").all()
+    assert list(trials.sort_values("tags.trial_id")["metrics.val_CIDEr-D"]) == [0.4, 0.2]
+    confirm = confirm_runs(uri, "exp")
+    assert list(confirm["tags.mlflow.runName"]) == ["confirm-init-r1-s0"] and confirm.iloc[0]["status"] == "FINISHED"
+
+
+def test_a_deleted_store_is_rebuilt_from_the_journal(tmp_path):
+    """mlflow.db deleted after the study: `study report` (any sender) used to create an empty store and then fail
+    ("Run with id=... not found"). The journal is the source of truth: the runs are made again from it. Each
+    step runs in a process of its own, as the commands do (one process keeps the deleted file open)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    folder = tmp_path / "study"
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-c", "from tests.test_tracking import Path, StudyTracker, _a_journalled_study\n" + code],
+                              capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    run(f"_a_journalled_study({uri!r}, Path({str(folder)!r}))")
+    (tmp_path / "mlflow.db").unlink()
+    rebuilt = run(f"t = StudyTracker({uri!r}, 'exp', 'exp', Path({str(folder)!r}))\n"
+                  "t.study_tags({'verdict': 'competes'})\nassert t.pending == 0, t.pending")  # as `study report` does
+    assert "no longer holds study exp's runs" in rebuilt.stderr and "rebuilding them" in rebuilt.stderr
+    _assert_one_run_each(uri)
+    assert study_runs(uri, "exp")[0].iloc[0]["tags.verdict"] == "competes"
+
+
+def test_two_senders_of_one_journal_make_each_run_once(tmp_path):
+    """Two `study sync` at once (each with its own view of what was sent) held the parent and every confirm run
+    twice. sync now takes the study's lock; and sending finds the runs by their tags before making one."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from study.cli import app
+    from study.lock import acquire
+    from study.paths import StudyPaths
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    folder = tmp_path / "study"
+    first = _a_journalled_study(uri, folder)
+    # The second sender read the folder before the first wrote what it sent.
+    (folder / "mlflow_runs.json").write_text("{}")
+    (folder / "tracking_sent.json").write_text(json.dumps({"sent": 0, "offset": 0}))
+    second = StudyTracker(uri, "exp", "exp", folder)
+    assert second.flush(force=True) and second.runs["__study__"] == first.runs["__study__"]
+    _assert_one_run_each(uri)
+
+    (folder / "spec.yaml").write_text("name: exp\n")
+    StudyPaths.at(folder).write_record("exp", folder / "spec.yaml", str(tmp_path), uri, "exp")
+    with acquire(folder, "study run exp"):  # a driver (or another sync) holds the study
+        result = CliRunner().invoke(app, ["sync", str(folder)])
+    assert result.exit_code == 2 and "one driver per study" in " ".join(result.stderr.split()), result.output

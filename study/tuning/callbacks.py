@@ -20,7 +20,7 @@ from study.tuning.trials import last_line
 # This driver's tracker and printer of each study folder. Tune pickles its callbacks into the experiment state
 # and ``Tuner.restore`` unpickles them; a restored callback attaches to the live tracker of the driver that
 # restored it (whose journal counters are current) rather than to the killed driver's copy.
-_LIVE: dict[str, tuple[StudyTracker, Callable[[str], None]]] = {}
+_LIVE: dict[str, tuple[StudyTracker, Callable[[str], None], StudySpec]] = {}
 
 
 class TrackingCallback(tune.Callback):
@@ -31,7 +31,7 @@ class TrackingCallback(tune.Callback):
         self.folder = str(tracker.study_dir)
         self.last_epoch: dict[str, int] = {}
         # One concise line per event, instead of Tune's tables.
-        _LIVE[self.folder] = (tracker, echo or (lambda line: None))
+        _LIVE[self.folder] = (tracker, echo or (lambda line: None), spec)
 
     @property
     def tracker(self) -> StudyTracker:
@@ -47,6 +47,11 @@ class TrackingCallback(tune.Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if self.folder not in _LIVE and len(_LIVE) == 1:
+            # The study folder was moved or copied since Tune pickled this callback: the driver restoring it has
+            # the one live tracker (of the folder where the study is now), and its spec names the paths there.
+            self.folder = next(iter(_LIVE))
+            self.spec = _LIVE[self.folder][2]
         if self.folder not in _LIVE:
             raise RuntimeError(f"a restored Tune callback of study {self.folder} found no tracker: run_study "
                                "builds its TrackingCallback before Tuner.restore")

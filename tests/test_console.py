@@ -1,0 +1,47 @@
+"""What a person reads in the terminal: `--help` and the leaderboard's numbers."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from study.cli import app
+from study.leaderboard import format_table
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_help_wraps_sentences_as_paragraphs_and_shows_no_type_for_flags(columns):
+    """Descriptions broke mid-sentence where the docstring's lines ended ("from the study's own / results"), and
+    every flag showed a `<bool>` metavar, as if it took a value."""
+    for command in ([], ["decide"], ["run"], ["train"]):
+        result = CliRunner().invoke(app, [*command, "--help"], terminal_width=columns, env={"COLUMNS": str(columns)})
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output, result.output
+    top = CliRunner().invoke(app, ["--help"], terminal_width=columns, env={"COLUMNS": str(columns)}).output
+    # In the commands panel a description's line ends early only where the description ends, never inside it.
+    lines = top.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Commands" in line)
+    rows = [line[1:-1] for line in lines[start + 1:] if line.startswith("│")]
+    column = rows[0].index("Run a study")
+    width = len(rows[0]) - column
+    descriptions: list[list[str]] = []
+    for row in rows:
+        if row[:column].strip():
+            descriptions.append([])
+        descriptions[-1].append(row[column:].rstrip())
+    for description in descriptions:
+        for line in description[:-1]:
+            next_word = description[description.index(line) + 1].split()[0]
+            assert len(line) + 1 + len(next_word) > width - 2, (line, next_word)  # the next word did not fit
+
+
+def test_tables_for_people_show_each_number_with_sensible_digits():
+    frame = pd.DataFrame({"run": ["a", "b"], "inject": ["init", "par"], "lr": [0.005276470510290681, 0.0012],
+                          "val_CIDEr-D": [0.34, 0.335], "val_loss": [2.76451, 2.8], "epochs": [3, 5]})
+    for fmt in ("text", "markdown"):
+        shown = format_table(frame, fmt)
+        assert "0.005276" in shown and "0.005276470510290681" not in shown
+        assert "34.0" in shown and "33.5" in shown  # one decimal for every score, x100
+        assert "2.765" in shown and "2.800" in shown
+    assert "0.005276470510290681" in format_table(frame, "csv")  # exports keep full precision
