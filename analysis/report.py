@@ -2,7 +2,8 @@
 
 ``build_report`` writes ``report.md`` with its PNGs beside it (relative links) and ``report.html``, the
 same content as one self-contained file (PNGs embedded as base64) for MLflow's artifact viewer or e-mail.
-Both are rendered from one list of blocks (``analysis.render``), so they cannot drift apart. Every section whose input is empty
+Both are rendered from one list of blocks (``analysis.render``), so they cannot drift apart. Every section whose
+input is empty
 says so instead of failing: a report of a half-finished study is still worth reading.
 
 Input frames (metric values on pycocoevalcap's 0..1 scale; the report prints x100):
@@ -30,7 +31,8 @@ import pandas as pd
 from analysis import plots
 from analysis.effects import Effects, compute_effects, lower_is_better
 from analysis.render import Block, to_html, to_markdown
-from analysis.scores import corpus_rows, corpus_scores, x100 as _x100
+from analysis.scores import corpus_rows, corpus_scores
+from analysis.scores import x100 as _x100
 from analysis.verdict import METRICS, PRIMARY, Verdict, compute_verdict
 
 QUESTION = (

@@ -29,8 +29,8 @@ seeds understates seed-to-seed variance by a factor of about (n-1)/n.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -176,7 +176,8 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     """Per-method means with ``level`` intervals, ``target - best competitor`` with its paired interval, the verdict.
 
     ``per_image`` columns: ``method, config_rank, seed, image_id`` and the metrics in ``METRICS`` (0..1;
-    missing metrics or NaN values are allowed; other columns are ignored). ``roles``: ``{method: "target" | "competitor" | "floor"}``
+    missing metrics or NaN values are allowed; other columns are ignored).
+    ``roles``: ``{method: "target" | "competitor" | "floor"}``
     in display order, one target. Each method is represented by its lowest ``config_rank`` (the search's best
     on validation): picking among confirmed configs by test score would bias it upward. Only images scored
     for every method enter (paired comparison). Deterministic given ``seed``. ``level`` above 0.95 is a
@@ -292,7 +293,8 @@ def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, bes
     s = (f"Seeding the first LSTM layer's memory ({target}) scores {metric} {x100(tgt[metric])} "
          f"[{x100(tgt[metric + '_lo'])}, {x100(tgt[metric + '_hi'])}] against {x100(other[metric])} "
          f"[{x100(other[metric + '_lo'])}, {x100(other[metric + '_hi'])}] for the best other injection "
-         f"({best_other}); the difference {target} - {best_other} is {x100(diff)} with a {100 * level:.4g}% paired-bootstrap "
+         f"({best_other}); the difference {target} - {best_other} is {x100(diff)} with a {100 * level:.4g}% "
+         "paired-bootstrap "
          f"interval [{x100(ci[0])}, {x100(ci[1])}] (x100; {int(tgt['seeds'])} seeds of {target}, "
          f"{int(other['seeds'])} of {best_other}, {int(tgt['images'])} test images). ")
     if word == COMPETES:

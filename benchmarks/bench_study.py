@@ -39,9 +39,9 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 
 from study import tuning  # noqa: E402
-from study.tuning import callbacks, ray_compat, runner  # noqa: E402
 from study.spec import load_spec  # noqa: E402
 from study.tracking import StudyTracker  # noqa: E402
+from study.tuning import callbacks, ray_compat, runner  # noqa: E402
 
 FIXED = {"cell": "lstm", "layers": 1, "tokens": "word", "min_count": 1, "embed": 32, "hidden": 64,
          "batch_size": 40, "val_images": 30, "schedule": "cosine"}
@@ -172,7 +172,8 @@ def bench_overhead(args) -> None:
     print(f"{'trial':>12} {'start_s':>7} {'epochs':>6} {'sum epoch_s':>11} {'wall_s':>7} {'overhead_s':>10} "
           f"{'time_total_s':>12} {'in-trainable':>12}")
     for trial_id, n, epochs, wall_trial, total in rows:
-        print(f"{trial_id:>12} {EVENTS['start'][trial_id] - starts[0]:>7.1f} {n:>6} {epochs:>11.2f} {wall_trial:>7.2f} {wall_trial - epochs:>10.2f} "
+        print(f"{trial_id:>12} {EVENTS['start'][trial_id] - starts[0]:>7.1f} {n:>6} {epochs:>11.2f} "
+              f"{wall_trial:>7.2f} {wall_trial - epochs:>10.2f} "
               f"{total:>12.2f} {total - epochs:>12.2f}")
     over = [w - e for _, _, e, w, _ in rows]
     inside = [t - e for _, _, e, _, t in rows]

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
 from study.data.tokens import PAD
-from study.models import build_captioner
 from study.evaluation import FeatureSource, SplitTensors
+from study.models import build_captioner
 from study.precision import autocast
 from study.training import _lr_lambda, _train_epoch, build_optimizer, length_bucketed_batches
 
@@ -151,7 +151,8 @@ def measure(cfg: TrialConfig, data, epochs: int, threads: int, profile: bool) ->
 
     study_s, bare_s = statistics.median(study_times), statistics.median(bare_times)
     extra = min(bookkeeping_seconds(cfg, train, features, epoch) for epoch in range(1, 6))
-    return {"extra_s": extra, "study_min": min(study_times), "bare_min": min(bare_times), "threads": threads, "batches": steps, "study_s": study_s, "bare_s": bare_s,
+    return {"extra_s": extra, "study_min": min(study_times), "bare_min": min(bare_times), "threads": threads,
+            "batches": steps, "study_s": study_s, "bare_s": bare_s,
             "overhead": study_s / bare_s - 1, "loss_study_1": losses[0][0], "loss_bare_1": losses[0][1],
             "study_all": study_times, "bare_all": bare_times}
 

@@ -30,7 +30,8 @@ app.add_typer(cli_trial.app)  # data shapes, features, train, caption: one confi
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 # ----- studies -----------------------------------------------------------------------------------------

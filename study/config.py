@@ -55,7 +55,8 @@ class ShapesDataset(StrictModel):
 
     kind: Literal["shapes"] = "shapes"
     images: int = Field(1000, ge=30, description="total images; split 80/10/10 into train/val/test")
-    seed: int = Field(0, ge=0, le=SEED_MAX, description="generator seed: same seed and options give byte-identical files")
+    seed: int = Field(0, ge=0, le=SEED_MAX,
+                      description="generator seed: same seed and options give byte-identical files")
     image_size: int = Field(128, ge=32, le=512, description="rendered side in pixels (resized for the encoder)")
     encoder: str = Field("efficientnet_lite0", description="image encoder registry name")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where data and features are cached")

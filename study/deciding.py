@@ -35,7 +35,6 @@ def sequential_plan(spec: StudySpec, paths: StudyPaths, max_seeds: int | None = 
     starts a plan after the first (95%) look: its error bound adds that look's 5%, and ``decide.json``
     remembers the plan so later reports use the same level."""
     from analysis.sequential import SequentialPlan
-
     from study.config import ConfigError
 
     planned = spec.confirm.max_seeds

@@ -372,4 +372,5 @@ def storage_is_remote(storage: str) -> bool:
     return "://" in storage
 
 
-__all__ = ["ConfigError", "METRICS", "METRIC_MODES", "REPORTED", "Metric", "describe_metric", "format_metric", "Param", "StudySpec", "load_spec", "storage_is_remote"]
+__all__ = ["ConfigError", "METRICS", "METRIC_MODES", "REPORTED", "Metric", "describe_metric", "format_metric", "Param",
+           "StudySpec", "load_spec", "storage_is_remote"]

@@ -134,7 +134,6 @@ class Study:
     def data(self, *, progress: bool = True) -> "PreparedData":
         """The features and tokenised captions every stage reads (prepared once per Study object)."""
         from study.data.prepare import prepare_for_spec
-
         from study.provenance import check_dataset_unchanged
 
         if self._data is None:

@@ -19,9 +19,9 @@ plus a few headline metrics on the parent. Runs carry MLflow's standard tags (``
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
-import getpass
 import os
 import subprocess
 import time

@@ -360,7 +360,8 @@ def test_a_dataset_changed_after_the_search_is_refused_naming_both_fingerprints(
         "storage": str(tmp_path / "runs")}))
     study = Study.from_spec(load_spec(spec_path), spec_path)
     recorded = study.data(progress=False).info  # what the search prepared and journalled as it began
-    study.tracker().start_study({}, {**source_tags("study run"), "dataset_fingerprint": recorded["dataset_fingerprint"]})
+    study.tracker().start_study({}, {**source_tags("study run"),
+                                     "dataset_fingerprint": recorded["dataset_fingerprint"]})
     assert Study.from_spec(study.spec, spec_path).data(progress=False).info["dataset_fingerprint"] == \
         recorded["dataset_fingerprint"]  # unchanged data: no complaint
 

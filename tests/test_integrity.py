@@ -14,7 +14,6 @@ import pytest
 
 from study.config import ConfigError
 from study.spec import load_spec
-
 from tests.conftest import journal_events, process_group_members, shapes_dataset, study_spec, wait_for
 from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attention, a conditional parameter
 from tests.test_spec import assert_spec_refused
@@ -43,11 +42,13 @@ def test_metric_mode_and_when_values_are_checked_when_the_spec_loads(tmp_path, t
 def test_a_condition_on_a_later_parameter_is_refused_since_it_could_never_hold(tmp_path):
     # Optuna samples space in file order: a `when` naming a parameter listed after it never sees its value.
     path = tmp_path / "spec.yaml"
-    path.write_text(SPEC.replace("""  inject: {choice: [init, attention]}
+    in_order = """  inject: {choice: [init, attention]}
   lr: {loguniform: [1.0e-3, 1.0e-2]}
-  attention_dim: {choice: [32, 64], when: {inject: attention}}""", """  attention_dim: {choice: [32, 64], when: {inject: attention}}
+  attention_dim: {choice: [32, 64], when: {inject: attention}}"""
+    condition_first = """  attention_dim: {choice: [32, 64], when: {inject: attention}}
   inject: {choice: [init, attention]}
-  lr: {loguniform: [1.0e-3, 1.0e-2]}"""))
+  lr: {loguniform: [1.0e-3, 1.0e-2]}"""
+    path.write_text(SPEC.replace(in_order, condition_first))
     with pytest.raises(ConfigError, match="space.attention_dim.when.inject: 'inject' is searched after"):
         load_spec(path)
 
@@ -451,7 +452,8 @@ def test_a_dead_tracking_server_does_not_stop_the_leaderboard_confirm_stage_or_r
     report = offline_study.folder / "report" / "report.md"
     assert f"report: {report}" in output and report.is_file()
     kinds = [e["kind"] for e in journal_events(offline_study.folder)]  # all kept for `study sync`
-    assert kinds.count("trial_result") == 2 and {"study_start", "study_end", "study_tags", "study_artifact"} <= set(kinds)
+    assert kinds.count("trial_result") == 2
+    assert {"study_start", "study_end", "study_tags", "study_artifact"} <= set(kinds)
     board = offline_study.board
     assert board.returncode == 0, board.stderr
     lines = board.stdout.strip().splitlines()

@@ -23,7 +23,8 @@ def _write(tmp_path: Path, entries: list, images=None) -> Path:
     """dataset.json + a 4x4 PNG for each filename in ``images`` (default: every entry's) under images/."""
     root = tmp_path / "images"
     root.mkdir(exist_ok=True)
-    names = images if images is not None else [e["filename"] for e in entries if isinstance(e, dict) and "filename" in e]
+    names = images if images is not None else [
+        e["filename"] for e in entries if isinstance(e, dict) and "filename" in e]
     for name in names:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 4), (10, 20, 30)).save(root / name, format="PNG")
@@ -91,7 +92,8 @@ def test_bad_entry_names_file_index_filename_and_problem(tmp_path, case):
 
 
 def test_skip_mode_counts_per_entry_problems_but_structure_still_raises(tmp_path):
-    entries = [_entry("a.png"), _entry("gone.png"), _entry("b.png", captions=()), _entry("c.png", "dev"), _entry("d.png", "val")]
+    entries = [_entry("a.png"), _entry("gone.png"), _entry("b.png", captions=()), _entry("c.png", "dev"),
+               _entry("d.png", "val")]
     path = _write(tmp_path, entries, images=["a.png", "b.png", "c.png", "d.png"])
     ds = load_karpathy(path, on_error="skip")
     assert [r.filename for r in ds.records] == ["a.png", "d.png"]

@@ -17,8 +17,8 @@ import torch
 
 from study.config import TrialConfig
 from study.data.tokens import START
-from study.models import build_captioner
 from study.evaluation import FeatureSource, decode_images
+from study.models import build_captioner
 from study.training import run_trial
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from study.config import TrialConfig
-from study.spec import REPORTED
-from study.data.tokens import normalize
-from study.models import build_captioner
-from study.evaluation import FeatureSource, SplitTensors, validation_loss
 from study.checkpoints import load_checkpoint
+from study.config import TrialConfig
+from study.data.tokens import normalize
+from study.evaluation import FeatureSource, SplitTensors, validation_loss
+from study.models import build_captioner
+from study.spec import REPORTED
 from study.training import run_trial
 
 REPO = Path(__file__).resolve().parents[1]

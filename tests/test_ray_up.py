@@ -28,8 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import wait_for
-
-from tests.hosts.netns_hosts import NetnsHosts, namespaces, reachable, skip_reason, BRIDGE
+from tests.hosts.netns_hosts import BRIDGE, NetnsHosts, namespaces, reachable, skip_reason
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -115,7 +114,8 @@ def run_job(address: str, entrypoint: list[str], env: dict, timeout: float, log:
             break
         time.sleep(3)
     logs = run([RAY, "job", "logs", "--address", address, job_id], env, 60, log).stdout
-    assert f"{job_id}' succeeded" in status, f"job {job_id} did not succeed within {timeout:.0f} s: {status}\n{logs[-4000:]}"
+    assert f"{job_id}' succeeded" in status, \
+        f"job {job_id} did not succeed within {timeout:.0f} s: {status}\n{logs[-4000:]}"
     return logs
 
 
@@ -189,7 +189,8 @@ def test_ray_up_runs_jobs_on_both_hosts_and_ray_down_stops_them(hosts, tmp_path)
         runs = client.search_runs([experiment.experiment_id])
         scored = [r for r in runs if "val_CIDEr-D" in r.data.metrics]
         assert len(scored) >= 4, f"MLflow holds {len(runs)} runs, {len(scored)} with val_CIDEr-D"
-        print({r.info.run_name: (r.data.tags.get("mlflow.parentRunId"), r.data.metrics.get("val_CIDEr-D")) for r in runs})
+        print({r.info.run_name: (r.data.tags.get("mlflow.parentRunId"), r.data.metrics.get("val_CIDEr-D"))
+               for r in runs})
 
         # 3. The token travelled by file_mounts from this machine to the head, and from the head to the worker.
         for h in hosts.hosts:

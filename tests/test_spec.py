@@ -86,8 +86,8 @@ def test_bad_specs_name_the_file_and_the_key(tmp_path, text, needles):
 
 
 def test_unknown_injection_method_lists_the_valid_ones(tmp_path):
-    from study.models import build_captioner
     from study.config import TrialConfig
+    from study.models import build_captioner
 
     with pytest.raises((KeyError, ValueError)) as err:
         build_captioner(TrialConfig(inject="memory"), 20, 16)

@@ -201,13 +201,13 @@ def test_a_deleted_store_is_rebuilt_from_the_journal(tmp_path):
     step runs in a process of its own, as the commands do (one process keeps the deleted file open)."""
     import subprocess
     import sys
-    from pathlib import Path
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
     folder = tmp_path / "study"
 
     def run(code: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-c", "from tests.test_tracking import Path, StudyTracker, _a_journalled_study\n" + code],
+        prelude = "from tests.test_tracking import Path, StudyTracker, _a_journalled_study\n"
+        done = subprocess.run([sys.executable, "-c", prelude + code],
                               capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
         assert done.returncode == 0, done.stderr[-3000:]
         return done

@@ -204,7 +204,8 @@ def feature_stats(pooled: np.ndarray, grid: np.ndarray | None, train_rows: np.nd
     Raw EfficientNet features are small and uncentred (per-channel std ~0.36 on Flickr8k) while word
     embeddings start at N(0, 1): an image entering as an input step (``pre``) varied the state across images
     about a third as much as a word varies it across the vocabulary, and pre learned to ignore it (see
-    tests/test_pre_injection.py). Every method gets the same z-scored features. The grid's statistics come from an evenly spaced sample of train
+    tests/test_pre_injection.py). Every method gets the same z-scored features. The grid's statistics come from an
+    evenly spaced sample of train
     images (all 49 positions each): its per-channel spread is about twice the pooled vector's.
     A std is floored at 0.01 so a channel that is constant in train (generated scenes) cannot blow up.
     """

@@ -116,7 +116,8 @@ def _sample_kinds(rng: np.random.Generator) -> list[tuple[str, str, str]]:
     return kinds
 
 
-def _place_relation(rng: np.random.Generator, r: tuple[float, float], relation: str, px: int) -> list[tuple[float, float]]:
+def _place_relation(rng: np.random.Generator, r: tuple[float, float], relation: str,
+                    px: int) -> list[tuple[float, float]]:
     """Centres for objects 0 and 1 such that 0 is clearly <relation> 1: separated along the relation's
     axis by more than both radii, and offset less along the other axis than along that one."""
     margin, gap = 0.03 * px, 0.04 * px
@@ -188,7 +189,8 @@ def _polygon(shape: str, x: float, y: float, r: float, rot: float) -> list[tuple
         ]
     elif shape == "cross":
         w = 0.32  # half arm width
-        pts = [(w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w), (-w, -1)]
+        pts = [(w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1),
+               (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w), (-w, -1)]
         k = 1 / math.hypot(1, w)  # scale the arm tips (1, w) onto the unit circle
         pts = [(k * u, k * v) for u, v in pts]
     elif shape == "diamond":
@@ -305,7 +307,8 @@ def shapes_dir(cache_dir: Path, images: int, seed: int, image_size: int) -> Path
     return Path(cache_dir) / "shapes" / f"n{images}-s{seed}-px{image_size}-v{GENERATOR_VERSION}"
 
 
-def generate_shapes(out_dir: Path, *, images: int = 1000, seed: int = 0, image_size: int = 128, progress: bool = True) -> Path:
+def generate_shapes(out_dir: Path, *, images: int = 1000, seed: int = 0, image_size: int = 128,
+                    progress: bool = True) -> Path:
     """Write ``out_dir/dataset.json`` and ``out_dir/images/*.png`` (replacing ``out_dir``); returns the JSON path.
 
     Everything is written into a private ``<out_dir>.partial-<pid>`` folder that is renamed to ``out_dir``
@@ -335,7 +338,8 @@ def _generate(out_dir: Path, images: int, seed: int, image_size: int, progress: 
         rng = np.random.default_rng([seed, i])  # per-image sub-seed: image i never depends on the others
         img, scene = render_scene(rng, image_size)
         filename = f"{i:0{width}d}.png"
-        img.save(tmp / "images" / filename, format="PNG", compress_level=1)  # fast: noise does not compress; no timestamp
+        # fast: noise does not compress; no timestamp
+        img.save(tmp / "images" / filename, format="PNG", compress_level=1)
         captions = describe(scene, rng)
         sentids = list(range(5 * i, 5 * i + len(captions)))
         entries.append(

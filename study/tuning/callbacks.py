@@ -15,7 +15,7 @@ from study.files import atomic_write_json
 from study.spec import REPORTED, StudySpec, format_metric
 from study.tracking import StudyTracker
 from study.tuning.trainable import prune_checkpoints
-from study.tuning.trials import last_line
+from study.tuning.trials import diverged_reason, last_line
 
 # This driver's tracker and printer of each study folder. Tune pickles its callbacks into the experiment state
 # and ``Tuner.restore`` unpickles them; a restored callback attaches to the live tracker of the driver that
@@ -70,10 +70,17 @@ class TrackingCallback(tune.Callback):
             return  # a resumed trial's restored epoch, logged before the driver died
         metric = result.get(self.spec.metric)
         self.echo(f"{self._name(trial)}  epoch {epoch}/{self.spec.asha.max_epochs}  "
-                  f"{self.spec.metric} {format_metric(self.spec.metric, metric)}  val_loss {result.get('val_loss', 0):.3f}  "
+                  f"{self.spec.metric} {format_metric(self.spec.metric, metric)}  "
+                  f"val_loss {result.get('val_loss', 0):.3f}  "
                   f"({result.get('epoch_seconds', 0):.1f} s)")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        diverged = diverged_reason(trial.storage.storage_filesystem, trial.storage.trial_fs_path)
+        if diverged:  # ended by its divergence (see trial_function): errored, with its reason, never retried
+            self.tracker.trial_finished(trial.trial_id, "errored", diverged, best=(self.spec.metric, self.spec.mode))
+            self.echo(f"{self._name(trial)}  ERRORED: {diverged}")
+            prune_checkpoints(trial)
+            return
         # ASHA's stop at max_t can reach us before the final result's callback: read the trial's own record.
         last = int((trial.last_result or {}).get("epoch", 0))
         epochs = max(last, self.last_epoch.get(trial.trial_id, 0))

@@ -80,7 +80,8 @@ def describe_budget(spec: StudySpec) -> str:
         lines.append(f"  stratified by inject: {spec.trials_per_method} trials each for "
                      f"{', '.join(spec.methods)}")
     if spec.search.time_budget_h:
-        lines.append(f"  time budget: {spec.search.time_budget_h:g} h of wall time for the search (summed over resumes)")
+        lines.append(f"  time budget: {spec.search.time_budget_h:g} h of wall time for the search "
+                     "(summed over resumes)")
     per_method = spec.asha.enabled and spec.stratify == "inject" and spec.asha.per_method
     lines.append(f"  ASHA: {'on' if spec.asha.enabled else 'off'}{', one bracket per method' if per_method else ''}, "
                  f"max {spec.asha.max_epochs} epochs, grace {spec.asha.grace_period}, "
@@ -93,7 +94,8 @@ def describe_budget(spec: StudySpec) -> str:
         from study.precision import resolve
 
         device = "cuda" if spec.resources.gpu else "cpu"
-        lines.append(f"  precision: auto, {resolve(precision, device)} on this driver's {device} (pinned for every trial)")
+        lines.append(f"  precision: auto, {resolve(precision, device)} on this driver's {device} "
+                     "(pinned for every trial)")
     for name, desc in spec.space_description().items():
         when = spec.space[name].when
         lines.append(f"  {name}: {desc}" + (f" when {when}" if when else ""))

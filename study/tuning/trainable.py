@@ -22,11 +22,17 @@ from study.data.prepare import PreparedData
 from study.files import atomic_write_json
 from study.spec import StudySpec
 from study.tuning.trials import (
-    HISTORY_FILE, PRUNED_NOTE, checkpoint_folders, experiment_path, experiment_trials, trial_checkpoints)
+    DIVERGED_NOTE,
+    HISTORY_FILE,
+    PRUNED_NOTE,
+    checkpoint_folders,
+    experiment_path,
+    experiment_trials,
+    trial_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
-DIVERGED_NOTE = "diverged.txt"  # in a trial folder: why it diverged (its retries end at once)
 
 
 def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) -> None:
@@ -38,14 +44,14 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
 
     torch.set_num_threads(max(1, int(spec.resources.cpu)))  # follow the trial's CPU share
     cfg = spec.trial_config(config)
-    # Tune retries any failed trial max_failures times. A diverged one would only diverge again (resume is
-    # exact), so its first divergence leaves a note in the trial's storage folder and the retries end at once.
+    # A diverged trial would only diverge again (resume is exact), but Tune retries every error max_failures
+    # times and prints each one's traceback. So divergence is not an error for Tune: the trial leaves a note in
+    # its storage folder and ends; the study's tables, MLflow and the console read the note and call it errored.
     storage = tune.get_context().get_storage()
     diverged_note = f"{storage.trial_fs_path}/{DIVERGED_NOTE}"
     fs = storage.storage_filesystem
     if fs.get_file_info(diverged_note).type == pafs.FileType.File:
-        with fs.open_input_stream(diverged_note) as note:
-            raise TrialDiverged(f"{note.read().decode()} (not retried: resuming would diverge again)")
+        return  # diverged before (a resumed study): nothing to train
     checkpoint = restore_source(tune.get_checkpoint(), fs, storage.trial_fs_path)
     with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
         resume_from, history = None, []
@@ -73,7 +79,7 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
             fs.create_dir(storage.trial_fs_path, recursive=True)
             with fs.open_output_stream(diverged_note) as note:
                 note.write(str(diverged).encode())
-            raise
+            log.warning("%s", diverged)  # one line; the driver reports the trial as errored
 
 
 def restore_source(checkpoint, fs, trial_fs_path: str):

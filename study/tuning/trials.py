@@ -16,6 +16,13 @@ from study.spec import REPORTED, StudySpec
 
 HISTORY_FILE = "history.json"  # in every trial checkpoint: the list of its epochs' reported metrics
 PRUNED_NOTE = "pruned.txt"  # all that is left in a checkpoint folder pruned while a snapshot may name it
+DIVERGED_NOTE = "diverged.txt"  # in a trial folder: why it diverged (the trial ended there, errored)
+
+
+def diverged_reason(fs, trial_fs_path: str) -> str | None:
+    """The divergence note of a trial folder (local or s3://), or None when the trial did not diverge."""
+    text = _read_text(fs, f"{trial_fs_path}/{DIVERGED_NOTE}")
+    return text.strip() or None
 
 
 def experiment_path(spec: StudySpec) -> str:
@@ -81,9 +88,10 @@ def load_trial_tables(spec: StudySpec):
             if name not in config:
                 row[name] = None
         epochs = max((int(m["epoch"]) for m in history), default=0)
-        if trial["status"] == "ERROR":
+        diverged = diverged_reason(fs, folder) if trial["status"] == "TERMINATED" else None
+        if trial["status"] == "ERROR" or diverged:
             row["status"] = "errored"
-            row["error"] = last_line(_read_text(fs, f"{folder}/error.txt"))[:300]
+            row["error"] = (diverged or last_line(_read_text(fs, f"{folder}/error.txt")))[:300]
         elif trial["status"] == "TERMINATED":
             row["status"] = "completed" if epochs >= spec.asha.max_epochs else "stopped"
         else:

@@ -138,7 +138,8 @@ class NetnsHosts:
         (host.home / ".ssh").mkdir(parents=True)
         (host.root / "ray-tmp").mkdir()
         # Ray's command runner sources ~/.bashrc before every command: put the test's venv first on PATH.
-        exports = {"PATH": f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        exports = {"PATH": f"{Path(sys.executable).parent}:"
+                           "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                    "RAY_USAGE_STATS_ENABLED": "0", **self.env}
         (host.home / ".bashrc").write_text("".join(f"export {k}='{v}'\n" for k, v in exports.items()))
         (host.home / ".profile").write_text(". ~/.bashrc\n")   # login shells (our `ssh()`) read this one
@@ -166,7 +167,8 @@ Subsystem sftp internal-sftp
         # hosts need (pyenv's Python behind the venv, for one) inside the new home, then bind recursively.
         keep = sorted({p for p in (Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve())
                        if p.is_relative_to("/root")})
-        binds = [f"mkdir -p {host.home / p.relative_to('/root')} && mount --bind {p} {host.home / p.relative_to('/root')}"
+        binds = [f"mkdir -p {host.home / p.relative_to('/root')} && "
+                 f"mount --bind {p} {host.home / p.relative_to('/root')}"
                  for p in keep]
         script = " && ".join(binds + [f"mount --rbind {host.home} /root",
                                       f"mount --bind {host.root / 'ray-tmp'} /tmp/ray",
@@ -196,7 +198,8 @@ Subsystem sftp internal-sftp
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                 "-o", "ConnectTimeout=5", f"root@{host.ip}"]
 
-    def ssh(self, host: NetnsHost, command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def ssh(self, host: NetnsHost, command: str, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess:
         """Run `command` on `host` through a login shell (as Ray's launcher does)."""
         proc = subprocess.run(self.ssh_args(host) + [f"bash --login -c -i {_quote(command)}"],
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
