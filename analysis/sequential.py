@@ -87,6 +87,18 @@ class Projection:
         return None
 
 
+def test_set_reach(parts: Projection, margin: float, images: int, level: float = 0.95) -> tuple[float, float | None]:
+    """What the test images allow even with unlimited seeds: (the smallest margin at which the target would be
+    found to compete, given the estimate; the test images that ``margin`` would need, None when the estimate
+    sits on the margin). The image part of the variance shrinks as 1 / images."""
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    half = z * math.sqrt(parts.var_images)
+    reach = max(half - parts.diff, 0.0)
+    gap = abs(parts.diff + margin)
+    needed = None if gap == 0 else images * (half / gap) ** 2
+    return reach, needed
+
+
 def project(per_image: pd.DataFrame, *, roles: Mapping[str, str], margin: float, metric: str = PRIMARY,
             n_boot: int = 2000, seed: int = 0) -> Projection | None:
     """Split the bootstrap variance of ``target - best other`` into its seed and image parts (None: no

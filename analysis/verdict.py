@@ -19,7 +19,8 @@ equivalence ``margin`` (same 0..1 units):
 
 * "competes": the whole interval lies above ``-margin`` (init is at most ``margin`` worse, or better);
 * "does not compete": the whole interval lies below ``-margin``;
-* otherwise "inconclusive: more seeds needed".
+* otherwise "inconclusive" (whether more seeds, or only more test images, could decide it is the report's
+  decision note: ``study.deciding.decision_note``).
 
 Caveats written into the text: the best other method is chosen on the point estimates and then held fixed
 (choosing it inside every bootstrap resample would widen the interval slightly), and a bootstrap over 3
@@ -51,7 +52,7 @@ ROLES = (TARGET, COMPETITOR, FLOOR)
 
 COMPETES = "competes"
 DOES_NOT_COMPETE = "does not compete"
-INCONCLUSIVE = "inconclusive: more seeds needed"
+INCONCLUSIVE = "inconclusive"
 NOT_AVAILABLE = "not available"
 
 

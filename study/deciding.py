@@ -53,7 +53,7 @@ def sequential_plan(spec: StudySpec, paths: StudyPaths, max_seeds: int | None = 
 
 def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame) -> str | None:
     """One report line: how many seeds the decision took, or would take (projected)."""
-    from analysis.sequential import SequentialPlan, project, smallest_plan
+    from analysis.sequential import SequentialPlan, project, smallest_plan, test_set_reach
     from analysis.verdict import INCONCLUSIVE
     if verdict.best_other is None:
         return None
@@ -68,6 +68,18 @@ def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame) -> st
                 "methods are closer than this test split can resolve at that error rate.")
     parts = project(per_image, roles=method_roles(), margin=spec.confirm.margin)
     needed = None if parts is None else smallest_plan(parts, spec.confirm.margin, spent_alpha=0.0 if plan else 0.05)
+    if needed is None and parts is not None:
+        # The test images' own variance dominates: seeds cannot decide, so no `study decide` is offered.
+        images = int(verdict.table.loc[verdict.target, "images"])
+        reach, images_needed = test_set_reach(parts, spec.confirm.margin, images, level=verdict.level)
+        wants = ("no test set size would decide it: the estimate sits on the margin" if images_needed is None
+                 else f"margin {format_metric(verdict.metric, spec.confirm.margin)} would need about "
+                 f"{images_needed:,.0f} test images")
+        return (f"Undecided at margin {format_metric(verdict.metric, spec.confirm.margin)} with {images} test "
+                f"images, and more seeds are projected not to decide it (the test images' own variance dominates): "
+                f"even with unlimited seeds this test set decides only margins of {format_metric(verdict.metric, reach)} "
+                f"or more; {wants} "
+                "(assuming the difference stays at its estimate).")
     guess = ("more seeds alone are projected not to decide it (the test images' own variance is too large)"
              if needed is None else f"a decision is projected to take about {needed.max_seeds} seeds per method "
              "(assuming the difference stays at its estimate: a guide, not a promise)")
@@ -143,11 +155,13 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
     origin = provenance(paths, data.info, report_commit=git_commit())
     per_image, runs, gallery = load_confirm(paths, data)
     plan = sequential_plan(spec, paths)
+    notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
                           margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
                           spec_text=study.spec_text, level=plan.level if plan else 0.95,
-                          decision=lambda verdict: decision_note(spec, verdict, plan, per_image),
+                          decision=lambda verdict: notes.setdefault("decision",
+                                                                    decision_note(spec, verdict, plan, per_image)),
                           resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
                           provenance=origin)
     atomic_write_json(paths.report / "provenance.json", origin, indent=2)
@@ -164,7 +178,9 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
                        verdict_metrics(verdict))
     tracker.study_artifact(result.path.parent, "report")
     if console is not None:
-        console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}\nreport: {result.path}", highlight=False)
+        note = notes.get("decision")
+        console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}" + (f"\n{note}" if note else "")
+                      + f"\nreport: {result.path}", highlight=False)
         console.print(next_steps(study, result.html), highlight=False, soft_wrap=True)
     return result.path
 

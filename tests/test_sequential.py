@@ -78,3 +78,24 @@ def test_a_clear_loss_is_decided_at_the_first_look():
     plan = SequentialPlan(first_seeds=3, max_seeds=10)
     assert verdict_at(per_image, None, plan, roles=ROLES, margin=0.02).verdict == DOES_NOT_COMPETE
     assert seeds_to_decide(per_image, roles=ROLES, margin=0.02, level=plan.level) == 3
+
+
+def test_when_the_test_images_limit_it_the_reach_and_the_images_needed_are_right():
+    """Seeds cannot decide (tiny seed variance, noisy images): `test_set_reach` says which margin this test set
+    does decide, and how many test images the asked margin would need; with that many images (same truth) it is
+    decided. The quickstart's headline used to say "more seeds needed" beside "more seeds will not decide it"."""
+    from analysis.sequential import project, test_set_reach
+
+    margin = 0.03
+    per_image = _per_image(np.random.default_rng(6), 3, diff=0.0, seed_sd=0.0005, noise_sd=0.3)
+    assert compute_verdict(per_image, roles=ROLES, margin=margin).verdict == INCONCLUSIVE
+    assert seeds_to_decide(per_image, roles=ROLES, margin=margin, level=0.95) is None
+    parts = project(per_image, roles=ROLES, margin=margin)
+    reach, needed = test_set_reach(parts, margin, images=150)
+    assert margin < reach < 0.2
+    # The reach is what unlimited seeds would allow: seeds decide margins above it, and none below it.
+    assert seeds_to_decide(per_image, roles=ROLES, margin=1.1 * reach, level=0.95, limit=1000) is not None
+    assert seeds_to_decide(per_image, roles=ROLES, margin=0.9 * reach, level=0.95, limit=1000) is None
+    assert 150 < needed < 5000
+    more = _per_image(np.random.default_rng(7), 3, diff=0.0, seed_sd=0.0005, noise_sd=0.3, images=int(1.4 * needed))
+    assert compute_verdict(more, roles=ROLES, margin=margin).verdict == COMPETES
