@@ -77,9 +77,9 @@ def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame) -> st
                  f"{images_needed:,.0f} test images")
         return (f"Undecided at margin {format_metric(verdict.metric, spec.confirm.margin)} with {images} test "
                 f"images, and more seeds are projected not to decide it (the test images' own variance dominates): "
-                f"even with unlimited seeds this test set decides only margins of {format_metric(verdict.metric, reach)} "
-                f"or more; {wants} "
-                "(assuming the difference stays at its estimate).")
+                f"even with unlimited seeds this test set decides only margins of "
+                f"{format_metric(verdict.metric, reach)} or more; {wants} (assuming the difference stays at its "
+                "estimate).")
     guess = ("more seeds alone are projected not to decide it (the test images' own variance is too large)"
              if needed is None else f"a decision is projected to take about {needed.max_seeds} seeds per method "
              "(assuming the difference stays at its estimate: a guide, not a promise)")
