@@ -101,7 +101,7 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
     from study.evaluation import score_split
     from study.training import run_trial
 
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), int(time.time() * 1000)
     with tempfile.TemporaryDirectory(prefix="confirm-") as tmp:
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
         # The model goes back with the scores (this task may run on another node): the driver keeps it.
@@ -112,6 +112,8 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
             "per_image": {m: {str(k): v for k, v in d.items()} for m, d in test.per_image.items()},
             "params": result["params"], "epochs": len(result["epochs"]),
             "train_seconds": sum(e["train_seconds"] for e in result["epochs"]),
+            "history": result["epochs"], "precision": result["precision"],
+            "started_ms": started, "ended_ms": int(time.time() * 1000),  # its real span, for MLflow's duration
             "seconds": time.perf_counter() - t0, "checkpoint": checkpoint}
 
 
@@ -222,5 +224,10 @@ def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:
         csv = path.with_suffix(".per_image.csv")
         per_image.sort_index(key=lambda ids: ids.astype(int)).to_csv(csv)
         artifacts = [path, csv] + [p for p in [path.with_suffix(".pt")] if p.exists()]
-        new += tracker.confirm_run(name, params, {k: v for k, v in metrics.items() if v == v}, artifacts)
+        note = (f"Confirm run: the search's rank-{result['config_rank']} {result['method']} configuration retrained "
+                f"with seed {config.get('seed')} for {config.get('epochs')} epochs, then the test split captioned with "
+                f"beam {config.get('beam_size')} and scored with the full coco-caption suite (study report).")
+        new += tracker.confirm_run(name, params, {k: v for k, v in metrics.items() if v == v}, artifacts,
+                                   history=result.get("history", []), span=(result.get("started_ms"),
+                                                                            result.get("ended_ms")), note=note)
     return new

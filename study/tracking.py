@@ -70,6 +70,19 @@ def source_tags(source: str, description: str = "") -> dict[str, str]:
 CONFIRM_PREFIX = "confirm/"  # mlflow_runs.json keys of confirm runs (the rest are Tune trial ids)
 
 
+# Seconds and throughput go under one prefix, so a run page opens on the scores (val_CIDEr-D ...) rather than on
+# timings; the epoch is every metric's step, not a metric of its own.
+TIMINGS = frozenset({"train_seconds", "epoch_seconds", "data_seconds", "val_loss_seconds", "decode_seconds",
+                     "metric_seconds", "tokens_per_second", "seconds"})
+
+
+def mlflow_metric(name: str) -> str | None:
+    """The MLflow name of a reported metric: ``time/<name>`` for timings, None for ``epoch`` (the step)."""
+    if name == "epoch":
+        return None
+    return f"time/{name}" if name in TIMINGS else name
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -160,18 +173,24 @@ class StudyTracker:
                 found = {"value": value, "step": event["step"]}
         return {} if found is None else {f"best_{metric}": found["value"], "best_epoch": float(found["step"])}
 
-    def confirm_run(self, name: str, params: dict[str, Any], metrics: dict[str, float],
-                    artifacts: list[Path]) -> bool:
-        """Journal one confirm run as a child run (``kind=confirm``) with its files as artifacts. Returns False,
-        logging nothing, for a run journalled before (``study decide`` and a re-run report log only new ones)."""
+    def confirm_run(self, name: str, params: dict[str, Any], metrics: dict[str, float], artifacts: list[Path], *,
+                    history: list[dict[str, Any]] | None = None, span: tuple[int | None, int | None] = (None, None),
+                    note: str | None = None) -> bool:
+        """Journal one confirm run as a child run (``kind=confirm``) with its files as artifacts, its per-epoch
+        metrics (``history``, like a search trial's), its real start and end (``span``, epoch milliseconds:
+        MLflow's duration) and a ``note`` saying what made it. Returns False, logging nothing, for a run journalled
+        before (``study decide`` and a re-run report log only new ones)."""
         key = CONFIRM_PREFIX + name
         if key in self.confirm_logged or key in self.runs:
             return False
         self.confirm_logged.add(key)
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        epochs = [{k: float(v) for k, v in epoch.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                  for epoch in history or []]
+        tags = {**self.child_tags, **({"mlflow.note.content": note} if note else {})}
         self._event({"kind": "confirm_run", "key": key, "name": f"confirm-{name}", "params": _params(params),
-                     "metrics": clean, "tags": self.child_tags, "time": int(time.time() * 1000),
-                     "artifacts": [str(Path(p).resolve()) for p in artifacts]})
+                     "metrics": clean, "epochs": epochs, "start": span[0], "end": span[1], "tags": tags,
+                     "time": int(time.time() * 1000), "artifacts": [str(Path(p).resolve()) for p in artifacts]})
         return True
 
     def study_table(self, data: dict[str, list], artifact_file: str) -> None:
@@ -352,8 +371,8 @@ class StudyTracker:
         from mlflow.entities import Metric, Param
 
         run_id = self.runs[event["trial"]]
-        client.log_batch(run_id, metrics=[Metric(k, v, event["time"], event["step"])
-                                          for k, v in event["metrics"].items()],
+        metrics = {mlflow_metric(k): v for k, v in event["metrics"].items() if mlflow_metric(k)}
+        client.log_batch(run_id, metrics=[Metric(k, v, event["time"], event["step"]) for k, v in metrics.items()],
                          params=[Param(k, v) for k, v in event.get("params", {}).items()])
 
     def _send_trial_end(self, client, event: dict[str, Any]) -> None:
@@ -399,18 +418,24 @@ class StudyTracker:
             return  # logged before (a replayed journal)
         if run_id is None:
             run = client.create_run(
-                self._experiment_id(client), run_name=event["name"],
+                self._experiment_id(client), run_name=event["name"], start_time=event.get("start"),
                 tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "confirm",
                       **event.get("tags", {})})
             run_id = run.info.run_id
             self._remember(key, run_id)
         # Re-sent after a crash in between: the same values again, which MLflow accepts.
+        end = event.get("end") or event["time"]
+        curves = [Metric(mlflow_metric(k), v, end, int(epoch["epoch"])) for epoch in event.get("epochs", [])
+                  for k, v in epoch.items() if mlflow_metric(k) and "epoch" in epoch]
         client.log_batch(run_id, params=[Param(k, v) for k, v in event["params"].items()],
-                         metrics=[Metric(k, v, event["time"], 0) for k, v in event["metrics"].items()])
+                         metrics=[Metric(mlflow_metric(k), v, end, 0) for k, v in event["metrics"].items()
+                                  if mlflow_metric(k)] + curves[:900])  # MLflow takes 1000 entries a batch
+        if curves[900:]:
+            client.log_batch(run_id, metrics=curves[900:])
         for path in map(Path, event["artifacts"]):
             if path.exists():
                 client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=event.get("end"))
 
     def _send_study_table(self, client, event: dict[str, Any]) -> None:
         client.log_table(self.runs["__study__"], event["data"], event["artifact_file"])

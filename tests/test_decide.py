@@ -147,6 +147,13 @@ def _check_mlflow(folder: Path, tmp_path: Path) -> None:
     assert (confirm["tags.mlflow.parentRunId"] == parent.info.run_id).all()
     assert confirm["metrics.test_CIDEr-D"].notna().all() and (confirm["params.seed"] != "").all()
     one = confirm.iloc[0]
+    # Each confirm run spans its real training and scoring (it used to last the milliseconds of its logging),
+    # has per-epoch curves like a search trial, and says what made it.
+    durations = (confirm["end_time"] - confirm["start_time"]).dt.total_seconds()
+    assert (durations > 1).all(), durations
+    assert [m.step for m in client.get_metric_history(one["run_id"], "val_loss")] == [1]
+    assert client.get_run(one["run_id"]).data.tags["mlflow.note.content"].startswith("Confirm run: the search's")
+    assert "metrics.time/train_seconds" in confirm and "metrics.train_seconds" not in confirm
     assert {a.path for a in client.list_artifacts(one["run_id"])} == {
         f"{one['tags.mlflow.runName'].removeprefix('confirm-')}{ext}" for ext in (".json", ".per_image.csv", ".pt")}
 

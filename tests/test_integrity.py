@@ -294,8 +294,8 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     assert (runs["status"] == "FINISHED").all() and (runs["tags.status"] == "completed").all()
     client = _client(uri)
     for run_id in runs["run_id"]:
-        history = sorted(client.get_metric_history(run_id, "epoch"), key=lambda m: (m.timestamp, m.value))
-        assert [int(m.value) for m in history] == [1, 2, 3], [int(m.value) for m in history]
+        history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: (m.timestamp, m.step))
+        assert [m.step for m in history] == [1, 2, 3], [m.step for m in history]
 
     # The study's own tables agree: every trial completed its 3 epochs, each epoch once.
     spec = load_spec(spec_path)
