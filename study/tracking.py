@@ -123,6 +123,7 @@ class StudyTracker:
         self._exp_id: str | None = None  # looked up once per tracker, not per trial
         self._warned = False
         self._checked_store = False  # whether this tracker has seen that the store still holds the parent run
+        self._warned_artifacts = False
         self.seconds_in_mlflow = 0.0
         self.events_sent = 0
 
@@ -137,7 +138,7 @@ class StudyTracker:
 
     def trial_started(self, trial_id: str, run_name: str, params: dict[str, Any]) -> None:
         self._event({"kind": "trial_start", "trial": trial_id, "name": run_name, "params": _params(params),
-                     "tags": self.child_tags})
+                     "tags": self.child_tags, "time": int(time.time() * 1000)})
 
     def trial_result(self, trial_id: str, metrics: dict[str, float], step: int) -> bool:
         """Journal (and send) one epoch's metrics. Returns False, logging nothing, for an epoch already logged.
@@ -161,7 +162,7 @@ class StudyTracker:
         ``best_<metric>`` and ``best_epoch`` (the score the leaderboard and the confirm stage rank by)."""
         summary = self._best_epoch(trial_id, *best) if best else {}
         self._event({"kind": "trial_end", "trial": trial_id, "status": status, "reason": reason,
-                     "summary": summary})
+                     "summary": summary, "time": int(time.time() * 1000)})
 
     def _best_epoch(self, trial_id: str, metric: str, mode: str) -> dict[str, float]:
         found: dict[str, Any] | None = None
@@ -309,6 +310,27 @@ class StudyTracker:
                                   filter_string=f"tags.trial_id = '{key}' and tags.study = '{self.study_name}'")
         return runs[0].info.run_id if runs else None
 
+    def _artifacts_here(self, client, run_id: str) -> bool:
+        """Whether the run's artifacts may be written: not when they live in a local folder outside this study's
+        (a copied study folder: MLflow keeps the absolute artifact location of the store it was made in, the
+        original's ``mlartifacts``, and a copy must never write into the original). Said once per tracker."""
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        uri = client.get_run(run_id).info.artifact_uri
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("", "file"):
+            return True  # a server's or a bucket's artifact store
+        where = Path(url2pathname(parsed.path)).resolve()
+        home = self.study_dir.resolve()
+        if where == home or home in where.parents:
+            return True
+        if not self._warned_artifacts:
+            log.warning("this study folder is a copy: its MLflow runs keep their artifacts in %s, outside it, so "
+                        "this copy logs no artifacts there (its files are in %s)", where, home)
+            self._warned_artifacts = True
+        return False
+
     def _run_by_tags(self, client, kind: str, run_name: str | None = None) -> str | None:
         """This study's active run of ``kind`` (and name): a second sender finds what the first one made."""
         query = f"tags.study = '{self.study_name}' and tags.kind = '{kind}'"
@@ -433,15 +455,18 @@ class StudyTracker:
         if curves[900:]:
             client.log_batch(run_id, metrics=curves[900:])
         for path in map(Path, event["artifacts"]):
-            if path.exists():
+            if path.exists() and self._artifacts_here(client, run_id):
                 client.log_artifact(run_id, str(path))
         client.set_terminated(run_id, "FINISHED", end_time=event.get("end"))
 
     def _send_study_table(self, client, event: dict[str, Any]) -> None:
-        client.log_table(self.runs["__study__"], event["data"], event["artifact_file"])
+        if self._artifacts_here(client, self.runs["__study__"]):
+            client.log_table(self.runs["__study__"], event["data"], event["artifact_file"])
 
     def _send_study_artifact(self, client, event: dict[str, Any]) -> None:
         path = Path(event["path"])
+        if not self._artifacts_here(client, self.runs["__study__"]):
+            return
         if path.is_dir():
             client.log_artifacts(self.runs["__study__"], str(path), event.get("artifact_path"))
         elif path.exists():

@@ -174,6 +174,18 @@ def _check_mlflow(folder: Path, tmp_path: Path) -> None:
     assert "metrics.params" not in trials or trials["metrics.params"].isna().all()
     assert trials["params.params"].notna().all()
 
+    # optuna.db as optuna-dashboard users expect (issue 21): real times, the curve, the links to MLflow.
+    import optuna
+
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    exported = [t for name in ("decide.init", "decide.pre")
+                for t in optuna.load_study(study_name=name, storage=storage).trials]
+    assert sorted(t.user_attrs["trial_id"] for t in exported) == sorted(trials["tags.trial_id"])
+    for t in exported:
+        assert t.state.name == "COMPLETE" and t.intermediate_values.keys() == {1}
+        assert t.user_attrs["mlflow_run_id"] in set(trials["run_id"])
+        assert t.datetime_start < t.datetime_complete < parent_end(client, parent.info.run_id)
+
     # The same best trial per method as `study leaderboard` (each trial's best epoch).
     board = _study("leaderboard", str(folder), "--format", "csv", cwd=tmp_path)
     assert board.returncode == 0, board.stderr[-2000:]
@@ -191,6 +203,13 @@ def _check_mlflow(folder: Path, tmp_path: Path) -> None:
     assert board.returncode == 0 and len(board.stdout.strip().splitlines()) == 3, board.stderr[-2000:]
     sync = _study("sync", str(copy), cwd=tmp_path)
     assert sync.returncode == 0 and sqlite_uri(copy / "mlflow.db") in sync.stdout, sync.stdout + sync.stderr
+
+
+def parent_end(client, run_id: str):
+    """When the study's parent run ended (its search's end), as a datetime."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(client.get_run(run_id).info.end_time / 1000)
 
 
 def _missing(value) -> bool:

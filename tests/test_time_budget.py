@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from study.tuning.callbacks import SearchTimeBudget, read_search_time
@@ -55,6 +56,14 @@ def test_a_spent_budget_ends_the_search_normally_and_resume_adds_no_trials(tmp_p
     # Every trial the searchers were told of; those the budget stopped mid-epoch were still running for them.
     assert ran - 2 <= sum(len(f) for f in frames) <= ran
     assert all("params_lr" in f and f.loc[f["state"] == "COMPLETE", "value"].notna().all() for f in frames)
+    # Written as it happened (issue 21): ASHA's stops as PRUNED, real times, the learning curve, the links back.
+    both = pd.concat(frames, ignore_index=True)
+    table = outcome.trials
+    assert sorted(both["user_attrs_trial_id"]) == sorted(table.loc[table.status != "running", "trial_id"])
+    assert (both["state"] == "PRUNED").sum() == (table["status"] == "stopped").sum()
+    assert set(both["user_attrs_method"]) == {"init", "none"}
+    for trial in optuna.load_study(study_name=names[0], storage=storage).trials:  # one point per epoch trained
+        assert sorted(trial.intermediate_values) == list(range(1, trial.user_attrs["epochs"] + 1))
 
     try:
         again = run_study(spec, spec_path, resume=True, progress=False)
