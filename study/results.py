@@ -29,6 +29,7 @@ from study.files import atomic_write_json
 from study.paths import StudyPaths
 
 if TYPE_CHECKING:
+    from study.spec import StudySpec
     from study.study import Study
 
 def load(study: str | Path, storage: str | Path | None = None) -> "Study":
@@ -39,8 +40,8 @@ def load(study: str | Path, storage: str | Path | None = None) -> "Study":
     return Study.open(study, storage, check_paths=False)
 
 
-def confirm_frame(paths: StudyPaths) -> pd.DataFrame:
-    """``Study.confirm_runs``: one row per finished confirm run."""
+def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.DataFrame:
+    """``Study.confirm_runs``: one row per finished confirm run (conditional parameters <NA> where inactive)."""
     rows = []
     for path in paths.confirm_results():
         result = json.loads(path.read_text())
@@ -51,7 +52,7 @@ def confirm_frame(paths: StudyPaths) -> pd.DataFrame:
         row.update({k: v for k, v in result["config"].items() if k not in row})
         rows.append(row)
     columns = ["run", "method", "config_rank", "seed", *CORPUS_METRICS, "epochs", "train_seconds", "seconds", "params"]
-    return typed(pd.DataFrame(rows, columns=None if rows else columns))
+    return typed(pd.DataFrame(rows, columns=None if rows else columns), spec)
 
 
 def per_image_frame(paths: StudyPaths) -> pd.DataFrame:
@@ -78,27 +79,63 @@ def verdict_frame(study: "Study") -> pd.DataFrame:
     plan = sequential_plan(spec, study.paths)
     verdict = compute_verdict(study.per_image(), study.confirm_runs(), roles=method_roles(),
                               margin=spec.confirm.margin, level=plan.level if plan else 0.95)
-    table = verdict.table.copy()
+    table = typed(verdict.table)
     table.attrs.update(verdict=verdict.verdict, diff=verdict.diff, ci=verdict.ci, best_other=verdict.best_other,
                        margin=verdict.margin, level=verdict.level, text=verdict.text)
     return table
 
 
-def typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Numbers as numbers (int where whole, Int64 where some are missing), names as strings."""
-    # Column by column rather than DataFrame.convert_dtypes, whose keywords for leaving strings and booleans
-    # alone are deprecated (pandas 4 drops them).
+# Columns that count things: whole numbers, <NA> where missing.
+_COUNTS = {"epoch", "epochs", "best_epoch", "config_rank", "seed", "params", "image_id", "images", "seeds",
+           "test_images", "distinct_captions"}
+
+
+def typed(frame: pd.DataFrame, spec: "StudySpec | None" = None) -> pd.DataFrame:
+    """Each column in the type a reader expects: a trial config field in its field's type (``lr`` and
+    ``weight_decay`` float even when every value is whole, ``layers`` Int64, ``seed_h`` boolean, ``cell`` string),
+    counts as Int64, other numbers as floats, names as strings; missing values as <NA>. With ``spec``, a
+    conditional parameter is <NA> where its ``when:`` does not hold (it was never searched there)."""
+    from study.config import TrialConfig
+
     frame = frame.copy()
+    if spec is not None:
+        for name, param in spec.space.items():
+            if param.when and name in frame:
+                active = frame.apply(lambda row: param.matches(row.to_dict()), axis=1) if len(frame) else []
+                frame[name] = frame[name].where(pd.Series(active, index=frame.index, dtype=bool), None)
     for col in frame.columns:
+        kind = _field_kind(TrialConfig.model_fields[col].annotation) if col in TrialConfig.model_fields else None
         values = frame[col]
-        if values.dtype == object:
-            converted = pd.to_numeric(values, errors="coerce")
-            if converted.notna().sum() == values.notna().sum() and values.notna().any():
+        if kind is None and col in _COUNTS:
+            kind = int
+        if kind is None:
+            converted = pd.to_numeric(values, errors="coerce") if values.dtype == object else values
+            if values.dtype == object and converted.notna().sum() == values.notna().sum() and values.notna().any():
                 values = converted
-        if pd.api.types.is_float_dtype(values) and values.notna().any() and (values.dropna() % 1 == 0).all():
-            values = values.astype("Int64")  # whole numbers (epochs, seeds) with some missing
+            elif values.dtype == object:
+                values = values.astype("string")
+        elif kind is bool:
+            values = values.astype("boolean")
+        elif kind is int:
+            values = pd.to_numeric(values, errors="coerce").round().astype("Int64")
+        elif kind is float:
+            values = pd.to_numeric(values, errors="coerce").astype("Float64")
+        else:
+            values = values.astype("string")
         frame[col] = values
     return frame
+
+
+def _field_kind(annotation) -> type | None:
+    """bool, int, float or str for a trial config field's annotation (``int | None`` is int, a Literal str)."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    if args and typing.get_origin(annotation) is not typing.Literal:
+        return _field_kind(args[0])
+    return annotation if annotation in (bool, int, float, str) else None
 
 
 # Files a results folder holds besides the frames: the report (with its figures) and the study's own records.

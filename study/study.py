@@ -208,7 +208,7 @@ class Study:
         that epoch (a trial's score is its best epoch by the spec's metric, everywhere)."""
         from study.results import typed
 
-        return typed(self.tables()[0])
+        return typed(self.tables()[0], self.spec)
 
     def history(self) -> pd.DataFrame:
         """One row per trial and epoch with every reported metric (``trial_id``, ``inject``, ``epoch``, ...)."""
@@ -231,7 +231,7 @@ class Study:
         whole test split), ``epochs, train_seconds, seconds, params``, and the trial config's fields."""
         from study.results import confirm_frame
 
-        return confirm_frame(self.paths)
+        return confirm_frame(self.paths, self.spec)
 
     def per_image(self) -> pd.DataFrame:
         """One row per confirm run and test image: ``method, config_rank, seed, image_id`` and its scores."""

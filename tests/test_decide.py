@@ -61,8 +61,29 @@ def test_decide_adds_seeds_under_the_plan_and_the_report_says_so(tmp_path, small
     report = (folder / "report" / "report.md").read_text()
     assert "[97.5% CI]" in report
     assert "Not decided after 2 seeds per method, the plan's limit" in report
+    _check_frames(folder)
     _check_export(folder, tmp_path)
     _check_mlflow(folder, tmp_path)
+
+
+def _check_frames(folder: Path) -> None:
+    """`study.load(...)`'s frames type each column as the config types it (issue 21): weight_decay 0.0 is a float,
+    not Int64; a conditional parameter is <NA> where inactive, in every frame; counts are integers."""
+    import pandas as pd
+
+    import study
+
+    loaded = study.load(str(folder))
+    trials, runs, verdict = loaded.trials(), loaded.confirm_runs(), loaded.verdict()
+    for frame in (trials, runs):
+        assert pd.api.types.is_float_dtype(frame["weight_decay"]) and pd.api.types.is_float_dtype(frame["clip"])
+        assert pd.api.types.is_integer_dtype(frame["hidden"]) and pd.api.types.is_bool_dtype(frame["seed_h"])
+        assert pd.api.types.is_integer_dtype(frame["max_len"])  # fixed to 4 here
+        assert pd.api.types.is_string_dtype(frame["cell"])
+        pre = frame[frame["inject"] == "pre"]
+        assert pre["dropout"].isna().all()  # searched only for init: inactive for pre, in both frames
+    assert trials["val_images"].dtype == "Int64" and trials["val_captions"].isna().all()
+    assert pd.api.types.is_integer_dtype(verdict["params"]) and pd.api.types.is_integer_dtype(verdict["epochs"])
 
 
 @pytest.mark.slow
