@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from analysis.effects import NUMERIC_TYPES, lower_is_better  # noqa: E402
 
@@ -171,6 +172,12 @@ def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, me
             if desc["type"] == "loguniform":
                 ax.set_xscale("log")
                 ax.set_xlim(low / 1.15, high * 1.15)
+                # Labels at 1, 2 and 5 per decade (each decade only, past two) as plain numbers: matplotlib's
+                # default labels every minor tick of a one-decade range (3x10^-3 4x10^-3 ...), and they overlap.
+                subs = (1.0, 2.0, 5.0) if math.log10(high / low) <= 2 else (1.0,)
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=6))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())
             else:
                 pad = 0.03 * (high - low)
                 ax.set_xlim(low - pad, high + pad)

@@ -175,7 +175,8 @@ def _anomaly_blocks(runs: pd.DataFrame) -> list[Block]:
     return [("h2", "Anomalies"), ("ul", flagged)] if flagged else []
 
 
-def _seed_blocks(runs: pd.DataFrame, confirmed: pd.DataFrame | None, metric: str) -> list[Block]:
+def _seed_blocks(runs: pd.DataFrame, confirmed: pd.DataFrame | None, metric: str,
+                 order: list[str] | None = None) -> list[Block]:
     """The confirmed configurations (search trial and hyperparameters) and every confirm run's test score."""
     blocks: list[Block] = []
     if confirmed is not None and not confirmed.empty:
@@ -188,6 +189,9 @@ def _seed_blocks(runs: pd.DataFrame, confirmed: pd.DataFrame | None, metric: str
     if not runs.empty and metric in runs:
         seeds = sorted(runs["seed"].unique())
         rows = []
+        rank_of = {m: i for i, m in enumerate(order or [])}  # the registry's order, as every other table
+        runs = runs.sort_values(["method", "config_rank"], key=lambda col: col.map(
+            lambda v: (rank_of.get(v, len(rank_of)), str(v))) if col.name == "method" else col)
         for (method, rank), group in runs.groupby(["method", "config_rank"], sort=False):
             by_seed = group.set_index("seed")[metric]
             rows.append([method, int(rank), *[_x100(by_seed[s]) if s in by_seed else "-" for s in seeds]])
@@ -303,7 +307,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     blocks += _verdict_blocks(verdict, figures["methods"], decision(verdict) if decision else None)
     blocks += _corpus_blocks(runs, list(roles))
     blocks += _anomaly_blocks(runs)
-    blocks += _seed_blocks(runs, confirmed, metric)
+    blocks += _seed_blocks(runs, confirmed, metric, order=list(roles))
     blocks += _effects_blocks(effects, figures)
     blocks.append(("h2", "Examples from the test split"))
     blocks.append(("img", figures["gallery"], "test images with each method's caption") if figures["gallery"]

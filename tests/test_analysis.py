@@ -253,6 +253,36 @@ def test_report_builds_with_real_pngs(tmp_path):
     html = result.html.read_text()
     assert html.count("data:image/png;base64,") == 4 and "competes" in html
     assert "| completed |" in text or "completed" in text
+    # The by-seed table follows the registry's method order, as every other table (it was alphabetical).
+    seed_rows = text.split("of every confirm run, by seed:")[1].strip().split("\n\n")[0].splitlines()[2:]
+    listed = [row.split("|")[1].strip() for row in seed_rows]
+    assert listed == [m for m in method_roles() if m in listed] and len(listed) >= 3
+
+
+def test_hyperparameter_panels_have_no_overlapping_tick_labels(tmp_path, monkeypatch):
+    """A one-decade log axis (lr 5e-4 .. 5e-3) labelled every minor tick: 3x10^-3 and 4x10^-3 overlapped."""
+    from analysis import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    space = {"lr": {"type": "loguniform", "low": 5e-4, "high": 5e-3},
+             "weight_decay": {"type": "loguniform", "low": 1e-6, "high": 1e-2},
+             "dropout": {"type": "uniform", "low": 0.0, "high": 0.6}}
+    rng = np.random.default_rng(0)
+    trials = pd.DataFrame({"inject": ["init", "par"] * 10, "status": "completed",
+                           "lr": np.exp(rng.uniform(np.log(5e-4), np.log(5e-3), 20)),
+                           "weight_decay": np.exp(rng.uniform(np.log(1e-6), np.log(1e-2), 20)),
+                           "dropout": rng.uniform(0, 0.6, 20), "val_CIDEr-D": rng.uniform(0.3, 0.5, 20)})
+    plots.plot_hyperparameters(trials, space, "val_CIDEr-D", tmp_path / "h.png", colors=method_colors())
+    (fig,) = figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_visible() and t.get_text()]
+        assert len(boxes) >= 2, ax.get_title()
+        boxes.sort(key=lambda b: b.x0)
+        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), (ax.get_title(),
+                                                                      [t.get_text() for t in ax.get_xticklabels()])
 
 
 def test_report_with_empty_inputs_says_so(tmp_path):
