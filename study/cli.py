@@ -29,9 +29,24 @@ app.add_typer(cli_trial.app)  # data shapes, features, train, caption: one confi
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level, and show Ray's, Tune's "
+                                      "and MLflow's own output (hidden by default)")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Hide the libraries' chatter from a study's console (Tune's configuration box, its TensorBoard hint and
+    "Wrote the latest version of all result files", MLflow's "Creating initial MLflow database tables", Ray's
+    start-up lines): the study prints its own progress. Set before any of them is imported; ``--verbose``
+    keeps them."""
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, silent at verbose=0
+    os.environ["STUDY_QUIET"] = "1"  # ray.init's own logging level (study.tuning.ray_compat.ensure_ray)
 
 
 # ----- studies -----------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
         note = notes.get("decision")
         console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}" + (f"\n{note}" if note else "")
                       + f"\nreport: {result.path}", highlight=False)
-        console.print(next_steps(study, result.html), highlight=False, soft_wrap=True)
+        console.print(next_steps(study, result.html), highlight=False, soft_wrap=True, markup=False)
     return result.path
 
 

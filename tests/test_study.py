@@ -126,7 +126,16 @@ def resumed_study(tmp_path_factory, small_shapes, small_prepared):
 def test_resume_of_a_killed_driver_runs_the_study_to_its_end(resumed_study):
     proc = resumed_study.resumed
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    assert "finished" in proc.stdout
+    assert "search of study resumable finished" in proc.stdout and "ran to the end" in proc.stdout
+    # One progress display (trials of the total, each method's best) and the per-epoch lines; none of the
+    # libraries' chatter without --verbose (issue 21).
+    console = proc.stdout + proc.stderr
+    assert "search resumable:" in proc.stderr and "/4 trials |" in proc.stderr and "best val_CIDEr-D" in proc.stderr
+    assert "epoch 3/3" in proc.stderr
+    for chatter in ("Configuration for experiment", "View detailed results here", "tensorboard", "TensorBoard",
+                    "Wrote the latest version", "Creating initial MLflow database tables",
+                    "Started a local Ray instance", "Token authentication"):
+        assert chatter not in console, chatter
 
 
 @pytest.mark.slow

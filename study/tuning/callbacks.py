@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,18 +21,62 @@ from study.tuning.trials import diverged_reason, last_line
 # This driver's tracker and printer of each study folder. Tune pickles its callbacks into the experiment state
 # and ``Tuner.restore`` unpickles them; a restored callback attaches to the live tracker of the driver that
 # restored it (whose journal counters are current) rather than to the killed driver's copy.
-_LIVE: dict[str, tuple[StudyTracker, Callable[[str], None], StudySpec]] = {}
+_LIVE: dict[str, tuple[StudyTracker, Callable[[str], None], StudySpec, "SearchProgress"]] = {}
+
+
+class SearchProgress:
+    """The search's one progress display: trials ended of the study's total (and Tune's ETA for the rest), the
+    time budget left, and each method's best score so far; the per-epoch lines print above it."""
+
+    def __init__(self, spec: StudySpec, total: int, ended: int, budget: Path | None, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.spec, self.budget = spec, budget
+        self.best: dict[str, float] = {}
+        self.bar = tqdm(total=total, initial=ended, desc=f"search {spec.name}", unit="trial", disable=not enabled,
+                        dynamic_ncols=True, bar_format="{desc}: {n}/{total} trials |{bar}| {elapsed}<{remaining}"
+                        "{postfix}")
+
+    def write(self, line: str) -> None:
+        if not self.bar.disable:
+            self.bar.write(line, file=sys.stderr)  # above the bar, on the stream the bar draws on
+
+    def result(self, method: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and value == value:
+            old = self.best.get(method)
+            if old is None or (value > old if self.spec.mode == "max" else value < old):
+                self.best[method] = float(value)
+        self._postfix()
+
+    def trial_ended(self) -> None:
+        self.bar.update(1)
+        self._postfix()
+
+    def _postfix(self) -> None:
+        parts = [f"{m} {format_metric(self.spec.metric, v)}" for m, v in self.best.items()]
+        if self.budget is not None and self.spec.search.time_budget_h:
+            left = self.spec.search.time_budget_h * 3600 - read_search_time(self.budget)["used_s"]
+            parts.insert(0, f"budget left {max(left, 0) / 60:.0f} min")
+        self.bar.set_postfix_str(f"best {self.spec.metric}: " + ", ".join(parts) if self.best else
+                                 ", ".join(parts), refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class TrackingCallback(tune.Callback):
-    """Forwards Tune's trial events to the study tracker (all MLflow work happens in study.tracking)."""
+    """Forwards Tune's trial events to the study tracker (all MLflow work happens in study.tracking) and to the
+    search's progress display."""
 
-    def __init__(self, tracker: StudyTracker, spec: StudySpec, echo: Callable[[str], None] | None = None):
+    def __init__(self, tracker: StudyTracker, spec: StudySpec, echo: Callable[[str], None] | None = None,
+                 progress: SearchProgress | None = None):
         self.spec = spec
         self.folder = str(tracker.study_dir)
         self.last_epoch: dict[str, int] = {}
-        # One concise line per event, instead of Tune's tables.
-        _LIVE[self.folder] = (tracker, echo or (lambda line: None), spec)
+        # One concise line per event, instead of Tune's tables: above the progress bar when there is one.
+        if progress is not None and not progress.bar.disable:
+            echo = progress.write
+        _LIVE[self.folder] = (tracker, echo or (lambda line: None), spec, progress)
 
     @property
     def tracker(self) -> StudyTracker:
@@ -40,6 +85,10 @@ class TrackingCallback(tune.Callback):
     @property
     def echo(self) -> Callable[[str], None]:
         return _LIVE[self.folder][1]
+
+    @property
+    def progress(self) -> "SearchProgress | None":
+        return _LIVE[self.folder][3]
 
     def __getstate__(self) -> dict[str, Any]:
         # What Tune pickles: the tracker and the printer stay with the driver (see _LIVE).
@@ -69,12 +118,16 @@ class TrackingCallback(tune.Callback):
         if not self.tracker.trial_result(trial.trial_id, {k: result[k] for k in REPORTED if k in result}, step=epoch):
             return  # a resumed trial's restored epoch, logged before the driver died
         metric = result.get(self.spec.metric)
+        if self.progress is not None:
+            self.progress.result(str(trial.config.get("inject", self.spec.fixed.get("inject", "all"))), metric)
         self.echo(f"{self._name(trial)}  epoch {epoch}/{self.spec.asha.max_epochs}  "
                   f"{self.spec.metric} {format_metric(self.spec.metric, metric)}  "
                   f"val_loss {result.get('val_loss', 0):.3f}  "
                   f"({result.get('epoch_seconds', 0):.1f} s)")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.progress is not None:
+            self.progress.trial_ended()
         diverged = diverged_reason(trial.storage.storage_filesystem, trial.storage.trial_fs_path)
         if diverged:  # ended by its divergence (see trial_function): errored, with its reason, never retried
             self.tracker.trial_finished(trial.trial_id, "errored", diverged, best=(self.spec.metric, self.spec.mode))
@@ -91,6 +144,8 @@ class TrackingCallback(tune.Callback):
         prune_checkpoints(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if self.progress is not None:
+            self.progress.trial_ended()
         reason = error_reason(trial)
         self.tracker.trial_finished(trial.trial_id, "errored", reason, best=(self.spec.metric, self.spec.mode))
         prune_checkpoints(trial)

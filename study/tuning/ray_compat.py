@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections import Counter
 
 import ray
@@ -130,13 +131,16 @@ def ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    # Ray's start-up lines ("Started a local Ray instance", the token notice) only with study --verbose.
+    level = logging.ERROR if os.environ.get("STUDY_QUIET") else logging.INFO
     if address is not None:
-        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env, logging_level=level)
     else:
         cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(address="local", log_to_driver=False, include_dashboard=False, runtime_env=runtime_env)
+            ray.init(address="local", log_to_driver=False, include_dashboard=False, runtime_env=runtime_env,
+                     logging_level=level)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
     stop_on_sigterm()
@@ -149,7 +153,6 @@ def stop_on_sigterm() -> None:
     dump (exit 134) and no chance to say how to resume. This handler, installed after it, re-sends the signal as
     SIGINT to this process: Tune then stops the experiment gracefully (or Python raises KeyboardInterrupt), and
     the CLI exits 143 with the resume hint (``terminated()``)."""
-    import os
     import signal
 
     def as_interrupt(signum, frame) -> None:

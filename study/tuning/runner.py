@@ -26,7 +26,7 @@ from study.provenance import check_dataset_unchanged
 from study.spec import StudySpec
 from study.tracking import StudyTracker, source_tags
 from study.tuning import ray_compat
-from study.tuning.callbacks import SearchTimeBudget, TrackingCallback, read_search_time, trial_name
+from study.tuning.callbacks import SearchProgress, SearchTimeBudget, TrackingCallback, read_search_time, trial_name
 from study.tuning.search import StudySearcher, build_scheduler, export_optuna_studies, total_trials
 from study.tuning.trainable import drop_pruned_checkpoints, remove_lost_trial_folders, trial_function
 from study.tuning.trials import experiment_trials, load_trial_tables
@@ -125,7 +125,14 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, spec=spec, data=data),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    callback = TrackingCallback(tracker, spec, echo)  # before Tuner.restore: its saved copy attaches to this one
+    ended = 0
+    if resume and tune.Tuner.can_restore(paths.tune):
+        ended = sum(t["status"] in ("TERMINATED", "ERROR") for t in experiment_trials(spec))
+    progress_bar = SearchProgress(spec, total_trials(spec), ended,
+                                  paths.search_time if spec.search.time_budget_h else None,
+                                  enabled=progress and echo is not None)
+    # Before Tuner.restore: its saved copy attaches to this one.
+    callback = TrackingCallback(tracker, spec, echo, progress_bar)
     if resume and tune.Tuner.can_restore(paths.tune):
         tuner = tune.Tuner.restore(paths.tune, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -140,6 +147,8 @@ def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, m
         results = tuner.fit()
     except KeyboardInterrupt:
         results = None
+    finally:
+        progress_bar.close()
     table, interrupted = None, True
     if results is not None:
         drop_pruned_checkpoints(spec)
