@@ -177,6 +177,7 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
     tracker.study_tags({"verdict": verdict.verdict, "verdict_text": verdict.text[:4000]},
                        verdict_metrics(verdict))
     tracker.study_artifact(result.path.parent, "report")
+    tracker.finish_study()  # the parent run's end moves to now: its duration covers search, confirm and report
     if console is not None:
         note = notes.get("decision")
         console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}" + (f"\n{note}" if note else "")

@@ -215,7 +215,11 @@ class StudyTracker:
     def study_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._event({"kind": "study_artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
-    def finish_study(self, status: str = "FINISHED") -> None:
+    def finish_study(self, status: str | None = None) -> None:
+        """End the parent run (again: the report ends it once more, so its duration covers the whole study);
+        ``status`` None keeps the one the search ended with."""
+        if status is None:
+            status = next(reversed([e["status"] for e in self.journal.events("study_end")]), "FINISHED")
         self._event({"kind": "study_end", "status": status})
 
     def _event(self, event: dict[str, Any]) -> None:

@@ -172,6 +172,8 @@ def _check_mlflow(folder: Path, tmp_path: Path) -> None:
     # has per-epoch curves like a search trial, and says what made it.
     durations = (confirm["end_time"] - confirm["start_time"]).dt.total_seconds()
     assert (durations > 1).all(), durations
+    # ... and the parent run lasts the whole study: search, confirm runs and report.
+    assert parent.info.end_time >= confirm["end_time"].max().timestamp() * 1000
     assert [m.step for m in client.get_metric_history(one["run_id"], "val_loss")] == [1]
     assert client.get_run(one["run_id"]).data.tags["mlflow.note.content"].startswith("Confirm run: the search's")
     assert "metrics.time/train_seconds" in confirm and "metrics.train_seconds" not in confirm
