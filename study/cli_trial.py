@@ -234,3 +234,31 @@ def caption(
             typer.echo(f"{path}\t{text}")  # tab-separated, for scripts
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+
+
+@app.command()
+def reproduce(
+    export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="a `study export` folder, e.g. results/flickr8k"),
+    run: str = typer.Argument(..., metavar="RUN", help="a confirm run of its confirm_runs.csv, e.g. init-r1-s0"),
+    dataset_root: Optional[Path] = typer.Option(
+        None, help="the folder the spec's relative dataset paths start from (default: EXPORT_DIR; for this "
+        "repository's results/, the search_spaces/ folder)"),
+) -> None:
+    """Retrain one confirm run of an exported study from what the export holds (spec, configuration, seed) and
+    print each test metric beside the committed one with the difference. Refuses, naming both fingerprints, when
+    the data is not the data the study ran on."""
+    from study.reproduce import reproduce as retrain
+
+    try:
+        done = retrain(export_dir, run, dataset_root=dataset_root)
+    except ConfigError as exc:
+        fail(str(exc))
+    table = Table(title=f"{run}: {done.config.run_name}, seed {done.config.seed}, {done.config.epochs} epochs, "
+                        f"beam {done.config.beam_size}, {done.config.precision} (x100)")
+    for column in ("metric", "committed", "reproduced", "difference"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric, committed, reproduced, diff in done.rows():
+        table.add_row(metric, f"{100 * committed:.2f}", f"{100 * reproduced:.2f}", f"{100 * diff:+.4f}")
+    out.print(table)
+    out.print("reproduced exactly: every metric equals the committed one" if done.exact else
+              "not exact: the differences above (other hardware, library versions or precision can move them)")

@@ -128,6 +128,17 @@ def _check_export(folder: Path, tmp_path: Path) -> None:
     origin = json.loads((results / "provenance.json").read_text())
     assert len(origin["search run by commit"]) >= 7 and origin["ray"] == "2.60.0"
 
+    # A reviewer re-checks a committed number with one command (issue 20): the run retrained from what the
+    # export holds gives the same scores to the last digit; other data is refused, naming both fingerprints.
+    again = _study("reproduce", str(results), "init-r1-s0", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reproduced exactly" in again.stdout and "+0.0000" in again.stdout, again.stdout
+    origin_text = (results / "provenance.json").read_text()
+    (results / "provenance.json").write_text(origin_text.replace(origin["dataset fingerprint"], "0" * 64))
+    other = _study("reproduce", str(results), "init-r1-s0", cwd=tmp_path)
+    assert other.returncode == 2 and "is not the one the study ran on" in " ".join(other.stderr.split())
+    (results / "provenance.json").write_text(origin_text)
+
     # The destination: never inside the study, never mixed with other files (issue 22, item 7).
     report = (folder / "report" / "report.md").read_text()
     inside = _study("export", str(folder), str(folder / "report"), cwd=tmp_path)

@@ -1,0 +1,101 @@
+"""``study reproduce EXPORT_DIR RUN``: retrain one confirm run of an exported study and set its scores beside the
+committed ones.
+
+An export (``study export``) holds what a reviewer needs: the spec the study ran (``spec.yaml``), every confirm run's
+configuration and test scores (``confirm_runs.csv``: one row per run, every trial config field as a column; the
+run's seed is ``1000 + seed``, as the confirm stage sets it) and the dataset's fingerprint (``provenance.json``).
+The run is retrained with ``run_trial`` on the same data (refused, naming both fingerprints, when the data differs),
+the test split decoded with the run's beam and scored with the full coco-caption suite, and each metric printed
+beside the committed one with the difference. A run of a study from before the precision setting trained in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from study.config import ConfigError, TrialConfig
+from study.spec import load_spec
+
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+
+
+@dataclass
+class Reproduction:
+    run: str
+    config: TrialConfig
+    committed: dict[str, float]  # metric -> score on the 0..1 scale, as the export holds it
+    reproduced: dict[str, float]
+
+    def rows(self) -> list[tuple[str, float, float, float]]:
+        """(metric, committed, reproduced, reproduced - committed) of every metric both have."""
+        return [(m, self.committed[m], self.reproduced[m], self.reproduced[m] - self.committed[m])
+                for m in METRICS if m in self.committed and m in self.reproduced
+                and not math.isnan(self.committed[m])]
+
+    @property
+    def exact(self) -> bool:
+        return all(diff == 0 for *_, diff in self.rows())
+
+
+def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> tuple[TrialConfig, dict, str, int]:
+    """(the run's trial config, its committed scores, the export's dataset fingerprint, the CPU threads it trained
+    with). ``dataset_root``: the folder the spec's relative dataset paths are taken from (default: the export
+    folder)."""
+    export_dir = Path(export_dir)
+    for name in ("spec.yaml", "confirm_runs.csv", "provenance.json"):
+        if not (export_dir / name).is_file():
+            raise ConfigError(f"{export_dir} is not a study export: it has no {name} (made by `study export`)")
+    runs = pd.read_csv(export_dir / "confirm_runs.csv")
+    row = runs[runs["run"] == run]
+    if row.empty:
+        raise ConfigError(f"{export_dir / 'confirm_runs.csv'} has no run {run!r}; its runs: "
+                          f"{', '.join(runs['run'])}")
+    row = row.iloc[0]
+    try:
+        spec = load_spec(export_dir / "spec.yaml", base=dataset_root or export_dir, storage=str(export_dir))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}\n(the spec's relative dataset paths are taken from {dataset_root or export_dir}: "
+                          "pass --dataset-root with the folder they start from, e.g. the search_spaces/ folder "
+                          "the study was run from)") from None
+    fields = set(TrialConfig.model_fields) - {"dataset", "seed"}
+    values = {k: _plain(row[k]) for k in fields if k in row and not pd.isna(row[k])}
+    values.setdefault("precision", "fp32")  # studies from before the precision setting trained in fp32
+    cfg = TrialConfig(**values, dataset=spec.dataset, seed=1000 + int(row["seed"]))
+    provenance = json.loads((export_dir / "provenance.json").read_text())
+    threads = max(1, int(spec.resources.cpu))  # a confirm run's Ray task has as many (float sums depend on it)
+    return cfg, {m: float(row[m]) for m in METRICS if m in row}, str(provenance.get("dataset fingerprint")), threads
+
+
+def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, progress: bool = True) -> Reproduction:
+    """Retrain ``run`` of the export and score it as the confirm stage does."""
+    from study.data.prepare import TokenSetting, prepare
+    from study.evaluation import score_split
+    from study.registry import any_needs_grid
+    from study.training import run_trial
+
+    import torch
+
+    cfg, committed, fingerprint, threads = run_config(export_dir, run, dataset_root)
+    torch.set_num_threads(threads)
+    data = prepare(cfg.dataset, [TokenSetting.of(cfg)], need_grid=any_needs_grid([cfg.inject]), progress=progress)
+    if data.info["dataset_fingerprint"] != fingerprint:
+        raise ConfigError(f"the dataset at {data.info.get('dataset_json', data.info['dataset'])} is not the one the "
+                          f"study ran on: its fingerprint is {data.info['dataset_fingerprint']}, the export's "
+                          f"provenance.json says {fingerprint}")
+    with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
+        result = run_trial(cfg, data, work_dir=Path(tmp), progress=progress)
+    test = score_split(result["model"], cfg, data, "test", beam_size=cfg.beam_size, full=True)
+    return Reproduction(run, cfg, committed, dict(test.scores))
+
+
+def _plain(value):
+    """A CSV cell as the config field wants it (numpy scalars to Python; booleans read back as booleans)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
