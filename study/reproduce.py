@@ -74,12 +74,12 @@ def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> 
 
 def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, progress: bool = True) -> Reproduction:
     """Retrain ``run`` of the export and score it as the confirm stage does."""
+    import torch
+
     from study.data.prepare import TokenSetting, prepare
     from study.evaluation import score_split
     from study.registry import any_needs_grid
     from study.training import run_trial
-
-    import torch
 
     cfg, committed, fingerprint, threads = run_config(export_dir, run, dataset_root)
     torch.set_num_threads(threads)
