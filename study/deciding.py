@@ -191,8 +191,9 @@ def next_steps(study: "Study", html: Path | None) -> str:
     lines = []
     if html is not None:
         lines.append(f"report (one page, figures inside): {html}")
-    lines.append(f"MLflow UI:   mlflow ui --backend-store-uri {study.tracking_uri}   (then http://127.0.0.1:5000, "
-                 f"experiment {study.experiment})")
+    # ?workflowType=machine_learning: MLflow 3 opens an experiment in its GenAI view (an empty Overview) else.
+    lines.append(f"MLflow UI:   mlflow ui --backend-store-uri {study.tracking_uri}   then "
+                 f"http://127.0.0.1:5000/#/experiments/{study.experiment_id() or 1}?workflowType=machine_learning")
     if study.paths.optuna_db.is_file():
         lines.append(f"Optuna:      optuna-dashboard sqlite:///{study.paths.optuna_db.resolve()}   "
                      "(pip install 'caption-study[ui]')")

@@ -91,6 +91,16 @@ class Study:
     def experiment(self) -> str:
         return self.spec.tracking.experiment or self.spec.name
 
+    def experiment_id(self) -> str | None:
+        """The study's MLflow experiment id (for the UI's address), or None when the store cannot say."""
+        try:
+            from mlflow.tracking import MlflowClient
+
+            found = MlflowClient(self.tracking_uri).get_experiment_by_name(self.experiment)
+        except Exception:  # a server that is down: the address is only a convenience
+            return None
+        return found.experiment_id if found else None
+
     def tracker(self) -> "StudyTracker":
         from study.tracking import StudyTracker
 

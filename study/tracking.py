@@ -70,10 +70,6 @@ def source_tags(source: str, description: str = "") -> dict[str, str]:
 CONFIRM_PREFIX = "confirm/"  # mlflow_runs.json keys of confirm runs (the rest are Tune trial ids)
 
 
-# MLflow 3's UI opens an experiment of unknown kind in its GenAI view (an empty Overview); this tag, the one its
-# own "experiment type" switch writes, opens a study in the training view (runs, charts, parameters).
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-
 # Seconds and throughput go under one prefix, so a run page opens on the scores (val_CIDEr-D ...) rather than on
 # timings; the epoch is every metric's step, not a metric of its own.
 TIMINGS = frozenset({"train_seconds", "epoch_seconds", "data_seconds", "val_loss_seconds", "decode_seconds",
@@ -293,14 +289,11 @@ class StudyTracker:
         exp = client.get_experiment_by_name(self.experiment)
         if exp is not None:
             self._exp_id = exp.experiment_id
-            if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # made before the tag, or by hand
-                client.set_experiment_tag(self._exp_id, *EXPERIMENT_KIND)
             return self._exp_id
         artifacts = None
         if "://" not in self.uri or self.uri.startswith("sqlite:"):
             artifacts = (self.study_dir / "mlartifacts").resolve().as_uri()
-        self._exp_id = client.create_experiment(self.experiment, artifact_location=artifacts,
-                                                tags=dict([EXPERIMENT_KIND]))
+        self._exp_id = client.create_experiment(self.experiment, artifact_location=artifacts)
         return self._exp_id
 
     def _remember(self, key: str, run_id: str) -> None:
@@ -394,7 +387,7 @@ class StudyTracker:
             client.update_run(self.runs[key], status="RUNNING")
             return
         run = client.create_run(
-            self._experiment_id(client), run_name=event["name"],
+            self._experiment_id(client), run_name=event["name"], start_time=event.get("time"),
             tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "trial",
                   "trial_id": key, **event.get("tags", {})})
         self._remember(key, run.info.run_id)
@@ -421,7 +414,7 @@ class StudyTracker:
         now = int(time.time() * 1000)
         client.log_batch(run_id, tags=tags, metrics=[Metric(k, float(v), now, 0)
                                                      for k, v in event.get("summary", {}).items()])
-        client.set_terminated(run_id, STATUS_TO_MLFLOW.get(event["status"], "FINISHED"))
+        client.set_terminated(run_id, STATUS_TO_MLFLOW.get(event["status"], "FINISHED"), end_time=event.get("time"))
 
     def _send_trial_discard(self, client, event: dict[str, Any]) -> None:
         for key in event["trials"]:

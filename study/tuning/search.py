@@ -293,6 +293,7 @@ def export_optuna_studies(spec: StudySpec) -> Path | None:
         study = optuna.create_study(study_name=f"{spec.name}.{key}", storage=storage,
                                     direction="maximize" if spec.mode == "max" else "minimize")
         study.set_user_attr("metric", spec.metric)  # what each value is (the trial's best epoch)
+        study.set_metric_names([spec.metric])  # the dashboard's axis says val_CIDEr-D, not "Objective 0"
         mine = trials[(trials[list(fixed)] == pd.Series(fixed)).all(axis=1)] if fixed else trials
         for _, row in mine.iterrows():
             frozen = _frozen_trial(spec, fixed, row, history, times.get(row["trial_id"]), runs)
