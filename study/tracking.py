@@ -70,17 +70,18 @@ def source_tags(source: str, description: str = "") -> dict[str, str]:
 CONFIRM_PREFIX = "confirm/"  # mlflow_runs.json keys of confirm runs (the rest are Tune trial ids)
 
 
-# Seconds and throughput go under one prefix, so a run page opens on the scores (val_CIDEr-D ...) rather than on
-# timings; the epoch is every metric's step, not a metric of its own.
+# Seconds and throughput go under MLflow's system/ prefix: the run page's "Model metrics" tab then holds the scores
+# and losses alone (a prefix of our own, time/, was drawn as a section above them), and the timings sit in
+# "System metrics". The epoch is every metric's step, not a metric of its own.
 TIMINGS = frozenset({"train_seconds", "epoch_seconds", "data_seconds", "val_loss_seconds", "decode_seconds",
                      "metric_seconds", "tokens_per_second", "seconds"})
 
 
 def mlflow_metric(name: str) -> str | None:
-    """The MLflow name of a reported metric: ``time/<name>`` for timings, None for ``epoch`` (the step)."""
+    """The MLflow name of a reported metric: ``system/<name>`` for timings, None for ``epoch`` (the step)."""
     if name == "epoch":
         return None
-    return f"time/{name}" if name in TIMINGS else name
+    return f"system/{name}" if name in TIMINGS else name
 
 
 def _client(uri: str):

@@ -187,7 +187,7 @@ def _check_mlflow(folder: Path, tmp_path: Path) -> None:
     assert parent.info.end_time >= confirm["end_time"].max().timestamp() * 1000
     assert [m.step for m in client.get_metric_history(one["run_id"], "val_loss")] == [1]
     assert client.get_run(one["run_id"]).data.tags["mlflow.note.content"].startswith("Confirm run: the search's")
-    assert "metrics.time/train_seconds" in confirm and "metrics.train_seconds" not in confirm
+    assert "metrics.system/train_seconds" in confirm and "metrics.train_seconds" not in confirm
     assert {a.path for a in client.list_artifacts(one["run_id"])} == {
         f"{one['tags.mlflow.runName'].removeprefix('confirm-')}{ext}" for ext in (".json", ".per_image.csv", ".pt")}
 
