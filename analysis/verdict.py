@@ -307,7 +307,7 @@ def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, bes
               f"compete with {best_other}.")
     else:
         s += (f"The interval straddles -{x100(margin)}, the equivalence margin: the data cannot yet tell "
-              f"whether {target} is within the margin; more seeds (or test images) would narrow it.")
+              f"whether {target} is within the margin (the decision note says whether more seeds could decide it).")
     for floor in floors:
         if floor in table.index and not math.isnan(table.loc[floor, metric]):
             s += (f" Without any image ({floor}) the decoder reaches {x100(table.loc[floor, metric])}, so the "
