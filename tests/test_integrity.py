@@ -31,7 +31,7 @@ from tests.test_spec import assert_spec_refused
      ["space.attention_dim.when.inject", "atention"]),
     (SPEC.replace("fixed: {cell: lstm}", "fixed: {cell: lstm, layers: 1}").replace(
         "when: {inject: attention}", "when: {layers: 2}"), ["when.layers", "fixed to 1"]),
-    (SPEC.replace("when: {inject: attention}", "when: {lr: 0.5}"), ["when.lr", "outside the range"]),
+    (SPEC.replace("when: {inject: attention}", "when: {lr: 0.5}"), ["when.lr", "drawn from a continuous range"]),
 ])
 def test_metric_mode_and_when_values_are_checked_when_the_spec_loads(tmp_path, text, needles):
     path = tmp_path / "spec.yaml"
