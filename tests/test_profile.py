@@ -53,7 +53,8 @@ def test_val_captions_scores_the_first_captions_only(small_shapes, small_prepare
     same numbers the full-split code gives on those captions."""
     cfg = TrialConfig(dataset=small_shapes, inject="init", hidden=48, embed=32, min_count=1, epochs=1,
                       batch_size=40, val_images=10, val_captions=23)
-    epoch = run_trial(cfg, small_prepared, work_dir=tmp_path, progress=False)["epochs"][0]
+    result = run_trial(cfg, small_prepared, work_dir=tmp_path, progress=False)
+    epoch = result["epochs"][0]
     state = load_checkpoint(tmp_path / "checkpoint")
     tokens = small_prepared.tokens_for(cfg)
     model = build_captioner(cfg, len(tokens.vocab), small_prepared.feature_dim, small_prepared.feature_stats)
@@ -62,7 +63,8 @@ def test_val_captions_scores_the_first_captions_only(small_shapes, small_prepare
     val = small_prepared.images["val"]
     every = SplitTensors.of(tokens.splits["val"], val.rows)
     first = SplitTensors(every.ids[:23], every.lengths[:23], every.feature_rows[:23])
-    loss, nats = validation_loss(model, first, features, torch.device("cpu"), cfg.batch_size)
+    # Under the precision the trial resolved (bf16 on a CPU with AVX512-BF16, as the trial validated).
+    loss, nats = validation_loss(model, first, features, torch.device("cpu"), cfg.batch_size, result["precision"])
     assert epoch["val_loss"] == pytest.approx(loss)
     chars = sum(len(normalize(c)) + 1 for c in [c for refs in val.references for c in refs][:23])
     assert epoch["val_bpc"] == pytest.approx(nats / math.log(2) / chars)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +294,9 @@ def export_optuna_studies(spec: StudySpec) -> Path | None:
         study = optuna.create_study(study_name=f"{spec.name}.{key}", storage=storage,
                                     direction="maximize" if spec.mode == "max" else "minimize")
         study.set_user_attr("metric", spec.metric)  # what each value is (the trial's best epoch)
-        study.set_metric_names([spec.metric])  # the dashboard's axis says val_CIDEr-D, not "Objective 0"
+        with warnings.catch_warnings():  # "experimental since 3.2", stable in use since; the warning is noise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])  # the dashboard's axis says val_CIDEr-D, not "Objective 0"
         mine = trials[(trials[list(fixed)] == pd.Series(fixed)).all(axis=1)] if fixed else trials
         for _, row in mine.iterrows():
             frozen = _frozen_trial(spec, fixed, row, history, times.get(row["trial_id"]), runs)
