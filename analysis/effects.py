@@ -27,6 +27,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from analysis.metric_table import lower_is_better
+
 NUMERIC_TYPES = ("uniform", "loguniform", "int", "quniform")
 EDGE_FRACTION = 0.10
 # Side questions of the seed project, with the words used for each value.
@@ -35,12 +37,6 @@ QUESTIONS = {
     "cell": ("LSTM vs GRU vs peephole LSTM", {"lstm": "LSTM (fused)", "gru": "GRU (fused)",
                                               "lstm_peephole": "peephole LSTM"}),
 }
-
-
-def lower_is_better(metric: str) -> bool:
-    """Losses and bits per character are minimised; caption metrics maximised."""
-    name = metric.lower()
-    return "loss" in name or "bpc" in name or "perplexity" in name
 
 
 @dataclass

@@ -25,7 +25,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from analysis.effects import NUMERIC_TYPES, lower_is_better  # noqa: E402
+from analysis.effects import NUMERIC_TYPES  # noqa: E402
+from analysis.metric_table import lower_is_better  # noqa: E402
 
 DPI = 110
 
@@ -141,6 +142,18 @@ def plot_learning_curves(history: pd.DataFrame, trials: pd.DataFrame | None, met
     return _save(fig, path)
 
 
+def _log_axis(ax, low: float, high: float) -> None:
+    """A log x axis over [low, high] with labels at 1, 2 and 5 per decade (each decade only, past two) as plain
+    numbers: matplotlib's default labels every minor tick of a one-decade range (3x10^-3 4x10^-3 ...), and they
+    overlap."""
+    ax.set_xscale("log")
+    ax.set_xlim(low / 1.15, high * 1.15)
+    subs = (1.0, 2.0, 5.0) if math.log10(high / low) <= 2 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=6))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, metric: str, path: Path, *,
                          colors: Mapping[str, str]) -> Path | None:
     """One panel per varied parameter: metric vs value (scatter, log x for loguniform; strips for choices).
@@ -170,14 +183,7 @@ def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, me
             low, high = float(desc["low"]), float(desc["high"])
             # The x axis spans the searched range, so points bunched at an edge are visible as such.
             if desc["type"] == "loguniform":
-                ax.set_xscale("log")
-                ax.set_xlim(low / 1.15, high * 1.15)
-                # Labels at 1, 2 and 5 per decade (each decade only, past two) as plain numbers: matplotlib's
-                # default labels every minor tick of a one-decade range (3x10^-3 4x10^-3 ...), and they overlap.
-                subs = (1.0, 2.0, 5.0) if math.log10(high / low) <= 2 else (1.0,)
-                ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=6))
-                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.xaxis.set_minor_formatter(NullFormatter())
+                _log_axis(ax, low, high)
             else:
                 pad = 0.03 * (high - low)
                 ax.set_xlim(low - pad, high + pad)

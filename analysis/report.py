@@ -29,11 +29,12 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import plots
-from analysis.effects import Effects, compute_effects, lower_is_better
+from analysis.effects import Effects, compute_effects
+from analysis.metric_table import MEAN_OVER_IMAGES, describe_metric, format_metric, lower_is_better
 from analysis.render import Block, to_html, to_markdown
 from analysis.scores import corpus_rows, corpus_scores
 from analysis.scores import x100 as _x100
-from analysis.verdict import METRICS, PRIMARY, Verdict, compute_verdict
+from analysis.verdict import PRIMARY, Verdict, compute_verdict
 
 QUESTION = (
     "A 2015 term project proposed the simplest encoder-decoder captioner: a frozen ImageNet CNN encodes the "
@@ -82,7 +83,7 @@ def _verdict_blocks(verdict: Verdict, image: Path | None, decision: str | None =
         return blocks + [("p", f"**{verdict.verdict}**. {verdict.text}")]
     blocks.append(("p", f"**{verdict.target} {verdict.verdict}** (equivalence margin {_x100(verdict.margin)} "
                         f"{verdict.metric} points). {verdict.text}"))
-    metrics = [m for m in METRICS if m in verdict.table and not verdict.table[m].isna().all()]
+    metrics = [m for m in MEAN_OVER_IMAGES if m in verdict.table and not verdict.table[m].isna().all()]
     level = f"{100 * verdict.level:.4g}%"
     header = ["method", "config", "seeds", "images"] + [f"{m} [{level} CI]" for m in metrics] + [
         "params (M)", "train s / run", "epochs"]
@@ -184,7 +185,7 @@ def _seed_blocks(runs: pd.DataFrame, confirmed: pd.DataFrame | None, metric: str
         blocks += [("h2", "Confirmed configurations"),
                    ("p", "Each method's best search trials on validation, retrained in the confirm stage:"),
                    ("table", ["method", "rank", *cols],
-                    [[r["method"], int(r["config_rank"]), *[_plain(r[c]) for c in cols]]
+                    [[r["method"], int(r["config_rank"]), *[_plain(r[c], c) for c in cols]]
                      for _, r in confirmed.iterrows()])]
     if not runs.empty and metric in runs:
         seeds = sorted(runs["seed"].unique())
@@ -200,7 +201,10 @@ def _seed_blocks(runs: pd.DataFrame, confirmed: pd.DataFrame | None, metric: str
     return blocks
 
 
-def _plain(value) -> str:
+def _plain(value, column: str = "") -> str:
+    """A table cell: a metric as the display rule prints it (``analysis.metric_table``), else the value."""
+    if isinstance(value, float) and describe_metric(column) is not None:
+        return format_metric(column, value)
     if isinstance(value, float):
         return "-" if value != value else f"{value:.4g}"  # NaN: a conditional parameter not sampled
     return "-" if value is None else str(value)

@@ -4,8 +4,8 @@ BLEU and METEOR are corpus statistics: coco-caption pools n-gram counts (BLEU) o
 (METEOR) over the whole test set before taking one score, so the mean of the per-image (sentence-level) scores
 is a different, much lower number (on Flickr8k test: sentence BLEU-4 averages 10.9 where the corpus BLEU-4 of
 the same captions is 20.8). The verdict's bootstrap resamples images, so it only uses metrics whose corpus
-score *is* the mean over images (``analysis.verdict.METRICS``); this table is where every metric is printed
-the way the literature reports it. Pure: a frame in, a frame out.
+score *is* the mean over images (``analysis.metric_table.MEAN_OVER_IMAGES``); this table is where every metric is
+printed the way the literature reports it. Pure: a frame in, a frame out.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-# The coco-caption metrics a confirm run records, in the order papers print them.
-CORPUS_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+from analysis.metric_table import CORPUS_METRICS, format_metric
 
 
 def corpus_scores(runs: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
@@ -38,7 +37,7 @@ def corpus_scores(runs: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame
 
 def x100(value: float | None) -> str:
     """A 0..1 score as papers print it: x100, one decimal; ``n/a`` when missing."""
-    return "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}"
+    return format_metric("CIDEr-D", value, missing="n/a")  # every score prints as CIDEr-D does
 
 
 def corpus_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:

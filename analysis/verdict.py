@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.metric_table import MEAN_OVER_IMAGES
 from analysis.scores import x100
 
-# The metrics whose test-set score is the mean of its per-image scores (coco-caption averages CIDEr-D and ROUGE-L
-# over images), so resampling images resamples the score itself. BLEU and METEOR pool counts over the corpus
-# first: their per-image mean is another, lower number (see ``analysis.scores``, which prints them as papers do).
-METRICS = ("CIDEr-D", "ROUGE-L")
+# The verdict compares metrics whose test-set score is the mean of its per-image scores (coco-caption averages
+# CIDEr-D and ROUGE-L over images), so resampling images resamples the score itself. BLEU and METEOR pool counts
+# over the corpus first: their per-image mean is another, lower number (``analysis.scores`` prints them).
 PRIMARY = "CIDEr-D"
 # The roles a method can have in the verdict (the registry assigns them).
 TARGET = "target"  # the method the question asks about (init)
@@ -89,7 +89,7 @@ class Verdict:
             "n_boot": self.n_boot, "text": self.text,
         }
         for method, row in self.table.iterrows():
-            for metric in METRICS:
+            for metric in MEAN_OVER_IMAGES:
                 if metric in row and not pd.isna(row[metric]):
                     out[f"{method}.{metric}"] = float(row[metric])
                     out[f"{method}.{metric}_lo"] = float(row[f"{metric}_lo"])
@@ -171,12 +171,20 @@ def _split_roles(roles: Mapping[str, str]) -> tuple[str, list[str], list[str]]:
     return (targets[0], [m for m, r in roles.items() if r == COMPETITOR], [m for m, r in roles.items() if r == FLOOR])
 
 
+def _check_arguments(margin: float, metric: str) -> None:
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0 (0..1 scale), got {margin}")
+    if metric not in MEAN_OVER_IMAGES:
+        raise ValueError(f"the verdict's metric must be the mean of per-image scores, one of "
+                         f"{', '.join(MEAN_OVER_IMAGES)}; {metric} is a corpus statistic (see analysis.scores)")
+
+
 def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *, roles: Mapping[str, str],
                     margin: float = 0.02, metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0,
                     level: float = 0.95, resample_seeds: bool = True) -> Verdict:
     """Per-method means with ``level`` intervals, ``target - best competitor`` with its paired interval, the verdict.
 
-    ``per_image`` columns: ``method, config_rank, seed, image_id`` and the metrics in ``METRICS`` (0..1;
+    ``per_image`` columns: ``method, config_rank, seed, image_id`` and the metrics in ``MEAN_OVER_IMAGES`` (0..1;
     missing metrics or NaN values are allowed; other columns are ignored).
     ``roles``: ``{method: "target" | "competitor" | "floor"}``
     in display order, one target. Each method is represented by its lowest ``config_rank`` (the search's best
@@ -185,11 +193,7 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     sequential plan's per-look level (see ``analysis.sequential``); ``resample_seeds=False`` resamples test
     images only (the image part of the variance, for projecting how many seeds a decision needs).
     """
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0 (0..1 scale), got {margin}")
-    if metric not in METRICS:
-        raise ValueError(f"the verdict's metric must be the mean of per-image scores, one of {', '.join(METRICS)}; "
-                         f"{metric} is a corpus statistic (see analysis.scores)")
+    _check_arguments(margin, metric)
     target, competitors, floors = _split_roles(roles)
     notes: list[str] = []
     empty = pd.DataFrame(columns=["config_rank", "seeds", "images"])
@@ -202,7 +206,7 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     if missing:
         raise ValueError(f"per_image lacks columns {sorted(missing)}; it has {sorted(per_image.columns)}")
     per_image = per_image if "config_rank" in per_image else per_image.assign(config_rank=1)
-    metrics = [m for m in dict.fromkeys([metric, *METRICS]) if m in per_image.columns]
+    metrics = [m for m in dict.fromkeys([metric, *MEAN_OVER_IMAGES]) if m in per_image.columns]
 
     chosen, ranks, images = _paired_images(per_image, notes)
     if images.size == 0:

@@ -39,8 +39,11 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 
 from study import tuning  # noqa: E402
+from study.context import StudyContext  # noqa: E402
+from study.mlflow_store import MlflowStore  # noqa: E402
 from study.spec import load_spec  # noqa: E402
 from study.tracking import StudyTracker  # noqa: E402
+from study.trial_tables import load_trial_tables  # noqa: E402
 from study.tuning import callbacks, ray_compat, runner  # noqa: E402
 
 FIXED = {"cell": "lstm", "layers": 1, "tokens": "word", "min_count": 1, "embed": 32, "hidden": 64,
@@ -94,26 +97,26 @@ def run(folder: Path, name: str, *, dataset: dict, fixed: dict, space: dict, tri
     EVENTS["t0"] = time.time()
     t0 = time.perf_counter()
     try:
-        outcome = tuning.run_study(spec, path, progress=False, verbose=0)
+        outcome = tuning.run_study(StudyContext.from_spec(spec, path), progress=False, verbose=0)
         EVENTS["returned"] = time.time()
     finally:
         tuning.shutdown()
     return outcome, spec, time.perf_counter() - t0
 
 
-SENDS: dict[str, list[float]] = {}  # seconds of StudyTracker._send per event kind
+SENDS: dict[str, list[float]] = {}  # seconds of MlflowStore.send per event kind
 
 
-def _timed_send(self, client, event):
+def _timed_send(self, event):
     t0 = time.perf_counter()
     try:
-        return _original_send(self, client, event)
+        return _original_send(self, event)
     finally:
         SENDS.setdefault(event["kind"], []).append(time.perf_counter() - t0)
 
 
-_original_send = StudyTracker._send
-StudyTracker._send = _timed_send  # measure only; the tracker's behaviour is unchanged
+_original_send = MlflowStore.send
+MlflowStore.send = _timed_send  # measure only; the store's behaviour is unchanged
 
 STEPS: dict[str, list[float]] = {}  # seconds of the driver-side steps of run_study, in call order
 
@@ -197,7 +200,8 @@ def bench_overhead(args) -> None:
 
 # ----- MLflow micro-benchmark --------------------------------------------------------------------------
 def bench_mlflow(args) -> None:
-    from study.tracking import StudyTracker, sqlite_uri
+    from study.paths import sqlite_uri
+    from study.tracking import StudyTracker
 
     metrics = {"train_loss": 2.5, "val_loss": 2.7, "val_bpc": 1.1, "val_CIDEr-D": 0.3, "val_BLEU-4": 0.1,
                "current_lr": 1e-3, "train_seconds": 3.0, "epoch_seconds": 3.5, "tokens_per_second": 9000.0,
@@ -334,7 +338,7 @@ def bench_asha(args) -> None:
             outcome, spec, wall = run(Path(tmp), "asha", dataset=dataset, space=space,
                                       fixed={k: v for k, v in FIXED.items() if k != "hidden"},
                                       trials=args.trials, epochs=args.epochs, asha=asha)
-            _, history = tuning.load_trial_tables(spec)
+            _, history = load_trial_tables(spec)
         runs[label] = (outcome, spec, wall, history)
     (fifo, spec, _, fifo_hist), (asha_out, _, _, asha_hist) = runs["no stopping"], runs["ASHA"]
     same = _configs(fifo, spec) == _configs(asha_out, spec)

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from analysis.metric_table import format_metric
 from study.checkpoints import load_checkpoint
 from study.config import checkpoint_config
 from study.data.prepare import TokenSetting, prepare
 from study.evaluation import FeatureSource, SplitTensors, score_split, validation_loss
 from study.models import build_captioner
-from study.spec import format_metric
 from study.training import length_bucketed_batches
 
 

@@ -185,7 +185,8 @@ def measure_mlflow_costs(results: int = 40) -> dict[str, float]:
     """Seconds per tracked event, by kind, on a fresh sqlite store (the store's creation not counted)."""
     import mlflow  # noqa: F401  (it sets its loggers' levels when imported)
 
-    from study.tracking import StudyTracker, sqlite_uri
+    from study.paths import sqlite_uri
+    from study.tracking import StudyTracker
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "creating tables" lines
     metrics = {k: 1.0 for k in ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "current_lr",

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from analysis.metric_table import format_metric
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
 from study.evaluation import score_split
 from study.registry import METHODS
-from study.spec import format_metric
 from study.training import run_trial
 
 

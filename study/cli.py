@@ -96,7 +96,7 @@ def run(
     study = Study.from_spec(spec, spec_path)
     if new and study.exists():
         existing = study
-        study = study.fresh()
+        study = study.as_new_study()
         out.print(f"study {existing.name} exists at {existing.paths.root}; starting a new study {study.name} "
                   f"beside it, in {study.paths.root}", highlight=False)
     _run_and_summarise(study, address, max_concurrent, resume=False, report=report)

@@ -74,7 +74,7 @@ def features(
 
 # ----- one trial ---------------------------------------------------------------------------------------
 def _epoch_table(history: list[dict]) -> Table:
-    from study.spec import format_metric
+    from analysis.metric_table import format_metric
 
     metrics = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4")
     table = Table(title="epochs", show_lines=False)
@@ -155,9 +155,9 @@ def train(
     overwrite: bool = typer.Option(False, help="replace the run already in --out"),
 ) -> None:
     """Train one configuration without Ray (the same loop the Tune trainable runs)."""
+    from analysis.metric_table import format_metric
     from study.checkpoints import CheckpointError, copy_checkpoint
     from study.config import load_trial_config
-    from study.spec import format_metric
     from study.training import TrialDiverged, run_trial, write_metrics
 
     if epochs is not None and epochs < 1:  # `--epochs 0` was once ignored; it would train nothing
@@ -211,7 +211,7 @@ def _train_data(cfg, out_dir: Path, *, remove_if_failed: bool, device: str | Non
 
 def _print_epoch(metrics: dict) -> None:
     """One line per epoch of `study train`: losses, bits per char, the validation metrics, seconds."""
-    from study.spec import format_metric
+    from analysis.metric_table import format_metric
 
     shown = ("train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4")
     console.print(f"epoch {metrics['epoch']:>3}: " + "  ".join(

@@ -9,7 +9,7 @@
 4. ``log_confirm_runs`` gives MLflow each confirm run as a child run (``kind=confirm``: parameters, test metrics,
    per-image scores, captions and checkpoint as artifacts).
 
-The verdict, the report and ``study decide`` read these files: see ``study.deciding``.
+The verdict, the report and ``study decide`` read these files: see ``study.reporting`` and ``study.deciding``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -25,6 +25,9 @@ from study.config import TrialConfig
 from study.files import atomic_write_bytes, atomic_write_json
 from study.paths import StudyPaths
 from study.spec import StudySpec
+
+if TYPE_CHECKING:
+    from study.context import StudyContext
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,20 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
             "seconds": time.perf_counter() - t0, "checkpoint": checkpoint}
 
 
+def confirm_stage(ctx: "StudyContext", *, address: str | None = None, progress: bool = True,
+                  runs: list[tuple[str, int, int, TrialConfig]] | None = None) -> Path:
+    """``Study.confirm``: the missing confirm runs on Ray (a local Ray unless ``address``), shut down after."""
+    from study import tuning
+
+    trials, _ = ctx.tables()
+    data = ctx.data(progress=progress)
+    tuning.ensure_ray(address)
+    try:
+        return run_confirm(ctx.spec, ctx.paths, trials, data, progress=progress, runs=runs)
+    finally:
+        tuning.shutdown()
+
+
 def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, *, progress: bool = True,
                 runs: list[tuple[str, int, int, TrialConfig]] | None = None) -> Path:
     """Run every missing confirm run (default: the spec's) as a Ray task; write each result as it finishes."""
@@ -176,20 +193,27 @@ def set_aside_if_stale(paths: StudyPaths, name: str, cfg: TrialConfig) -> bool:
     return True
 
 
+def per_image_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One confirm result's per-image scores, one row per image: ``method, config_rank, seed, image_id`` and each
+    per-image metric (``analysis.metric_table.PER_IMAGE``, NaN where the run has none, e.g. METEOR without Java).
+    The one reader of the ``per_image`` block: the verdict, the report and ``Study.per_image`` all use it."""
+    from analysis.metric_table import PER_IMAGE
+
+    scores = result["per_image"]
+    names = list(dict.fromkeys([*PER_IMAGE, *scores]))
+    return [{"method": result["method"], "config_rank": result["config_rank"], "seed": result["seed"],
+             "image_id": int(image_id), **{m: scores.get(m, {}).get(image_id, float("nan")) for m in names}}
+            for image_id in sorted({k for d in scores.values() for k in d}, key=int)]
+
+
 def load_confirm(paths: StudyPaths, data) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(per_image, runs, gallery) frames for the analysis from the confirm folder."""
-    per_image_rows, run_rows, gallery_rows = [], [], []
+    image_rows, run_rows, gallery_rows = [], [], []
     test = data.images["test"]
     for path in paths.confirm_results():
         result = json.loads(path.read_text())
         method, rank, seed = result["method"], result["config_rank"], result["seed"]
-        metrics = result["per_image"]
-        ids = sorted({k for d in metrics.values() for k in d}, key=int)
-        for image_id in ids:
-            row = {"method": method, "config_rank": rank, "seed": seed, "image_id": int(image_id)}
-            for name in ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"):
-                row[name] = metrics.get(name, {}).get(image_id, float("nan"))
-            per_image_rows.append(row)
+        image_rows += per_image_rows(result)
         run_rows.append({"method": method, "config_rank": rank, "seed": seed, "params": result["params"],
                          "train_seconds": result["train_seconds"], "seconds": result.get("seconds", float("nan")),
                          "epochs": result["epochs"], "test_images": len(result["captions"]),
@@ -198,7 +222,7 @@ def load_confirm(paths: StudyPaths, data) -> tuple[pd.DataFrame, pd.DataFrame, p
             for i in range(min(6, len(result["captions"]))):
                 gallery_rows.append({"image_path": str(test.paths[i]), "method": method,
                                      "caption": result["captions"][i], "reference": test.references[i][0]})
-    return pd.DataFrame(per_image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
+    return pd.DataFrame(image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
 
 
 def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:

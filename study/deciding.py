@@ -1,8 +1,4 @@
-"""From confirm runs to an answer: the verdict, its report and MLflow evidence, and ``study decide``.
-
-``write_report`` computes the verdict with bootstrap intervals (``analysis``), writes the report, and gives
-MLflow each confirm run as a child run (``kind=confirm``), the parent the report, the verdict table
-(``verdict.csv`` and the ``verdict.json`` table) and a few headline metrics (tag ``verdict``).
+"""``study decide``: more seeds until the verdict is decided, and the sequential plan that judges each look.
 
 ``add_seeds_until_decided`` (``study decide``) buys certainty when the verdict is inconclusive: one more seed
 at a time for the target and the best competitor, each look at the sequential plan's level
@@ -14,18 +10,18 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from analysis.metric_table import format_metric
 from study.files import atomic_write_json
 from study.paths import StudyPaths
-from study.registry import method_colors, method_roles
-from study.spec import StudySpec, format_metric
+from study.registry import method_roles
+from study.spec import StudySpec
 
 if TYPE_CHECKING:
-    from study.study import Study
+    from study.context import StudyContext
 
 
 def sequential_plan(spec: StudySpec, paths: StudyPaths, max_seeds: int | None = None):
@@ -89,7 +85,7 @@ def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame) -> st
             + ("." if plan else f" ({SequentialPlan(seeds, max(limit, seeds), spent_alpha=0.05).describe()})."))
 
 
-def add_seeds_until_decided(study: "Study", *, max_seeds: int | None = None, hours: float | None = None,
+def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None, hours: float | None = None,
                             address: str | None = None, console: Any = None, progress: bool = True,
                             stricter: bool = False) -> list[dict]:
     """Add seeds to the target and the best competitor, one at a time, until the plan's verdict is conclusive,
@@ -100,18 +96,18 @@ def add_seeds_until_decided(study: "Study", *, max_seeds: int | None = None, hou
     inconclusive and train more runs, which the user must ask for."""
     from analysis.sequential import verdict_at
     from analysis.verdict import INCONCLUSIVE, compute_verdict
-    from study.confirm import confirm_configs, load_confirm
+    from study.confirm import confirm_configs, confirm_stage, load_confirm
 
-    spec, paths = study.spec, study.paths
+    spec, paths = ctx.spec, ctx.paths
     plan = sequential_plan(spec, paths, max_seeds)
     if plan is None:
         raise ValueError("study decide needs --max-seeds (the spec plans no extra seeds: confirm.max_seeds)")
-    trials, _ = study.tables()
+    trials, _ = ctx.tables()
     looks = json.loads(paths.decide.read_text())["looks"] if paths.decide.is_file() else []
     started = time.monotonic()
-    study.confirm(address=address, progress=progress)  # the first look needs the confirm stage
+    confirm_stage(ctx, address=address, progress=progress)  # the first look needs the confirm stage
     if not looks and spec.confirm.max_seeds is None and not stricter:
-        per_image, runs, _ = load_confirm(paths, study.data(progress=progress))
+        per_image, runs, _ = load_confirm(paths, ctx.data(progress=progress))
         fixed = compute_verdict(per_image, runs, roles=method_roles(), margin=spec.confirm.margin)
         if fixed.verdict != INCONCLUSIVE and fixed.best_other is not None:
             if console is not None:
@@ -122,7 +118,7 @@ def add_seeds_until_decided(study: "Study", *, max_seeds: int | None = None, hou
                               "may call it inconclusive and train more seeds.", highlight=False)
             return []
     while True:
-        per_image, runs, _ = load_confirm(paths, study.data(progress=progress))
+        per_image, runs, _ = load_confirm(paths, ctx.data(progress=progress))
         verdict = verdict_at(per_image, runs, plan, roles=method_roles(), margin=spec.confirm.margin)
         if verdict.best_other is None:
             raise ValueError(f"the confirm results in {paths.confirm} have no target and competitor to compare")
@@ -140,81 +136,4 @@ def add_seeds_until_decided(study: "Study", *, max_seeds: int | None = None, hou
         more = [run for m, n in counts.items() if n < plan.max_seeds
                 for run in confirm_configs(spec, trials, seeds=range(n, n + 1), methods=[m])
                 if run[1] == 1]  # the search's best configuration: the one the verdict compares
-        study.confirm(address=address, progress=progress, runs=more)
-
-
-def write_report(study: "Study", *, console: Any = None) -> Path:
-    """Verdict + report from the finished confirm runs, logged to the study's MLflow parent run."""
-    from analysis.report import build_report
-    from study.confirm import confirmed_trials, load_confirm, log_confirm_runs
-    from study.provenance import provenance
-    from study.tracking import git_commit, source_tags
-
-    spec, paths, data = study.spec, study.paths, study.data()
-    trials, history = study.tables()
-    origin = provenance(paths, data.info, report_commit=git_commit())
-    per_image, runs, gallery = load_confirm(paths, data)
-    plan = sequential_plan(spec, paths)
-    notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
-    result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
-                          per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
-                          margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
-                          spec_text=study.spec_text, level=plan.level if plan else 0.95,
-                          decision=lambda verdict: notes.setdefault("decision",
-                                                                    decision_note(spec, verdict, plan, per_image)),
-                          resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
-                          provenance=origin)
-    atomic_write_json(paths.report / "provenance.json", origin, indent=2)
-    verdict = result.verdict
-    tracker = study.tracker()
-    tracker.child_tags = source_tags("study report")
-    log_confirm_runs(spec, paths, tracker)
-    table = verdict_table(verdict, method_roles())
-    table.to_csv(paths.verdict_csv, index=False)
-    tracker.study_artifact(paths.verdict_csv)
-    if len(table):
-        tracker.study_table({c: json.loads(table[c].to_json(orient="values")) for c in table.columns}, "verdict.json")
-    tracker.study_tags({"verdict": verdict.verdict, "verdict_text": verdict.text[:4000]},
-                       verdict_metrics(verdict))
-    tracker.study_artifact(result.path.parent, "report")
-    tracker.finish_study()  # the parent run's end moves to now: its duration covers search, confirm and report
-    if console is not None:
-        note = notes.get("decision")
-        console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}" + (f"\n{note}" if note else "")
-                      + f"\nreport: {result.path}", highlight=False)
-        console.print(next_steps(study, result.html), highlight=False, soft_wrap=True, markup=False)
-    return result.path
-
-
-def next_steps(study: "Study", html: Path | None) -> str:
-    """Where to look next: the HTML report, and the commands that open MLflow's and Optuna's views of the study."""
-    lines = []
-    if html is not None:
-        lines.append(f"report (one page, figures inside): {html}")
-    # ?workflowType=machine_learning: MLflow 3 opens an experiment in its GenAI view (an empty Overview) else.
-    lines.append(f"MLflow UI:   mlflow ui --backend-store-uri {study.tracking_uri}   then "
-                 f"http://127.0.0.1:5000/#/experiments/{study.experiment_id() or 1}?workflowType=machine_learning")
-    if study.paths.optuna_db.is_file():
-        lines.append(f"Optuna:      optuna-dashboard sqlite:///{study.paths.optuna_db.resolve()}   "
-                     "(pip install 'caption-study[ui]')")
-    return "\n".join(lines)
-
-
-def verdict_table(verdict, roles: dict[str, str]) -> pd.DataFrame:
-    """One row per method: its role, configuration rank, seeds, images and each metric's mean and interval."""
-    table = verdict.table.rename_axis("method").reset_index()
-    if "role" not in table:
-        table.insert(1, "role", [roles.get(m, "") for m in table["method"]])
-    if "level" not in table:
-        table.insert(2, "level", verdict.level)
-    return table
-
-
-def verdict_metrics(verdict) -> dict[str, float]:
-    """The parent run's headline metrics: the compared difference and its interval, each method's test score."""
-    out = {"verdict.diff": verdict.diff, "verdict.ci_low": verdict.ci[0], "verdict.ci_high": verdict.ci[1],
-           "verdict.margin": verdict.margin}
-    for method, row in verdict.table.iterrows():
-        if verdict.metric in row:
-            out[f"test_{verdict.metric}.{method}"] = row[verdict.metric]
-    return {k: float(v) for k, v in out.items() if v is not None and not pd.isna(v)}
+        confirm_stage(ctx, address=address, progress=progress, runs=more)

@@ -29,10 +29,11 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
+from analysis.metric_table import FAST_SUITE, SUITE
 from study.ptb import java_ptb_tokenize, ptb_tokenize
 
-FAST_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D"]
-FULL_METRICS = FAST_METRICS + ["METEOR", "ROUGE-L", "SPICE"]
+FAST_METRICS = list(FAST_SUITE)  # the table's names (analysis.metric_table), in the order scores are returned
+FULL_METRICS = FAST_METRICS + [m for m in SUITE if m not in FAST_SUITE]
 
 
 # ============================================================================ Java (full suite only)

@@ -29,15 +29,28 @@ from study.files import atomic_write_json
 from study.paths import StudyPaths
 
 if TYPE_CHECKING:
+    from study.context import StudyContext
     from study.spec import StudySpec
-    from study.study import Study
 
-def load(study: str | Path, storage: str | Path | None = None) -> "Study":
-    """Open a study by name (under ``storage``, default ``./runs``) or by its folder (its dataset is not
-    checked: reading results needs no images)."""
-    from study.study import Study
 
-    return Study.open(study, storage, check_paths=False)
+def trials_frame(ctx: "StudyContext") -> pd.DataFrame:
+    """``Study.trials``: the search's trial table in reader types."""
+    return with_reader_types(ctx.tables()[0], ctx.spec)
+
+
+def history_frame(ctx: "StudyContext") -> pd.DataFrame:
+    """``Study.history``: one row per trial and epoch."""
+    return with_reader_types(ctx.tables()[1])
+
+
+def leaderboard_frame(ctx: "StudyContext", *, metric: str | None = None, best_per_method: bool = True) -> pd.DataFrame:
+    """``Study.leaderboard``: the trials sorted by ``metric`` (default: the spec's), best per method first."""
+    from study.leaderboard import leaderboard
+    from study.spec import METRIC_MODES
+
+    metric = metric or ctx.spec.metric
+    mode = ctx.spec.mode if metric == ctx.spec.metric else METRIC_MODES.get(metric, "max")
+    return leaderboard(trials_frame(ctx), metric=metric, mode=mode, best_per_method=best_per_method)
 
 
 def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.DataFrame:
@@ -52,34 +65,28 @@ def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.Data
         row.update({k: v for k, v in result["config"].items() if k not in row})
         rows.append(row)
     columns = ["run", "method", "config_rank", "seed", *CORPUS_METRICS, "epochs", "train_seconds", "seconds", "params"]
-    return typed(pd.DataFrame(rows, columns=None if rows else columns), spec)
+    return with_reader_types(pd.DataFrame(rows, columns=None if rows else columns), spec)
 
 
 def per_image_frame(paths: StudyPaths) -> pd.DataFrame:
-    """``Study.per_image``: one row per confirm run and test image."""
-    rows = []
-    for path in paths.confirm_results():
-        result = json.loads(path.read_text())
-        scores = result["per_image"]
-        for image_id in sorted({k for d in scores.values() for k in d}, key=int):
-            row = {"method": result["method"], "config_rank": result["config_rank"], "seed": result["seed"],
-                   "image_id": int(image_id)}
-            row.update({m: scores[m].get(image_id) for m in scores})
-            rows.append(row)
-    return typed(pd.DataFrame(rows))
+    """``Study.per_image``: one row per confirm run and test image (``study.confirm.per_image_rows``)."""
+    from study.confirm import per_image_rows
+
+    rows = [row for path in paths.confirm_results() for row in per_image_rows(json.loads(path.read_text()))]
+    return with_reader_types(pd.DataFrame(rows))
 
 
-def verdict_frame(study: "Study") -> pd.DataFrame:
+def verdict_frame(ctx: "StudyContext") -> pd.DataFrame:
     """``Study.verdict``: the verdict table with its words and interval in ``attrs``."""
     from analysis.verdict import compute_verdict
     from study.deciding import sequential_plan
     from study.registry import method_roles
 
-    spec = study.spec
-    plan = sequential_plan(spec, study.paths)
-    verdict = compute_verdict(study.per_image(), study.confirm_runs(), roles=method_roles(),
+    spec = ctx.spec
+    plan = sequential_plan(spec, ctx.paths)
+    verdict = compute_verdict(per_image_frame(ctx.paths), confirm_frame(ctx.paths, spec), roles=method_roles(),
                               margin=spec.confirm.margin, level=plan.level if plan else 0.95)
-    table = typed(verdict.table)
+    table = with_reader_types(verdict.table)
     table.attrs.update(verdict=verdict.verdict, diff=verdict.diff, ci=verdict.ci, best_other=verdict.best_other,
                        margin=verdict.margin, level=verdict.level, text=verdict.text)
     return table
@@ -90,7 +97,7 @@ _COUNTS = {"epoch", "epochs", "best_epoch", "config_rank", "seed", "params", "im
            "test_images", "distinct_captions"}
 
 
-def typed(frame: pd.DataFrame, spec: "StudySpec | None" = None) -> pd.DataFrame:
+def with_reader_types(frame: pd.DataFrame, spec: "StudySpec | None" = None) -> pd.DataFrame:
     """Each column in the type a reader expects: a trial config field in its field's type (``lr`` and
     ``weight_decay`` float even when every value is whole, ``layers`` Int64, ``seed_h`` boolean, ``cell`` string),
     counts as Int64, other numbers as floats, names as strings; missing values as <NA>. With ``spec``, a
@@ -149,14 +156,14 @@ class ExportRefused(ValueError):
     """The export's destination is inside the study, or holds files an export of this study would not own."""
 
 
-def _clear_destination(study: "Study", dest: Path, force: bool) -> None:
+def _clear_destination(ctx: "StudyContext", dest: Path, force: bool) -> None:
     """Refuse a destination inside the study folder, and a non-empty one unless ``force``; with ``force`` remove
     the files a previous export listed in its manifest, and only those."""
-    root = study.paths.root.resolve()
+    root = ctx.paths.root.resolve()
     target = dest.resolve()
     if target == root or root in target.parents:
         raise ExportRefused(f"{dest} is inside the study folder {root}: export to a folder of its own, e.g. "
-                            f"results/{study.name}")
+                            f"results/{ctx.name}")
     if not dest.is_dir() or not any(dest.iterdir()):
         return
     manifest = dest / EXPORT_MANIFEST
@@ -168,7 +175,7 @@ def _clear_destination(study: "Study", dest: Path, force: bool) -> None:
         (dest / Path(name).name).unlink(missing_ok=True)
 
 
-def export(study: "Study", dest: Path, *, force: bool = False) -> list[Path]:
+def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path]:
     """Copy what a study produced into ``dest`` (e.g. ``results/<name>/`` of a repository), never a checkpoint or a
     feature: the report and its figures, its provenance, the spec it ran, the search's trials and learning curves,
     the confirm runs and the verdict as CSV, the time budget ledger and ``study decide``'s looks. Every number in
@@ -178,10 +185,10 @@ def export(study: "Study", dest: Path, *, force: bool = False) -> list[Path]:
     import shutil
 
     dest = Path(dest)
-    paths = study.paths
+    paths = ctx.paths
     if not (paths.report / "report.md").is_file():
-        raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `study report {study.name}` first")
-    _clear_destination(study, dest, force)
+        raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `study report {ctx.name}` first")
+    _clear_destination(ctx, dest, force)
     names = [p.name for p in paths.report.iterdir() if p.name in _REPORT_FILES or p.suffix == ".png"]
     names += ["spec.yaml", *(p.name for p in (paths.verdict_csv, paths.search_time, paths.decide) if p.is_file()),
               "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "test_scores.csv", "test_scores.md"]
@@ -194,22 +201,21 @@ def export(study: "Study", dest: Path, *, force: bool = False) -> list[Path]:
     for path in sorted(paths.report.iterdir()):
         if path.name in _REPORT_FILES or path.suffix == ".png":
             written.append(Path(shutil.copy2(path, dest / path.name)))
-    (dest / "spec.yaml").write_text(study.spec_text)
+    (dest / "spec.yaml").write_text(ctx.spec_text)
     written.append(dest / "spec.yaml")
     for path in (paths.verdict_csv, paths.search_time, paths.decide):
         if path.is_file():
             written.append(Path(shutil.copy2(path, dest / path.name)))
-    runs = study.confirm_runs()
+    runs = confirm_frame(paths, ctx.spec)
     # trials.csv carries every trial's id and parameters, so history.csv (by trial_id) joins onto it.
-    frames = {"leaderboard.csv": study.leaderboard(best_per_method=False), "trials.csv": study.trials(),
-              "history.csv": study.history(),
-              "confirm_runs.csv": runs, "test_scores.csv": study.test_scores()}
+    frames = {"leaderboard.csv": leaderboard_frame(ctx, best_per_method=False), "trials.csv": trials_frame(ctx),
+              "history.csv": history_frame(ctx), "confirm_runs.csv": runs, "test_scores.csv": test_scores(runs)}
     for name, frame in frames.items():
         frame.to_csv(dest / name, index=False)
         written.append(dest / name)
     (dest / "test_scores.md").write_text(test_scores_markdown(frames["test_scores.csv"]))
     written.append(dest / "test_scores.md")
-    atomic_write_json(dest / EXPORT_MANIFEST, {"study": study.name, "files": [p.name for p in written]}, indent=2)
+    atomic_write_json(dest / EXPORT_MANIFEST, {"study": ctx.name, "files": [p.name for p in written]}, indent=2)
     return written
 
 

@@ -19,13 +19,12 @@ Parameter forms in ``space``::
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from analysis.metric_table import METRICS
 from study.config import (
     SEED_MAX,
     ConfigError,
@@ -47,49 +46,9 @@ REPORTED = ("epoch", "train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BL
             "data_seconds", "val_loss_seconds", "decode_seconds", "metric_seconds")
 
 
-@dataclass(frozen=True)
-class Metric:
-    """How a metric reads: which way is better, and how it is printed."""
-
-    mode: Literal["max", "min"]
-    scale: int = 1  # caption scores are on pycocoevalcap's 0..1 scale; papers, and every table here, print x100
-    digits: int = 3  # decimals printed, after scaling
-
-    def shown(self, value: Any) -> Any:
-        """``value`` as printed, still a number (a float, or a pandas Series): scaled and rounded."""
-        return round(value * self.scale, self.digits)
-
-
-_SCORE, _LOSS = Metric("max", scale=100, digits=1), Metric("min")
-# Every metric the project reports, by name: the per-epoch ones (their names as Tune and MLflow carry them) and
-# the test scores of the full suite (score_captions' names; a ``test_`` or ``val_`` prefix reads the same).
-METRICS: dict[str, Metric] = {
-    "val_CIDEr-D": _SCORE, "val_BLEU-4": _SCORE, "val_loss": _LOSS, "val_bpc": _LOSS, "train_loss": _LOSS,
-    **{name: _SCORE for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "METEOR", "ROUGE-L", "SPICE")},
-}
 # The reported metrics a study may optimise, and the mode that means "better" for each: a spec that asks for the
 # other mode would rank the worst trials first.
 METRIC_MODES = {name: metric.mode for name, metric in METRICS.items() if name in REPORTED}
-
-
-def describe_metric(name: str) -> Metric | None:
-    """The table's entry for ``name`` (``test_CIDEr-D`` reads as ``CIDEr-D``), or None for a non-metric."""
-    if name in METRICS:
-        return METRICS[name]
-    prefix, _, rest = name.partition("_")
-    return METRICS.get(rest) if prefix in ("test", "val") else None
-
-
-def format_metric(name: str, value: Any) -> str:
-    """``value`` of metric ``name`` as every table prints it: scores x100 with one decimal (``0.4567`` ->
-    ``45.7``), losses and bits per character with three, anything else to 4 significant digits; ``-`` for
-    a missing (non-numeric) value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
-        return "-"
-    metric = describe_metric(name)
-    if metric is None:
-        return f"{value:.4g}"
-    return f"{value * metric.scale:.{metric.digits}f}"
 
 
 class Param(StrictModel):
@@ -372,5 +331,5 @@ def storage_is_remote(storage: str) -> bool:
     return "://" in storage
 
 
-__all__ = ["ConfigError", "METRICS", "METRIC_MODES", "REPORTED", "Metric", "describe_metric", "format_metric", "Param",
+__all__ = ["ConfigError", "METRIC_MODES", "REPORTED", "Param",
            "StudySpec", "load_spec", "storage_is_remote"]

@@ -1,4 +1,4 @@
-"""Every MLflow call of the project lives here.
+"""A study's tracking events: recorded in its journal first, then sent to MLflow (``study.mlflow_store``).
 
 One parent run per study, one nested child run per trial. Two known pains of Ray's own MLflow callback are
 designed out:
@@ -20,9 +20,7 @@ plus a few headline metrics on the parent. Runs carry MLflow's standard tags (``
 from __future__ import annotations
 
 import getpass
-import json
 import logging
-import os
 import subprocess
 import time
 import warnings
@@ -30,18 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from study.files import atomic_write_json
 from study.journal import Journal
-from study.paths import StudyPaths, sqlite_uri  # noqa: F401  (sqlite_uri: the MLflow URI of a study's own store)
+from study.mlflow_store import STUDY_KEY, MlflowStore
+from study.paths import StudyPaths
 
 log = logging.getLogger(__name__)
 
-# Fail fast against a dead server instead of MLflow's default minutes of retries; the journal covers us.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-
-RETRY_SECONDS = 30.0
-STATUS_TO_MLFLOW = {"completed": "FINISHED", "stopped": "FINISHED", "errored": "FAILED", "killed": "KILLED"}
+RETRY_SECONDS = 30.0  # how long an unreachable server is left alone before the next try
 
 
 def git_commit() -> str:
@@ -70,26 +63,6 @@ def source_tags(source: str, description: str = "") -> dict[str, str]:
 CONFIRM_PREFIX = "confirm/"  # mlflow_runs.json keys of confirm runs (the rest are Tune trial ids)
 
 
-# Seconds and throughput go under MLflow's system/ prefix: the run page's "Model metrics" tab then holds the scores
-# and losses alone (a prefix of our own, time/, was drawn as a section above them), and the timings sit in
-# "System metrics". The epoch is every metric's step, not a metric of its own.
-TIMINGS = frozenset({"train_seconds", "epoch_seconds", "data_seconds", "val_loss_seconds", "decode_seconds",
-                     "metric_seconds", "tokens_per_second", "seconds"})
-
-
-def mlflow_metric(name: str) -> str | None:
-    """The MLflow name of a reported metric: ``system/<name>`` for timings, None for ``epoch`` (the step)."""
-    if name == "epoch":
-        return None
-    return f"system/{name}" if name in TIMINGS else name
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def _params(values: dict[str, Any]) -> dict[str, str]:
     # MLflow params are strings of at most 6000 characters.
     return {k: str(v)[:6000] for k, v in values.items()}
@@ -109,8 +82,7 @@ class StudyTracker:
         self.study_dir.mkdir(parents=True, exist_ok=True)
         paths = StudyPaths.at(self.study_dir)
         self.journal = Journal(paths.journal, paths.journal_sent)
-        self.runs_file = paths.mlflow_runs
-        self.runs: dict[str, str] = json.loads(self.runs_file.read_text()) if self.runs_file.exists() else {}
+        self.store = MlflowStore(self.uri, self.experiment, self.study_name, self.study_dir)
         # Confirm runs journalled already (a re-run adds only new ones).
         self.confirm_logged: set[str] = {event["key"] for event in self.journal.events("confirm_run")}
         # The newest epoch journalled for each trial, across drivers: a resumed trial tells Tune its restored
@@ -121,10 +93,7 @@ class StudyTracker:
         # Standard tags every child run gets (set by start_study: commit, entry point, user).
         self.child_tags: dict[str, str] = {}
         self._offline_since: float | None = None
-        self._exp_id: str | None = None  # looked up once per tracker, not per trial
         self._warned = False
-        self._checked_store = False  # whether this tracker has seen that the store still holds the parent run
-        self._warned_artifacts = False
         self.seconds_in_mlflow = 0.0
         self.events_sent = 0
 
@@ -183,7 +152,7 @@ class StudyTracker:
         MLflow's duration) and a ``note`` saying what made it. Returns False, logging nothing, for a run journalled
         before (``study decide`` and a re-run report log only new ones)."""
         key = CONFIRM_PREFIX + name
-        if key in self.confirm_logged or key in self.runs:
+        if key in self.confirm_logged or key in self.store.runs:
             return False
         self.confirm_logged.add(key)
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -202,7 +171,8 @@ class StudyTracker:
     def discard_trials(self, keep: set[str]) -> None:
         """Delete the runs of trials Tune no longer knows (started after its last state snapshot before the
         driver died; the searcher proposes them again under new ids), so each trial has exactly one run."""
-        lost = sorted(k for k in self.runs if k != "__study__" and not k.startswith(CONFIRM_PREFIX) and k not in keep)
+        lost = sorted(key for key in self.store.runs
+                      if key != STUDY_KEY and not key.startswith(CONFIRM_PREFIX) and key not in keep)
         if lost:
             self._event({"kind": "trial_discard", "trials": lost})
 
@@ -236,15 +206,17 @@ class StudyTracker:
             return False
         t0 = time.perf_counter()
         try:
-            client = _client(self.uri)
-            self._rebuild_if_store_lost(client)
+            if self.store.connect():
+                log.warning("the MLflow store at %s no longer holds study %s's runs (deleted or replaced?): "
+                            "rebuilding them from %s", self.uri, self.study_name, self.journal.path)
+                self.journal.rewind()
             lines = self.journal.unsent()
             for number, line, event in lines:
                 if event is None:  # a torn or garbled line: not a server problem, and it must not block the rest
                     log.warning("%s line %d is not a journal event (torn by a kill or a full disk?); skipped: %r",
                                 self.journal.path, number, line[:120])
                 else:
-                    self._send(client, event)
+                    self.store.send(event)
                 self.journal.mark_sent(line)
                 self.events_sent += 1
         except Exception as exc:  # any transport or server error: keep the journal, retry later
@@ -262,261 +234,3 @@ class StudyTracker:
             log.warning("MLflow at %s is reachable again; %d journalled events sent", self.uri, len(lines))
         self._offline_since = None
         return True
-
-    def _rebuild_if_store_lost(self, client) -> None:
-        """When the store no longer holds the study's parent run (``mlflow.db`` deleted, a new server), send the
-        whole journal again: it is the source of truth, and every send finds or makes its run afresh."""
-        from mlflow.exceptions import MlflowException
-
-        parent = self.runs.get("__study__")
-        if parent is None or self._checked_store:
-            return
-        try:
-            client.get_run(parent)
-        except MlflowException as exc:
-            if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            log.warning("the MLflow store at %s no longer holds study %s's runs (deleted or replaced?): rebuilding "
-                        "them from %s", self.uri, self.study_name, self.journal.path)
-            self.runs = {}
-            self._save_runs()
-            self.journal.rewind()
-            self._exp_id = None
-        self._checked_store = True
-
-    def _experiment_id(self, client) -> str:
-        if self._exp_id is not None:
-            return self._exp_id
-        exp = client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            self._exp_id = exp.experiment_id
-            return self._exp_id
-        artifacts = None
-        if "://" not in self.uri or self.uri.startswith("sqlite:"):
-            artifacts = (self.study_dir / "mlartifacts").resolve().as_uri()
-        self._exp_id = client.create_experiment(self.experiment, artifact_location=artifacts)
-        return self._exp_id
-
-    def _remember(self, key: str, run_id: str) -> None:
-        self.runs[key] = run_id
-        self._save_runs()
-
-    def _forget(self, key: str) -> None:
-        self.runs.pop(key, None)
-        self._save_runs()
-
-    def _save_runs(self) -> None:
-        atomic_write_json(self.runs_file, self.runs, indent=1)
-
-    def _run_by_trial_tag(self, client, key: str) -> str | None:
-        """The active run of trial ``key`` in this study, found by its tags: a driver killed between creating a
-        run and writing its id to ``mlflow_runs.json`` leaves one that only its tags name."""
-        runs = client.search_runs([self._experiment_id(client)], max_results=1,
-                                  filter_string=f"tags.trial_id = '{key}' and tags.study = '{self.study_name}'")
-        return runs[0].info.run_id if runs else None
-
-    def _artifacts_here(self, client, run_id: str) -> bool:
-        """Whether the run's artifacts may be written: not when they live in a local folder outside this study's
-        (a copied study folder: MLflow keeps the absolute artifact location of the store it was made in, the
-        original's ``mlartifacts``, and a copy must never write into the original). Said once per tracker."""
-        from urllib.parse import urlparse
-        from urllib.request import url2pathname
-
-        uri = client.get_run(run_id).info.artifact_uri
-        parsed = urlparse(uri)
-        if parsed.scheme not in ("", "file"):
-            return True  # a server's or a bucket's artifact store
-        where = Path(url2pathname(parsed.path)).resolve()
-        home = self.study_dir.resolve()
-        if where == home or home in where.parents:
-            return True
-        if not self._warned_artifacts:
-            log.warning("this study folder is a copy: its MLflow runs keep their artifacts in %s, outside it, so "
-                        "this copy logs no artifacts there (its files are in %s)", where, home)
-            self._warned_artifacts = True
-        return False
-
-    def _run_by_tags(self, client, kind: str, run_name: str | None = None) -> str | None:
-        """This study's active run of ``kind`` (and name): a second sender finds what the first one made."""
-        query = f"tags.study = '{self.study_name}' and tags.kind = '{kind}'"
-        if run_name is not None:
-            query += f" and attributes.run_name = '{run_name}'"
-        runs = client.search_runs([self._experiment_id(client)], filter_string=query, max_results=1)
-        return runs[0].info.run_id if runs else None
-
-    def _send(self, client, event: dict[str, Any]) -> None:
-        """Send one journalled event: ``_send_<kind>`` does the MLflow calls of each kind."""
-        handler = getattr(self, f"_send_{event['kind']}", None)
-        if handler is None:  # written by another version of the platform: not a server problem, so not fatal
-            log.warning("journal event of unknown kind %r not sent to MLflow", event["kind"])
-            return
-        handler(client, event)
-
-    def _send_study_start(self, client, event: dict[str, Any]) -> None:
-        from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
-
-        parent = self.runs.get("__study__") or self._run_by_tags(client, "study")
-        if parent is not None and "__study__" not in self.runs:
-            self._remember("__study__", parent)  # made by another sender that had not written mlflow_runs.json
-        if parent is None:
-            run = client.create_run(self._experiment_id(client), run_name=self.study_name,
-                                    tags={"study": self.study_name, "kind": "study", **event["tags"]})
-            parent = run.info.run_id
-            self._remember("__study__", parent)
-            client.log_batch(parent, params=[Param(k, v) for k, v in event["params"].items()])
-            if event.get("spec"):
-                client.log_text(parent, event["spec"], "spec.yaml")
-        else:  # a resume: the same parent run goes on
-            client.update_run(parent, status="RUNNING")
-            client.log_batch(parent, tags=[RunTag("resumed", "true")] + [
-                RunTag(k, v) for k, v in event["tags"].items() if k.startswith("mlflow.")])
-        # Also on a resume whose first attempt failed after creating the run (or a study from before inputs).
-        if event.get("dataset") and not client.get_run(parent).inputs.dataset_inputs:
-            ds = event["dataset"]
-            # MLflow allows 36 characters of digest; the full fingerprint is the dataset_fingerprint tag.
-            client.log_inputs(parent, datasets=[DatasetInput(
-                Dataset(name=ds["name"], digest=ds["digest"][:36], source_type="local", source=ds["source"]),
-                tags=[InputTag("mlflow.data.context", "training")])])
-
-    def _send_trial_start(self, client, event: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        key = event["trial"]
-        if key not in self.runs and (found := self._run_by_trial_tag(client, key)) is not None:
-            self._remember(key, found)  # created by a driver killed before it could remember the id
-        if key in self.runs:  # resumed or retried trial: same run, no duplicate
-            client.update_run(self.runs[key], status="RUNNING")
-            return
-        run = client.create_run(
-            self._experiment_id(client), run_name=event["name"], start_time=event.get("time"),
-            tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "trial",
-                  "trial_id": key, **event.get("tags", {})})
-        self._remember(key, run.info.run_id)
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in event["params"].items()])
-
-    def _send_trial_result(self, client, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, Param
-
-        run_id = self.runs[event["trial"]]
-        metrics = {mlflow_metric(k): v for k, v in event["metrics"].items() if mlflow_metric(k)}
-        client.log_batch(run_id, metrics=[Metric(k, v, event["time"], event["step"]) for k, v in metrics.items()],
-                         params=[Param(k, v) for k, v in event.get("params", {}).items()])
-
-    def _send_trial_end(self, client, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, RunTag
-
-        run_id = self.runs.get(event["trial"])
-        if run_id is None:
-            return
-        tags = [RunTag("status", event["status"])]
-        if event.get("reason"):  # an error is an error; ASHA stopping a trial is not
-            key = "error" if event["status"] == "errored" else "status_reason"
-            tags.append(RunTag(key, event["reason"][:5000]))
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, tags=tags, metrics=[Metric(k, float(v), now, 0)
-                                                     for k, v in event.get("summary", {}).items()])
-        client.set_terminated(run_id, STATUS_TO_MLFLOW.get(event["status"], "FINISHED"), end_time=event.get("time"))
-
-    def _send_trial_discard(self, client, event: dict[str, Any]) -> None:
-        for key in event["trials"]:
-            run_id = self.runs.get(key) or self._run_by_trial_tag(client, key)
-            if run_id is None:
-                continue
-            if client.get_run(run_id).info.lifecycle_stage == "active":  # a replay may find it deleted
-                client.set_tag(run_id, "status", "discarded")
-                client.set_terminated(run_id, "KILLED")
-                client.delete_run(run_id)  # soft delete: hidden from the leaderboard, kept in the store
-            self._forget(key)  # a later resume must not discard (or close) it again
-
-    def _send_study_tags(self, client, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, RunTag
-
-        parent = self.runs["__study__"]
-        client.log_batch(parent, tags=[RunTag(k, str(v)) for k, v in event["tags"].items()],
-                         metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
-                                  for k, v in event["metrics"].items()])
-
-    def _send_confirm_run(self, client, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, Param
-
-        key = event["key"]
-        run_id = self.runs.get(key) or self._run_by_tags(client, "confirm", event["name"])
-        if run_id is not None and client.get_run(run_id).info.status == "FINISHED":
-            return  # logged before (a replayed journal)
-        if run_id is None:
-            run = client.create_run(
-                self._experiment_id(client), run_name=event["name"], start_time=event.get("start"),
-                tags={"mlflow.parentRunId": self.runs["__study__"], "study": self.study_name, "kind": "confirm",
-                      **event.get("tags", {})})
-            run_id = run.info.run_id
-            self._remember(key, run_id)
-        # Re-sent after a crash in between: the same values again, which MLflow accepts.
-        end = event.get("end") or event["time"]
-        curves = [Metric(mlflow_metric(k), v, end, int(epoch["epoch"])) for epoch in event.get("epochs", [])
-                  for k, v in epoch.items() if mlflow_metric(k) and "epoch" in epoch]
-        client.log_batch(run_id, params=[Param(k, v) for k, v in event["params"].items()],
-                         metrics=[Metric(mlflow_metric(k), v, end, 0) for k, v in event["metrics"].items()
-                                  if mlflow_metric(k)] + curves[:900])  # MLflow takes 1000 entries a batch
-        if curves[900:]:
-            client.log_batch(run_id, metrics=curves[900:])
-        for path in map(Path, event["artifacts"]):
-            if path.exists() and self._artifacts_here(client, run_id):
-                client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id, "FINISHED", end_time=event.get("end"))
-
-    def _send_study_table(self, client, event: dict[str, Any]) -> None:
-        if self._artifacts_here(client, self.runs["__study__"]):
-            client.log_table(self.runs["__study__"], event["data"], event["artifact_file"])
-
-    def _send_study_artifact(self, client, event: dict[str, Any]) -> None:
-        path = Path(event["path"])
-        if not self._artifacts_here(client, self.runs["__study__"]):
-            return
-        if path.is_dir():
-            client.log_artifacts(self.runs["__study__"], str(path), event.get("artifact_path"))
-        elif path.exists():
-            client.log_artifact(self.runs["__study__"], str(path), event.get("artifact_path"))
-
-    def _send_study_end(self, client, event: dict[str, Any]) -> None:
-        parent = self.runs.get("__study__")
-        # Close any trial run left RUNNING (a trial that never got its end event, e.g. a killed driver).
-        for key, run_id in self.runs.items():
-            if key == "__study__":
-                continue
-            run = client.get_run(run_id)
-            if run.info.status == "RUNNING" and run.info.lifecycle_stage == "active":
-                client.set_tag(run_id, "status", "killed")
-                client.set_terminated(run_id, "KILLED")
-        if parent is not None:
-            client.set_terminated(parent, event["status"])
-
-
-def study_runs(uri: str, experiment: str) -> tuple[Any, Any]:
-    """(parent run, DataFrame of trial runs) of a study's experiment, newest parent first."""
-    import mlflow
-
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise LookupError(f"no MLflow experiment named {experiment!r} at {uri}")
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], max_results=50000)
-    parents = runs[runs.get("tags.kind") == "study"] if "tags.kind" in runs else runs.iloc[0:0]
-    trials = runs[runs.get("tags.kind") == "trial"] if "tags.kind" in runs else runs.iloc[0:0]
-    return parents, trials
-
-
-def confirm_runs(uri: str, experiment: str) -> Any:
-    """DataFrame of a study's confirm runs (``tags.kind == "confirm"``) in MLflow."""
-    import mlflow
-
-    exp = _client(uri).get_experiment_by_name(experiment)
-    if exp is None:
-        raise LookupError(f"no MLflow experiment named {experiment!r} at {uri}")
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], max_results=50000)
-    return runs[runs.get("tags.kind") == "confirm"] if "tags.kind" in runs else runs.iloc[0:0]
-
-
-def get_run_tags(uri: str, run_id: str) -> dict[str, str]:
-    return dict(_client(uri).get_run(run_id).data.tags)

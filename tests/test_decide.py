@@ -166,7 +166,8 @@ def _check_mlflow(folder: Path, tmp_path: Path) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from study.tracking import confirm_runs, sqlite_uri, study_runs
+    from study.mlflow_store import confirm_runs, study_runs
+    from study.paths import sqlite_uri
 
     uri = sqlite_uri(folder / "mlflow.db")
     client = MlflowClient(uri)

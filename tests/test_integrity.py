@@ -14,6 +14,7 @@ import pytest
 
 from study.config import ConfigError
 from study.spec import load_spec
+from study.trial_tables import load_trial_tables
 from tests.conftest import journal_events, process_group_members, shapes_dataset, study_spec, wait_for
 from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attention, a conditional parameter
 from tests.test_spec import assert_spec_refused
@@ -235,8 +236,9 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     import pickle
     import signal
 
-    from study import tuning
-    from study.tracking import _client, sqlite_uri, study_runs
+    from study.mlflow_store import client as mlflow_client
+    from study.mlflow_store import study_runs
+    from study.paths import sqlite_uri
 
     spec_path = _study_spec(tmp_path, small_shapes, "killed")
     folder = tmp_path / "runs" / "killed"
@@ -292,14 +294,14 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     _, runs = study_runs(uri, "killed")
     assert len(runs) == 6 and runs["tags.trial_id"].is_unique
     assert (runs["status"] == "FINISHED").all() and (runs["tags.status"] == "completed").all()
-    client = _client(uri)
+    client = mlflow_client(uri)
     for run_id in runs["run_id"]:
         history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: (m.timestamp, m.step))
         assert [m.step for m in history] == [1, 2, 3], [m.step for m in history]
 
     # The study's own tables agree: every trial completed its 3 epochs, each epoch once.
     spec = load_spec(spec_path)
-    trials, history = tuning.load_trial_tables(spec)
+    trials, history = load_trial_tables(spec)
     assert len(trials) == 6 and (trials["status"] == "completed").all() and (trials["epochs"] == 3).all()
     assert len(history) == 18 and not history.duplicated(["trial_id", "epoch"]).any()
     trial_dirs = sorted(p for p in (folder / "tune").iterdir() if p.is_dir())
@@ -493,3 +495,28 @@ def test_the_python_api_reads_the_study_as_typed_frames_like_the_cli(offline_stu
     assert set(verdict.index) == set(trials["inject"]) and verdict.loc["init", "role"] == "target"
     assert verdict.attrs["verdict"] and verdict.attrs["level"] == 0.95
     assert s.per_image()["image_id"].nunique() == int(verdict.loc["init", "images"])
+
+
+READ_WITHOUT_RAY = """
+import sys
+
+import study
+from typer.testing import CliRunner
+
+from study.cli import app
+
+s = study.load(sys.argv[1], storage=sys.argv[2])
+assert len(s.trials()) == 2 and len(s.leaderboard()) == 2 and len(s.confirm_runs()) > 0
+board = CliRunner().invoke(app, ["leaderboard", sys.argv[1], "--storage", sys.argv[2]])
+assert board.exit_code == 0 and "init" in board.output, board.output
+print(sorted(name for name in sys.modules if name == "ray" or name.startswith("ray.")))
+"""
+
+
+@pytest.mark.slow
+def test_the_readers_and_study_leaderboard_import_no_ray(offline_study):
+    """`study.load(...).trials()`, `.leaderboard()` and `study leaderboard` read Tune's folders as JSON: no Ray."""
+    out = subprocess.run([sys.executable, "-c", READ_WITHOUT_RAY, "offline-2", str(offline_study.tmp / "runs")],
+                         capture_output=True, text=True, timeout=120, cwd=offline_study.tmp)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

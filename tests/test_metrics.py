@@ -170,7 +170,8 @@ def test_full_suite_scores_and_per_image_metrics(full_on_flickr):
 
 
 def test_one_metric_table_says_direction_and_display():
-    from study.spec import METRIC_MODES, METRICS, REPORTED, format_metric
+    from analysis.metric_table import METRICS, format_metric
+    from study.spec import METRIC_MODES, REPORTED
 
     # Every score score_captions returns is a caption score: better high, printed x100 like the papers.
     for name in metrics.FULL_METRICS:
@@ -178,7 +179,7 @@ def test_one_metric_table_says_direction_and_display():
     assert format_metric("val_CIDEr-D", 1.234) == "123.4" and format_metric("test_METEOR", 0.2) == "20.0"
     assert format_metric("val_loss", 2.34567) == "2.346" and format_metric("val_bpc", np.float32(0.8123)) == "0.812"
     assert format_metric("params", 123456) == "1.235e+05" and format_metric("val_BLEU-4", None) == "-"
-    assert format_metric("CIDEr-D", math.nan) == "nan"
+    assert format_metric("CIDEr-D", math.nan) == "-"  # missing reads the same whether None or NaN
     # The metrics a spec may optimise are the reported ones, each with the mode that means "better".
     assert METRIC_MODES == {"val_CIDEr-D": "max", "val_BLEU-4": "max", "val_loss": "min", "val_bpc": "min",
                             "train_loss": "min"}

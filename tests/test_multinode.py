@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from study.context import StudyContext
 from tests.conftest import journal_events, study_spec, wait_for
 
 
@@ -33,9 +34,10 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
     from ray.cluster_utils import Cluster
 
     from study import tuning
+    from study.mlflow_store import study_runs
+    from study.paths import sqlite_uri
     from study.spec import load_spec
-    from study.tracking import sqlite_uri, study_runs
-    from study.tuning.trials import experiment_path
+    from study.trial_tables import experiment_path
 
     spec_path = study_spec(tmp_path, "multi", small_shapes, methods=["init", "par"],
                            fixed={"hidden": 48, "embed": 32, "min_count": 1, "batch_size": 40, "val_images": 20},
@@ -63,7 +65,8 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
         ray.init(address=cluster.address)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         killer.start()
-        outcome = tuning.run_study(spec, spec_path, address=cluster.address, progress=False, verbose=0)
+        outcome = tuning.run_study(StudyContext.from_spec(spec, spec_path), address=cluster.address, progress=False,
+                                     verbose=0)
         killer.join(timeout=10)
     finally:
         tuning.shutdown()

@@ -13,16 +13,8 @@ from PIL import Image
 
 from study.config import ShapesDataset
 from study.data.karpathy import load_karpathy
-from study.data.shapes import (
-    COLOURS,
-    Scene,
-    describe,
-    ensure_shapes,
-    generate_shapes,
-    render_scene,
-    shapes_dir,
-    split_sizes,
-)
+from study.data.scenes import COLOURS, Scene, render_scene
+from study.data.shapes import describe, ensure_shapes, generate_shapes, shapes_dir, split_sizes
 
 # The test's own reading of the grammar (kept apart from the generator's tables on purpose).
 NOUNS = {"circle": "circle", "disc": "circle", "square": "square", "triangle": "triangle", "star": "star",

@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from study.context import StudyContext
+from study.trial_tables import load_trial_tables
 from tests.conftest import journal_events, process_group_members, study_spec, wait_for
 
 
 def _trial_runs(tmp_path: Path, name: str):
-    from study.tracking import sqlite_uri, study_runs
+    from study.mlflow_store import study_runs
+    from study.paths import sqlite_uri
 
     parents, trials = study_runs(sqlite_uri(tmp_path / "runs" / name / "mlflow.db"), name)
     return parents, trials
@@ -48,7 +51,7 @@ def test_diverging_trials_end_errored_with_reason_while_the_study_goes_on(tmp_pa
     spec_path = study_spec(tmp_path, "nan", shapes, methods=["init", "none"], asha={"max_epochs": 2, "grace_period": 2})
     spec = load_spec(spec_path)
     try:
-        outcome = tuning.run_study(spec, spec_path, progress=False, verbose=0)
+        outcome = tuning.run_study(StudyContext.from_spec(spec, spec_path), progress=False, verbose=0)
     finally:
         tuning.shutdown()
     table = outcome.trials
@@ -223,10 +226,9 @@ def test_an_interrupted_confirm_stage_reruns_only_the_runs_it_had_not_finished(i
 @pytest.mark.slow
 def test_confirm_retrains_the_best_trial_of_each_method_for_the_confirm_epochs_and_scores_each_image(
         resumed_study, interrupted_report):
-    from study import tuning
     from study.spec import load_spec
 
-    trials, _ = tuning.load_trial_tables(load_spec(resumed_study.spec_path))
+    trials, _ = load_trial_tables(load_spec(resumed_study.spec_path))
     best_init = trials[trials.inject == "init"].sort_values("val_CIDEr-D").iloc[-1]
     retrained = json.loads(interrupted_report.results["init-r1-s0.json"].read_text())
     assert retrained["config"]["lr"] == pytest.approx(best_init["lr"]) and retrained["config"]["epochs"] == 2
@@ -235,7 +237,8 @@ def test_confirm_retrains_the_best_trial_of_each_method_for_the_confirm_epochs_a
 
 @pytest.mark.slow
 def test_the_report_is_written_with_a_verdict_also_tagged_on_the_study_run(resumed_study, interrupted_report):
-    from study.tracking import get_run_tags, sqlite_uri
+    from study.mlflow_store import get_run_tags
+    from study.paths import sqlite_uri
 
     folder = interrupted_report.folder
     report = folder / "report" / "report.md"
@@ -249,7 +252,8 @@ def test_the_report_is_written_with_a_verdict_also_tagged_on_the_study_run(resum
 
 @pytest.mark.slow
 def test_each_confirm_run_is_logged_once_with_its_checkpoint_however_often_the_stage_started(interrupted_report):
-    from study.tracking import confirm_runs, sqlite_uri
+    from study.mlflow_store import confirm_runs
+    from study.paths import sqlite_uri
 
     folder, results = interrupted_report.folder, interrupted_report.results
     # One child run per confirm run, each with its checkpoint, however often the confirm stage was started.
@@ -308,8 +312,8 @@ def _answers(url: str) -> bool:
 def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_later(tmp_path, small_shapes,
                                                                                      small_prepared):
     from study import tuning
+    from study.mlflow_store import study_runs
     from study.spec import load_spec
-    from study.tracking import study_runs
 
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"  # nothing listens here yet: the server is "down"
@@ -318,7 +322,7 @@ def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_l
     spec = load_spec(spec_path)
     try:
         with pytest.warns(RuntimeWarning, match="not reachable.*study sync"):
-            outcome = tuning.run_study(spec, spec_path, progress=False, verbose=0)
+            outcome = tuning.run_study(StudyContext.from_spec(spec, spec_path), progress=False, verbose=0)
     finally:
         tuning.shutdown()
     assert (outcome.trials.status == "completed").all() and len(outcome.trials) == 2
@@ -350,8 +354,8 @@ def test_resume_deletes_the_folders_of_trials_lost_with_the_last_snapshot_and_no
     """Seen in clean-clone CI runs: a lost trial's folder can hold Tune's params.json, or (driver killed
     earlier) only the checkpoints the trial wrote itself. Both go; known trials and other folders stay."""
     from study.spec import load_spec
+    from study.trial_tables import experiment_path
     from study.tuning.trainable import remove_lost_trial_folders
-    from study.tuning.trials import experiment_path
 
     spec = load_spec(study_spec(tmp_path, "lost", {"kind": "shapes", "images": 60}, methods=["init"]))
     tune_dir = Path(experiment_path(spec))
@@ -417,8 +421,8 @@ def test_a_checkpoint_tune_wrote_into_a_pruned_folder_survives_pruning_and_the_s
 
     import pyarrow.fs as pafs
 
+    from study.trial_tables import _trial_history, trial_checkpoints
     from study.tuning.trainable import drop_pruned, prune_checkpoints
-    from study.tuning.trials import _trial_history, trial_checkpoints
 
     trial = tmp_path / "init-lstm-1x48-word-aaaa0001"
     _checkpoint(trial / "checkpoint_000001", 3)  # the restored trial's final report, written over a pruned folder

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 
+from study.context import StudyContext
 from study.tuning.callbacks import SearchTimeBudget, read_search_time
 from tests.conftest import study_spec
 
@@ -37,7 +38,7 @@ def test_a_spent_budget_ends_the_search_normally_and_resume_adds_no_trials(tmp_p
         resources=None, max_failures=None, confirm=None)
     spec = load_spec(spec_path)
     try:
-        outcome = run_study(spec, spec_path, progress=False)
+        outcome = run_study(StudyContext.from_spec(spec, spec_path), progress=False)
     finally:
         shutdown()
     ledger = read_search_time(outcome.study_dir / "search_time.json")
@@ -68,7 +69,7 @@ def test_a_spent_budget_ends_the_search_normally_and_resume_adds_no_trials(tmp_p
         assert sorted(trial.intermediate_values) == list(range(1, trial.user_attrs["epochs"] + 1))
 
     try:
-        again = run_study(spec, spec_path, resume=True, progress=False)
+        again = run_study(StudyContext.from_spec(spec, spec_path), resume=True, progress=False)
     finally:
         shutdown()
     assert not again.interrupted
@@ -80,7 +81,7 @@ def test_a_study_started_before_checkpoints_carried_history_reads_tunes_result_j
     from Tune's result.json lines (plain JSON), the last report of a repeated epoch winning."""
     import pyarrow.fs as pafs
 
-    from study.tuning.trials import _trial_history
+    from study.trial_tables import _trial_history
 
     folder = tmp_path / "init-lstm-1x64-word-abc"
     (folder / "checkpoint_000000").mkdir(parents=True)

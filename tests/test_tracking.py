@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from study.tracking import StudyTracker, sqlite_uri, study_runs
+from study.mlflow_store import study_runs
+from study.paths import sqlite_uri
+from study.tracking import StudyTracker
 
 
 def test_replayed_journal_creates_no_duplicates_and_closes_every_run(tmp_path):
@@ -46,7 +48,8 @@ def test_replayed_journal_creates_no_duplicates_and_closes_every_run(tmp_path):
 def test_confirm_runs_params_once_and_stopped_trials(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from study.tracking import confirm_runs, source_tags
+    from study.mlflow_store import confirm_runs
+    from study.tracking import source_tags
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
     folder = tmp_path / "study"
@@ -116,7 +119,7 @@ def test_a_run_whose_id_was_never_remembered_is_found_by_its_tags(tmp_path):
     again.finish_study()
     _, runs = study_runs(uri, "exp")
     assert list(runs["tags.trial_id"]) == ["kept"] and (runs["status"] == "FINISHED").all()
-    assert again.runs["kept"] == remembered["kept"]  # the same run, not a second one
+    assert again.store.runs["kept"] == remembered["kept"]  # the same run, not a second one
 
 
 def test_the_journal_keeps_every_event_and_how_far_mlflow_got_across_processes(tmp_path):
@@ -185,7 +188,7 @@ def _a_journalled_study(uri: str, folder) -> StudyTracker:
 
 
 def _assert_one_run_each(uri: str) -> None:
-    from study.tracking import confirm_runs
+    from study.mlflow_store import confirm_runs
 
     parents, trials = study_runs(uri, "exp")
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
@@ -239,7 +242,7 @@ def test_two_senders_of_one_journal_make_each_run_once(tmp_path):
     (folder / "mlflow_runs.json").write_text("{}")
     (folder / "tracking_sent.json").write_text(json.dumps({"sent": 0, "offset": 0}))
     second = StudyTracker(uri, "exp", "exp", folder)
-    assert second.flush(force=True) and second.runs["__study__"] == first.runs["__study__"]
+    assert second.flush(force=True) and second.store.runs["__study__"] == first.store.runs["__study__"]
     _assert_one_run_each(uri)
 
     (folder / "spec.yaml").write_text("name: exp\n")

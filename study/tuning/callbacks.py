@@ -12,11 +12,12 @@ from typing import Any, Callable
 
 from ray import tune
 
+from analysis.metric_table import format_metric
 from study.files import atomic_write_json
-from study.spec import REPORTED, StudySpec, format_metric
+from study.spec import REPORTED, StudySpec
 from study.tracking import StudyTracker
+from study.trial_tables import diverged_reason, last_line
 from study.tuning.trainable import prune_checkpoints
-from study.tuning.trials import diverged_reason, last_line
 
 # This driver's tracker and printer of each study folder. Tune pickles its callbacks into the experiment state
 # and ``Tuner.restore`` unpickles them; a restored callback attaches to the live tracker of the driver that

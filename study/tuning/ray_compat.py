@@ -10,8 +10,11 @@ with a workaround that silently stopped applying. What is relied on:
   experiment whenever a trial starts or ends (``snapshot_on_trial_start_and_end``).
 * ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``: a local Ray that listens on loopback only (``ensure_ray``).
 * The core worker's SIGTERM handler in the driver, replaced after ``ray.init`` (``stop_on_sigterm``).
+* The trial's storage context, ``tune.get_context().get_storage()`` (``ray.train._internal.storage.StorageContext``):
+  its ``trial_fs_path`` and ``storage_filesystem``, where a trial finds its own checkpoints and leaves its
+  ``diverged.txt`` (``study.tuning.trainable``).
 * Tune's trial folder layout (``checkpoint_NNNNNN/``, ``params.json``, ``result.json``,
-  ``experiment_state-*.json``), read by ``study.tuning.trials``.
+  ``experiment_state-*.json``), read by ``study.trial_tables``.
 
 ``calls`` counts how often each patch ran: tests/test_ray_compat.py drives a real Tuner and checks that Tune
 still calls the patched methods.
@@ -27,6 +30,7 @@ from collections import Counter
 import ray
 from ray._private import ray_constants
 from ray.exceptions import RayActorError
+from ray.train._internal.storage import StorageContext
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 
@@ -52,6 +56,10 @@ def check_ray() -> None:
         if found != params:
             raise ImportError(f"Ray {ray.__version__}: TuneController.{name} is {found}, expected {params}; "
                               "the workaround in study/tuning/ray_compat.py no longer applies")
+    storage = inspect.signature(StorageContext.__init__).parameters
+    if not hasattr(StorageContext, "trial_fs_path") or "storage_filesystem" not in storage:
+        raise ImportError(f"Ray {ray.__version__}: StorageContext has no trial_fs_path/storage_filesystem; the "
+                          "trainable (study/tuning/trainable.py) cannot find its own checkpoints")
     if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
         raise ImportError("ray._private.ray_constants.ENABLE_RAY_CLUSTER is gone: ensure_ray cannot keep a local "
                           "Ray on loopback")

@@ -20,16 +20,16 @@ import ray
 from ray import tune
 
 from study.config import ConfigError
-from study.data.prepare import prepare_for_spec
+from study.context import StudyContext
 from study.paths import StudyPaths
-from study.provenance import check_dataset_unchanged
 from study.spec import StudySpec
 from study.tracking import StudyTracker, source_tags
+from study.trial_tables import experiment_trials, load_trial_tables
 from study.tuning import ray_compat
 from study.tuning.callbacks import SearchProgress, SearchTimeBudget, TrackingCallback, read_search_time, trial_name
-from study.tuning.search import StudySearcher, build_scheduler, export_optuna_studies, total_trials
+from study.tuning.optuna_export import export_optuna_studies
+from study.tuning.search import StudySearcher, build_scheduler, total_trials
 from study.tuning.trainable import drop_pruned_checkpoints, remove_lost_trial_folders, trial_function
-from study.tuning.trials import experiment_trials, load_trial_tables
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,17 @@ def describe_budget(spec: StudySpec) -> str:
     return "\n".join(lines)
 
 
-def run_study(spec: StudySpec, spec_path: Path, *, address: str | None = None, max_concurrent: int | None = None,
+def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: int | None = None,
               resume: bool = False, progress: bool = True, verbose: int = 0,
               echo: Callable[[str], None] | None = None) -> StudyOutcome:
     """Run (or, with ``resume``, continue) a study's search. Returns the trial table."""
     t0 = time.perf_counter()
+    spec, paths, uri, experiment = ctx.spec, ctx.paths, ctx.tracking_uri, ctx.experiment
     if address is None:
         check_local_resources(spec)  # before anything is written: a refused study leaves no folder behind
-    paths = StudyPaths.of(spec.storage, spec.name)
-    uri = paths.tracking_uri(spec.tracking.uri)
-    experiment = spec.tracking.experiment or spec.name
-    paths.write_record(spec.name, spec_path, spec.storage, uri, experiment, spec.fixed.get("precision"))
-    tracker = StudyTracker(uri, experiment, spec.name, paths.root)
-    data = prepare_for_spec(spec, progress=progress)
-    check_dataset_unchanged(paths, data.info)
+    paths.write_record(spec.name, ctx.spec_path, spec.storage, uri, experiment, spec.fixed.get("precision"))
+    tracker = ctx.tracker()
+    data = ctx.data(progress=progress)  # checked against the dataset the study began with
     _start_tracking(tracker, spec, paths, data.info, resume=resume)
 
     ray_compat.ensure_ray(address)

@@ -21,7 +21,7 @@ from ray import tune
 from study.data.prepare import PreparedData
 from study.files import atomic_write_json
 from study.spec import StudySpec
-from study.tuning.trials import (
+from study.trial_tables import (
     DIVERGED_NOTE,
     HISTORY_FILE,
     PRUNED_NOTE,

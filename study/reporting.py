@@ -1,0 +1,98 @@
+"""From confirm runs to an answer on record: the verdict, the report, and their evidence in MLflow.
+
+``write_report`` computes the verdict with bootstrap intervals (``analysis``), writes the report, and gives
+MLflow each confirm run as a child run (``kind=confirm``), the parent the report, the verdict table
+(``verdict.csv`` and the ``verdict.json`` table) and a few headline metrics (tag ``verdict``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from study.deciding import decision_note, sequential_plan
+from study.files import atomic_write_json
+from study.registry import method_colors, method_roles
+
+if TYPE_CHECKING:
+    from study.context import StudyContext
+
+
+def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
+    """Verdict + report from the finished confirm runs, logged to the study's MLflow parent run."""
+    from analysis.report import build_report
+    from study.confirm import confirmed_trials, load_confirm, log_confirm_runs
+    from study.provenance import provenance
+    from study.tracking import git_commit, source_tags
+
+    spec, paths, data = ctx.spec, ctx.paths, ctx.data()
+    trials, history = ctx.tables()
+    origin = provenance(paths, data.info, report_commit=git_commit())
+    per_image, runs, gallery = load_confirm(paths, data)
+    plan = sequential_plan(spec, paths)
+    notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
+    result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
+                          per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
+                          margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
+                          spec_text=ctx.spec_text, level=plan.level if plan else 0.95,
+                          decision=lambda verdict: notes.setdefault("decision",
+                                                                    decision_note(spec, verdict, plan, per_image)),
+                          resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
+                          provenance=origin)
+    atomic_write_json(paths.report / "provenance.json", origin, indent=2)
+    verdict = result.verdict
+    tracker = ctx.tracker()
+    tracker.child_tags = source_tags("study report")
+    log_confirm_runs(spec, paths, tracker)
+    table = verdict_table(verdict, method_roles())
+    table.to_csv(paths.verdict_csv, index=False)
+    tracker.study_artifact(paths.verdict_csv)
+    if len(table):
+        tracker.study_table({c: json.loads(table[c].to_json(orient="values")) for c in table.columns}, "verdict.json")
+    tracker.study_tags({"verdict": verdict.verdict, "verdict_text": verdict.text[:4000]},
+                       verdict_metrics(verdict))
+    tracker.study_artifact(result.path.parent, "report")
+    tracker.finish_study()  # the parent run's end moves to now: its duration covers search, confirm and report
+    if console is not None:
+        note = notes.get("decision")
+        console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}" + (f"\n{note}" if note else "")
+                      + f"\nreport: {result.path}", highlight=False)
+        console.print(next_steps(ctx, result.html), highlight=False, soft_wrap=True, markup=False)
+    return result.path
+
+
+def next_steps(ctx: "StudyContext", html: Path | None) -> str:
+    """Where to look next: the HTML report, and the commands that open MLflow's and Optuna's views of the study."""
+    lines = []
+    if html is not None:
+        lines.append(f"report (one page, figures inside): {html}")
+    # ?workflowType=machine_learning: MLflow 3 opens an experiment in its GenAI view (an empty Overview) else.
+    lines.append(f"MLflow UI:   mlflow ui --backend-store-uri {ctx.tracking_uri}   then "
+                 f"http://127.0.0.1:5000/#/experiments/{ctx.experiment_id() or 1}?workflowType=machine_learning")
+    if ctx.paths.optuna_db.is_file():
+        lines.append(f"Optuna:      optuna-dashboard sqlite:///{ctx.paths.optuna_db.resolve()}   "
+                     "(pip install 'caption-study[ui]')")
+    return "\n".join(lines)
+
+
+def verdict_table(verdict, roles: dict[str, str]) -> pd.DataFrame:
+    """One row per method: its role, configuration rank, seeds, images and each metric's mean and interval."""
+    table = verdict.table.rename_axis("method").reset_index()
+    if "role" not in table:
+        table.insert(1, "role", [roles.get(m, "") for m in table["method"]])
+    if "level" not in table:
+        table.insert(2, "level", verdict.level)
+    return table
+
+
+def verdict_metrics(verdict) -> dict[str, float]:
+    """The parent run's headline metrics: the compared difference and its interval, each method's test score."""
+    out = {"verdict.diff": verdict.diff, "verdict.ci_low": verdict.ci[0], "verdict.ci_high": verdict.ci[1],
+           "verdict.margin": verdict.margin}
+    for method, row in verdict.table.iterrows():
+        if verdict.metric in row:
+            out[f"test_{verdict.metric}.{method}"] = row[verdict.metric]
+    return {k: float(v) for k, v in out.items() if v is not None and not pd.isna(v)}

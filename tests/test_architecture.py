@@ -1,0 +1,156 @@
+"""The package's shape, checked from its source: imports go one way, and modules and functions stay readable."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("study", "analysis")
+MAX_MODULE_LINES = 350
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted name -> file, for every module of the project's packages (a package is its ``__init__``)."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join(parts)] = path
+    return found
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the nodes under ``if TYPE_CHECKING:``: imports for annotations, never run."""
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(inner) for statement in node.body for inner in ast.walk(statement))
+    return skipped
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project's modules it imports, at the top or inside a function (both run)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        skipped = _type_checking_only(tree)
+        targets = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:  # `from study import tuning` imports the module study.tuning
+                    submodule = f"{node.module}.{alias.name}"
+                    targets.add(submodule if submodule in modules else node.module)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, successors = work[-1]
+            for succ in successors:
+                if succ not in index:
+                    index[succ] = low[succ] = len(index)
+                    stack.append(succ)
+                    on_stack.add(succ)
+                    work.append((succ, iter(sorted(graph[succ]))))
+                    break
+                if succ in on_stack:
+                    low[node] = min(low[node], index[succ])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        found.append(sorted(component))
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle_and_passes_a_chain():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_cycle_in_study_or_analysis():
+    graph = import_graph()
+    assert "study.study" in graph and "study.results" in graph["study.study"]  # the graph sees real imports
+    assert cycles(graph) == []
+
+
+def test_the_facade_is_the_top_only_the_cli_and_the_package_import_it():
+    importers = {name for name, targets in import_graph().items() if "study.study" in targets}
+    assert importers <= {"study", "study.cli", "study.cli_trial", "study.__main__"}, importers
+
+
+def test_analysis_is_pure_and_imports_nothing_of_the_platform():
+    graph = import_graph()
+    leaks = {name: sorted(t for t in targets if t.startswith("study")) for name, targets in graph.items()
+             if name.startswith("analysis")}
+    assert not any(leaks.values()), leaks
+
+
+def test_modules_and_functions_stay_readable_in_one_sitting():
+    long_modules, long_functions = [], []
+    for name, path in _modules().items():
+        source = path.read_text()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            long_modules.append((name, len(source.splitlines())))
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append((f"{name}.{node.name}", length))
+    assert not long_modules, long_modules
+    assert not long_functions, long_functions
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from ray import tune`
+    return names
+
+
+def test_mlflow_is_called_from_one_module_and_ray_tune_from_one_package():
+    mlflow_users, tune_users = set(), set()
+    for name, path in _modules().items():
+        imported = _third_party_imports(path)
+        if any(m == "mlflow" or m.startswith("mlflow.") for m in imported):
+            mlflow_users.add(name)
+        if any(m == "ray.tune" or m.startswith("ray.tune.") for m in imported) and not name.startswith("study.tuning"):
+            tune_users.add(name)
+    assert mlflow_users == {"study.mlflow_store"}
+    assert not tune_users, tune_users
