@@ -65,8 +65,8 @@ def main() -> None:
             t0 = time.perf_counter()
             result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
             wall = time.perf_counter() - t0
-        epoch = result["epochs"][0]
-        ran = result.get("precision", "fp32")
+        epoch = result.epochs[0]
+        ran = result.precision
         print(f"| {method} | {cfg.cell} {cfg.layers}x{cfg.hidden} | {ran} | {epoch['train_seconds']:.0f} "
               f"| {epoch['epoch_seconds'] - epoch['train_seconds']:.0f} | {wall:.0f} "
               f"| {epoch['tokens_per_second']:.0f} |", flush=True)

@@ -25,7 +25,7 @@ from analysis.metric_table import format_metric
 from study.checkpoints import load_checkpoint
 from study.config import checkpoint_config
 from study.data.prepare import TokenSetting, prepare
-from study.evaluation import FeatureSource, SplitTensors, score_split, validation_loss
+from study.evaluation import Decoding, FeatureSource, SplitTensors, score_split, validation_loss
 from study.models import build_captioner
 from study.training import length_bucketed_batches
 
@@ -90,7 +90,8 @@ def main() -> None:
         sub_split = SplitTensors.of(tokens.splits["val"], rows_val, limit=args.captions)
         (full, _), full_s = timed(lambda: validation_loss(model, full_split, features, dev, cfg.batch_size))
         (sub, _), sub_s = timed(lambda: validation_loss(model, sub_split, features, dev, cfg.batch_size))
-        greedy = score_split(model, cfg, data, "val", limit=cfg.val_images)  # as each epoch validates
+        greedy = score_split(model, data, "val", vocab=tokens.vocab, decoding=Decoding.of(cfg, beam_size=1),
+                             limit=cfg.val_images)  # as each epoch validates
         n, scores = len(greedy.captions), greedy.scores
         decode_s, metric_s = greedy.decode_seconds, greedy.metric_seconds
         rows.append((path.parents[1].name, state["epoch"], len(full_split.lengths), full, full_s,

@@ -32,7 +32,7 @@ import torch
 
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
-from study.evaluation import score_split
+from study.evaluation import Decoding, score_split
 from study.spec import load_spec
 from study.training import run_trial
 
@@ -77,15 +77,17 @@ def run(args: argparse.Namespace) -> None:
         print(f"{key}: {cfg.run_name}, load average {os.getloadavg()[0]:.2f}", flush=True)
         with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
             result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
-        test = score_split(result["model"], cfg, data, "test", beam_size=cfg.beam_size, full=True, per_image=True)
-        record = {"key": key, "method": cfg.inject, "precision": result["precision"], "seed": cfg.seed,
-                  "threads": args.threads, "epochs": result["epochs"], "test": test.scores,
+        test = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab,
+                           decoding=Decoding.of(cfg.model_copy(update={"precision": result.precision})), full=True,
+                           per_image=True)
+        record = {"key": key, "method": cfg.inject, "precision": result.precision, "seed": cfg.seed,
+                  "threads": args.threads, "epochs": result.epochs, "test": test.scores,
                   "test_decode_seconds": test.decode_seconds,
                   "per_image_cider": [test.per_image["CIDEr-D"][i] for i in range(len(test.captions))],
                   "seconds": time.perf_counter() - t0}
         path = out / f"{key.replace(':', '-')}.json"
         path.write_text(json.dumps(record, default=float))
-        last = result["epochs"][-1]
+        last = result.epochs[-1]
         print(f"  val loss {last['val_loss']:.4f}, val CIDEr-D {100 * last['val_CIDEr-D']:.1f}, test CIDEr-D "
               f"{100 * test.scores['CIDEr-D']:.1f} ({record['seconds']:.0f} s) -> {path}", flush=True)
 

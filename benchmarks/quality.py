@@ -25,7 +25,7 @@ import yaml
 from analysis.metric_table import format_metric
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
-from study.evaluation import score_split
+from study.evaluation import Decoding, score_split
 from study.registry import METHODS
 from study.training import run_trial
 
@@ -66,15 +66,16 @@ def main() -> None:
         for method, cfg in configs.items():
             t0 = time.perf_counter()
             result = run_trial(cfg, data, work_dir=Path(tmp) / method, progress=False, final_test=not args.fast)
-            last = result["epochs"][-1]
+            last = result.epochs[-1]
             if args.fast:  # beam-3 test scores without the Java metrics, of the trained model
-                final = score_split(result["model"], cfg, data, "test", beam_size=cfg.beam_size, full=False).scores
+                final = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab,
+                                    decoding=Decoding.of(cfg), full=False).scores
             else:
-                final = result["final"]
+                final = result.record["final"]
             rows[method] = {"val_cider": last["val_CIDEr-D"], "val_bleu4": last["val_BLEU-4"],
                             "val_loss": last["val_loss"], "test_cider": final["CIDEr-D"],
                             "test_bleu4": final["BLEU-4"], "test_meteor": final.get("METEOR", float("nan")),
-                            "seconds": time.perf_counter() - t0, "params": result["params"]}
+                            "seconds": time.perf_counter() - t0, "params": result.record["params"]}
             r = rows[method]
             print(f"  {method:9s} val CIDEr-D {format_metric('CIDEr-D', r['val_cider']):>6}  test CIDEr-D "
                   f"{format_metric('CIDEr-D', r['test_cider']):>6}  ({r['seconds']:.0f} s)", flush=True)

@@ -177,18 +177,19 @@ def train(
             (out_dir / name).unlink(missing_ok=True)
     resume_from = out_dir if resume else None
 
-    def report(metrics: dict, checkpoint_dir: Path) -> None:
+    def epoch_end(metrics: dict, checkpoint_dir: Path) -> None:
         copy_checkpoint(checkpoint_dir.parent, out_dir)
+        _print_epoch(metrics)
 
     try:
-        result = run_trial(cfg, data, work_dir=out_dir / ".work", report=report, resume_from=resume_from,
-                           device=device, final_test=test, on_epoch=_print_epoch)
+        result = run_trial(cfg, data, work_dir=out_dir / ".work", on_epoch=epoch_end, resume_from=resume_from,
+                           device=device, final_test=test)
     except (CheckpointError, TrialDiverged) as exc:
         fail(str(exc))
     path = write_metrics(result, out_dir)
-    console.print(_epoch_table(result["epochs"]))
-    if "final" in result:
-        final = result["final"]
+    console.print(_epoch_table(result.epochs))
+    if "final" in result.record:
+        final = result.record["final"]
         console.print(f"test (beam {final['beam_size']}): " + "  ".join(
             f"{k} {format_metric(k, v)}" for k, v in final.items() if isinstance(v, float)), highlight=False)
     out.print(f"metrics: {path}\ncheckpoint: {out_dir / 'checkpoint.pt'}")

@@ -101,7 +101,7 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
     import time
 
     from study.checkpoints import CHECKPOINT_FILE
-    from study.evaluation import score_split
+    from study.evaluation import Decoding, score_split
     from study.training import run_trial
 
     t0, started = time.perf_counter(), int(time.time() * 1000)
@@ -109,13 +109,15 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
         # The model goes back with the scores (this task may run on another node): the driver keeps it.
         checkpoint = (Path(tmp) / "checkpoint" / CHECKPOINT_FILE).read_bytes()
-    test = score_split(result["model"], cfg, data, "test", beam_size=cfg.beam_size, full=True, per_image=True)
+    cfg = cfg.model_copy(update={"precision": result.precision})  # auto, as the run resolved it
+    test = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab, decoding=Decoding.of(cfg),
+                       full=True, per_image=True)
     return {"config": cfg.model_dump(mode="json", by_alias=True, exclude={"dataset"}),
             "scores": test.scores, "captions": test.captions,
             "per_image": {m: {str(k): v for k, v in d.items()} for m, d in test.per_image.items()},
-            "params": result["params"], "epochs": len(result["epochs"]),
-            "train_seconds": sum(e["train_seconds"] for e in result["epochs"]),
-            "history": result["epochs"], "precision": result["precision"],
+            "params": result.record["params"], "epochs": len(result.epochs),
+            "train_seconds": sum(e["train_seconds"] for e in result.epochs),
+            "history": result.epochs, "precision": result.precision,
             "started_ms": started, "ended_ms": int(time.time() * 1000),  # its real span, for MLflow's duration
             "seconds": time.perf_counter() - t0, "checkpoint": checkpoint}
 

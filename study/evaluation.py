@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from study.config import TrialConfig
 from study.data.prepare import PreparedData, SplitCaptions
 from study.data.tokens import PAD, Vocab, normalize
-from study.metrics import score_captions
+from study.metrics import score_captions, score_captions_per_image
 from study.precision import autocast
 
 
@@ -101,29 +101,42 @@ def caption_char_counts(data: PreparedData, split: str, limit: int | None = None
     return sum(len(normalize(c)) + 1 for c in captions)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How captions are generated: a beam of ``beam_size`` (1 is greedy), at most ``max_len`` tokens, the beam's
+    ``length_penalty``, under the autocast of ``precision`` (the model's training precision)."""
+
+    beam_size: int = 1
+    max_len: int = 20
+    length_penalty: float = 0.0
+    precision: str = "fp32"
+
+    @classmethod
+    def of(cls, cfg: TrialConfig, beam_size: int | None = None) -> "Decoding":
+        """A trial's decoding: its beam (or ``beam_size``), length limit, penalty and precision."""
+        return cls(cfg.beam_size if beam_size is None else beam_size, cfg.effective_max_len, cfg.length_penalty,
+                   cfg.precision)
+
+
 @torch.no_grad()
-def decode(model: torch.nn.Module, pooled: torch.Tensor, grid: torch.Tensor | None, *, beam_size: int,
-           max_len: int, length_penalty: float, precision: str = "fp32") -> torch.Tensor:
+def decode(model: torch.nn.Module, pooled: torch.Tensor, grid: torch.Tensor | None, decoding: Decoding
+           ) -> torch.Tensor:
     """Token ids (B, T) for features pooled (B, F) and grid (B, G, F) or None: greedy when ``beam_size == 1``
-    (a beam of one gives the same captions, slower), else batched beam search; under the autocast of
-    ``precision``, as the model trained."""
+    (a beam of one gives the same captions, slower), else batched beam search."""
     model.eval()
-    with autocast(pooled.device, precision):
-        if beam_size == 1:
-            return model.greedy(pooled, grid, max_len)
-        return model.beam_search(pooled, grid, beam_size, max_len, length_penalty)
+    with autocast(pooled.device, decoding.precision):
+        if decoding.beam_size == 1:
+            return model.greedy(pooled, grid, decoding.max_len)
+        return model.beam_search(pooled, grid, decoding.beam_size, decoding.max_len, decoding.length_penalty)
 
 
 def decode_images(model: torch.nn.Module, vocab: Vocab, image_rows: np.ndarray, features: FeatureSource,
-                  device: torch.device, *, beam_size: int, max_len: int, length_penalty: float,
-                  precision: str = "fp32", batch_size: int = 128) -> list[str]:
-    """Captions for feature rows (``device``: where ``features`` puts them, the model's)."""
+                  decoding: Decoding, batch_size: int = 128) -> list[str]:
+    """Captions for feature rows (``features`` puts them on the model's device)."""
     captions: list[str] = []
     for start in range(0, len(image_rows), batch_size):
         pooled, grid = features(image_rows[start:start + batch_size])
-        ids = decode(model, pooled, grid, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                     precision=precision)
-        captions.extend(vocab.decode(row) for row in ids.cpu())
+        captions.extend(vocab.decode(row) for row in decode(model, pooled, grid, decoding).cpu())
     return captions
 
 
@@ -138,35 +151,37 @@ class Evaluation:
     metric_seconds: float  # scoring's share (tokenising, n-gram statistics; Java in the full suite)
 
 
-def score_split(model: torch.nn.Module, cfg: TrialConfig, data: PreparedData, split: str, *, beam_size: int = 1,
+def score_split(model: torch.nn.Module, data: PreparedData, split: str, *, vocab: Vocab, decoding: Decoding,
                 full: bool = False, limit: int | None = None, per_image: bool = False) -> Evaluation:
-    """Decode a split's images with ``model`` (on its own device) and score them against their references.
+    """Decode a split's images with ``model`` (on its own device; ``vocab`` its vocabulary) and score them against
+    their references (raw text, so words outside the vocabulary count as coco-caption counts them).
 
-    ``beam_size`` 1 is greedy; ``full`` the coco-caption suite (METEOR, ROUGE-L, SPICE), else BLEU and
-    CIDEr-D only; ``limit`` the first images only; ``per_image`` also each image's scores."""
+    ``full`` the coco-caption suite (METEOR, ROUGE-L, SPICE), else BLEU and CIDEr-D only; ``limit`` the first
+    images only; ``per_image`` also each image's scores."""
     device = model_device(model)
     features = FeatureSource(data, device, need_grid=model.needs_grid)
     images = data.images[split]
     n = len(images.rows) if limit is None else min(limit, len(images.rows))
     t0 = time.perf_counter()
-    hyps = decode_images(model, data.tokens_for(cfg).vocab, images.rows[:n], features, device,
-                         beam_size=beam_size, max_len=cfg.effective_max_len, length_penalty=cfg.length_penalty,
-                         precision=cfg.precision)
+    hyps = decode_images(model, vocab, images.rows[:n], features, decoding)
     t1 = time.perf_counter()  # decoding ends with the captions on the CPU: no extra sync needed
     refs = {i: images.references[i] for i in range(n)}
-    result = score_captions(refs, dict(enumerate(hyps)), full=full, per_image=per_image)
-    scores, per = result if per_image else (result, None)
+    if per_image:
+        scores, per = score_captions_per_image(refs, dict(enumerate(hyps)), full=full)
+    else:
+        scores, per = score_captions(refs, dict(enumerate(hyps)), full=full), None
     return Evaluation(scores, hyps, per, decode_seconds=t1 - t0, metric_seconds=time.perf_counter() - t1)
 
 
-def validate(model: torch.nn.Module, cfg: TrialConfig, data: PreparedData, val: SplitTensors,
-             features: FeatureSource, val_chars: int) -> dict[str, Any]:
+def validate(model: torch.nn.Module, data: PreparedData, val: SplitTensors, features: FeatureSource,
+             val_chars: int, *, vocab: Vocab, decoding: Decoding, batch_size: int, val_images: int | None
+             ) -> dict[str, Any]:
     """One epoch's validation: teacher-forced loss and bits per character over the ``val`` captions, greedy
-    CIDEr-D and BLEU-4 over the first ``cfg.val_images`` val images, and the seconds each part took."""
+    CIDEr-D and BLEU-4 over the first ``val_images`` val images, and the seconds each part took."""
     t0 = time.perf_counter()
-    val_loss, val_nats = validation_loss(model, val, features, features.device, cfg.batch_size, cfg.precision)
+    val_loss, val_nats = validation_loss(model, val, features, features.device, batch_size, decoding.precision)
     val_loss_seconds = time.perf_counter() - t0
-    greedy = score_split(model, cfg, data, "val", beam_size=1, full=False, limit=cfg.val_images)
+    greedy = score_split(model, data, "val", vocab=vocab, decoding=decoding, full=False, limit=val_images)
     return {"val_loss": val_loss, "val_bpc": val_nats / math.log(2) / val_chars,
             "val_CIDEr-D": greedy.scores["CIDEr-D"], "val_BLEU-4": greedy.scores["BLEU-4"],
             "val_loss_seconds": val_loss_seconds, "decode_seconds": greedy.decode_seconds,

@@ -18,7 +18,7 @@ from study.config import TrialConfig, checkpoint_config
 from study.data.encoders import EncoderSpec, encode_images, get_encoder, load_encoder, pick_device, preprocess
 from study.data.karpathy import load_image
 from study.data.tokens import Vocab
-from study.evaluation import decode
+from study.evaluation import Decoding, decode
 from study.models import build_captioner
 
 
@@ -77,7 +77,6 @@ def caption_files(checkpoint: Path, images: Sequence[Path], *, beam_size: int = 
         # float32 on the device, as training's FeatureSource hands the cached rows to the model
         pooled_t = torch.from_numpy(pooled).to(dev, torch.float32)  # (b, C)
         grid_t = torch.from_numpy(grid).to(dev, torch.float32) if model.needs_grid else None  # (b, g*g, C)
-        ids = decode(model, pooled_t, grid_t, beam_size=beam_size, max_len=cfg.effective_max_len,
-                     length_penalty=cfg.length_penalty, precision=cfg.precision)
+        ids = decode(model, pooled_t, grid_t, Decoding.of(cfg, beam_size=beam_size))
         for path, row in zip(paths, ids.cpu()):
             yield path, vocab.decode(row)

@@ -79,17 +79,22 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def score_captions(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str], *,
-                   full: bool = False, per_image: bool = False
-                   ) -> dict[str, float] | tuple[dict[str, float], dict[str, dict[Hashable, float]]]:
+                   full: bool = False) -> dict[str, float]:
     """coco-caption scores of one hypothesis per image against that image's references (0..1 scale).
 
     references: image key -> its reference captions (raw text: tokenisation happens here).
     hypotheses: image key -> the generated caption (may be empty). Both must have the same keys.
     full=False: BLEU-1..4 and CIDEr-D, tokenised in Python, no Java (the per-epoch path).
     full=True: also METEOR, ROUGE-L and SPICE (NaN: needs Stanford CoreNLP downloaded at run time).
-    per_image=True: also return {metric: {key: score}} for CIDEr-D, BLEU-4 and, when full, METEOR and ROUGE-L
-    (the means of CIDEr-D and ROUGE-L per image are their corpus scores; BLEU's corpus score is not a mean).
     """
+    return score_captions_per_image(references, hypotheses, full=full)[0]
+
+
+def score_captions_per_image(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str], *,
+                             full: bool = False) -> tuple[dict[str, float], dict[str, dict[Hashable, float]]]:
+    """``score_captions``'s scores and each image's: ``{metric: {key: score}}`` for CIDEr-D, BLEU-4 and, when
+    ``full``, METEOR and ROUGE-L (the means of CIDEr-D and ROUGE-L per image are their corpus scores; BLEU's
+    corpus score is not a mean)."""
     keys = list(hypotheses)
     if not keys:
         raise ValueError("no hypotheses to score")
@@ -136,5 +141,5 @@ def score_captions(references: Mapping[Hashable, Sequence[str]], hypotheses: Map
         _warn_once("spice", "SPICE is not computed (NaN): its jar downloads Stanford CoreNLP models at run "
                             "time, which is impossible offline")
         scores["SPICE"] = math.nan
-    return (scores, per) if per_image else scores
+    return scores, per
 

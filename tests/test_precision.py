@@ -47,10 +47,10 @@ def test_bf16_training_reaches_the_fp32_loss_and_records_its_precision(inject, c
         cfg = TrialConfig(dataset=small_shapes, inject=inject, cell=cell, hidden=96, embed=48, attention_dim=32,
                           min_count=1, epochs=4, batch_size=40, lr=5e-3, val_images=20, seed=7, precision=precision)
         result = run_trial(cfg, small_prepared, work_dir=tmp_path / precision, progress=False)
-        epochs = result["epochs"]
+        epochs = result.epochs
         assert epochs[-1]["val_loss"] < 0.75 * epochs[0]["train_loss"], epochs
         losses[precision] = epochs[-1]["val_loss"]
-        assert result["precision"] == precision and result["config"]["precision"] == precision
+        assert result.precision == precision and result.record["config"]["precision"] == precision
         saved = json.loads(write_metrics(result, tmp_path / precision).read_text())
         assert saved["precision"] == precision
         assert load_checkpoint(tmp_path / precision / "checkpoint")["config"]["precision"] == precision
@@ -61,5 +61,5 @@ def test_auto_is_recorded_as_what_it_resolved_to(small_shapes, small_prepared, t
     cfg = TrialConfig(dataset=small_shapes, hidden=32, embed=16, min_count=1, epochs=1, val_images=5)
     assert cfg.precision == "auto"
     result = run_trial(cfg, small_prepared, work_dir=tmp_path, progress=False)
-    assert result["precision"] == resolve("auto", "cpu")
+    assert result.precision == resolve("auto", "cpu")
     assert load_checkpoint(tmp_path / "checkpoint")["config"]["precision"] == resolve("auto", "cpu")

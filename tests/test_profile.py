@@ -38,7 +38,7 @@ def _profile_module():
 def test_run_trial_reports_where_the_epoch_went(small_shapes, small_prepared, tmp_path):
     cfg = TrialConfig(dataset=small_shapes, inject="init", hidden=48, embed=32, min_count=1, epochs=1,
                       batch_size=40, val_images=10)
-    epoch = run_trial(cfg, small_prepared, work_dir=tmp_path, progress=False)["epochs"][0]
+    epoch = run_trial(cfg, small_prepared, work_dir=tmp_path, progress=False).epochs[0]
     assert set(TIMINGS) <= set(REPORTED)  # Tune and MLflow carry them
     for name in TIMINGS:
         assert epoch[name] >= 0.0, name
@@ -54,7 +54,7 @@ def test_val_captions_scores_the_first_captions_only(small_shapes, small_prepare
     cfg = TrialConfig(dataset=small_shapes, inject="init", hidden=48, embed=32, min_count=1, epochs=1,
                       batch_size=40, val_images=10, val_captions=23)
     result = run_trial(cfg, small_prepared, work_dir=tmp_path, progress=False)
-    epoch = result["epochs"][0]
+    epoch = result.epochs[0]
     state = load_checkpoint(tmp_path / "checkpoint")
     tokens = small_prepared.tokens_for(cfg)
     model = build_captioner(cfg, len(tokens.vocab), small_prepared.feature_dim, small_prepared.feature_stats)
@@ -64,7 +64,7 @@ def test_val_captions_scores_the_first_captions_only(small_shapes, small_prepare
     every = SplitTensors.of(tokens.splits["val"], val.rows)
     first = SplitTensors(every.ids[:23], every.lengths[:23], every.feature_rows[:23])
     # Under the precision the trial resolved (bf16 on a CPU with AVX512-BF16, as the trial validated).
-    loss, nats = validation_loss(model, first, features, torch.device("cpu"), cfg.batch_size, result["precision"])
+    loss, nats = validation_loss(model, first, features, torch.device("cpu"), cfg.batch_size, result.precision)
     assert epoch["val_loss"] == pytest.approx(loss)
     chars = sum(len(normalize(c)) + 1 for c in [c for refs in val.references for c in refs][:23])
     assert epoch["val_bpc"] == pytest.approx(nats / math.log(2) / chars)

@@ -17,7 +17,7 @@ import yaml
 from study import checkpoints
 from study.checkpoints import copy_checkpoint, load_checkpoint
 from study.config import TrialConfig
-from study.evaluation import score_split
+from study.evaluation import Decoding, score_split
 from study.training import TrialDiverged, length_bucketed_batches, run_trial
 
 torch.set_num_threads(1)
@@ -48,19 +48,19 @@ def test_trial_learns_writes_checkpoints_and_resumes_exactly(small_shapes, small
         # Keep a copy of each epoch's checkpoint, as Tune persists them.
         saved[metrics["epoch"]] = Path(shutil.copytree(checkpoint_dir, tmp_path / f"epoch{metrics['epoch']}"))
 
-    full = run_trial(cfg, small_prepared, work_dir=tmp_path / "a", report=report, progress=False)
-    losses = [e["train_loss"] for e in full["epochs"]]
+    full = run_trial(cfg, small_prepared, work_dir=tmp_path / "a", on_epoch=report, progress=False)
+    losses = [e["train_loss"] for e in full.epochs]
     assert len(losses) == 3 and losses[-1] < 0.75 * losses[0], losses
     for key in ("val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "tokens_per_second"):
-        assert np.isfinite(full["epochs"][-1][key]), key
-    assert full["epochs"][-1]["val_bpc"] > 0
+        assert np.isfinite(full.epochs[-1][key]), key
+    assert full.epochs[-1]["val_bpc"] > 0
 
     state = load_checkpoint(saved[1])  # weights_only=True inside
     assert state["epoch"] == 1 and state["config"]["inject"] == "init" and "itos" in json.dumps(state["vocab"])
 
     resumed = run_trial(cfg, small_prepared, work_dir=tmp_path / "b", resume_from=saved[1], progress=False)
-    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
-    for a, b in zip(full["epochs"][1:], resumed["epochs"][1:]):
+    assert [e["epoch"] for e in resumed.epochs] == [1, 2, 3]
+    for a, b in zip(full.epochs[1:], resumed.epochs[1:]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
 
@@ -71,27 +71,29 @@ def test_char_and_word_models_report_comparable_bits_per_character(small_shapes,
                      work_dir=tmp_path / "c", progress=False)
     # Both in bits per character of the same captions: same order of magnitude, below log2(vocab).
     for result in (word, char):
-        assert 0.05 < result["epochs"][0]["val_bpc"] < 6
+        assert 0.05 < result.epochs[0]["val_bpc"] < 6
 
 
 def test_real_image_features_beat_shuffled_ones(small_shapes, small_prepared, tmp_path):
     cfg = _cfg(small_shapes, epochs=8, hidden=128, lr=8e-3, val_images=None)
     work = tmp_path / "img"
     result = run_trial(cfg, small_prepared, work_dir=work, progress=False)
-    model = result["model"]  # the trained model itself: what the confirm stage scores
-    real = score_split(model, cfg, small_prepared, "val").scores
+    model = result.model  # the trained model itself: what the confirm stage scores
+    vocab, greedy = small_prepared.tokens_for(cfg).vocab, Decoding.of(cfg, beam_size=1)
+    real = score_split(model, small_prepared, "val", vocab=vocab, decoding=greedy).scores
     shuffled_data = dataclasses.replace(small_prepared, images=dict(small_prepared.images))
     val = small_prepared.images["val"]
     shuffled_data.images["val"] = dataclasses.replace(val, rows=np.roll(val.rows, 7))
-    shuffled = score_split(model, cfg, shuffled_data, "val").scores
+    shuffled = score_split(model, shuffled_data, "val", vocab=vocab, decoding=greedy).scores
     assert real["CIDEr-D"] > 1.5 * shuffled["CIDEr-D"] + 0.05, (real, shuffled)
 
     # The checkpoint it wrote captions exactly as the model run_trial returned it.
     from study.inference import load_captioner
 
     reloaded, _, _ = load_captioner(work / "checkpoint", torch.device("cpu"))
-    again = score_split(reloaded, cfg, small_prepared, "val", beam_size=2, per_image=True)
-    direct = score_split(model, cfg, small_prepared, "val", beam_size=2, per_image=True)
+    beam = Decoding.of(cfg, beam_size=2)
+    again = score_split(reloaded, small_prepared, "val", vocab=vocab, decoding=beam, per_image=True)
+    direct = score_split(model, small_prepared, "val", vocab=vocab, decoding=beam, per_image=True)
     assert again.captions == direct.captions and again.per_image == direct.per_image
 
 

@@ -18,7 +18,7 @@ from study.config import TrialConfig
 from study.data.tokens import PAD
 from study.models import decoding
 from study.models.cells import CellStack, State, build_cell_stack
-from study.models.inject import Ctx, Injection, build_injection
+from study.models.inject import ImageContext, Injection, build_injection
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,7 +53,7 @@ class Captioner(nn.Module):
         return self.injection.needs_grid
 
     # --- the hooks in order -----------------------------------------------------------------------------
-    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> ImageContext:
         """Per-image context from z-scored features. Cached features arrive as float16: cast first."""
         dtype = self.out.weight.dtype
         pooled = (pooled.to(dtype) - self.pooled_mean) / self.pooled_std  # (B, F)
@@ -61,7 +61,7 @@ class Captioner(nn.Module):
             grid = (grid.to(dtype) - self.grid_mean) / self.grid_std  # (B, G, F)
         return self.injection.encode(pooled, grid)
 
-    def start_state(self, ctx: Ctx, batch: int) -> State:
+    def start_state(self, ctx: ImageContext, batch: int) -> State:
         """The state in which START is read: the injection's initial state, then its prefix steps (if any)."""
         state = self.injection.initial_state(ctx, self.cell, batch)
         if state is None:
@@ -71,7 +71,7 @@ class Captioner(nn.Module):
             _, state = self.cell(prefix, state)  # outputs at image steps are dropped: logits align with tokens
         return state
 
-    def step(self, tokens: Tensor, ctx: Ctx, state: State) -> tuple[Tensor, State]:
+    def step(self, tokens: Tensor, ctx: ImageContext, state: State) -> tuple[Tensor, State]:
         """tokens (B, T) -> logits (B, T, V) and the state after them; T = 1 while decoding."""
         emb = self.drop(self.embedding(tokens))  # (B, T, E)
         if self.injection.stepwise:  # the input at step t depends on the state after t-1 (attention)

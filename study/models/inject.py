@@ -26,7 +26,9 @@ from study.config import ConfigError, TrialConfig
 from study.models.cells import CellStack, State
 from study.registry import METHODS
 
-Ctx = dict[str, Tensor]
+# What an injection method makes of the image once per batch, by name (e.g. "image": the (B, F) pooled vector,
+# attention's grid keys (B, G, A)), handed to every decoding step.
+ImageContext = dict[str, Tensor]
 
 
 class Injection(nn.Module):
@@ -42,22 +44,22 @@ class Injection(nn.Module):
         self.output_size = cfg.hidden
         self.drop = nn.Dropout(cfg.dropout)  # on image features, like on embeddings
 
-    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> ImageContext:
         return {}
 
-    def initial_state(self, ctx: Ctx, cell: CellStack, batch: int) -> State | None:
+    def initial_state(self, ctx: ImageContext, cell: CellStack, batch: int) -> State | None:
         return None
 
-    def prefix_inputs(self, ctx: Ctx) -> Tensor | None:
+    def prefix_inputs(self, ctx: ImageContext) -> Tensor | None:
         return None
 
-    def step_inputs(self, emb: Tensor, ctx: Ctx, state: State) -> Tensor:
+    def step_inputs(self, emb: Tensor, ctx: ImageContext, state: State) -> Tensor:
         return emb
 
-    def combine_output(self, out: Tensor, ctx: Ctx) -> Tensor:
+    def combine_output(self, out: Tensor, ctx: ImageContext) -> Tensor:
         return out
 
-    def expand_ctx(self, ctx: Ctx, beams: int) -> Ctx:
+    def expand_ctx(self, ctx: ImageContext, beams: int) -> ImageContext:
         """Beam search: ctx (B, ...) -> (B*K, ...), each image's tensors repeated for its K consecutive rows."""
         return {name: value.repeat_interleave(beams, dim=0) for name, value in ctx.items()}
 
@@ -75,10 +77,10 @@ class InitInject(Injection):
         self.to_c = nn.Linear(feature_dim, cfg.hidden)
         self.to_h = nn.Linear(feature_dim, cfg.hidden) if cfg.seed_h else None
 
-    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> ImageContext:
         return {"image": self.drop(pooled)}
 
-    def initial_state(self, ctx: Ctx, cell: CellStack, batch: int) -> State:
+    def initial_state(self, ctx: ImageContext, cell: CellStack, batch: int) -> State:
         img = ctx["image"]  # (B, F)
         h, c = cell.zero_state(batch, img)  # (L, B, H) each (c None for a GRU)
         seed_c = self.to_c(img)  # (B, H)
@@ -98,7 +100,7 @@ class ProjectedImage(Injection):
         super().__init__(cfg, feature_dim)
         self.proj = nn.Linear(feature_dim, size)
 
-    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> ImageContext:
         return {"image": self.proj(self.drop(pooled))}  # (B, size)
 
 
@@ -108,7 +110,7 @@ class PreInject(ProjectedImage):
     def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
         super().__init__(cfg, feature_dim, cfg.embed)
 
-    def prefix_inputs(self, ctx: Ctx) -> Tensor:
+    def prefix_inputs(self, ctx: ImageContext) -> Tensor:
         return ctx["image"][:, None]  # (B, 1, E)
 
 
@@ -119,7 +121,7 @@ class ParInject(ProjectedImage):
         super().__init__(cfg, feature_dim, cfg.embed)
         self.rnn_input_size = 2 * cfg.embed
 
-    def step_inputs(self, emb: Tensor, ctx: Ctx, state: State) -> Tensor:
+    def step_inputs(self, emb: Tensor, ctx: ImageContext, state: State) -> Tensor:
         img = ctx["image"][:, None].expand(-1, emb.shape[1], -1)  # (B, T, E)
         return torch.cat([emb, img], dim=2)  # (B, T, 2E)
 
@@ -132,7 +134,7 @@ class MergeInject(ProjectedImage):
         super().__init__(cfg, feature_dim, cfg.hidden)
         self.output_size = 2 * cfg.hidden
 
-    def combine_output(self, out: Tensor, ctx: Ctx) -> Tensor:
+    def combine_output(self, out: Tensor, ctx: ImageContext) -> Tensor:
         img = ctx["image"][:, None].expand(-1, out.shape[1], -1)  # (B, T, H)
         return torch.cat([out, img], dim=2)  # (B, T, 2H)
 
@@ -154,7 +156,7 @@ class AttentionInject(Injection):
         self.score = nn.Linear(cfg.attention_dim, 1, bias=False)
         self.rnn_input_size = cfg.embed + feature_dim
 
-    def encode(self, pooled: Tensor, grid: Tensor | None) -> Ctx:
+    def encode(self, pooled: Tensor, grid: Tensor | None) -> ImageContext:
         if grid is None:
             raise ValueError("inject 'attention' needs the spatial grid features (B, G, F), got grid=None")
         kind = grid.device.type
@@ -164,12 +166,12 @@ class AttentionInject(Injection):
         grid = grid_dropout(grid, self.drop.p, self.training)  # (B, G, F)
         return {"grid": grid, "keys": self.key(grid)}  # keys (B, G, A): once per image, not per step
 
-    def expand_ctx(self, ctx: Ctx, beams: int) -> Ctx:
+    def expand_ctx(self, ctx: ImageContext, beams: int) -> ImageContext:
         """Beam search: keep the grid per image. ``attend`` reads each image's ``beams`` consecutive rows against
         it, so the (B*K, G, F) copy (and reading it K times per step) is never made."""
         return ctx
 
-    def attend(self, ctx: Ctx, h_top: Tensor) -> Tensor:
+    def attend(self, ctx: ImageContext, h_top: Tensor) -> Tensor:
         """h_top (B*k, H), k consecutive rows per image (k = 1 in training, the beams in beam search)
         -> attention weights (B, k, G)."""
         keys = ctx["keys"]  # (B, G, A)
@@ -178,7 +180,7 @@ class AttentionInject(Injection):
         scores = self.score(energy).squeeze(3)  # (B, k, G)
         return torch.softmax(scores, dim=2, dtype=torch.promote_types(scores.dtype, torch.float32))
 
-    def step_inputs(self, emb: Tensor, ctx: Ctx, state: State) -> Tensor:
+    def step_inputs(self, emb: Tensor, ctx: ImageContext, state: State) -> Tensor:
         if emb.shape[1] != 1:
             raise ValueError(f"attention takes one step at a time, got {emb.shape[1]} steps")
         alpha = self.attend(ctx, state[0][-1])  # (B, k, G)

@@ -74,7 +74,7 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
         try:
-            run_trial(cfg, data, work_dir=Path(tmp), report=report, resume_from=resume_from, progress=False)
+            run_trial(cfg, data, work_dir=Path(tmp), on_epoch=report, resume_from=resume_from, progress=False)
         except TrialDiverged as diverged:
             fs.create_dir(storage.trial_fs_path, recursive=True)
             with fs.open_output_stream(diverged_note) as note:
