@@ -195,6 +195,36 @@ class StudyTracker:
                      "time": int(time.time() * 1000), "artifacts": [str(Path(p).resolve()) for p in artifacts]})
         return True
 
+    # ----- study evaluate (study/cross_dataset.py): a confirm run's scores on another dataset ----------------
+    def confirm_metrics(self, name: str, metrics: dict[str, float], *, tag: str, artifacts: list[Path] = (),
+                        artifact_path: str | None = None) -> bool:
+        """Journal more metrics (and artifacts) for confirm run ``name``, logged before: its scores on another
+        dataset, named ``<dataset>/<metric>``. ``tag`` names this addition (dataset, run, their versions): each is
+        journalled once. Returns False, logging nothing, for a tag journalled before."""
+        if not hasattr(self, "_confirm_metrics_logged"):
+            self._confirm_metrics_logged = {e["tag"] for e in self.journal.events("confirm_metrics")}
+        if tag in self._confirm_metrics_logged:
+            return False
+        self._confirm_metrics_logged.add(tag)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._event({"kind": "confirm_metrics", "key": CONFIRM_PREFIX + name, "name": f"confirm-{name}", "tag": tag,
+                     "metrics": clean, "time": int(time.time() * 1000), "artifact_path": artifact_path,
+                     "artifacts": [str(Path(p).resolve()) for p in artifacts]})
+        return True
+
+    def _send_confirm_metrics(self, client, event: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self.runs.get(event["key"]) or self._run_by_tags(client, "confirm", event["name"])
+        if run_id is None:  # its confirm_run event comes first in the journal; a missing run is not a server problem
+            log.warning("no MLflow confirm run %s for the metrics %s: not sent", event["name"],
+                        sorted(event["metrics"]))
+            return
+        client.log_batch(run_id, metrics=[Metric(k, v, event["time"], 0) for k, v in event["metrics"].items()])
+        for path in map(Path, event["artifacts"]):
+            if path.exists() and self._artifacts_here(client, run_id):
+                client.log_artifact(run_id, str(path), event.get("artifact_path"))
+
     def study_table(self, data: dict[str, list], artifact_file: str) -> None:
         """A table artifact on the parent (``mlflow.log_table``: the UI's artifact view shows it as a table)."""
         self._event({"kind": "study_table", "data": data, "artifact_file": artifact_file})
