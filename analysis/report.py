@@ -275,13 +275,16 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
                  spec_text: str | None = None, metric: str = PRIMARY, n_boot: int = 2000,
                  seed: int = 0, level: float = 0.95, resources: Mapping[str, float] | None = None,
                  confirmed: pd.DataFrame | None = None, provenance: Mapping[str, str] | None = None,
-                 decision: Callable[[Verdict], str | None] | None = None) -> ReportResult:
+                 decision: Callable[[Verdict], str | None] | None = None,
+                 extra_blocks: list[Block] | None = None) -> ReportResult:
     """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
 
     ``metric`` is the confirm-stage primary metric; the search is analysed on ``val_<metric>``. ``roles`` and
     ``colors`` describe the injection methods (see the module docstring). ``level`` is the intervals'
     confidence (a sequential plan's per-look level, see ``analysis.sequential``); ``decision`` returns the
     report's line on how many seeds the verdict took or would take.
+    ``extra_blocks``: more sections, after the test split's examples (the other photo collections the study was
+    scored on and the pooled verdict, ``analysis.cross_dataset``; their figures already in ``out_dir``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -312,6 +315,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     blocks.append(("h2", "Examples from the test split"))
     blocks.append(("img", figures["gallery"], "test images with each method's caption") if figures["gallery"]
                   else ("p", "No example captions were recorded."))
+    blocks += extra_blocks or []
     blocks += [("h2", "Context: what the literature reached (not comparable numbers)"), ("p", LITERATURE_NOTE),
                ("table", ["data", "arch", "BLEU-4", "METEOR", "CIDEr"], [list(r) for r in LITERATURE])]
     blocks += _run_blocks(trials, history, runs)

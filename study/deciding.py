@@ -156,6 +156,11 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
     per_image, runs, gallery = load_confirm(paths, data)
     plan = sequential_plan(spec, paths)
     notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
+    # study evaluate's sets and the pooled verdict (study/cross_dataset.py): [] for a study never evaluated
+    from study.cross_dataset import report_blocks
+
+    extra = report_blocks(paths, spec, per_image, paths.report, level=plan.level if plan else 0.95,
+                          roles=method_roles(), colors=method_colors())
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
                           margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
@@ -163,7 +168,7 @@ def write_report(study: "Study", *, console: Any = None) -> Path:
                           decision=lambda verdict: notes.setdefault("decision",
                                                                     decision_note(spec, verdict, plan, per_image)),
                           resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
-                          provenance=origin)
+                          provenance=origin, extra_blocks=extra)
     atomic_write_json(paths.report / "provenance.json", origin, indent=2)
     verdict = result.verdict
     tracker = study.tracker()

@@ -182,9 +182,13 @@ def export(study: "Study", dest: Path, *, force: bool = False) -> list[Path]:
     if not (paths.report / "report.md").is_file():
         raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `study report {study.name}` first")
     _clear_destination(study, dest, force)
+    from study.cross_dataset import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
+
+    evaluated = export_frames(paths, study.spec, study.per_image())
     names = [p.name for p in paths.report.iterdir() if p.name in _REPORT_FILES or p.suffix == ".png"]
     names += ["spec.yaml", *(p.name for p in (paths.verdict_csv, paths.search_time, paths.decide) if p.is_file()),
               "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "test_scores.csv", "test_scores.md"]
+    names += list(evaluated)
     taken = sorted(name for name in names if (dest / name).exists())
     if taken:
         raise ExportRefused(f"{dest} holds files that are not a previous export's: {', '.join(taken)}; move them, "
@@ -204,6 +208,7 @@ def export(study: "Study", dest: Path, *, force: bool = False) -> list[Path]:
     frames = {"leaderboard.csv": study.leaderboard(best_per_method=False), "trials.csv": study.trials(),
               "history.csv": study.history(),
               "confirm_runs.csv": runs, "test_scores.csv": study.test_scores()}
+    frames.update(evaluated)
     for name, frame in frames.items():
         frame.to_csv(dest / name, index=False)
         written.append(dest / name)
