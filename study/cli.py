@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from study import cli_trial
+from study import cli_evaluate, cli_trial
 from study.config import ConfigError
 from study.console import HELP_MARKUP, console, fail, out, writable_folder
 from study.spec import METRIC_MODES
@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
     rich_markup_mode=HELP_MARKUP)
 app.add_typer(cli_trial.app)  # data shapes, features, train, caption: one configuration, no Ray
+app.add_typer(cli_evaluate.app)  # evaluate: a study's confirm models on another dataset
 
 
 @app.callback()
