@@ -10,11 +10,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, journal_events, study_spec
 
 ROLES = {"init": "target", "pre": "competitor", "par": "competitor", "none": "floor"}
 COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini" / "dataset_coco_mini.json"
@@ -93,3 +99,203 @@ def test_the_pooled_chi_square_tail_matches_scipy():
     for x in (0.2, 1.0, 3.84, 9.0, 25.0):
         for dof in range(1, 7):
             assert chi2_sf(x, dof) == pytest.approx(chi2.sf(x, dof), abs=1e-12)
+
+
+# ----- (a) end to end on a real study -----------------------------------------------------------------------
+def _study(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _results(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((folder / "evaluate" / "shapes-b" / "runs").glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, small_shapes, feature_cache_dir):
+    """A small real study (init and merge, one confirm seed each, reported), then `study evaluate` on the train
+    split of a shapes dataset of another seed and size, run twice; then `study export`."""
+    from types import SimpleNamespace
+
+    from study.config import ShapesDataset
+    from study.data.shapes import ensure_shapes
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    spec_path = study_spec(tmp, "crossdata", small_shapes, search={"trials": 2, "seed": 1},
+                           asha={"max_epochs": 2, "grace_period": 2, "reduction_factor": 2},
+                           confirm={"top_k": 1, "seeds": 1, "epochs": 2, "beam_size": 2, "margin": 0.05})
+    run = _study("run", str(spec_path), cwd=tmp)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = tmp / "runs" / "crossdata"
+    other = ensure_shapes(ShapesDataset(images=50, image_size=64, seed=8, cache_dir=feature_cache_dir), progress=False)
+    command = ("evaluate", str(folder), str(other), "--split", "train", "--name", "shapes-b")
+    first = _study(*command, cwd=tmp)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = _results(folder)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "evaluate" / "shapes-b" / "runs").glob("*.json")}
+    again = _study(*command, cwd=tmp)
+    exported = _study("export", str(folder), str(tmp / "results"), cwd=tmp)
+    return SimpleNamespace(tmp=tmp, folder=folder, other=other, first=first, again=again, results=results,
+                           stamps=stamps, exported=exported)
+
+
+@pytest.mark.slow
+def test_evaluate_scores_every_confirm_run_as_scoring_its_checkpoints_captions_directly_does(evaluated):
+    from study.checkpoints import load_checkpoint
+    from study.inference import caption_files
+    from study.metrics import score_captions
+
+    folder = evaluated.folder
+    assert "2 runs scored, 0 finished ones reused" in " ".join(evaluated.first.stdout.split())
+    assert sorted(evaluated.results) == sorted(p.name for p in (folder / "confirm").glob("*.json"))
+    manifest = json.loads((folder / "evaluate" / "shapes-b" / "set.json").read_text())
+    assert manifest["split"] == "train" and manifest["images"] == 40 and len(manifest["references"]) == 40
+    for number, (name, text) in enumerate(sorted(evaluated.results.items())):
+        result = json.loads(text)
+        checkpoint = folder / "confirm" / name.replace(".json", ".pt")
+        beam = load_checkpoint(checkpoint)["config"]["beam_size"]
+        assert result["beam_size"] == beam == 2  # the confirm stage's beam
+        # The checkpoint captions the image files themselves (encoder on the files, not the feature cache).
+        direct = [caption for _, caption in caption_files(checkpoint, [Path(p) for p in manifest["image_paths"]],
+                                                          beam_size=beam)]
+        assert result["captions"] == direct and len(direct) == 40
+        refs = dict(enumerate(manifest["references"]))
+        scores, per_image = score_captions(refs, dict(enumerate(direct)), full=number == 0, per_image=True)
+        for metric, value in scores.items():
+            if value == value:  # SPICE is NaN offline
+                assert result["scores"][metric] == pytest.approx(value, abs=1e-12), metric
+        for metric, by_image in per_image.items():
+            assert result["per_image"][metric] == {str(k): pytest.approx(v, abs=1e-12) for k, v in by_image.items()}
+        assert set(result["per_image"]) >= {"CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"}
+        assert 0 < result["scores"]["BLEU-1"] <= 1 and np.isfinite(result["scores"]["METEOR"])
+
+
+@pytest.mark.slow
+def test_a_second_evaluate_of_the_same_dataset_recomputes_nothing(evaluated):
+    again = evaluated.again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 runs scored, 2 finished ones reused" in " ".join(again.stdout.split())
+    assert _results(evaluated.folder) == evaluated.results
+    runs = evaluated.folder / "evaluate" / "shapes-b" / "runs"
+    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")} == evaluated.stamps
+    # ... and MLflow got each run's scores once.
+    sent = [e for e in journal_events(evaluated.folder) if e["kind"] == "confirm_metrics"]
+    assert sorted(e["key"] for e in sent) == ["confirm/init-r1-s0", "confirm/merge-r1-s0"]
+
+
+@pytest.mark.slow
+def test_the_verdict_on_the_other_dataset_is_a_frame_the_report_a_section_mlflow_metrics(evaluated):
+    from mlflow.tracking import MlflowClient
+
+    import study
+    from study.tracking import confirm_runs, sqlite_uri
+
+    folder = evaluated.folder
+    loaded = study.load(str(folder))
+    runs = loaded.evaluations()
+    assert sorted(runs["run"]) == ["init-r1-s0", "merge-r1-s0"] and set(runs["dataset"]) == {"shapes-b"}
+    assert (runs["images"] == 40).all() and runs["CIDEr-D"].notna().all()
+    verdict = loaded.evaluation_verdict("shapes-b")
+    assert list(verdict.index) == ["init", "merge"] and (verdict["images"] == 40).all()
+    assert verdict.attrs["best_other"] == "merge" and verdict.attrs["dataset"] == "shapes-b"
+    assert verdict.attrs["verdict"] in ("competes", "does not compete", "inconclusive")
+    per_image = loaded.evaluation_per_image("shapes-b")
+    assert len(per_image) == 80 and verdict.loc["init", "CIDEr-D"] == pytest.approx(
+        per_image[per_image["method"] == "init"]["CIDEr-D"].mean())
+    pooled = loaded.pooled_verdict()
+    assert list(pooled["set"]) == ["shapes test (the study's)", "shapes-b", "pooled"]
+    assert pooled.attrs["other"] == "merge" and isinstance(pooled.attrs["decides"], bool)
+
+    html = (folder / "report" / "report.html").read_text()
+    assert "Other photos: shapes-b" in html and "Verdict on shapes-b" in html
+    assert "Pooled verdict over every test set" in html and "The pooled evidence" in html
+    assert (folder / "report" / "gallery-shapes-b.png").is_file()
+    assert "gallery-shapes-b.png" in (folder / "report" / "report.md").read_text()
+
+    uri = sqlite_uri(folder / "mlflow.db")
+    confirm = confirm_runs(uri, "crossdata").set_index("tags.mlflow.runName")
+    for name, text in evaluated.results.items():
+        result, row = json.loads(text), confirm.loc["confirm-" + name.removesuffix(".json")]
+        for metric in ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"):
+            assert row[f"metrics.shapes-b/{metric}"] == pytest.approx(result["scores"][metric])
+        artifacts = {a.path for a in MlflowClient(uri).list_artifacts(row["run_id"], "evaluate/shapes-b")}
+        assert artifacts == {f"evaluate/shapes-b/{name}"}
+
+
+@pytest.mark.slow
+def test_export_carries_the_evaluated_datasets(evaluated):
+    assert evaluated.exported.returncode == 0, evaluated.exported.stderr[-3000:]
+    results = evaluated.tmp / "results"
+    runs = pd.read_csv(results / "evaluations.csv")
+    assert sorted(runs["run"]) == ["init-r1-s0", "merge-r1-s0"] and set(runs["dataset"]) == {"shapes-b"}
+    verdicts = pd.read_csv(results / "evaluation_verdicts.csv")
+    assert list(verdicts["method"]) == ["init", "merge"] and set(verdicts["dataset"]) == {"shapes-b"}
+    assert list(pd.read_csv(results / "pooled_verdict.csv")["set"])[-1] == "pooled"
+    assert (results / "gallery-shapes-b.png").is_file()
+    assert {"evaluations.csv", "evaluation_verdicts.csv", "pooled_verdict.csv"} <= set(
+        json.loads((results / "export.json").read_text())["files"])
+
+
+@pytest.mark.slow
+def test_evaluate_fails_naming_what_and_where(evaluated, tmp_path):
+    from study.cross_dataset import EvaluateError, run_evaluate
+    from study.paths import StudyPaths
+    from study.study import Study
+
+    folder, cwd = evaluated.folder, evaluated.tmp
+    missing = _study("evaluate", str(folder), str(tmp_path / "nope.json"), cwd=cwd)
+    assert missing.returncode == 2 and f"{tmp_path / 'nope.json'} does not exist" in missing.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    bad = _study("evaluate", str(folder), str(broken), cwd=cwd)
+    assert bad.returncode == 2 and f"{broken}: not valid JSON" in " ".join(bad.stderr.split())
+    (tmp_path / "images").mkdir()
+    lost = tmp_path / "lost.json"
+    lost.write_text(json.dumps({"dataset": "lost", "images": [
+        {"filename": "gone.jpg", "split": "test", "sentences": [{"raw": "a photo"}]}]}))
+    gone = _study("evaluate", str(folder), str(lost), cwd=cwd)
+    assert gone.returncode == 2 and "gone.jpg" in gone.stderr and "does not exist" in gone.stderr
+    wrong_split = _study("evaluate", str(folder), str(evaluated.other), "--name", "shapes-b", cwd=cwd)
+    assert wrong_split.returncode == 2 and "pass --name" in " ".join(wrong_split.stderr.split())
+    spec = Study.open(folder).spec
+    with pytest.raises(EvaluateError, match="has no finished confirm runs in .*confirm: `study report"):
+        run_evaluate(spec, StudyPaths.at(tmp_path / "unconfirmed"), None, evaluated.other)
+    helped = _study("evaluate", "--help", cwd=cwd)
+    assert helped.returncode == 0 and "coco-caption" in helped.stdout
+
+
+# ----- (c) coco-mini: raw references, words the model never saw --------------------------------------------
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_coco_mini_references_are_scored_as_raw_text_with_words_outside_the_vocabulary(evaluated):
+    if not COCO_MINI.is_file():
+        pytest.skip(f"coco-mini not found at {COCO_MINI}")
+    from study.checkpoints import load_checkpoint
+    from study.cross_dataset import run_evaluate
+    from study.data.tokens import Vocab, word_tokens
+    from study.metrics import score_captions
+    from study.study import Study
+
+    found = Study.open(evaluated.folder)
+    outcome = run_evaluate(found.spec, found.paths, None, COCO_MINI, progress=False)
+    assert outcome.name == "coco-mini" and sorted(outcome.computed) == ["init-r1-s0", "merge-r1-s0"]
+    manifest = json.loads((outcome.folder / "set.json").read_text())
+    assert manifest["images"] == 308
+    refs = dict(enumerate(manifest["references"]))
+    result = json.loads((outcome.folder / "runs" / "init-r1-s0.json").read_text())
+    vocab = Vocab.from_dict(load_checkpoint(evaluated.folder / "confirm" / "init-r1-s0.pt")["vocab"])
+    words = [w for captions in refs.values() for c in captions for w in word_tokens(c)]
+    unseen = [w for w in words if w not in vocab.stoi]
+    assert len(unseen) > 0.5 * len(words)  # the shapes vocabulary lacks most of COCO's words
+    # The stored scores are pycocoevalcap's on the raw references (Python PTB tokenizer: no Java needed here) ...
+    hyps = dict(enumerate(result["captions"]))
+    scores, per_image = score_captions(refs, hyps, per_image=True)
+    assert result["scores"]["CIDEr-D"] == pytest.approx(scores["CIDEr-D"], abs=1e-12)
+    assert result["scores"]["BLEU-4"] == pytest.approx(scores["BLEU-4"], abs=1e-12)
+    assert result["per_image"]["CIDEr-D"] == {str(k): pytest.approx(v, abs=1e-12)
+                                             for k, v in per_image["CIDEr-D"].items()}
+    # ... not those of references mapped through the model's vocabulary (unseen words as <unk>).
+    through_vocab = {k: [vocab.decode(vocab.encode(c, 50)) for c in captions] for k, captions in refs.items()}
+    assert score_captions(through_vocab, hyps)["CIDEr-D"] != pytest.approx(scores["CIDEr-D"], abs=1e-6)
+    assert found.evaluation_verdict("coco-mini").attrs["dataset"] == "coco-mini"
