@@ -66,8 +66,8 @@ def pooled_blocks(pooled: PooledVerdict) -> list[Block]:
              f"{r['weight']:.2f}", r["verdict"]] for k, r in pooled.sets.iterrows()]
     rows.append(["**pooled**", int(pooled.sets["images"].sum()), int(pooled.sets["seeds"].min()), x100(pooled.diff),
                  f"[{x100(pooled.ci[0])}, {x100(pooled.ci[1])}]", "1.00", pooled.verdict])
-    decides = ("**The pooled evidence decides: " + f"{pooled.target} {pooled.verdict}.**" if pooled.decides
-               else "**The pooled evidence does not decide.**")
+    decides = (f"**Pooled verdict: {pooled.target} {pooled.verdict}** (the pooled evidence "
+               f"{'decides' if pooled.decides else 'does not decide'}).")
     return blocks + [
         ("p", f"{pooled.target} - {pooled.other} ({pooled.metric} x100) on each test set and pooled, {level} "
               "intervals; a set's weight is the inverse of its difference's bootstrap variance:"),

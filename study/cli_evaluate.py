@@ -38,7 +38,8 @@ def evaluate(
     Writes `<study>/evaluate/NAME/` (`set.json`, `runs/<run>.json` with per-image scores and captions,
     `verdict.csv`), adds the scores to MLflow's confirm runs as `NAME/<metric>`, and rewrites the report
     (a section per evaluated dataset and the pooled verdict). Features go through the feature cache. A second
-    run of the same dataset reuses every finished result (resumable: each run is written as it is scored).
+    run of the same dataset reuses every finished result (resumable: each run is written as it is scored) and
+    leaves a report that has the dataset's section as it is.
     Read the results with `study.load(STUDY).evaluations()`, `.evaluation_verdict(NAME)`, `.pooled_verdict()`;
     `study export` carries them."""
     from study.checkpoints import CheckpointError
@@ -58,7 +59,9 @@ def evaluate(
         out.print(f"evaluated study {found.name} on {outcome.name}: {len(outcome.computed)} runs scored, "
                   f"{len(outcome.reused)} finished ones reused ({outcome.folder})", highlight=False)
         out.print(f"verdict on {outcome.name}: {verdict.verdict}\n{verdict.text}", highlight=False)
-        if report:
+        section = f"Other photos: {outcome.name}"
+        written = found.paths.report / "report.md"
+        if report and (outcome.computed or not written.is_file() or section not in written.read_text()):
             from study.deciding import write_report
 
             path = write_report(found)
