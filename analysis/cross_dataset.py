@@ -22,9 +22,9 @@ def _with_ci(row: pd.Series, metric: str) -> str:
 
 
 def dataset_blocks(name: str, manifest: Mapping, verdict: Verdict, runs: pd.DataFrame, gallery: Path | None, *,
-                   order: list[str]) -> list[Block]:
+                   order: list[str], missing: list[str] = ()) -> list[Block]:
     """One evaluated set: what it is, every run's corpus scores (mean ± sd over seeds), the verdict on it, init
-    minus each method with paired intervals, and the gallery."""
+    minus each method with paired intervals, and the gallery. ``missing``: confirm runs not scored on it (yet)."""
     level = f"{100 * verdict.level:.4g}%"
     blocks: list[Block] = [
         ("h2", f"Other photos: {name}"),
@@ -33,6 +33,10 @@ def dataset_blocks(name: str, manifest: Mapping, verdict: Verdict, runs: pd.Data
               "with the full coco-caption suite against that set's raw reference captions (words outside the "
               "training vocabulary count, as coco-caption counts them). The verdict below is computed on these "
               "images alone (paired bootstrap over its images and the seeds).")]
+    if missing:
+        blocks.append(("p", f"{len(missing)} confirm run{'s are' if len(missing) != 1 else ' is'} not scored on {name} "
+                            f"(added since it was evaluated, or left out): {', '.join(missing)}; `study evaluate` "
+                            "with the same dataset scores only those."))
     table = corpus_scores(runs, order)
     if not table.empty:
         header, rows = corpus_rows(table)

@@ -16,6 +16,10 @@ The method (fixed-effect inverse-variance pooling, with one joint bootstrap):
   interval is the percentile interval of that pooled difference over the resamples. When the sets agree it is
   narrower than any one set's (the standard error of an inverse-variance mean is ``1 / sqrt(sum_k w_k)``,
   where sets are independent; shared seeds make them partly dependent, and the joint resampling keeps that);
+* a set whose difference does not vary over the resamples (every caption of both methods scores the same on
+  every image there, e.g. 0 for a model that cannot describe those photos) has no variance to weigh by; it gets
+  no weight (noted in the text) instead of all of it;
+* a set with almost all the weight (90% or more) is named in the text: the pooled interval is then that set's;
 * the compared method is the competitor with the smallest pooled difference (the strongest over all sets),
   chosen on the point estimates and held fixed, as the single-set verdict does;
 * whether the sets agree is Cochran's Q, ``sum_k w_k (d_k - pooled)^2``, against chi-square with K-1 degrees of
@@ -161,7 +165,11 @@ def pooled_verdict(sets: Mapping[str, pd.DataFrame], *, roles: Mapping[str, str]
         diffs = {k: means[k][target] - means[k][other] for k in blocks}
         samples = {k: boots[k][target] - boots[k][other] for k in blocks}
         var = {k: float(np.nanvar(s)) for k, s in samples.items()}
-        weights = {k: 1.0 / max(v, 1e-12) for k, v in var.items()}
+        # A set whose difference never varies (e.g. every caption of both methods scores 0 there) cannot be
+        # weighed by its variance: an infinite weight would make it the whole answer. It gets none (noted), unless
+        # no set varies.
+        informative = {k for k, v in var.items() if v > 0}
+        weights = {k: (1.0 / var[k] if k in informative else 0.0) if informative else 1.0 for k in blocks}
         total = sum(weights.values())
         weights = {k: w / total for k, w in weights.items()}
         point = sum(weights[k] * diffs[k] for k in blocks)
@@ -170,6 +178,15 @@ def pooled_verdict(sets: Mapping[str, pd.DataFrame], *, roles: Mapping[str, str]
 
     other = min(others, key=lambda m: pool(m)[0])  # the strongest competitor over all sets
     diff, pooled, diffs, weights, samples = pool(other)
+    dominant = [k for k, w in weights.items() if w >= 0.9 and len(blocks) > 1]
+    if dominant:
+        notes.append(f"{dominant[0]} carries {100 * weights[dominant[0]]:.0f}% of the weight, so the pooled interval "
+                     "is essentially its own: its difference varies far less than the other sets' (as when both "
+                     "methods score near zero there, which says only that neither describes those photos).")
+    flat = [k for k, w in weights.items() if w == 0]
+    if flat:
+        notes.append(f"{', '.join(flat)}: {target} - {other} is the same in every resample (no spread, e.g. every "
+                     "caption scores 0 there), so it carries no weight in the pooled interval.")
     ci = _interval(pooled, level)
     rows = []
     for k, (chosen, _, images) in blocks.items():
@@ -180,12 +197,12 @@ def pooled_verdict(sets: Mapping[str, pd.DataFrame], *, roles: Mapping[str, str]
                      "verdict": _word((lo, hi), margin)})
     table = pd.DataFrame(rows).set_index("set")
     q, q_p = math.nan, math.nan
-    if len(blocks) > 1:
-        inverse = {k: 1.0 / max(table.loc[k, "se"] ** 2, 1e-12) for k in blocks}
-        q = float(sum(inverse[k] * (diffs[k] - diff) ** 2 for k in blocks))
-        q_p = chi2_sf(q, len(blocks) - 1)
+    weighed = [k for k in blocks if weights[k] > 0 and table.loc[k, "se"] > 0]
+    if len(weighed) > 1:
+        q = float(sum((diffs[k] - diff) ** 2 / table.loc[k, "se"] ** 2 for k in weighed))
+        q_p = chi2_sf(q, len(weighed) - 1)
     disagree = bool(q_p < alpha)
-    words = set(table["verdict"])
+    words = set(table.loc[weighed, "verdict"]) if weighed else set(table["verdict"])
     if disagree:
         word = words.pop() if len(words) == 1 and words <= {COMPETES, DOES_NOT_COMPETE} else INCONCLUSIVE
     else:
@@ -202,7 +219,7 @@ def _text(word: str, target: str, other: str, diff: float, ci: tuple[float, floa
     s = (f"Pooled over {len(table)} test set{'s' if len(table) != 1 else ''} ({sets}), {target} - {other} "
          f"({metric}) is {x100(diff)} with a {100 * level:.4g}% interval [{x100(ci[0])}, {x100(ci[1])}] (x100; "
          "inverse-variance weights, a bootstrap resampling each set's images and the methods' seeds jointly). ")
-    if len(table) > 1:
+    if not math.isnan(q):
         s += f"The sets {'disagree' if disagree else 'agree'} (Cochran's Q {q:.2f}, p {q_p:.3g}). "
     if disagree:
         if word == INCONCLUSIVE:

@@ -138,17 +138,37 @@ def load_split(json_path: Path, images_root: Path | None, split: str):
     return replace(data, records=records)
 
 
+def split_fingerprint(data) -> str:
+    """sha256 over the JSON's bytes, the split and each of its images' file name and content: what the scores
+    depend on. Unlike ``CaptionDataset.fingerprint`` it does not depend on the images root (``--images-root
+    ../shared/data`` and the default root find the same files of coco-mini), so either way reuses the results
+    and the features."""
+    h = hashlib.sha256(data.json_path.read_bytes())
+    h.update(f"\0split\0{data.records[0].split}".encode())
+    for record in data.records:
+        h.update(f"\0{record.filename}\0{_sha256(record.path)}".encode())
+    return h.hexdigest()
+
+
+def _feature_keys(data) -> list[tuple[str, Path]]:
+    """(cache key, path) per image: its file name (the path when names repeat), independent of the root."""
+    keys = [r.filename for r in data.records]
+    if len(set(keys)) != len(keys):
+        keys = [str(r.path) for r in data.records]
+    return [(key, r.path) for key, r in zip(keys, data.records)]
+
+
 def prepare_split(data, *, encoder: str, cache_dir: Path, need_grid: bool, progress: bool,
-                  device: str | None = None) -> "PreparedData":
+                  device: str | None = None, fingerprint: str | None = None) -> "PreparedData":
     """The split's features (from the feature cache, computed on first use) as ``PreparedData`` with the one
     split, its raw references and image paths; no token sets (each model brings its own vocabulary)."""
     from study.data.features import extract_features
-    from study.data.prepare import PreparedData, SplitImages, feature_items
+    from study.data.prepare import PreparedData, SplitImages
 
-    items = feature_items(data)
+    items = _feature_keys(data)
     split = data.records[0].split
-    cache = extract_features(items, encoder=encoder, cache_dir=cache_dir, fingerprint=data.fingerprint(),
-                             progress=progress, device=device)
+    cache = extract_features(items, encoder=encoder, cache_dir=cache_dir,
+                             fingerprint=fingerprint or split_fingerprint(data), progress=progress, device=device)
     images = SplitImages(np.arange(len(items), dtype=np.int64), [list(r.captions) for r in data.records],
                          [r.path for r in data.records])
     return PreparedData(name=data.name, pooled=np.asarray(cache.pooled),
@@ -201,7 +221,8 @@ def run_evaluate(spec: "StudySpec", paths: StudyPaths, tracker: "StudyTracker | 
     if todo:
         methods = [json.loads(p.read_text())["method"] for _, p, _ in todo]
         prepared = prepare_split(data, encoder=spec.dataset.encoder, cache_dir=spec.dataset.cache_dir,
-                                 need_grid=any_needs_grid(methods), progress=progress, device=device)
+                                 need_grid=any_needs_grid(methods), progress=progress, device=device,
+                                 fingerprint=fingerprint)
         bar = tqdm(total=len(todo), desc=f"evaluate on {name}", unit="run", disable=not progress)
         for run, result_path, identity in todo:
             result = evaluate_run(paths.confirm_model(run), json.loads(result_path.read_text()), prepared, split,
@@ -225,7 +246,7 @@ def _check_manifest(folder: Path, name: str, data, split: str) -> dict[str, Any]
         raise EvaluateError(f"{folder} already holds the evaluation named {name!r}, of {previous['json']} split "
                             f"{previous['split']!r}; this is {data.json_path} split {split!r}: pass --name to "
                             "evaluate it under another name")
-    fingerprint = data.fingerprint()
+    fingerprint = split_fingerprint(data)
     if previous is not None and previous["fingerprint"] != fingerprint:
         log.warning("%s changed since it was evaluated as %s (another fingerprint): every run is scored again",
                     data.json_path, name)
@@ -465,6 +486,7 @@ def report_blocks(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataF
         per_image, runs, gallery = load_evaluation(paths, name)
         verdict = set_verdict(per_image, runs, margin=spec.confirm.margin, level=level)
         picture = plots.plot_gallery(gallery, out_dir / f"gallery-{name}.png", colors=colors)
-        blocks += dataset_blocks(name, manifest, verdict, runs, picture, order=list(roles))
+        missing = sorted({p.stem for p in paths.confirm_results()} - set(runs.get("run", [])))
+        blocks += dataset_blocks(name, manifest, verdict, runs, picture, order=list(roles), missing=missing)
     blocks += pooled_blocks(pooled(paths, spec, test_per_image, level=level))
     return blocks

@@ -91,6 +91,24 @@ def test_pooled_verdict_of_disagreeing_sets_says_the_answer_depends_on_the_photo
     assert agreeing_words.verdict == "competes" and "each set decides the same way on its own" in agreeing_words.text
 
 
+def test_a_set_on_which_every_caption_scores_zero_carries_no_weight_in_the_pooled_interval():
+    from analysis.pooled import pooled_verdict
+
+    rng = np.random.default_rng(7)
+    informative = _synthetic_set(rng, 100, {"init": 0.50, "pre": 0.45})
+    blind = informative.assign(**{"CIDEr-D": 0.0})  # models that cannot describe these photos: all zero
+    pooled = pooled_verdict({"flickr": informative, "coco": blind}, roles=ROLES, margin=0.05)
+    assert pooled.sets.loc["coco", "weight"] == 0 and pooled.sets.loc["flickr", "weight"] == 1
+    assert pooled.diff == pytest.approx(pooled.sets.loc["flickr", "diff"])
+    assert pooled.ci == (pooled.sets.loc["flickr", "lo"], pooled.sets.loc["flickr", "hi"])
+    assert "coco: init - pre is the same in every resample" in pooled.text and "Cochran" not in pooled.text
+    # Nearly zero instead (a floor, not exactly 0): a tiny variance, so nearly all the weight, and the text says so.
+    floor = informative.assign(**{"CIDEr-D": informative["CIDEr-D"] * 1e-4})
+    dominated = pooled_verdict({"flickr": informative, "coco": floor}, roles=ROLES, margin=0.05)
+    assert dominated.sets.loc["coco", "weight"] > 0.99
+    assert "coco carries 100% of the weight, so the pooled interval is essentially its own" in dominated.text
+
+
 def test_the_pooled_chi_square_tail_matches_scipy():
     from scipy.stats import chi2
 
@@ -284,7 +302,7 @@ def test_evaluate_fails_naming_what_and_where(evaluated, tmp_path):
 # ----- (c) coco-mini: raw references, words the model never saw --------------------------------------------
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_coco_mini_references_are_scored_as_raw_text_with_words_outside_the_vocabulary(evaluated):
+def test_coco_mini_references_are_scored_as_raw_text_with_words_outside_the_vocabulary(evaluated, tmp_path):
     if not COCO_MINI.is_file():
         pytest.skip(f"coco-mini not found at {COCO_MINI}")
     from study.checkpoints import load_checkpoint
@@ -315,5 +333,16 @@ def test_coco_mini_references_are_scored_as_raw_text_with_words_outside_the_voca
     # ... not those of references mapped through the model's vocabulary (unseen words as <unk>).
     through_vocab = {k: [vocab.decode(vocab.encode(c, 50)) for c in captions] for k, captions in refs.items()}
     assert score_captions(through_vocab, hyps)["CIDEr-D"] != pytest.approx(scores["CIDEr-D"], abs=1e-6)
-    # One method scored there: a verdict with nothing to compare, said so rather than failed.
+    # One method scored there: a verdict with nothing to compare, said so rather than failed; the report names the
+    # confirm run not scored there.
     assert found.evaluation_verdict("coco-mini").attrs["verdict"] == "not available"
+    from study.cross_dataset import report_blocks
+    from study.registry import method_colors, method_roles
+
+    blocks = report_blocks(found.paths, found.spec, found.per_image(), tmp_path, level=0.95, roles=method_roles(),
+                           colors=method_colors())
+    assert any("1 confirm run is not scored on coco-mini" in str(b) and "merge-r1-s0" in str(b) for b in blocks)
+    # The README's other way of pointing at the photos (images_root above coco-mini/) finds the same files: reused.
+    again = run_evaluate(found.spec, found.paths, None, COCO_MINI, images_root=COCO_MINI.parents[1],
+                         runs=["init-r1-s0"], progress=False)
+    assert again.computed == [] and again.reused == ["init-r1-s0"]
