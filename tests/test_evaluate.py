@@ -163,9 +163,15 @@ def evaluated(tmp_path_factory, small_shapes, feature_cache_dir):
     stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "evaluate" / "shapes-b" / "runs").glob("*.json")}
     report_stamp = (folder / "report" / "report.md").stat().st_mtime_ns
     again = _cli(*command)
+    after_again = (_results(folder), {p.name: p.stat().st_mtime_ns for p in (folder / "evaluate" / "shapes-b" /
+                                                                          "runs").glob("*.json")})
+    # An evaluation stopped after its first run: the other run's result is missing, and only it is scored again.
+    (folder / "evaluate" / "shapes-b" / "runs" / "merge-r1-s0.json").unlink()
+    resumed = _cli(*command, "--no-report")
     exported = _cli("export", folder, tmp / "results")
     return SimpleNamespace(tmp=tmp, folder=folder, other=other, first=first, again=again, results=results,
-                           stamps=stamps, report_stamp=report_stamp, exported=exported)
+                           stamps=stamps, report_stamp=report_stamp, after_again=after_again, resumed=resumed,
+                           exported=exported)
 
 
 @pytest.mark.slow
@@ -204,10 +210,17 @@ def test_a_second_evaluate_of_the_same_dataset_recomputes_nothing(evaluated):
     again = evaluated.again
     assert again.exit_code == 0, (again.output[-3000:], again.exception)
     assert "0 runs scored, 2 finished ones reused" in " ".join(again.stdout.split())
-    assert _results(evaluated.folder) == evaluated.results
+    results, stamps = evaluated.after_again
+    assert results == evaluated.results and stamps == evaluated.stamps
     assert (evaluated.folder / "report" / "report.md").stat().st_mtime_ns == evaluated.report_stamp
-    runs = evaluated.folder / "evaluate" / "shapes-b" / "runs"
-    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")} == evaluated.stamps
+    # Resumed after losing one run's result: only that run is scored, to the same captions and scores.
+    resumed = evaluated.resumed
+    assert resumed.exit_code == 0 and "1 runs scored, 1 finished ones reused" in " ".join(resumed.stdout.split())
+    now = {name: json.loads(text) for name, text in _results(evaluated.folder).items()}
+    before = {name: json.loads(text) for name, text in evaluated.results.items()}
+    assert now["init-r1-s0.json"] == before["init-r1-s0.json"]
+    for key in ("captions", "scores", "per_image", "checkpoint_sha256", "dataset_fingerprint"):
+        assert json.dumps(now["merge-r1-s0.json"][key]) == json.dumps(before["merge-r1-s0.json"][key]), key  # NaN
     # ... and MLflow got each run's scores once.
     sent = [e for e in journal_events(evaluated.folder) if e["kind"] == "confirm_metrics"]
     assert sorted(e["key"] for e in sent) == ["confirm/init-r1-s0", "confirm/merge-r1-s0"]
