@@ -41,8 +41,10 @@ def dataset_blocks(name: str, manifest: Mapping, verdict: Verdict, runs: pd.Data
     if not table.empty:
         header, rows = corpus_rows(table)
         blocks += [("p", f"Corpus-level scores on {name} (x100), mean ± sd over seeds:"), ("table", header, rows)]
+    # This section has no decision note (the test split's verdict has one): the paragraph must not point to it.
+    text = verdict.text.replace(" (the decision note says whether more seeds could decide it)", "")
     blocks.append(("p", f"**Verdict on {name}: {verdict.target} {verdict.verdict}** (equivalence margin "
-                        f"{x100(verdict.margin)} {verdict.metric} points). {verdict.text}"))
+                        f"{x100(verdict.margin)} {verdict.metric} points). {text}"))
     if not verdict.table.empty:
         metrics = [m for m in METRICS if m in verdict.table and not verdict.table[m].isna().all()]
         blocks.append(("table", ["method", "seeds", "images", *[f"{m} [{level} CI]" for m in metrics]],
