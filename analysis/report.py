@@ -273,19 +273,37 @@ def _effects_blocks(effects: Effects, images: dict[str, Path | None]) -> list[Bl
     return blocks
 
 
+def _draw_figures(out_dir: Path, verdict: Verdict, trials: pd.DataFrame, history: pd.DataFrame, space: dict | None,
+                  gallery: pd.DataFrame, metric: str, colors: Mapping[str, str],
+                  margin: float) -> dict[str, Path | None]:
+    """The report's figures, by name (None where there is nothing to draw)."""
+    search_metric = f"val_{metric}"
+    return {
+        "methods": plots.plot_methods(verdict.table, metric, out_dir / "methods.png", colors=colors, margin=margin),
+        "curves": plots.plot_learning_curves(history, trials, search_metric, out_dir / "learning_curves.png",
+                                             colors=colors),
+        "params": plots.plot_hyperparameters(trials, space, search_metric, out_dir / "hyperparameters.png",
+                                             colors=colors),
+        "gallery": plots.plot_gallery(gallery, out_dir / "gallery.png", colors=colors),
+    }
+
+
 def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None, history: pd.DataFrame | None,
                  per_image: pd.DataFrame | None, runs: pd.DataFrame | None, space: dict | None,
                  gallery: pd.DataFrame | None, margin: float, roles: Mapping[str, str], colors: Mapping[str, str],
                  spec_text: str | None = None, metric: str = PRIMARY, n_boot: int = 2000,
                  seed: int = 0, level: float = 0.95, resources: Mapping[str, float] | None = None,
                  confirmed: pd.DataFrame | None = None, provenance: Mapping[str, str] | None = None,
-                 decision: Callable[[Verdict], str | None] | None = None) -> ReportResult:
+                 decision: Callable[[Verdict], str | None] | None = None,
+                 extra_blocks: list[Block] | None = None) -> ReportResult:
     """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
 
     ``metric`` is the confirm-stage primary metric; the search is analysed on ``val_<metric>``. ``roles`` and
     ``colors`` describe the injection methods (see the module docstring). ``level`` is the intervals'
     confidence (a sequential plan's per-look level, see ``analysis.sequential``); ``decision`` returns the
     report's line on how many seeds the verdict took or would take.
+    ``extra_blocks``: more sections, after the test split's examples (the other photo collections the study was
+    scored on and the pooled verdict, ``analysis.cross_dataset``; their figures already in ``out_dir``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,14 +316,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     verdict = compute_verdict(per_image, runs, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
                               level=level)
     effects = compute_effects(trials, space, metric=search_metric, seed=seed)
-    figures = {
-        "methods": plots.plot_methods(verdict.table, metric, out_dir / "methods.png", colors=colors, margin=margin),
-        "curves": plots.plot_learning_curves(history, trials, search_metric, out_dir / "learning_curves.png",
-                                             colors=colors),
-        "params": plots.plot_hyperparameters(trials, space, search_metric, out_dir / "hyperparameters.png",
-                                             colors=colors),
-        "gallery": plots.plot_gallery(gallery, out_dir / "gallery.png", colors=colors),
-    }
+    figures = _draw_figures(out_dir, verdict, trials, history, space, gallery, metric, colors, margin)
 
     blocks: list[Block] = [("h1", f"Study report: {study_name}"), ("h2", "The question"), ("p", QUESTION)]
     blocks += _verdict_blocks(verdict, figures["methods"], decision(verdict) if decision else None)
@@ -316,6 +327,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     blocks.append(("h2", "Examples from the test split"))
     blocks.append(("img", figures["gallery"], "test images with each method's caption") if figures["gallery"]
                   else ("p", "No example captions were recorded."))
+    blocks += extra_blocks or []
     blocks += [("h2", "Context: what the literature reached (not comparable numbers)"), ("p", LITERATURE_NOTE),
                ("table", ["data", "arch", "BLEU-4", "METEOR", "CIDEr"], [list(r) for r in LITERATURE])]
     blocks += _run_blocks(trials, history, runs)

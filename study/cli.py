@@ -13,7 +13,8 @@ from typing import Optional
 
 import typer
 
-from study import cli_trial
+from study import cli_evaluate, cli_trial
+from study.cli_study import lock_study, open_study
 from study.config import ConfigError
 from study.console import HELP_MARKUP, console, fail, out, writable_folder
 from study.spec import METRIC_MODES
@@ -26,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
     rich_markup_mode=HELP_MARKUP)
 app.add_typer(cli_trial.app)  # data shapes, features, train, caption: one configuration, no Ray
+app.add_typer(cli_evaluate.app)  # evaluate: a study's confirm models on another dataset
 
 
 @app.callback()
@@ -50,25 +52,6 @@ def quiet_libraries() -> None:
 
 
 # ----- studies -----------------------------------------------------------------------------------------
-def _open_study(study: str, storage: Optional[Path], *, started: bool = True):
-    """The study named on the command line (a name under --storage or ./runs, or a folder), with the spec,
-    storage and MLflow store it ran with; ``started``: fail unless its search has begun."""
-    from study.paths import StudyRecordError
-    from study.study import Study, StudyNotFound
-
-    try:
-        found = Study.open(study, storage)
-    except (StudyNotFound, StudyRecordError, ConfigError) as exc:
-        fail(str(exc))
-    if started and not found.search_started():
-        # A study that stopped before its search began (e.g. a bad image in data preparation) has a study.json but
-        # no Tune state and no trials: say so and how to go on, rather than fail on its missing MLflow experiment.
-        fail(f"study {found.name!r} has no trials yet: its search has not started (no Tune state in "
-              f"{found.paths.root}). Either it is still preparing its data, or it stopped there (e.g. at a bad "
-              f"image): fix what its `study run` reported, then continue it with: study resume {found.paths.root}")
-    return found
-
-
 @app.command()
 def run(
     spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="search-space YAML (see search_spaces/)"),
@@ -102,25 +85,12 @@ def run(
     _run_and_summarise(study, address, max_concurrent, resume=False, report=report)
 
 
-def _lock_study(study, command: str):
-    """Take the study's driver lock (one driver per study, see study/lock.py) or fail naming its holder."""
-    from study.lock import StudyInUse
-
-    try:
-        lock = study.lock(command)
-    except StudyInUse as exc:
-        fail(str(exc))
-    if lock.took_over:
-        console.print(f"[yellow]{lock.took_over}[/]", highlight=False)
-    return lock
-
-
 def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: bool) -> None:
     from study.leaderboard import format_table, leaderboard
 
     spec = study.spec
     writable_folder(study.paths.root)
-    with _lock_study(study, f"study {'resume' if resume else 'run'} {spec.name}"):
+    with lock_study(study, f"study {'resume' if resume else 'run'} {spec.name}"):
         if not resume and study.exists():
             # Running a spec again would add a second round of trials to the study it already made.
             fail(f"study {spec.name} already exists at {study.paths.root}. Continue it with:  "
@@ -157,7 +127,7 @@ def resume(
     report: bool = typer.Option(True, help="confirm stage and report after the search"),
 ) -> None:
     """Continue an interrupted study: finished trials are kept, running ones continue from checkpoints."""
-    _run_and_summarise(_open_study(study, storage, started=False), address, None, resume=True, report=report)
+    _run_and_summarise(open_study(study, storage, started=False), address, None, resume=True, report=report)
 
 
 @app.command("leaderboard")
@@ -182,7 +152,7 @@ def leaderboard_cmd(
         fail(f"--mode {mode!r} is not a mode; allowed: max, min")
     if fmt not in FORMATS:
         fail(f"--format {fmt!r} is not a format; allowed: {', '.join(FORMATS)}")
-    trials, _ = _open_study(study, storage).tables()
+    trials, _ = open_study(study, storage).tables()
     board = leaderboard(trials, metric=metric, mode=mode, best_per_method=not all_trials)
     out.print(format_table(board, fmt), highlight=False, soft_wrap=True)
 
@@ -193,8 +163,8 @@ def sync(
     storage: Optional[Path] = typer.Option(None, help="storage folder (default ./runs)"),
 ) -> None:
     """Send results journalled while the MLflow server was down (or rebuild a lost store from the journal)."""
-    found = _open_study(study, storage, started=False)
-    with _lock_study(found, f"study sync {found.name}"):  # a running driver sends its own; two syncs would race
+    found = open_study(study, storage, started=False)
+    with lock_study(found, f"study sync {found.name}"):  # a running driver sends its own; two syncs would race
         tracker = found.tracker()
         _send_journal(tracker)
 
@@ -216,8 +186,8 @@ def report_cmd(
     address: Optional[str] = typer.Option(None, help="Ray address for the confirm stage"),
 ) -> None:
     """Run the confirm stage if needed, compute the verdict, write the report and log it to MLflow."""
-    found = _open_study(study, storage)
-    with _lock_study(found, f"study report {found.name}"):  # two confirm stages would train the same runs twice
+    found = open_study(study, storage)
+    with lock_study(found, f"study report {found.name}"):  # two confirm stages would train the same runs twice
         _report(found, address)
 
 
@@ -256,8 +226,8 @@ def decide(
     """Buy certainty for an inconclusive verdict: add one confirm seed at a time to init and the best other
     method until the verdict is decided, or the seed or time budget ends. Every look uses a sequential plan's
     level (Bonferroni over the planned looks), so the error rate stays bounded; then the report is rewritten."""
-    found = _open_study(study, storage)
-    with _lock_study(found, f"study decide {found.name}"):
+    found = open_study(study, storage)
+    with lock_study(found, f"study decide {found.name}"):
         try:
             found.decide(max_seeds=max_seeds, hours=hours, address=address, console=out, stricter=stricter)
         except (ConfigError, ValueError) as exc:
@@ -278,7 +248,7 @@ def export(
     --force)."""
     from study.results import ExportRefused
 
-    found = _open_study(study, storage)
+    found = open_study(study, storage)
     try:
         written = found.export(dest, force=force)
     except (FileNotFoundError, ExportRefused) as exc:

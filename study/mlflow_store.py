@@ -78,7 +78,7 @@ class MlflowStore:
             if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
                 raise
             self.runs, self._exp_id = {}, None
-            self._save_runs()
+            atomic_write_json(self.runs_file, self.runs, indent=1)
             self._checked_store = True
             return True
         self._checked_store = True
@@ -99,12 +99,11 @@ class MlflowStore:
                 self._trial_discard(event)
             case "confirm_run":
                 self._confirm_run(event)
+            case "confirm_metrics":
+                self._confirm_metrics(event)
             case "study_tags":
                 self._study_tags(event)
-            case "study_table":
-                if self._artifacts_here(self.runs[STUDY_KEY]):
-                    self._client.log_table(self.runs[STUDY_KEY], event["data"], event["artifact_file"])
-            case "study_artifact":
+            case "study_table" | "study_artifact":
                 self._study_artifact(event)
             case "study_end":
                 self._study_end(event)
@@ -146,10 +145,14 @@ class MlflowStore:
                                         for k, v in event["metrics"].items()])
 
     def _study_artifact(self, event: dict[str, Any]) -> None:
-        path, parent = Path(event["path"]), self.runs[STUDY_KEY]
+        """A file, a folder or (``study_table``) a table as an artifact of the parent run."""
+        parent = self.runs[STUDY_KEY]
         if not self._artifacts_here(parent):
             return
-        if path.is_dir():
+        path = Path(event.get("path", ""))
+        if event["kind"] == "study_table":
+            self._client.log_table(parent, event["data"], event["artifact_file"])
+        elif path.is_dir():
             self._client.log_artifacts(parent, str(path), event.get("artifact_path"))
         elif path.exists():
             self._client.log_artifact(parent, str(path), event.get("artifact_path"))
@@ -216,7 +219,7 @@ class MlflowStore:
                 self._client.set_tag(run_id, "status", "discarded")
                 self._client.set_terminated(run_id, "KILLED")
                 self._client.delete_run(run_id)  # soft delete: hidden from the leaderboard, kept in the store
-            self._forget(key)  # a later resume must not discard (or close) it again
+            self._remember(key, None)  # a later resume must not discard (or close) it again
 
     def _confirm_run(self, event: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param
@@ -245,6 +248,20 @@ class MlflowStore:
             if path.exists() and self._artifacts_here(run_id):
                 self._client.log_artifact(run_id, str(path))
         self._client.set_terminated(run_id, "FINISHED", end_time=event.get("end"))
+
+    def _confirm_metrics(self, event: dict[str, Any]) -> None:
+        """A confirm run's scores on another dataset (``study evaluate``), added to its run."""
+        from mlflow.entities import Metric
+
+        run_id = self.runs.get(event["key"]) or self._run_by_tags("confirm", event["name"])
+        if run_id is None:  # its confirm_run event comes first in the journal; a missing run is not a server problem
+            log.warning("no MLflow confirm run %s for the metrics %s: not sent", event["name"],
+                        sorted(event["metrics"]))
+            return
+        self._client.log_batch(run_id, metrics=[Metric(k, v, event["time"], 0) for k, v in event["metrics"].items()])
+        for path in map(Path, event["artifacts"]):
+            if path.exists() and self._artifacts_here(run_id):
+                self._client.log_artifact(run_id, str(path), event.get("artifact_path"))
 
     # ----- finding runs -----------------------------------------------------------------------------------
     def _experiment_id(self) -> str:
@@ -293,15 +310,12 @@ class MlflowStore:
             self._warned_artifacts = True
         return False
 
-    def _remember(self, key: str, run_id: str) -> None:
-        self.runs[key] = run_id
-        self._save_runs()
-
-    def _forget(self, key: str) -> None:
-        self.runs.pop(key, None)
-        self._save_runs()
-
-    def _save_runs(self) -> None:
+    def _remember(self, key: str, run_id: str | None) -> None:
+        """Write down (or, with None, forget) the run of ``key`` in ``mlflow_runs.json``."""
+        if run_id is None:
+            self.runs.pop(key, None)
+        else:
+            self.runs[key] = run_id
         atomic_write_json(self.runs_file, self.runs, indent=1)
 
 
@@ -315,29 +329,27 @@ def experiment_id(uri: str, experiment: str) -> str | None:
     return found.experiment_id if found else None
 
 
-def _experiment_runs(uri: str, experiment: str):
+def _runs_of_kinds(uri: str, experiment: str, *kinds: str) -> list[Any]:
+    """A DataFrame of the experiment's runs tagged ``kind`` for each of ``kinds``."""
     import mlflow
 
     exp = client(uri).get_experiment_by_name(experiment)
     if exp is None:
         raise LookupError(f"no MLflow experiment named {experiment!r} at {uri}")
     mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_ids=[exp.experiment_id], max_results=50000)
-
-
-def _of_kind(runs, kind: str):
-    return runs[runs.get("tags.kind") == kind] if "tags.kind" in runs else runs.iloc[0:0]
+    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], max_results=50000)
+    return [runs[runs.get("tags.kind") == kind] if "tags.kind" in runs else runs.iloc[0:0] for kind in kinds]
 
 
 def study_runs(uri: str, experiment: str) -> tuple[Any, Any]:
     """(parent run, DataFrame of trial runs) of a study's experiment."""
-    runs = _experiment_runs(uri, experiment)
-    return _of_kind(runs, "study"), _of_kind(runs, "trial")
+    parent, trials = _runs_of_kinds(uri, experiment, "study", "trial")
+    return parent, trials
 
 
 def confirm_runs(uri: str, experiment: str) -> Any:
     """DataFrame of a study's confirm runs (``tags.kind == "confirm"``) in MLflow."""
-    return _of_kind(_experiment_runs(uri, experiment), "confirm")
+    return _runs_of_kinds(uri, experiment, "confirm")[0]
 
 
 def get_run_tags(uri: str, run_id: str) -> dict[str, str]:

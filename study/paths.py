@@ -13,6 +13,7 @@
         tune/                          Ray Tune's experiment: one folder per trial, with its checkpoints
         confirm/<method>-r<k>-s<seed>.json (.pt)   each confirm run's scores (and its trained model)
         decide.json                    the looks of ``study decide``
+        evaluate/<name>/               each confirm run scored on another dataset (study/cross_dataset.py)
         verdict.csv, report/           the verdict table and the report
 
 Tune's own folder (``tune/``) may live in a bucket (``storage: s3://...``); the rest is the driver's
@@ -82,6 +83,7 @@ class StudyPaths:
     decide = property(lambda self: self.root / "decide.json")
     verdict_csv = property(lambda self: self.root / "verdict.csv")
     report = property(lambda self: self.root / "report")
+    evaluate = property(lambda self: self.root / "evaluate")  # study evaluate: one folder per dataset
 
     def confirm_result(self, run: str) -> Path:
         """``confirm/<run>.json``: one confirm run's scores, per-image scores and captions."""

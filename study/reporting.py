@@ -25,6 +25,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     """Verdict + report from the finished confirm runs, logged to the study's MLflow parent run."""
     from analysis.report import build_report
     from study.confirm import confirmed_trials, load_confirm, log_confirm_runs
+    from study.evaluated import report_blocks
     from study.provenance import provenance
     from study.tracking import git_commit, source_tags
 
@@ -34,6 +35,9 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     per_image, runs, gallery = load_confirm(paths, data)
     plan = sequential_plan(spec, paths)
     notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
+    # study evaluate's sets and the pooled verdict (study/evaluated.py): [] for a study never evaluated
+    extra = report_blocks(paths, spec, per_image, paths.report, level=plan.level if plan else 0.95,
+                          roles=method_roles(), colors=method_colors())
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
                           margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
@@ -41,7 +45,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
                           decision=lambda verdict: notes.setdefault("decision",
                                                                     decision_note(spec, verdict, plan, per_image)),
                           resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
-                          provenance=origin)
+                          provenance=origin, extra_blocks=extra)
     atomic_write_json(paths.report / "provenance.json", origin, indent=2)
     verdict = result.verdict
     tracker = ctx.tracker()

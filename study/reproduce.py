@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.metric_table import CORPUS_METRICS
 from study.config import ConfigError, TrialConfig
 from study.spec import load_spec
-
-METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 
 @dataclass
@@ -35,7 +34,7 @@ class Reproduction:
     def rows(self) -> list[tuple[str, float, float, float]]:
         """(metric, committed, reproduced, reproduced - committed) of every metric both have."""
         return [(m, self.committed[m], self.reproduced[m], self.reproduced[m] - self.committed[m])
-                for m in METRICS if m in self.committed and m in self.reproduced
+                for m in CORPUS_METRICS if m in self.committed and m in self.reproduced
                 and not math.isnan(self.committed[m])]
 
     @property
@@ -69,7 +68,8 @@ def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> 
     cfg = TrialConfig(**values, dataset=spec.dataset, seed=1000 + int(row["seed"]))
     provenance = json.loads((export_dir / "provenance.json").read_text())
     threads = max(1, int(spec.resources.cpu))  # a confirm run's Ray task has as many (float sums depend on it)
-    return cfg, {m: float(row[m]) for m in METRICS if m in row}, str(provenance.get("dataset fingerprint")), threads
+    committed = {m: float(row[m]) for m in CORPUS_METRICS if m in row}
+    return cfg, committed, str(provenance.get("dataset fingerprint")), threads
 
 
 def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, progress: bool = True) -> Reproduction:

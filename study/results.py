@@ -27,6 +27,7 @@ import pandas as pd
 from analysis.scores import CORPUS_METRICS
 from study.files import atomic_write_json
 from study.paths import StudyPaths
+from study.reader_types import with_reader_types
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -92,59 +93,6 @@ def verdict_frame(ctx: "StudyContext") -> pd.DataFrame:
     return table
 
 
-# Columns that count things: whole numbers, <NA> where missing.
-_COUNTS = {"epoch", "epochs", "best_epoch", "config_rank", "seed", "params", "image_id", "images", "seeds",
-           "test_images", "distinct_captions"}
-
-
-def with_reader_types(frame: pd.DataFrame, spec: "StudySpec | None" = None) -> pd.DataFrame:
-    """Each column in the type a reader expects: a trial config field in its field's type (``lr`` and
-    ``weight_decay`` float even when every value is whole, ``layers`` Int64, ``seed_h`` boolean, ``cell`` string),
-    counts as Int64, other numbers as floats, names as strings; missing values as <NA>. With ``spec``, a
-    conditional parameter is <NA> where its ``when:`` does not hold (it was never searched there)."""
-    from study.config import TrialConfig
-
-    frame = frame.copy()
-    if spec is not None:
-        for name, param in spec.space.items():
-            if param.when and name in frame:
-                active = frame.apply(lambda row: param.matches(row.to_dict()), axis=1) if len(frame) else []
-                frame[name] = frame[name].where(pd.Series(active, index=frame.index, dtype=bool), None)
-    for col in frame.columns:
-        kind = _field_kind(TrialConfig.model_fields[col].annotation) if col in TrialConfig.model_fields else None
-        values = frame[col]
-        if kind is None and col in _COUNTS:
-            kind = int
-        if kind is None:
-            converted = pd.to_numeric(values, errors="coerce") if values.dtype == object else values
-            if values.dtype == object and converted.notna().sum() == values.notna().sum() and values.notna().any():
-                values = converted
-            elif values.dtype == object:
-                values = values.astype("string")
-        elif kind is bool:
-            values = values.astype("boolean")
-        elif kind is int:
-            values = pd.to_numeric(values, errors="coerce").round().astype("Int64")
-        elif kind is float:
-            values = pd.to_numeric(values, errors="coerce").astype("Float64")
-        else:
-            values = values.astype("string")
-        frame[col] = values
-    return frame
-
-
-def _field_kind(annotation) -> type | None:
-    """bool, int, float or str for a trial config field's annotation (``int | None`` is int, a Literal str)."""
-    import typing
-
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Literal:
-        return str
-    if args and typing.get_origin(annotation) is not typing.Literal:
-        return _field_kind(args[0])
-    return annotation if annotation in (bool, int, float, str) else None
-
-
 # Files a results folder holds besides the frames: the report (with its figures) and the study's own records.
 _REPORT_FILES = ("report.md", "report.html", "provenance.json")
 
@@ -189,9 +137,13 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     if not (paths.report / "report.md").is_file():
         raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `study report {ctx.name}` first")
     _clear_destination(ctx, dest, force)
+    from study.evaluated import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
+
+    evaluated = export_frames(paths, ctx.spec, per_image_frame(paths))
     names = [p.name for p in paths.report.iterdir() if p.name in _REPORT_FILES or p.suffix == ".png"]
     names += ["spec.yaml", *(p.name for p in (paths.verdict_csv, paths.search_time, paths.decide) if p.is_file()),
               "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "test_scores.csv", "test_scores.md"]
+    names += list(evaluated)
     taken = sorted(name for name in names if (dest / name).exists())
     if taken:
         raise ExportRefused(f"{dest} holds files that are not a previous export's: {', '.join(taken)}; move them, "
@@ -210,6 +162,7 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     # trials.csv carries every trial's id and parameters, so history.csv (by trial_id) joins onto it.
     frames = {"leaderboard.csv": leaderboard_frame(ctx, best_per_method=False), "trials.csv": trials_frame(ctx),
               "history.csv": history_frame(ctx), "confirm_runs.csv": runs, "test_scores.csv": test_scores(runs)}
+    frames.update(evaluated)
     for name, frame in frames.items():
         frame.to_csv(dest / name, index=False)
         written.append(dest / name)

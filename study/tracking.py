@@ -85,6 +85,8 @@ class StudyTracker:
         self.store = MlflowStore(self.uri, self.experiment, self.study_name, self.study_dir)
         # Confirm runs journalled already (a re-run adds only new ones).
         self.confirm_logged: set[str] = {event["key"] for event in self.journal.events("confirm_run")}
+        # study evaluate's additions to confirm runs journalled already, by tag (each is sent once).
+        self.confirm_metrics_logged: set[str] = {event["tag"] for event in self.journal.events("confirm_metrics")}
         # The newest epoch journalled for each trial, across drivers: a resumed trial tells Tune its restored
         # epoch again (its result may not have reached the killed driver), and it must not be logged twice.
         self.last_step: dict[str, int] = {}
@@ -162,6 +164,21 @@ class StudyTracker:
         self._event({"kind": "confirm_run", "key": key, "name": f"confirm-{name}", "params": _params(params),
                      "metrics": clean, "epochs": epochs, "start": span[0], "end": span[1], "tags": tags,
                      "time": int(time.time() * 1000), "artifacts": [str(Path(p).resolve()) for p in artifacts]})
+        return True
+
+    # ----- study evaluate (study/cross_dataset.py): a confirm run's scores on another dataset ----------------
+    def confirm_metrics(self, name: str, metrics: dict[str, float], *, tag: str, artifacts: list[Path] = (),
+                        artifact_path: str | None = None) -> bool:
+        """Journal more metrics (and artifacts) for confirm run ``name``, logged before: its scores on another
+        dataset, named ``<dataset>/<metric>``. ``tag`` names this addition (dataset, run, their versions): each is
+        journalled once. Returns False, logging nothing, for a tag journalled before."""
+        if tag in self.confirm_metrics_logged:
+            return False
+        self.confirm_metrics_logged.add(tag)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._event({"kind": "confirm_metrics", "key": CONFIRM_PREFIX + name, "name": f"confirm-{name}", "tag": tag,
+                     "metrics": clean, "time": int(time.time() * 1000), "artifact_path": artifact_path,
+                     "artifacts": [str(Path(p).resolve()) for p in artifacts]})
         return True
 
     def study_table(self, data: dict[str, list], artifact_file: str) -> None:

@@ -1,0 +1,69 @@
+"""``study evaluate``: a finished study's confirm models scored on another dataset (``study.cross_dataset``).
+``study.cli`` adds the command to the ``study`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from study.config import ConfigError
+from study.console import HELP_MARKUP, fail, out
+
+app = typer.Typer(rich_markup_mode=HELP_MARKUP)
+
+
+@app.command()
+def evaluate(
+    study: str = typer.Argument(..., help="study name (under --storage) or its folder; it must have confirm runs"),
+    dataset_json: Path = typer.Argument(..., metavar="DATASET.json", help="a Karpathy-format dataset JSON, e.g. "
+                                        "../shared/data/coco-mini/dataset_coco_mini.json"),
+    images_root: Optional[Path] = typer.Option(None, help="folder the JSON's image paths are relative to (default: "
+                                               "the images/ folder beside the JSON)"),
+    split: str = typer.Option("test", help="which split of the JSON to caption: train, val, test or restval"),
+    name: Optional[str] = typer.Option(None, help="short name of the dataset in the report, the frames and MLflow "
+                                       "(default: the JSON's `dataset` field, or its file name; -SPLIT added for a "
+                                       "split other than test)"),
+    storage: Optional[Path] = typer.Option(None, help="storage folder the study was run with (default ./runs)"),
+    report: bool = typer.Option(True, help="rewrite the study's report afterwards, with a section for the dataset"),
+    device: Optional[str] = typer.Option(None, help="torch device for features and decoding (default: CUDA if "
+                                         "present, else CPU)"),
+) -> None:
+    """Does the answer hold on other photos? Every confirm run's trained model captions DATASET.json's images
+    with the study's beam settings; the captions are scored with the full coco-caption suite against the
+    dataset's raw references (words the model never saw count), and the verdict is computed on that set too,
+    then pooled with the study's test split.
+
+    Writes `<study>/evaluate/NAME/` (`set.json`, `runs/<run>.json` with per-image scores and captions,
+    `verdict.csv`), adds the scores to MLflow's confirm runs as `NAME/<metric>`, and rewrites the report
+    (a section per evaluated dataset and the pooled verdict). Features go through the feature cache. A second
+    run of the same dataset reuses every finished result (resumable: each run is written as it is scored) and
+    leaves a report that has the dataset's section as it is.
+    Read the results with `study.load(STUDY).evaluations()`, `.evaluation_verdict(NAME)`, `.pooled_verdict()`;
+    `study export` carries them."""
+    from study.checkpoints import CheckpointError
+    from study.cli_study import lock_study, open_study
+    from study.cross_dataset import EvaluateError, run_evaluate
+    from study.data.features import ImageReadError
+
+    found = open_study(study, storage)
+    with lock_study(found, f"study evaluate {found.name}"):
+        try:
+            outcome = run_evaluate(found, dataset_json, images_root=images_root, split=split, name=name,
+                                   device=device)
+        except (EvaluateError, CheckpointError, ImageReadError, ConfigError, ValueError) as exc:
+            fail(str(exc))
+        verdict = outcome.verdict
+        out.print(f"evaluated study {found.name} on {outcome.name}: {len(outcome.computed)} runs scored, "
+                  f"{len(outcome.reused)} finished ones reused ({outcome.folder})", highlight=False)
+        out.print(f"verdict on {outcome.name}: {verdict.verdict}\n{verdict.text}", highlight=False)
+        section = f"Other photos: {outcome.name}"
+        written = found.paths.report / "report.md"
+        if report and (outcome.computed or not written.is_file() or section not in written.read_text()):
+            from study.reporting import write_report
+
+            path = write_report(found)
+            pooled = found.pooled_verdict().attrs
+            out.print(f"pooled over every test set: {pooled['verdict']}\n{pooled['text']}\nreport: {path}",
+                      highlight=False)

@@ -1,0 +1,44 @@
+"""The study a command names: found (by name or folder) and locked for this driver, or a clear failure.
+
+Shared by the commands in ``study.cli`` and ``study.cli_evaluate``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from study.config import ConfigError
+from study.console import console, fail
+
+
+def open_study(study: str, storage: Optional[Path], *, started: bool = True):
+    """The study named on the command line (a name under --storage or ./runs, or a folder), with the spec,
+    storage and MLflow store it ran with; ``started``: fail unless its search has begun."""
+    from study.paths import StudyRecordError
+    from study.study import Study, StudyNotFound
+
+    try:
+        found = Study.open(study, storage)
+    except (StudyNotFound, StudyRecordError, ConfigError) as exc:
+        fail(str(exc))
+    if started and not found.search_started():
+        # A study that stopped before its search began (e.g. a bad image in data preparation) has a study.json but
+        # no Tune state and no trials: say so and how to go on, rather than fail on its missing MLflow experiment.
+        fail(f"study {found.name!r} has no trials yet: its search has not started (no Tune state in "
+              f"{found.paths.root}). Either it is still preparing its data, or it stopped there (e.g. at a bad "
+              f"image): fix what its `study run` reported, then continue it with: study resume {found.paths.root}")
+    return found
+
+
+def lock_study(study, command: str):
+    """Take the study's driver lock (one driver per study, see study/lock.py) or fail naming its holder."""
+    from study.lock import StudyInUse
+
+    try:
+        lock = study.lock(command)
+    except StudyInUse as exc:
+        fail(str(exc))
+    if lock.took_over:
+        console.print(f"[yellow]{lock.took_over}[/]", highlight=False)
+    return lock

@@ -1,0 +1,364 @@
+"""`study evaluate` (issue 20, item 2) and the pooled verdict over every test set (issue 20, item 3b).
+
+* the pooled interval (`analysis.pooled`) on synthetic per-image scores: sets that agree give a pooled interval
+  narrower than either set's; sets that disagree are flagged and the pooled evidence does not decide;
+* end to end on a real (small) shapes study with confirm runs, evaluated on a shapes dataset of another seed
+  and size: per-run scores equal to scoring the checkpoint's captions directly, the verdict on that set, a
+  rerun that recomputes nothing, the report's section, the export's files and MLflow's metrics;
+* coco-mini (skipped when absent): references with words the shapes model never saw are scored as raw text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, journal_events, study_spec
+
+ROLES = {"init": "target", "pre": "competitor", "par": "competitor", "none": "floor"}
+COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini" / "dataset_coco_mini.json"
+
+
+# ----- (b) the pooled interval ----------------------------------------------------------------------------
+def _synthetic_set(rng: np.random.Generator, images: int, effects: dict[str, float], seeds: int = 3,
+                   noise: float = 0.15) -> pd.DataFrame:
+    """Per-image scores: each image's difficulty (shared by every method), plus the method's effect, a small
+    seed effect and noise per (run, image)."""
+    difficulty = rng.gamma(2.0, 0.3, images)
+    rows = []
+    for method, effect in effects.items():
+        for seed in range(seeds):
+            shift = rng.normal(0, 0.005)
+            for image, base in enumerate(difficulty):
+                rows.append({"method": method, "config_rank": 1, "seed": seed, "image_id": image,
+                             "CIDEr-D": base + effect + shift + rng.normal(0, noise)})
+    return pd.DataFrame(rows)
+
+
+def test_pooled_interval_of_agreeing_sets_is_narrower_than_each_sets_own():
+    from analysis.pooled import pooled_verdict
+    from analysis.verdict import compute_verdict
+
+    rng = np.random.default_rng(6)
+    # init and pre equally good on both collections (the second one harder), noisy per image.
+    sets = {"flickr": _synthetic_set(rng, 150, {"init": 0.50, "pre": 0.50, "none": 0.1}, noise=0.4),
+            "coco": _synthetic_set(rng, 150, {"init": 0.40, "pre": 0.40, "none": 0.1}, noise=0.4)}
+    pooled = pooled_verdict(sets, roles=ROLES, margin=0.08, n_boot=2000)
+    assert pooled.other == "pre" and not pooled.disagree and pooled.q_p > 0.05
+    width = pooled.ci[1] - pooled.ci[0]
+    table = pooled.sets
+    for name, frame in sets.items():
+        own = compute_verdict(frame, roles=ROLES, margin=0.08)  # each set's own single-set interval
+        assert own.best_other == "pre"
+        assert table.loc[name, "diff"] == pytest.approx(own.diff)
+        assert width < own.ci[1] - own.ci[0] and width < table.loc[name, "hi"] - table.loc[name, "lo"], name
+    # The pooled difference is the inverse-variance mean of the sets' differences, and its interval holds it.
+    weights = 1 / table["se"] ** 2
+    assert pooled.diff == pytest.approx(float((weights * table["diff"]).sum() / weights.sum()))
+    assert table["weight"].sum() == pytest.approx(1.0) and pooled.ci[0] < pooled.diff < pooled.ci[1]
+    # Neither set decides at this margin alone (each interval straddles -0.08); pooled, they do.
+    assert set(table["verdict"]) == {"inconclusive"}
+    assert pooled.verdict == "competes" and pooled.decides and "The pooled evidence decides" in pooled.text
+
+
+def test_pooled_verdict_of_disagreeing_sets_says_the_answer_depends_on_the_photos():
+    from analysis.pooled import pooled_verdict
+
+    rng = np.random.default_rng(5)
+    # init leads by 0.15 on one collection and trails by 0.15 on the other: each set decides, in opposite ways.
+    sets = {"flickr": _synthetic_set(rng, 150, {"init": 0.65, "pre": 0.50}),
+            "coco": _synthetic_set(rng, 150, {"init": 0.35, "pre": 0.50})}
+    pooled = pooled_verdict(sets, roles=ROLES, margin=0.05)
+    assert list(pooled.sets["verdict"]) == ["competes", "does not compete"]
+    assert pooled.disagree and pooled.q_p < 1e-6
+    # The pooled point estimate sits near 0 with a narrow interval, which would say "competes": it is not taken.
+    assert abs(pooled.diff) < 0.05 and pooled.ci[0] > -0.05
+    assert pooled.verdict == "inconclusive" and not pooled.decides
+    assert "the answer depends on the photo collection" in pooled.text
+
+    # Sets that differ in size of the effect but decide the same way on their own: that common word stands.
+    same = {"flickr": _synthetic_set(rng, 150, {"init": 0.80, "pre": 0.50}),
+            "coco": _synthetic_set(rng, 150, {"init": 0.55, "pre": 0.50})}
+    agreeing_words = pooled_verdict(same, roles=ROLES, margin=0.05)
+    assert agreeing_words.disagree and list(agreeing_words.sets["verdict"]) == ["competes", "competes"]
+    assert agreeing_words.verdict == "competes" and "each set decides the same way on its own" in agreeing_words.text
+
+
+def test_a_set_on_which_every_caption_scores_zero_carries_no_weight_in_the_pooled_interval():
+    from analysis.pooled import pooled_verdict
+
+    rng = np.random.default_rng(7)
+    informative = _synthetic_set(rng, 100, {"init": 0.50, "pre": 0.45})
+    blind = informative.assign(**{"CIDEr-D": 0.0})  # models that cannot describe these photos: all zero
+    pooled = pooled_verdict({"flickr": informative, "coco": blind}, roles=ROLES, margin=0.05)
+    assert pooled.sets.loc["coco", "weight"] == 0 and pooled.sets.loc["flickr", "weight"] == 1
+    assert pooled.diff == pytest.approx(pooled.sets.loc["flickr", "diff"])
+    assert pooled.ci == (pooled.sets.loc["flickr", "lo"], pooled.sets.loc["flickr", "hi"])
+    assert "coco: init - pre is the same in every resample" in pooled.text and "Cochran" not in pooled.text
+    # Nearly zero instead (a floor, not exactly 0): a tiny variance, so nearly all the weight, and the text says so.
+    floor = informative.assign(**{"CIDEr-D": informative["CIDEr-D"] * 1e-4})
+    dominated = pooled_verdict({"flickr": informative, "coco": floor}, roles=ROLES, margin=0.05)
+    assert dominated.sets.loc["coco", "weight"] > 0.99
+    assert "coco carries 100% of the weight, so the pooled interval is essentially its own" in dominated.text
+
+
+def test_the_pooled_chi_square_tail_matches_scipy():
+    from scipy.stats import chi2
+
+    from analysis.pooled import chi2_sf
+
+    for x in (0.2, 1.0, 3.84, 9.0, 25.0):
+        for dof in range(1, 7):
+            assert chi2_sf(x, dof) == pytest.approx(chi2.sf(x, dof), abs=1e-12)
+
+
+# ----- (a) end to end on a real study -----------------------------------------------------------------------
+def _study(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _cli(*args: object):
+    """`study ARGS...` in process (typer's CliRunner): exit_code, stdout, stderr."""
+    from typer.testing import CliRunner
+
+    from study.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _results(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((folder / "evaluate" / "shapes-b" / "runs").glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, small_shapes, feature_cache_dir):
+    """A small real study (init and merge, one confirm seed each, reported), then `study evaluate` on the train
+    split of a shapes dataset of another seed and size, run twice; then `study export`."""
+    from types import SimpleNamespace
+
+    from study.config import ShapesDataset
+    from study.data.shapes import ensure_shapes
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    spec_path = study_spec(tmp, "crossdata", small_shapes, search={"trials": 2, "seed": 1},
+                           asha={"max_epochs": 2, "grace_period": 2, "reduction_factor": 2},
+                           confirm={"top_k": 1, "seeds": 1, "epochs": 2, "beam_size": 2, "margin": 0.05})
+    run = _study("run", str(spec_path), cwd=tmp)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = tmp / "runs" / "crossdata"
+    other = ensure_shapes(ShapesDataset(images=50, image_size=64, seed=8, cache_dir=feature_cache_dir), progress=False)
+    command = ("evaluate", str(folder), str(other), "--split", "train", "--name", "shapes-b")
+    first = _cli(*command)
+    assert first.exit_code == 0, (first.output[-3000:], first.exception)
+    results = _results(folder)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "evaluate" / "shapes-b" / "runs").glob("*.json")}
+    report_stamp = (folder / "report" / "report.md").stat().st_mtime_ns
+    again = _cli(*command)
+    after_again = (_results(folder), {p.name: p.stat().st_mtime_ns for p in (folder / "evaluate" / "shapes-b" /
+                                                                          "runs").glob("*.json")})
+    # An evaluation stopped after its first run: the other run's result is missing, and only it is scored again.
+    (folder / "evaluate" / "shapes-b" / "runs" / "merge-r1-s0.json").unlink()
+    resumed = _cli(*command, "--no-report")
+    exported = _cli("export", folder, tmp / "results")
+    return SimpleNamespace(tmp=tmp, folder=folder, other=other, first=first, again=again, results=results,
+                           stamps=stamps, report_stamp=report_stamp, after_again=after_again, resumed=resumed,
+                           exported=exported)
+
+
+@pytest.mark.slow
+def test_evaluate_scores_every_confirm_run_as_scoring_its_checkpoints_captions_directly_does(evaluated):
+    from study.checkpoints import load_checkpoint
+    from study.inference import caption_files
+    from study.metrics import score_captions_per_image
+
+    folder = evaluated.folder
+    assert "2 runs scored, 0 finished ones reused" in " ".join(evaluated.first.stdout.split())
+    assert sorted(evaluated.results) == sorted(p.name for p in (folder / "confirm").glob("*.json"))
+    manifest = json.loads((folder / "evaluate" / "shapes-b" / "set.json").read_text())
+    assert manifest["split"] == "train" and manifest["images"] == 40 and len(manifest["references"]) == 40
+    for number, (name, text) in enumerate(sorted(evaluated.results.items())):
+        result = json.loads(text)
+        checkpoint = folder / "confirm" / name.replace(".json", ".pt")
+        beam = load_checkpoint(checkpoint)["config"]["beam_size"]
+        assert result["beam_size"] == beam == 2  # the confirm stage's beam
+        # The checkpoint captions the image files themselves (encoder on the files, not the feature cache).
+        direct = [caption for _, caption in caption_files(checkpoint, [Path(p) for p in manifest["image_paths"]],
+                                                          beam_size=beam)]
+        assert result["captions"] == direct and len(direct) == 40
+        refs = dict(enumerate(manifest["references"]))
+        scores, per_image = score_captions_per_image(refs, dict(enumerate(direct)), full=number == 0)
+        for metric, value in scores.items():
+            if value == value:  # SPICE is NaN offline
+                assert result["scores"][metric] == pytest.approx(value, abs=1e-12), metric
+        for metric, by_image in per_image.items():
+            assert result["per_image"][metric] == {str(k): pytest.approx(v, abs=1e-12) for k, v in by_image.items()}
+        assert set(result["per_image"]) >= {"CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"}
+        assert 0 < result["scores"]["BLEU-1"] <= 1 and np.isfinite(result["scores"]["METEOR"])
+
+
+@pytest.mark.slow
+def test_a_second_evaluate_of_the_same_dataset_recomputes_nothing(evaluated):
+    again = evaluated.again
+    assert again.exit_code == 0, (again.output[-3000:], again.exception)
+    assert "0 runs scored, 2 finished ones reused" in " ".join(again.stdout.split())
+    results, stamps = evaluated.after_again
+    assert results == evaluated.results and stamps == evaluated.stamps
+    assert (evaluated.folder / "report" / "report.md").stat().st_mtime_ns == evaluated.report_stamp
+    # Resumed after losing one run's result: only that run is scored, to the same captions and scores.
+    resumed = evaluated.resumed
+    assert resumed.exit_code == 0 and "1 runs scored, 1 finished ones reused" in " ".join(resumed.stdout.split())
+    now = {name: json.loads(text) for name, text in _results(evaluated.folder).items()}
+    before = {name: json.loads(text) for name, text in evaluated.results.items()}
+    assert now["init-r1-s0.json"] == before["init-r1-s0.json"]
+    for key in ("captions", "scores", "per_image", "checkpoint_sha256", "dataset_fingerprint"):
+        assert json.dumps(now["merge-r1-s0.json"][key]) == json.dumps(before["merge-r1-s0.json"][key]), key  # NaN
+    # ... and MLflow got each run's scores once.
+    sent = [e for e in journal_events(evaluated.folder) if e["kind"] == "confirm_metrics"]
+    assert sorted(e["key"] for e in sent) == ["confirm/init-r1-s0", "confirm/merge-r1-s0"]
+
+
+@pytest.mark.slow
+def test_the_verdict_on_the_other_dataset_is_a_frame_the_report_a_section_mlflow_metrics(evaluated):
+    from mlflow.tracking import MlflowClient
+
+    import study
+    from study.mlflow_store import confirm_runs
+    from study.paths import sqlite_uri
+
+    folder = evaluated.folder
+    loaded = study.load(str(folder))
+    runs = loaded.evaluations()
+    assert sorted(runs["run"]) == ["init-r1-s0", "merge-r1-s0"] and set(runs["dataset"]) == {"shapes-b"}
+    assert (runs["images"] == 40).all() and runs["CIDEr-D"].notna().all()
+    verdict = loaded.evaluation_verdict("shapes-b")
+    assert list(verdict.index) == ["init", "merge"] and (verdict["images"] == 40).all()
+    assert verdict.attrs["best_other"] == "merge" and verdict.attrs["dataset"] == "shapes-b"
+    assert verdict.attrs["verdict"] in ("competes", "does not compete", "inconclusive")
+    per_image = loaded.evaluation_per_image("shapes-b")
+    assert len(per_image) == 80 and verdict.loc["init", "CIDEr-D"] == pytest.approx(
+        per_image[per_image["method"] == "init"]["CIDEr-D"].mean())
+    pooled = loaded.pooled_verdict()
+    assert list(pooled["set"]) == ["shapes test (the study's)", "shapes-b", "pooled"]
+    assert pooled.attrs["other"] == "merge" and isinstance(pooled.attrs["decides"], bool)
+
+    html = (folder / "report" / "report.html").read_text()
+    assert "Other photos: shapes-b" in html and "Verdict on shapes-b" in html
+    assert "Pooled verdict over every test set" in html and "The pooled evidence" in html
+    assert (folder / "report" / "gallery-shapes-b.png").is_file()
+    assert "gallery-shapes-b.png" in (folder / "report" / "report.md").read_text()
+
+    uri = sqlite_uri(folder / "mlflow.db")
+    confirm = confirm_runs(uri, "crossdata").set_index("tags.mlflow.runName")
+    for name, text in evaluated.results.items():
+        result, row = json.loads(text), confirm.loc["confirm-" + name.removesuffix(".json")]
+        for metric in ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"):
+            assert row[f"metrics.shapes-b/{metric}"] == pytest.approx(result["scores"][metric])
+        artifacts = {a.path for a in MlflowClient(uri).list_artifacts(row["run_id"], "evaluate/shapes-b")}
+        assert artifacts == {f"evaluate/shapes-b/{name}"}
+
+
+@pytest.mark.slow
+def test_export_carries_the_evaluated_datasets(evaluated):
+    assert evaluated.exported.exit_code == 0, evaluated.exported.output[-3000:]
+    results = evaluated.tmp / "results"
+    runs = pd.read_csv(results / "evaluations.csv")
+    assert sorted(runs["run"]) == ["init-r1-s0", "merge-r1-s0"] and set(runs["dataset"]) == {"shapes-b"}
+    verdicts = pd.read_csv(results / "evaluation_verdicts.csv")
+    assert list(verdicts["method"]) == ["init", "merge"] and set(verdicts["dataset"]) == {"shapes-b"}
+    assert list(pd.read_csv(results / "pooled_verdict.csv")["set"])[-1] == "pooled"
+    assert (results / "gallery-shapes-b.png").is_file()
+    assert {"evaluations.csv", "evaluation_verdicts.csv", "pooled_verdict.csv"} <= set(
+        json.loads((results / "export.json").read_text())["files"])
+
+
+@pytest.mark.slow
+def test_evaluate_fails_naming_what_and_where(evaluated, tmp_path):
+    from study.context import StudyContext
+    from study.cross_dataset import EvaluateError, run_evaluate
+    from study.paths import StudyPaths
+    from study.study import Study
+
+    folder = evaluated.folder
+    missing = _cli("evaluate", folder, tmp_path / "nope.json")
+    assert missing.exit_code == 2 and f"{tmp_path / 'nope.json'} does not exist" in " ".join(missing.stderr.split())
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    bad = _cli("evaluate", folder, broken)
+    assert bad.exit_code == 2 and f"{broken}: not valid JSON" in " ".join(bad.stderr.split())
+    (tmp_path / "images").mkdir()
+    lost = tmp_path / "lost.json"
+    lost.write_text(json.dumps({"dataset": "lost", "images": [
+        {"filename": "gone.jpg", "split": "test", "sentences": [{"raw": "a photo"}]}]}))
+    gone = _cli("evaluate", folder, lost)
+    assert gone.exit_code == 2 and "gone.jpg" in gone.stderr and "does not exist" in gone.stderr
+    no_split = _cli("evaluate", folder, evaluated.other, "--split", "restval")
+    assert no_split.exit_code == 2 and "the split 'restval' has no images; its splits: train (40 images)" in " ".join(
+        no_split.stderr.split())
+    wrong_split = _cli("evaluate", folder, evaluated.other, "--name", "shapes-b")
+    assert wrong_split.exit_code == 2 and "pass --name" in " ".join(wrong_split.stderr.split())
+    for result in (missing, bad, gone, no_split, wrong_split):
+        assert "Traceback" not in result.output
+    spec = Study.open(folder).spec
+    with pytest.raises(EvaluateError, match="has no finished confirm runs in .*confirm: `study report"):
+        unconfirmed = StudyContext(spec, folder / "spec.yaml", StudyPaths.at(tmp_path / "unconfirmed"))
+        run_evaluate(unconfirmed, evaluated.other, track=False)
+    helped = _cli("evaluate", "--help")
+    assert helped.exit_code == 0 and "coco-caption" in helped.stdout and "--split" in helped.stdout
+
+
+# ----- (c) coco-mini: raw references, words the model never saw --------------------------------------------
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_coco_mini_references_are_scored_as_raw_text_with_words_outside_the_vocabulary(evaluated, tmp_path):
+    if not COCO_MINI.is_file():
+        pytest.skip(f"coco-mini not found at {COCO_MINI}")
+    from study.checkpoints import load_checkpoint
+    from study.cross_dataset import run_evaluate
+    from study.data.tokens import Vocab, word_tokens
+    from study.metrics import score_captions, score_captions_per_image
+    from study.study import Study
+
+    found = Study.open(evaluated.folder)
+    # One confirm run keeps it cheap (the full suite's METEOR costs ~11 s a run).
+    outcome = run_evaluate(found, COCO_MINI, runs=["init-r1-s0"], progress=False, track=False)
+    assert outcome.name == "coco-mini" and outcome.computed == ["init-r1-s0"]
+    manifest = json.loads((outcome.folder / "set.json").read_text())
+    assert manifest["images"] == 308
+    refs = dict(enumerate(manifest["references"]))
+    result = json.loads((outcome.folder / "runs" / "init-r1-s0.json").read_text())
+    vocab = Vocab.from_dict(load_checkpoint(evaluated.folder / "confirm" / "init-r1-s0.pt")["vocab"])
+    words = [w for captions in refs.values() for c in captions for w in word_tokens(c)]
+    unseen = [w for w in words if w not in vocab.stoi]
+    assert len(unseen) > 0.5 * len(words)  # the shapes vocabulary lacks most of COCO's words
+    # The stored scores are pycocoevalcap's on the raw references (Python PTB tokenizer: no Java needed here) ...
+    hyps = dict(enumerate(result["captions"]))
+    scores, per_image = score_captions_per_image(refs, hyps)
+    assert result["scores"]["CIDEr-D"] == pytest.approx(scores["CIDEr-D"], abs=1e-12)
+    assert result["scores"]["BLEU-4"] == pytest.approx(scores["BLEU-4"], abs=1e-12)
+    assert result["per_image"]["CIDEr-D"] == {str(k): pytest.approx(v, abs=1e-12)
+                                             for k, v in per_image["CIDEr-D"].items()}
+    # ... not those of references mapped through the model's vocabulary (unseen words as <unk>).
+    through_vocab = {k: [vocab.decode(vocab.encode(c, 50)) for c in captions] for k, captions in refs.items()}
+    assert score_captions(through_vocab, hyps)["CIDEr-D"] != pytest.approx(scores["CIDEr-D"], abs=1e-6)
+    # One method scored there: a verdict with nothing to compare, said so rather than failed; the report names the
+    # confirm run not scored there.
+    assert found.evaluation_verdict("coco-mini").attrs["verdict"] == "not available"
+    from study.evaluated import report_blocks
+    from study.registry import method_colors, method_roles
+
+    blocks = report_blocks(found.paths, found.spec, found.per_image(), tmp_path, level=0.95, roles=method_roles(),
+                           colors=method_colors())
+    assert any("1 confirm run is not scored on coco-mini" in str(b) and "merge-r1-s0" in str(b) for b in blocks)
+    # The README's other way of pointing at the photos (images_root above coco-mini/) finds the same files: reused.
+    again = run_evaluate(found, COCO_MINI, images_root=COCO_MINI.parents[1],
+                         runs=["init-r1-s0"], progress=False, track=False)
+    assert again.computed == [] and again.reused == ["init-r1-s0"]
