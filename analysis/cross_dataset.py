@@ -12,6 +12,7 @@ import pandas as pd
 from analysis.metric_table import MEAN_OVER_IMAGES
 from analysis.pooled import PooledVerdict
 from analysis.render import Block
+from analysis.report import pairwise_blocks
 from analysis.scores import corpus_rows, corpus_scores, x100
 from analysis.verdict import Verdict
 
@@ -51,12 +52,7 @@ def dataset_blocks(name: str, manifest: Mapping, verdict: Verdict, runs: pd.Data
         blocks.append(("table", ["method", "seeds", "images", *[f"{m} [{level} CI]" for m in metrics]],
                        [[m, int(r["seeds"]), int(r["images"]), *[_with_ci(r, k) for k in metrics]]
                         for m, r in verdict.table.iterrows()]))
-    if not verdict.pairwise.empty:
-        blocks.append(("p", f"{verdict.target} minus each method on {name} ({verdict.metric} x100, {level} paired "
-                            "interval; above 0: the target scores higher):"))
-        blocks.append(("table", ["method", f"{verdict.target} - method", f"{level} CI"],
-                       [[m, x100(r["diff"]), f"[{x100(r['lo'])}, {x100(r['hi'])}]"]
-                        for m, r in verdict.pairwise.iterrows()]))
+    blocks += pairwise_blocks(verdict, level, where=f" on {name}")
     if gallery is not None:
         blocks.append(("img", gallery, f"images of {name} with each method's caption"))
     return blocks

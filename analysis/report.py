@@ -77,6 +77,16 @@ def _with_ci(row: pd.Series, metric: str) -> str:
     return f"{_x100(row[metric])} [{_x100(row[metric + '_lo'])}, {_x100(row[metric + '_hi'])}]"
 
 
+def pairwise_blocks(verdict: Verdict, level: str, where: str = "") -> list[Block]:
+    """The table of the target minus every method, each with its paired interval (``where``: " on <set>")."""
+    if verdict.pairwise.empty:
+        return []
+    return [("p", f"{verdict.target} minus each method{where} ({verdict.metric} x100, {level} paired interval; "
+                  "above 0: the target scores higher):"),
+            ("table", ["method", f"{verdict.target} - method", f"{level} CI"],
+             [[m, _x100(r["diff"]), f"[{_x100(r['lo'])}, {_x100(r['hi'])}]"] for m, r in verdict.pairwise.iterrows()])]
+
+
 def _verdict_blocks(verdict: Verdict, image: Path | None, decision: str | None = None) -> list[Block]:
     blocks: list[Block] = [("h2", "Verdict")]
     if verdict.table.empty:
@@ -106,12 +116,7 @@ def _verdict_blocks(verdict: Verdict, image: Path | None, decision: str | None =
         blocks.append(("p", f"Difference {verdict.target} - {verdict.best_other} ({verdict.metric}): "
                             f"{_x100(verdict.diff)} [{_x100(verdict.ci[0])}, {_x100(verdict.ci[1])}] "
                             f"(x100, paired bootstrap, {verdict.n_boot} resamples)."))
-    if not verdict.pairwise.empty:
-        blocks.append(("p", f"{verdict.target} minus each method ({verdict.metric} x100, {level} paired interval; "
-                            "above 0: the target scores higher):"))
-        blocks.append(("table", ["method", f"{verdict.target} - method", f"{level} CI"],
-                       [[m, _x100(r["diff"]), f"[{_x100(r['lo'])}, {_x100(r['hi'])}]"]
-                        for m, r in verdict.pairwise.iterrows()]))
+    blocks += pairwise_blocks(verdict, level)
     if decision:
         blocks.append(("p", decision))
     if image is not None:
