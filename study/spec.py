@@ -143,6 +143,9 @@ class AshaSettings(StrictModel):
 class Resources(StrictModel):
     cpu: float = Field(1.0, gt=0, description="CPUs per trial; torch uses this many threads")
     gpu: float = Field(0.0, ge=0, le=8, description="GPUs per trial; a fraction lets small trials share one")
+    wait_for_nodes_min: float = Field(
+        10.0, ge=0, description="on a cluster (--address): how long to wait for a node that can hold one trial (the "
+        "autoscaler adding it) before the study is refused")
 
 
 class Tracking(StrictModel):

@@ -114,3 +114,38 @@ def test_a_dead_actor_reported_twice_leaves_the_requeued_trial_to_retry():
     controller._process_trial_failure(trial, RayActorError())
     assert trial.status == Trial.PENDING and trial.run_metadata.num_failures == 0
     assert trial not in controller._resetting_trials
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_a_cluster_with_no_node_that_holds_a_trial_refuses_the_study_after_the_stated_wait(tmp_path, small_shapes,
+                                                                                           caplog):
+    """Two 1-CPU nodes and trials of 2 CPUs: together the cluster has them, but no node does, so no trial could ever
+    start. The study waits resources.wait_for_nodes_min (the autoscaler may add a node), says so once, then stops
+    naming what a trial asks for and what the nodes have; nothing is written."""
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    from study import tuning
+    from study.config import ConfigError
+    from study.spec import load_spec
+
+    spec_path = study_spec(tmp_path, "toobig", small_shapes, methods=["init"], search={"trials": 1, "seed": 0},
+                           asha={"max_epochs": 1, "grace_period": 1}, confirm=None,
+                           resources={"cpu": 2, "gpu": 0, "wait_for_nodes_min": 0.05})
+    spec = load_spec(spec_path)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=r"each trial asks for 2 CPUs and 0 GPUs on one node, but after 0.05 "
+                                              r"min no node .* \(its nodes: 1 CPUs/0 GPUs, 1 CPUs/0 GPUs\)"):
+            tuning.run_study(StudyContext.from_spec(spec, spec_path), address=cluster.address, progress=False)
+        assert 3 <= time.monotonic() - started < 60  # the stated wait (3 s), not Tune's warnings for ever
+        assert caplog.text.count("waiting up to 0.05 min for the autoscaler") == 1
+        assert not (tmp_path / "runs" / "toobig").exists()
+    finally:
+        tuning.shutdown()
+        cluster.shutdown()

@@ -76,6 +76,36 @@ def check_local_resources(spec: StudySpec) -> None:
                           "resources: in the spec, or run on a cluster that has them (study run --address ...)")
 
 
+def wait_for_a_node(spec: StudySpec, address: str, *, poll_s: float = 5.0) -> None:
+    """On a cluster (``--address``), wait until some node can hold one trial (its CPUs and GPUs on one node): the
+    autoscaler may still be adding it. Say once what is awaited; after ``resources.wait_for_nodes_min`` minutes
+    with no such node, refuse the study, naming what a trial asks for and what the nodes have (Tune would only
+    warn, every minute, for ever)."""
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+
+    def nodes() -> list[dict[str, float]]:
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    def fits(node: dict[str, float]) -> bool:
+        return node.get("CPU", 0) >= cpu and node.get("GPU", 0) >= gpu
+
+    deadline = time.monotonic() + 60 * spec.resources.wait_for_nodes_min
+    if any(fits(n) for n in nodes()):
+        return
+    log.warning("no node of the cluster at %s can hold a trial yet (each asks for %g CPUs and %g GPUs on one node): "
+                "waiting up to %g min for the autoscaler to add one", address, cpu, gpu,
+                spec.resources.wait_for_nodes_min)
+    while time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        if any(fits(n) for n in nodes()):
+            return
+    have = ", ".join(f"{n.get('CPU', 0):g} CPUs/{n.get('GPU', 0):g} GPUs" for n in nodes()) or "no live node"
+    raise ConfigError(f"resources: each trial asks for {cpu:g} CPUs and {gpu:g} GPUs on one node, but after "
+                      f"{spec.resources.wait_for_nodes_min:g} min no node of the cluster at {address} has them (its "
+                      f"nodes: {have}), so no trial could start; lower resources: in the spec, or give the cluster "
+                      "such nodes (cluster.yaml's worker types), or raise resources.wait_for_nodes_min")
+
+
 def describe_budget(spec: StudySpec) -> str:
     """The dry-run text: the space and the trial budget."""
     lines = [f"study {spec.name}: {total_trials(spec)} trials, search={spec.search.algorithm}, "
@@ -114,8 +144,12 @@ def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: 
     """Run (or, with ``resume``, continue) a study's search. Returns the trial table."""
     t0 = time.perf_counter()
     spec, paths, uri, experiment = ctx.spec, ctx.paths, ctx.tracking_uri, ctx.experiment
+    # Before anything is written: a refused study leaves no folder behind.
     if address is None:
-        check_local_resources(spec)  # before anything is written: a refused study leaves no folder behind
+        check_local_resources(spec)
+    else:
+        ray_compat.ensure_ray(address)
+        wait_for_a_node(spec, address)
     paths.write_record(spec.name, ctx.spec_path, spec.storage, uri, experiment, spec.fixed.get("precision"))
     tracker = ctx.tracker()
     data = ctx.data(progress=progress)  # checked against the dataset the study began with
