@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from study import cli_evaluate, cli_trial
-from study.cli_study import lock_study, open_study
+from study.cli_study import fail_on_full_disk, lock_study, open_study
 from study.config import ConfigError
 from study.console import HELP_MARKUP, console, fail, out, writable_folder
 from study.spec import METRIC_MODES
@@ -103,6 +103,8 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
             outcome = None
         except ConfigError as exc:  # found before the first trial: the data, or resources this machine lacks
             fail(str(exc))
+        except OSError as exc:  # a full disk: stop in one sentence; what was written whole is kept
+            fail_on_full_disk(exc, study, study.resume_command())
         if outcome is None or outcome.interrupted:
             console.print(f"[yellow]study interrupted.[/] Resume with:  {study.resume_command()}", highlight=False)
             raise typer.Exit(_interrupted_exit_code())
@@ -199,6 +201,8 @@ def _report(study, address: str | None = None) -> None:
         study.report(console=out, address=address)
     except (NoScoredTrial, ConfigError) as exc:  # nothing to confirm; the data changed since the search
         fail(str(exc))
+    except OSError as exc:
+        fail_on_full_disk(exc, study, f"study report {study.paths.root}")
     except KeyboardInterrupt:
         console.print(f"[yellow]confirm stage interrupted.[/] Finished confirm runs are kept; continue with:  "
                       f"study report {study.paths.root}", highlight=False)

@@ -5,11 +5,14 @@ Shared by the commands in ``study.cli`` and ``study.cli_evaluate``.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from study.config import ConfigError
 from study.console import console, fail
+from study.files import is_disk_full
 
 
 def open_study(study: str, storage: Optional[Path], *, started: bool = True):
@@ -42,3 +45,22 @@ def lock_study(study, command: str):
     if lock.took_over:
         console.print(f"[yellow]{lock.took_over}[/]", highlight=False)
     return lock
+
+
+def fail_on_full_disk(exc: OSError, study, then: str) -> None:
+    """A full disk (ENOSPC, from any write of the study: the journal, Tune's state, a checkpoint) stops the command
+    in one sentence naming the filesystem and what to run once space is freed; any other OS error is re-raised.
+    Every file something later reads is written whole (write-then-rename) or appended line by line, so what was
+    finished survives: ``then`` (``study resume ...``) continues from it."""
+    if not is_disk_full(exc):
+        raise exc
+    folder = Path(study.paths.root).resolve()
+    mount = folder
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        free = f", {shutil.disk_usage(folder).free / 2**20:.1f} MiB free now"
+    except OSError:
+        free = ""
+    fail(f"no space left on the filesystem at {mount} (it holds {folder}{free}): the study stopped there and "
+         f"nothing it had finished is lost; free some space, then continue with: {then}")

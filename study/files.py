@@ -3,6 +3,7 @@ new one, never half of one. Every file the project writes that something later r
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -28,3 +29,15 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 def atomic_write_json(path: Path, value: Any, *, indent: int | None = None, **dumps_options: Any) -> Path:
     return atomic_write_text(path, json.dumps(value, indent=indent, **dumps_options))
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or what it wraps (a trial's ``RayTaskError``, pyarrow's copy error, a chained cause), is a
+    full disk: ``ENOSPC``, which pyarrow and Ray's wrappers sometimes keep only in the message."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return False

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # Fail fast against a dead server instead of MLflow's default minutes of retries; the journal covers us.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+# MLflow's sqlite store logs every SQLAlchemy error with its whole traceback before raising it (a full disk, a
+# store half-made when the disk filled); the tracker catches what is raised and says it once, in one sentence.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 STATUS_TO_MLFLOW = {"completed": "FINISHED", "stopped": "FINISHED", "errored": "FAILED", "killed": "KILLED"}
 STUDY_KEY = "__study__"  # the parent run's key in mlflow_runs.json

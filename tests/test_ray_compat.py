@@ -36,7 +36,7 @@ def _fails_once(config):
     tune.report({"score": 1.0})
 
 
-def test_tunes_real_controller_calls_both_patched_methods(tmp_path):
+def test_tunes_real_controller_calls_the_patched_methods(tmp_path):
     from ray import tune
 
     ray_compat.install()
@@ -56,3 +56,7 @@ def test_tunes_real_controller_calls_both_patched_methods(tmp_path):
     statuses = ray_compat.calls["set_trial_status"] - before.get("set_trial_status", 0)
     assert failures == 1  # the one failed attempt went through the patched failure handler
     assert statuses >= 3  # RUNNING, back to PENDING after the failure, RUNNING, TERMINATED
+    assert ray_compat.calls["upload_to_fs_path"] > before.get("upload_to_fs_path", 0)  # snapshots go through it
+    stored = sorted(p.name for p in (tmp_path / "compat").iterdir() if p.is_file())
+    assert any(name.startswith("experiment_state-") for name in stored) and "tuner.pkl" in stored
+    assert not [name for name in stored if ".upload-" in name]  # each file renamed into place once whole

@@ -5,7 +5,13 @@ signatures of the private methods it patches, and fails loudly on a mismatch rat
 with a workaround that silently stopped applying. What is relied on:
 
 * ``TuneController._process_trial_failure``: a node's death reported twice loses a trial
-  (``drop_duplicate_actor_failures``).
+  (``drop_duplicate_actor_failures``); a trial that failed for a full disk stops the driver instead of being
+  retried (``stop_on_full_disk``).
+* ``ray.train._internal.storage._upload_to_fs_path``, which copies the driver's experiment snapshot over the
+  stored one in place, so a full disk left it torn: each file is now written beside its target and renamed
+  (``atomic_experiment_uploads``).
+* The loggers ``ray.tune.execution.tune_controller`` and ``ray.tune.execution.experiment_state``, which print a
+  traceback for each write a full disk refuses (``quiet_full_disk_logs``).
 * ``TuneController._set_trial_status`` and ``_checkpoint_manager._should_force_sync_up``: snapshot the
   experiment whenever a trial starts or ends (``snapshot_on_trial_start_and_end``).
 * ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``: a local Ray that listens on loopback only (``ensure_ray``).
@@ -22,17 +28,24 @@ still calls the patched methods.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import inspect
 import logging
 import os
+import posixpath
 from collections import Counter
 
+import pyarrow.fs as pafs
 import ray
+import ray.train._internal.storage as storage_module
 from ray._private import ray_constants
 from ray.exceptions import RayActorError
 from ray.train._internal.storage import StorageContext
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
+
+from study.files import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +73,10 @@ def check_ray() -> None:
     if not hasattr(StorageContext, "trial_fs_path") or "storage_filesystem" not in storage:
         raise ImportError(f"Ray {ray.__version__}: StorageContext has no trial_fs_path/storage_filesystem; the "
                           "trainable (study/tuning/trainable.py) cannot find its own checkpoints")
+    upload = list(inspect.signature(storage_module._upload_to_fs_path).parameters)
+    if upload != ["local_path", "fs", "fs_path", "exclude"]:
+        raise ImportError(f"Ray {ray.__version__}: ray.train._internal.storage._upload_to_fs_path is {upload}; "
+                          "atomic_experiment_uploads no longer applies")
     if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
         raise ImportError("ray._private.ray_constants.ENABLE_RAY_CLUSTER is gone: ensure_ray cannot keep a local "
                           "Ray on loopback")
@@ -69,9 +86,11 @@ check_ray()
 
 
 def install() -> None:
-    """Install both Tune patches (idempotent; ``run_study`` calls it once per study)."""
+    """Install the Tune patches (idempotent; ``run_study`` calls it once per study)."""
     drop_duplicate_actor_failures()
     snapshot_on_trial_start_and_end()
+    quiet_full_disk_logs()
+    atomic_experiment_uploads()
 
 
 def drop_duplicate_actor_failures() -> None:
@@ -89,6 +108,10 @@ def drop_duplicate_actor_failures() -> None:
 
     def process_trial_failure(self, trial, exception):
         calls["process_trial_failure"] += 1
+        if is_disk_full(exception):
+            # Every retry would fail the same way and each would print a traceback: stop the driver, which says
+            # so in one sentence (study.cli_study.fail_on_full_disk); the trial resumes from its last checkpoint.
+            raise OSError(errno.ENOSPC, f"No space left on device: trial {trial} could not write its files")
         if isinstance(exception, RayActorError):
             self._resetting_trials.discard(trial)
             if trial.status == Trial.PENDING and trial not in self._trial_to_actor:
@@ -98,6 +121,56 @@ def drop_duplicate_actor_failures() -> None:
 
     process_trial_failure.drops_duplicate_actor_failures = True
     TuneController._process_trial_failure = process_trial_failure
+
+
+def atomic_experiment_uploads() -> None:
+    """Upload Tune's experiment snapshot (``experiment_state-*.json``, the searchers' state, ``tuner.pkl``, the
+    trials' ``result.json``) file by file through a temporary name beside each target, renamed over it once whole.
+
+    Tune copies the driver's staging folder over the stored one in place, so a write the disk refused left a torn
+    file where the last good one was, and neither ``study resume`` nor the readers could read the study again.
+    Now a refused upload leaves the previous snapshot whole (and its temporary file removed). Only the snapshot's
+    upload (a whole folder, nothing excluded) is changed; checkpoints go to a new folder each and are checked on
+    restore (``study.tuning.trainable.restore_source``)."""
+    original = storage_module._upload_to_fs_path
+    if getattr(original, "uploads_atomically", False):
+        return
+
+    def upload(local_path: str, fs, fs_path: str, exclude=None) -> None:
+        calls["upload_to_fs_path"] += 1
+        if exclude or not os.path.isdir(local_path):
+            return original(local_path, fs, fs_path, exclude)
+        for folder, _, names in os.walk(local_path):
+            relative = os.path.relpath(folder, local_path)
+            target_folder = fs_path if relative == "." else posixpath.join(fs_path, *relative.split(os.sep))
+            fs.create_dir(target_folder, recursive=True)
+            for name in names:
+                target = posixpath.join(target_folder, name)
+                partial = posixpath.join(target_folder, f".{name}.upload-{os.getpid()}")
+                try:
+                    pafs.copy_files(os.path.join(folder, name), partial, destination_filesystem=fs)
+                    fs.move(partial, target)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        fs.delete_file(partial)
+                    raise
+
+    upload.uploads_atomically = True
+    storage_module._upload_to_fs_path = upload
+
+
+class _DropFullDiskTracebacks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and is_disk_full(record.exc_info[1]))
+
+
+def quiet_full_disk_logs() -> None:
+    """Drop the tracebacks Tune logs for a write a full disk refused (a trial's checkpoint, the experiment
+    snapshot): the study stops and says so in one sentence; any other error is logged as Tune logs it."""
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropFullDiskTracebacks) for f in logger.filters):
+            logger.addFilter(_DropFullDiskTracebacks())
 
 
 def snapshot_on_trial_start_and_end() -> None:

@@ -8,6 +8,7 @@ and a callback that mirrors every trial into MLflow through the study tracker.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -21,10 +22,11 @@ from ray import tune
 
 from study.config import ConfigError
 from study.context import StudyContext
+from study.files import is_disk_full
 from study.paths import StudyPaths
 from study.spec import StudySpec
 from study.tracking import StudyTracker, source_tags
-from study.trial_tables import experiment_trials, load_trial_tables
+from study.trial_tables import experiment_states, experiment_trials, load_trial_tables
 from study.tuning import ray_compat
 from study.tuning.callbacks import SearchProgress, SearchTimeBudget, TrackingCallback, read_search_time, trial_name
 from study.tuning.optuna_export import export_optuna_studies
@@ -161,14 +163,17 @@ def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: 
         tune.with_parameters(trial_function, spec=spec, data=data),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     ended = 0
-    if resume and tune.Tuner.can_restore(paths.tune):
+    # Tune can restore only from an experiment snapshot: a driver stopped before its first one (a full disk, a
+    # kill during start-up) leaves tuner.pkl alone, and that study starts afresh (nothing had been trained).
+    restorable = resume and tune.Tuner.can_restore(paths.tune) and bool(experiment_states(spec)[1])
+    if restorable:
         ended = sum(t["status"] in ("TERMINATED", "ERROR") for t in experiment_trials(spec))
     progress_bar = SearchProgress(spec, total_trials(spec), ended,
                                   paths.search_time if spec.search.time_budget_h else None,
                                   enabled=progress and echo is not None)
     # Before Tuner.restore: its saved copy attaches to this one.
     callback = TrackingCallback(tracker, spec, echo, progress_bar)
-    if resume and tune.Tuner.can_restore(paths.tune):
+    if restorable:
         tuner = tune.Tuner.restore(paths.tune, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         known = {trial["trial_id"] for trial in experiment_trials(spec)}
@@ -182,6 +187,10 @@ def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: 
         results = tuner.fit()
     except KeyboardInterrupt:
         results = None
+    except tune.TuneError as exc:
+        if is_disk_full(exc):  # ray_compat's stop on a full disk, which Tune wraps in its traceback's text
+            raise OSError(errno.ENOSPC, f"No space left on device under {paths.root}") from None
+        raise
     finally:
         progress_bar.close()
     table, interrupted = None, True

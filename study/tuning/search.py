@@ -9,6 +9,7 @@ from there runs whatever code it holds.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
+from study.files import atomic_write_text
 from study.spec import StudySpec
+
+log = logging.getLogger(__name__)
 
 
 def _suggest(trial, name: str, param) -> Any:
@@ -134,6 +138,24 @@ class GroupSearch:
         return group
 
 
+def _newest_readable_state(path: Path) -> dict[str, Any]:
+    """The searcher state in ``path``, or, when it is empty or torn (written by a version that did not write it
+    whole, on a full disk), the newest complete ``searcher-state-*.json`` beside it; the trials Tune restores that
+    an older state does not know are then left out of the searchers' counts (said)."""
+    candidates = [path] + sorted((p for p in path.parent.glob("searcher-state-*.json") if p != path),
+                                 key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in candidates:
+        try:
+            state = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if candidate != path:
+            log.warning("%s is empty or torn (a full disk?): the searchers continue from %s", path, candidate)
+        return state
+    raise ValueError(f"{path} is empty or torn and no complete searcher state is beside it: the study's searchers "
+                     "cannot be restored (start a new study: study run SPEC --new)")
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -188,10 +210,12 @@ class StudySearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         state = {"format": 1, "counts": self.counts, "owner": self.owner,
                  "groups": {key: group.state() for key, group in self.groups.items()}}
-        Path(checkpoint_path).write_text(json.dumps(state))
+        # Written whole or not at all: Tune renames this file over the last state when it exists, so a write cut
+        # short (a full disk) must leave no file rather than a torn one.
+        atomic_write_text(Path(checkpoint_path), json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
-        state = json.loads(Path(checkpoint_path).read_text())
+        state = _newest_readable_state(Path(checkpoint_path))
         fixed = self.group_fixed()
         if state.get("format") != 1 or set(state["groups"]) != set(fixed):
             raise ValueError(f"{checkpoint_path}: not this study's searcher state (groups {sorted(fixed)})")
