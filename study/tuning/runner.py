@@ -183,16 +183,7 @@ def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: 
         if resume:
             log.warning("no Tune state at %s yet: starting the study", paths.tune)
         tuner = _new_tuner(spec, paths, trainable, callback, max_concurrent, verbose)
-    try:
-        results = tuner.fit()
-    except KeyboardInterrupt:
-        results = None
-    except tune.TuneError as exc:
-        if is_disk_full(exc):  # ray_compat's stop on a full disk, which Tune wraps in its traceback's text
-            raise OSError(errno.ENOSPC, f"No space left on device under {paths.root}") from None
-        raise
-    finally:
-        progress_bar.close()
+    results = _fit(tuner, paths, progress_bar)
     table, interrupted = None, True
     if results is not None:
         drop_pruned_checkpoints(spec)
@@ -204,6 +195,20 @@ def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: 
         interrupted = len(unfinished) > 0 or not all_ran
     tracker.finish_study("KILLED" if interrupted else "FINISHED")
     return StudyOutcome(spec.name, paths.root, uri, experiment, table, interrupted, time.perf_counter() - t0)
+
+
+def _fit(tuner, paths: StudyPaths, progress_bar: SearchProgress):
+    """``tuner.fit()``'s results, or None when the search was interrupted (Ctrl-C, SIGTERM)."""
+    try:
+        return tuner.fit()
+    except KeyboardInterrupt:
+        return None
+    except tune.TuneError as exc:
+        if is_disk_full(exc):  # ray_compat's stop on a full disk, which Tune wraps in its traceback's text
+            raise OSError(errno.ENOSPC, f"No space left on device under {paths.root}") from None
+        raise
+    finally:
+        progress_bar.close()
 
 
 def _start_tracking(tracker: StudyTracker, spec: StudySpec, paths: StudyPaths, info: dict[str, Any], *,
