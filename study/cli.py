@@ -178,7 +178,9 @@ def _send_journal(tracker) -> None:
             console.print(f"[yellow]the last line of {tracker.journal.path} is incomplete[/] (torn by a kill or a "
                           "full disk): it was left unsent", highlight=False)
     else:
-        fail(f"MLflow at {tracker.uri} is still not reachable; {tracker.pending} events wait in {tracker.journal.path}")
+        still = (f"MLflow's store {tracker.uri} still cannot be used (the warning above says why)"
+                 if tracker.uri.startswith("sqlite:") else f"MLflow at {tracker.uri} is still not reachable")
+        fail(f"{still}; {tracker.pending} events wait in {tracker.journal.path}")
 
 
 @app.command("report")

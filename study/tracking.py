@@ -215,6 +215,15 @@ class StudyTracker:
     def pending(self) -> int:
         return self.journal.pending
 
+    def _offline_message(self, exc: Exception) -> str:
+        kept = f"The study goes on; results are kept in {self.journal.path}"
+        if self.uri.startswith("sqlite:"):  # a file, not a server: it will not come back by itself
+            return (f"MLflow's store {self.uri} cannot be used ({type(exc).__name__}: {exc}). {kept}. Once it is "
+                    "fixed (space freed on a full disk; a damaged or half-made store deleted, to be rebuilt from "
+                    f"the journal), `study sync {self.study_dir}` sends them.")
+        return (f"MLflow at {self.uri} is not reachable ({type(exc).__name__}: {exc}). {kept} and sent when the "
+                f"server is back, or by `study sync {self.study_dir}`.")
+
     def flush(self, force: bool = False) -> bool:
         """Send every journalled event not yet in MLflow. Returns True when nothing is left to send."""
         if self.pending == 0:
@@ -239,10 +248,7 @@ class StudyTracker:
         except Exception as exc:  # any transport or server error: keep the journal, retry later
             self._offline_since = time.time()
             if not self._warned:
-                warnings.warn(
-                    f"MLflow at {self.uri} is not reachable ({type(exc).__name__}: {exc}). The study goes on; "
-                    f"results are kept in {self.journal.path} and sent when the server is back, or by "
-                    f"`study sync {self.study_dir}`.", RuntimeWarning, stacklevel=3)
+                warnings.warn(self._offline_message(exc), RuntimeWarning, stacklevel=3)
                 self._warned = True
             return False
         finally:

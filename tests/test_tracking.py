@@ -250,3 +250,30 @@ def test_two_senders_of_one_journal_make_each_run_once(tmp_path):
     with acquire(folder, "study run exp"):  # a driver (or another sync) holds the study
         result = CliRunner().invoke(app, ["sync", str(folder)])
     assert result.exit_code == 2 and "one driver per study" in " ".join(result.stderr.split()), result.output
+
+
+
+def test_a_damaged_local_store_is_named_with_how_to_rebuild_it_not_as_a_server_that_is_down(tmp_path):
+    """A local mlflow.db that MLflow refuses (here its schema version rewound, as a store whose creation a full disk
+    cut short can be left) is a file to fix or delete, not a server to wait for: the warning says so and how the
+    journal rebuilds it (test_a_deleted_store_is_rebuilt_from_the_journal proves the rebuild). A process of its own,
+    as the commands are: MLflow checks a store's schema once per process."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    folder = tmp_path / "study"
+    _a_journalled_study(uri, folder)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")  # an older schema than MLflow's
+    code = ("from tests.test_tracking import Path, StudyTracker\n"
+            f"t = StudyTracker({uri!r}, 'exp', 'exp', Path({str(folder)!r}))\n"
+            "t.study_tags({'verdict': 'competes'})\nassert t.pending == 1, t.pending")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = " ".join(done.stderr.split())
+    assert f"MLflow's store {uri} cannot be used" in said and "not reachable" not in said
+    assert "a damaged or half-made store deleted, to be rebuilt from the journal" in said
+    assert f"`study sync {folder}` sends them" in said
