@@ -5,8 +5,8 @@ signatures of the private methods it patches, and fails loudly on a mismatch rat
 with a workaround that silently stopped applying. What is relied on:
 
 * ``TuneController._process_trial_failure``: a node's death reported twice loses a trial
-  (``drop_duplicate_actor_failures``); a trial that failed for a full disk stops the driver instead of being
-  retried (``stop_on_full_disk``).
+  (``drop_duplicate_actor_failures``); the same patch makes a trial that failed for a full disk stop the driver
+  instead of being retried.
 * ``ray.train._internal.storage._upload_to_fs_path``, which copies the driver's experiment snapshot over the
   stored one in place, so a full disk left it torn: each file is now written beside its target and renamed
   (``atomic_experiment_uploads``).
