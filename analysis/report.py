@@ -42,9 +42,9 @@ QUESTION = (
     "(memory seeding, **init**). Does a model that simple compete with the other ways of giving the decoder "
     "the image: the image as the first input step (**pre**, Show and Tell), at every step (**par**, LRCN), "
     "joined with the RNN's output before the softmax (**merge**, m-RNN), or soft attention over the CNN's "
-    "spatial grid (**attention**, Show, Attend and Tell)? **none** (no image) is the floor. Each method got "
-    "the same tuning budget; the best configuration of each was retrained with several seeds and scored on "
-    "the test split.")
+    "spatial grid (**attention**, Show, Attend and Tell)? **none** (no image), where a study runs it, is the "
+    "floor. Each method got the same tuning budget; the best configuration of each was retrained with several "
+    "seeds and scored on the test split.")
 
 # Tanti, Gatt & Camilleri 2018, Table: GRU decoders on frozen VGG16 features, mean of 3 runs (x100).
 LITERATURE = [
