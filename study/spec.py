@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from analysis.metric_table import METRICS
 from study.config import (
@@ -35,6 +35,7 @@ from study.config import (
     read_yaml,
     validate_model,
 )
+from study.spec_checks import check_points, check_trial, check_when
 
 TRIAL_FIELDS = set(TrialConfig.model_fields) - {"dataset"}
 
@@ -122,6 +123,9 @@ class SearchSettings(StrictModel):
     time_budget_h: float | None = Field(
         None, gt=0, description="wall-clock hours for the search, summed over resumes; trials still running when "
         "it is spent are stopped and ranked on the epochs they finished (None: until every trial has run)")
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="configurations each searcher proposes first (the best known so far, say), "
+        "as parameter: value; they count as trials of their method, and what a point leaves out is drawn as usual")
 
 
 class AshaSettings(StrictModel):
@@ -212,18 +216,18 @@ class StudySpec(StrictModel):
         # Every fixed value, every choice value, both ends of every range and the confirm stage's settings must
         # make a valid TrialConfig: found now, not by a trial (or the confirm stage) after hours of search.
         probe = {**self.fixed, "epochs": self.asha.max_epochs}
-        _check_trial(probe, "fixed" if self.asha.max_epochs <= 1000 else "asha.max_epochs")
+        check_trial(probe, "fixed" if self.asha.max_epochs <= 1000 else "asha.max_epochs")
         for name, param in self.space.items():
             for value in param.choice or []:
-                _check_trial({**probe, name: value}, f"space.{name}: value {value!r}")
+                check_trial({**probe, name: value}, f"space.{name}: value {value!r}")
             if param.choice is None:
                 described = param.describe()
                 for end in ("low", "high"):
                     value = described[end]
                     if name in ("layers", "hidden", "embed", "attention_dim", "batch_size", "min_count", "max_len"):
                         value = round(value)
-                    _check_trial({**probe, name: value}, f"space.{name}: {param.kind} {end} end {described[end]!r}")
-        _check_trial({**probe, "epochs": self.confirm.epochs or self.asha.max_epochs,
+                    check_trial({**probe, name: value}, f"space.{name}: {param.kind} {end} end {described[end]!r}")
+        check_trial({**probe, "epochs": self.confirm.epochs or self.asha.max_epochs,
                       "beam_size": self.confirm.beam_size}, "confirm")
         if self.metric not in METRIC_MODES:
             raise ValueError(f"metric: {self.metric!r} is not a metric a trial reports; allowed: "
@@ -231,10 +235,13 @@ class StudySpec(StrictModel):
         if self.mode != METRIC_MODES[self.metric]:
             raise ValueError(f"mode: {self.mode!r} ranks the worst trials first for {self.metric} "
                              f"(better is {METRIC_MODES[self.metric]}); use mode: {METRIC_MODES[self.metric]}")
+        stratified = self.stratify == "inject"
+        check_points(self.search.points_to_evaluate, self.fixed, self.space,
+                     self.trials_per_method if stratified else self.search.trials, stratified)
         order = list(self.space)
         for name, param in self.space.items():
             for key, values in (param.when or {}).items():
-                _check_when(f"space.{name}.when.{key}", key, values if isinstance(values, list) else [values],
+                check_when(f"space.{name}.when.{key}", key, values if isinstance(values, list) else [values],
                             self.fixed, self.space, order[:order.index(name)])
         return self
 
@@ -258,46 +265,6 @@ class StudySpec(StrictModel):
 
     def space_description(self) -> dict[str, dict[str, Any]]:
         return {name: param.describe() for name, param in self.space.items()}
-
-
-def _check_when(where: str, key: str, values: list[Any], fixed: dict[str, Any], space: dict[str, Param],
-                earlier: list[str]) -> None:
-    """A condition must be able to hold: it names a fixed or an earlier searched parameter (parameters are
-    sampled in file order), and each value is one that parameter can take. Otherwise the conditional
-    parameter would silently never be sampled."""
-    if key in fixed:
-        allowed: list[Any] = [fixed[key]]
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            raise ValueError(f"{where}: {bad} never holds: {key} is fixed to {fixed[key]!r}")
-        return
-    if key not in space:
-        raise ValueError(f"{where}: {key!r} is neither searched nor fixed")
-    if key not in earlier:
-        raise ValueError(f"{where}: {key!r} is searched after this parameter; list it earlier in space "
-                         "(parameters are sampled in file order)")
-    param = space[key]
-    if param.choice is not None:
-        bad = [v for v in values if v not in param.choice]
-        if bad:
-            raise ValueError(f"{where}: {bad} not among the choices of space.{key}; allowed: {list(param.choice)}")
-        return
-    if param.kind in ("uniform", "loguniform"):
-        # A continuous draw equals a given number with probability zero: the condition would never hold.
-        raise ValueError(f"{where}: {key} is drawn from a continuous range ({param.kind}), so it never equals "
-                         f"{values}; condition on a choice parameter, or make {key} a choice")
-    desc = param.describe()
-    bad = [v for v in values if not isinstance(v, (int, float)) or not desc["low"] <= v <= desc["high"]]
-    if bad:
-        raise ValueError(f"{where}: {bad} outside the range of space.{key} [{desc['low']}, {desc['high']}]")
-
-
-def _check_trial(values: dict[str, Any], where: str) -> None:
-    try:
-        TrialConfig.model_validate(values)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{where}: {problems}") from None
 
 
 def load_spec(path: Path, *, check_paths: bool = True, storage: str | None = None,

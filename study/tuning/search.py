@@ -63,7 +63,7 @@ class GroupSearch:
     """One Optuna study (TPE, random or grid) proposing the trials of one group: one injection method when the
     study is stratified, else the whole space. Its state is plain data (``state`` / ``from_state``)."""
 
-    def __init__(self, spec: StudySpec, fixed: dict[str, Any], seed: int):
+    def __init__(self, spec: StudySpec, fixed: dict[str, Any], seed: int, points: list[dict[str, Any]] = ()):
         import optuna
 
         # Optuna logs "A new study created ..." at INFO for each of these internal studies (24 lines on the
@@ -74,6 +74,12 @@ class GroupSearch:
                                          sampler=_sampler(spec, seed, fixed))
         self.running: dict[str, int] = {}  # Tune trial id -> Optuna trial number, until told
         self.best: dict[str, float] = {}  # best metric so far of each running trial
+        self.enqueue(points)
+
+    def enqueue(self, points: list[dict[str, Any]]) -> None:
+        """The points the next asks propose, in order (Optuna's queue: ask pops them before sampling)."""
+        for point in points:
+            self.study.enqueue_trial({k: v for k, v in point.items() if k not in self.fixed})
 
     def suggest(self, trial_id: str) -> dict[str, Any]:
         trial = self.study.ask()
@@ -104,17 +110,21 @@ class GroupSearch:
 
     def state(self) -> dict[str, Any]:
         from optuna.distributions import distribution_to_json
+        from optuna.trial import TrialState
 
+        # Points still queued (WAITING) are left out: the spec holds them, and from_state queues those not asked.
         trials = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
                    "distributions": {k: json.loads(distribution_to_json(d)) for k, d in t.distributions.items()},
                    "system_attrs": t.system_attrs, "user_attrs": t.user_attrs}
-                  for t in self.study.get_trials(deepcopy=False)]
+                  for t in self.study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
         return {"seed": self.seed, "trials": trials, "running": self.running, "best": self.best}
 
     @classmethod
-    def from_state(cls, spec: StudySpec, fixed: dict[str, Any], state: dict[str, Any]) -> "GroupSearch":
-        """Rebuild the Optuna study from its told and running trials. The sampler is seeded with (seed, trials
-        so far): a fresh sampler with the first seed would propose the study's first points again."""
+    def from_state(cls, spec: StudySpec, fixed: dict[str, Any], state: dict[str, Any],
+                   points: list[dict[str, Any]] = ()) -> "GroupSearch":
+        """Rebuild the Optuna study from its told and running trials, then queue the ``points`` not asked yet
+        (points go first, so the first n trials were the first n points). The sampler is seeded with (seed,
+        trials so far): a fresh sampler with the first seed would propose the study's first points again."""
         import numpy as np
         from optuna.distributions import json_to_distribution
         from optuna.trial import TrialState, create_trial
@@ -135,6 +145,7 @@ class GroupSearch:
             raise ValueError(f"searcher state: trial numbers {[t['number'] for t in trials]} are not 0..n-1")
         group.running = {str(k): int(v) for k, v in state["running"].items()}
         group.best = {str(k): float(v) for k, v in state["best"].items()}
+        group.enqueue(list(points)[len(trials):])
         return group
 
 
@@ -176,7 +187,7 @@ class StudySearcher(Searcher):
     def __init__(self, spec: StudySpec):
         super().__init__(metric=spec.metric, mode=spec.mode)
         self.spec = spec
-        self.groups = {key: GroupSearch(spec, fixed, spec.search.seed + i)
+        self.groups = {key: GroupSearch(spec, fixed, spec.search.seed + i, self.points_of(key))
                        for i, (key, fixed) in enumerate(self.group_fixed().items())}
         self.per_group = spec.trials_per_method if spec.stratify == "inject" else spec.search.trials
         self.counts = {key: 0 for key in self.groups}
@@ -186,6 +197,11 @@ class StudySearcher(Searcher):
         if self.spec.stratify == "inject":
             return {m: {"inject": m} for m in self.spec.methods}
         return {"all": {}}
+
+    def points_of(self, group: str) -> list[dict[str, Any]]:
+        """The spec's points to evaluate first that this group proposes (a method's own, when stratified)."""
+        points = self.spec.search.points_to_evaluate
+        return [p for p in points if group == "all" or p.get("inject") == group]
 
     def suggest(self, trial_id: str):
         open_groups = [g for g in self.groups if self.counts[g] < self.per_group]
@@ -219,7 +235,8 @@ class StudySearcher(Searcher):
         fixed = self.group_fixed()
         if state.get("format") != 1 or set(state["groups"]) != set(fixed):
             raise ValueError(f"{checkpoint_path}: not this study's searcher state (groups {sorted(fixed)})")
-        self.groups = {key: GroupSearch.from_state(self.spec, fixed[key], state["groups"][key]) for key in fixed}
+        self.groups = {key: GroupSearch.from_state(self.spec, fixed[key], state["groups"][key], self.points_of(key))
+                       for key in fixed}
         self.counts = {key: int(state["counts"][key]) for key in fixed}
         self.owner = {str(k): str(v) for k, v in state["owner"].items()}
 

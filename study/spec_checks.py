@@ -1,0 +1,87 @@
+"""The checks of a study spec that look across its fields: a ``when`` condition must be able to hold, each fixed
+value and each end of a range must make a valid trial, and each of ``search.points_to_evaluate`` must be a point of
+the space. ``study.spec`` runs them when a spec loads, so a mistake fails before Ray starts, not hours into a study.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from study.config import TrialConfig
+
+if TYPE_CHECKING:
+    from study.spec import Param
+
+
+def check_when(where: str, key: str, values: list[Any], fixed: dict[str, Any], space: dict[str, Param],
+                earlier: list[str]) -> None:
+    """A condition must be able to hold: it names a fixed or an earlier searched parameter (parameters are
+    sampled in file order), and each value is one that parameter can take. Otherwise the conditional
+    parameter would silently never be sampled."""
+    if key in fixed:
+        allowed: list[Any] = [fixed[key]]
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"{where}: {bad} never holds: {key} is fixed to {fixed[key]!r}")
+        return
+    if key not in space:
+        raise ValueError(f"{where}: {key!r} is neither searched nor fixed")
+    if key not in earlier:
+        raise ValueError(f"{where}: {key!r} is searched after this parameter; list it earlier in space "
+                         "(parameters are sampled in file order)")
+    param = space[key]
+    if param.choice is not None:
+        bad = [v for v in values if v not in param.choice]
+        if bad:
+            raise ValueError(f"{where}: {bad} not among the choices of space.{key}; allowed: {list(param.choice)}")
+        return
+    if param.kind in ("uniform", "loguniform"):
+        # A continuous draw equals a given number with probability zero: the condition would never hold.
+        raise ValueError(f"{where}: {key} is drawn from a continuous range ({param.kind}), so it never equals "
+                         f"{values}; condition on a choice parameter, or make {key} a choice")
+    desc = param.describe()
+    bad = [v for v in values if not isinstance(v, (int, float)) or not desc["low"] <= v <= desc["high"]]
+    if bad:
+        raise ValueError(f"{where}: {bad} outside the range of space.{key} [{desc['low']}, {desc['high']}]")
+
+
+def check_trial(values: dict[str, Any], where: str) -> None:
+    try:
+        TrialConfig.model_validate(values)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{where}: {problems}") from None
+
+
+def check_points(points: list[dict[str, Any]], fixed: dict[str, Any], space: dict[str, "Param"], trials: int,
+                 stratified: bool) -> None:
+    """Each point to evaluate first names searched parameters only, with values their ranges allow and only where
+    their ``when`` holds (a parameter it leaves out is drawn by the searcher), and no searcher gets more points
+    than its ``trials``. Stratified (one searcher per method), each point names its method."""
+    counts: dict[Any, int] = {}
+    for i, point in enumerate(points):
+        where = f"search.points_to_evaluate[{i}]"
+        unknown = sorted(set(point) - set(space))
+        if unknown:
+            raise ValueError(f"{where}: {unknown} not searched (a point gives values of space: parameters; "
+                             f"searched: {sorted(space)})")
+        for name, value in point.items():
+            param, sampled = space[name], {**fixed, **point}
+            if not param.matches(sampled):
+                raise ValueError(f"{where}: {name} is sampled only where {param.when}, which this point does not "
+                                 "meet; leave it out")
+            desc = param.describe()
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            allowed = value in desc["values"] if param.choice is not None else (
+                number and desc["low"] <= value <= desc["high"])
+            if not allowed:
+                span = list(param.choice) if param.choice is not None else f"[{desc['low']}, {desc['high']}]"
+                raise ValueError(f"{where}: {name} = {value!r} is outside space.{name} {span}")
+        if stratified and "inject" not in point:
+            raise ValueError(f"{where}: name its method (inject:), since each method has its own searcher")
+        group = point["inject"] if stratified else "the search"
+        counts[group] = counts.get(group, 0) + 1
+        if counts[group] > trials:
+            raise ValueError(f"search.points_to_evaluate: more points for {group} than its {trials} trials")
