@@ -149,3 +149,37 @@ def test_asha_compares_each_methods_trials_only_with_their_own_method():
     assert continued(per_method) == {"init": [True, False, False], "none": [True, False, False]}
     shared = _spec(space=space, search={"trials": 6, "seed": 0}, asha={**asha, "per_method": False})
     assert continued(shared) == {"init": [True, False, False], "none": [False, False, False]}
+
+
+def test_points_to_evaluate_go_first_in_their_methods_budget_and_survive_a_restore(tmp_path):
+    # Two points for init (one leaves lr out: the searcher draws it), one for par; 4 trials per method.
+    points = [{"inject": "init", "lr": 1.2e-3, "cell": "gru"}, {"inject": "par", "lr": 3.0e-3}, {"inject": "init"}]
+    spec = _spec(space={"inject": {"choice": ["init", "par"]}, "cell": {"choice": ["lstm", "gru"]},
+                        "lr": {"loguniform": [1e-4, 1e-2]}},
+                 search={"trials": 8, "seed": 0, "points_to_evaluate": points})
+    from study.tuning.runner import describe_budget
+
+    assert "tried first: inject=init, lr=0.0012, cell=gru" in describe_budget(spec)  # what --dry-run prints
+    searcher = StudySearcher(spec)
+    first = [searcher.suggest(f"t{i}") for i in range(3)]  # round robin: init, par, init
+    assert first[0] == {"inject": "init", "lr": 1.2e-3, "cell": "gru"}
+    assert first[1]["inject"] == "par" and first[1]["lr"] == 3.0e-3 and first[1]["cell"] in ("lstm", "gru")
+    assert first[2]["inject"] == "init" and 1e-4 <= first[2]["lr"] <= 1e-2
+    searcher.on_trial_complete("t0", {"val_CIDEr-D": 0.4})
+
+    # Saved after init's points were asked: the restored searcher must not propose them again.
+    searcher.save(str(tmp_path / "state.json"))
+    restored = StudySearcher(spec)
+    restored.restore(str(tmp_path / "state.json"))
+    rest = [restored.suggest(f"u{i}") for i in range(6)]
+    assert Counter(c["inject"] for c in first + rest[:5]) == {"init": 4, "par": 4}
+    assert rest[5] == StudySearcher.FINISHED
+    assert all(c["lr"] not in (1.2e-3, 3.0e-3) for c in rest[:5])
+
+    # Restored before par's point was asked, it is still proposed first.
+    fresh = StudySearcher(spec)
+    fresh.suggest("v0")
+    fresh.save(str(tmp_path / "early.json"))
+    again = StudySearcher(spec)
+    again.restore(str(tmp_path / "early.json"))
+    assert again.suggest("v1")["lr"] == 3.0e-3

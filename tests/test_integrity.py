@@ -20,6 +20,10 @@ from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attenti
 from tests.test_spec import assert_spec_refused
 
 
+def _points(points: str) -> str:
+    return SPEC.replace("search: {trials: 4}", f"search: {{trials: 4, points_to_evaluate: [{points}]}}")
+
+
 # ----- item 5: spec mistakes found before Ray starts -------------------------------------------------------
 @pytest.mark.parametrize("text, needles", [
     (SPEC + "metric: val_cider\n", ["metric", "val_cider", "val_CIDEr-D", "val_loss"]),
@@ -33,6 +37,15 @@ from tests.test_spec import assert_spec_refused
     (SPEC.replace("fixed: {cell: lstm}", "fixed: {cell: lstm, layers: 1}").replace(
         "when: {inject: attention}", "when: {layers: 2}"), ["when.layers", "fixed to 1"]),
     (SPEC.replace("when: {inject: attention}", "when: {lr: 0.5}"), ["when.lr", "drawn from a continuous range"]),
+    # search.points_to_evaluate: a point of the space, in its method's budget
+    (_points("{inject: init, lr: 0.5}"),
+     ["points_to_evaluate[0]", "lr = 0.5", "outside space.lr"]),
+    (_points("{inject: init, hiden: 64}"),
+     ["points_to_evaluate[0]", "hiden", "not searched"]),
+    (_points("{inject: init, attention_dim: 32}"),
+     ["points_to_evaluate[0]", "attention_dim", "sampled only where"]),
+    (_points("{inject: init}, {inject: init}, {inject: init}"),
+     ["points_to_evaluate", "more points for init than its 2 trials"]),
 ])
 def test_metric_mode_and_when_values_are_checked_when_the_spec_loads(tmp_path, text, needles):
     path = tmp_path / "spec.yaml"
@@ -240,7 +253,11 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     from study.mlflow_store import study_runs
     from study.paths import sqlite_uri
 
-    spec_path = _study_spec(tmp_path, small_shapes, "killed")
+    # Three configurations to try first (search.points_to_evaluate): asked before and after the kills, each must
+    # run exactly once, in its own method's budget.
+    points = [{"inject": "init", "lr": 4e-3}, {"inject": "merge", "lr": 6e-3}, {"inject": "init", "lr": 5e-3}]
+    spec_path = _study_spec(tmp_path, small_shapes, "killed",
+                            search={"trials": 6, "seed": 1, "points_to_evaluate": points})
     folder = tmp_path / "runs" / "killed"
     resume = ["resume", "killed", "--storage", str(tmp_path / "runs"), "--no-report"]
 
@@ -308,6 +325,9 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     assert len(trial_dirs) == 6 and all(len(list(p.glob("checkpoint_*"))) == 1 for p in trial_dirs)
     # The searchers' state was restored from JSON: six trials in all, three per method.
     assert sorted(trials["inject"]) == ["init"] * 3 + ["merge"] * 3
+    tried = trials.groupby("inject")["lr"].apply(list)
+    assert (tried["init"].count(4e-3), tried["init"].count(5e-3), tried["merge"].count(6e-3)) == (1, 1, 1), tried
+    assert len(set(trials["lr"])) == 6  # the other three drawn by the searchers, none a replayed point
 
 
 @pytest.mark.slow

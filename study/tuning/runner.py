@@ -115,6 +115,8 @@ def describe_budget(spec: StudySpec) -> str:
     if spec.stratify:
         lines.append(f"  stratified by inject: {spec.trials_per_method} trials each for "
                      f"{', '.join(spec.methods)}")
+    for point in spec.search.points_to_evaluate:
+        lines.append(f"  tried first: {', '.join(f'{k}={v}' for k, v in point.items())}")
     if spec.search.time_budget_h:
         lines.append(f"  time budget: {spec.search.time_budget_h:g} h of wall time for the search "
                      "(summed over resumes)")
