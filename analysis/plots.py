@@ -257,3 +257,26 @@ def plot_gallery(gallery: pd.DataFrame, path: Path, *, colors: Mapping[str, str]
     fig.suptitle("Test images and the caption each method's best model wrote", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_confirm_curves(curves: pd.DataFrame, path: Path, metric: str = "val_CIDEr-D",
+                        colors: Mapping[str, str] | None = None) -> Path | None:
+    """The seed-mean validation curve of each confirm configuration, with the seeds' range shaded."""
+    if curves.empty or metric not in curves:
+        return None
+    colors = colors or {}
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for method in _ordered(curves["method"].unique(), colors):
+        for rank, runs in curves[curves["method"] == method].groupby("config_rank"):
+            by_epoch = runs.groupby("epoch")[metric]
+            mean, low, high = by_epoch.mean() * 100, by_epoch.min() * 100, by_epoch.max() * 100
+            color = method_color(method, colors)
+            ax.plot(mean.index, mean.values, marker="o", ms=3, color=color,
+                    label=method if rank == 1 else f"{method} (rank {rank})", ls="-" if rank == 1 else "--")
+            ax.fill_between(mean.index, low.values, high.values, color=color, alpha=0.15, lw=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (x100), mean of seeds")
+    ax.set_title("Confirm runs: validation curves (shaded: the seeds' range)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, path)

@@ -227,6 +227,19 @@ def load_confirm(paths: StudyPaths, data) -> tuple[pd.DataFrame, pd.DataFrame, p
     return pd.DataFrame(image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
 
 
+def confirm_history(paths: StudyPaths) -> pd.DataFrame:
+    """One row per (confirm run, epoch): ``run``, ``method``, ``config_rank``, ``seed`` and what the epoch
+    reported (validation scores, loss, learning rate, seconds), from each run's result file; for the report's
+    "Did training run long enough?" (``analysis.training_length``) and ``study export``'s confirm_history.csv."""
+    rows = []
+    for path in paths.confirm_results():
+        result = json.loads(path.read_text())
+        keys = {"run": path.stem, "method": result["method"], "config_rank": result["config_rank"],
+                "seed": result["seed"]}
+        rows += [{**keys, **epoch} for epoch in result.get("history", [])]
+    return pd.DataFrame(rows)
+
+
 def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:
     """Each confirm run not yet in MLflow as a child run of the study's parent: its searched parameters
     (only those active for its configuration), seed and budget; its test scores; as artifacts its result

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     """Verdict + report from the finished confirm runs, logged to the study's MLflow parent run."""
     from analysis.report import build_report
-    from study.confirm import confirmed_trials, load_confirm, log_confirm_runs
+    from analysis.training_length import length_blocks
+    from study.confirm import confirm_history, confirmed_trials, load_confirm, log_confirm_runs
     from study.evaluated import report_blocks
     from study.provenance import provenance
     from study.tracking import git_commit, source_tags
@@ -38,6 +39,8 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     # study evaluate's sets and the pooled verdict (study/evaluated.py): [] for a study never evaluated
     extra = report_blocks(paths, spec, per_image, paths.report, level=plan.level if plan else 0.95,
                           roles=method_roles(), colors=method_colors())
+    # the confirm runs' own validation curves: did they still rise when training ended?
+    extra = length_blocks(confirm_history(paths), paths.report, method_colors(), metric=spec.metric) + extra
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
                           margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),

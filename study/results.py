@@ -126,10 +126,10 @@ def _clear_destination(ctx: "StudyContext", dest: Path, force: bool) -> None:
 def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path]:
     """Copy what a study produced into ``dest`` (e.g. ``results/<name>/`` of a repository), never a checkpoint or a
     feature: the report and its figures, its provenance, the spec it ran, the search's trials and learning curves,
-    the confirm runs and the verdict as CSV, the time budget ledger and ``study decide``'s looks. Every number in
-    them is the platform's own. ``dest`` must be outside the study and empty; ``force`` first removes what the
-    previous export there wrote (its ``export.json`` lists it). A file of the user's that the export would
-    overwrite is refused by name. Returns the files written."""
+    the confirm runs, their validation curves and the verdict as CSV, the time budget ledger and ``study decide``'s
+    looks. Every number in them is the platform's own. ``dest`` must be outside the study and empty; ``force``
+    first removes what the previous export there wrote (its ``export.json`` lists it). A file of the user's that
+    the export would overwrite is refused by name. Returns the files written."""
     import shutil
 
     dest = Path(dest)
@@ -137,12 +137,14 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     if not (paths.report / "report.md").is_file():
         raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `study report {ctx.name}` first")
     _clear_destination(ctx, dest, force)
+    from study.confirm import confirm_history
     from study.evaluated import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
 
     evaluated = export_frames(paths, ctx.spec, per_image_frame(paths))
     names = [p.name for p in paths.report.iterdir() if p.name in _REPORT_FILES or p.suffix == ".png"]
     names += ["spec.yaml", *(p.name for p in (paths.verdict_csv, paths.search_time, paths.decide) if p.is_file()),
-              "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "test_scores.csv", "test_scores.md"]
+              "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "confirm_history.csv",
+              "test_scores.csv", "test_scores.md"]
     names += list(evaluated)
     taken = sorted(name for name in names if (dest / name).exists())
     if taken:
@@ -161,7 +163,8 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     runs = confirm_frame(paths, ctx.spec)
     # trials.csv carries every trial's id and parameters, so history.csv (by trial_id) joins onto it.
     frames = {"leaderboard.csv": leaderboard_frame(ctx, best_per_method=False), "trials.csv": trials_frame(ctx),
-              "history.csv": history_frame(ctx), "confirm_runs.csv": runs, "test_scores.csv": test_scores(runs)}
+              "history.csv": history_frame(ctx), "confirm_runs.csv": runs,
+              "confirm_history.csv": confirm_history(paths), "test_scores.csv": test_scores(runs)}
     frames.update(evaluated)
     for name, frame in frames.items():
         frame.to_csv(dest / name, index=False)

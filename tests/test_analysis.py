@@ -347,3 +347,31 @@ def test_corpus_scores_are_each_runs_corpus_score_over_seeds_in_registry_order()
     header, rows = corpus_rows(table)
     assert header == ["method", "seeds", "BLEU-4", "CIDEr-D"]
     assert rows[0] == ["init", "2", "21.0 ± 1.4", "51.0 ± 1.4"] and rows[1][2] == "19.0"  # one seed: no sd
+
+
+def test_training_length_tells_a_curve_still_rising_from_a_flat_one_over_the_last_quarter(tmp_path):
+    from analysis.render import to_markdown
+    from analysis.training_length import length_blocks, length_table
+
+    rows = []
+    for seed, offset in enumerate((0.0, 0.004)):
+        for epoch in range(1, 13):
+            # par: +1 point an epoch to the end (+3 over the last quarter); init: peaks at epoch 8, then flat.
+            rows.append({"method": "par", "config_rank": 1, "seed": seed, "epoch": epoch, "current_lr": 1e-3,
+                         "val_CIDEr-D": 0.30 + 0.01 * epoch + offset})
+            rows.append({"method": "init", "config_rank": 1, "seed": seed, "epoch": epoch, "current_lr": 1e-3,
+                         "val_CIDEr-D": 0.40 + 0.01 * min(epoch, 8) - 0.001 * (epoch == 12) + offset})
+    # A third seed of init still training (epoch 5 of 12): only the epochs every seed reached count.
+    rows += [{"method": "init", "config_rank": 1, "seed": 2, "epoch": e, "current_lr": 1e-3, "val_CIDEr-D": 0.1}
+             for e in range(1, 6)]
+    table = length_table(pd.DataFrame(rows)).set_index("method")
+    assert table.loc["par", "rising"] and table.loc["par", "gain"] == pytest.approx(0.03)
+    assert table.loc["par", "tail"] == 3 and table.loc["par", "best_epoch"] == 12
+    assert table.loc["init", "epochs"] == 5 and table.loc["init", "seeds"] == 3  # cut to the slowest seed
+    full = length_table(pd.DataFrame([r for r in rows if r["seed"] < 2])).set_index("method")
+    assert not full.loc["init", "rising"] and full.loc["init", "best_epoch"] == 8
+    assert full.loc["init", "gain"] == pytest.approx(-0.001)
+    text = to_markdown(length_blocks(pd.DataFrame([r for r in rows if r["seed"] < 2]), tmp_path), tmp_path)
+    assert "Still rising at the end of training: par (+3.0 over its last 3 epochs)" in text
+    assert "| init | 1 | 2 | 12 | 8 | 48.2 | 48.1 | -0.1 (last 3) | no |" in text
+    assert (tmp_path / "confirm_curves.png").stat().st_size > 10_000

@@ -113,7 +113,7 @@ def _check_export(folder: Path, tmp_path: Path) -> None:
     names = {p.name for p in results.iterdir()}
     assert {"report.md", "report.html", "provenance.json", "spec.yaml", "verdict.csv", "decide.json",
             "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "test_scores.csv", "test_scores.md",
-            "methods.png"} <= names
+            "methods.png", "confirm_history.csv", "confirm_curves.png"} <= names
     assert not [n for n in names if n.endswith((".pt", ".npy"))]
     assert (results / "report.md").read_text() == (folder / "report" / "report.md").read_text()
     assert len(pd.read_csv(results / "leaderboard.csv")) == 2  # every search trial
@@ -121,6 +121,13 @@ def _check_export(folder: Path, tmp_path: Path) -> None:
     assert set(history["trial_id"]) == set(trials["trial_id"])  # the learning curves join onto the parameters
     runs = pd.read_csv(results / "confirm_runs.csv")
     assert sorted(runs["run"]) == ["init-r1-s0", "init-r1-s1", "pre-r1-s0", "pre-r1-s1"]
+    # Each confirm run's validation curve, every epoch once, and the report's judgement of its end from them.
+    curves = pd.read_csv(results / "confirm_history.csv")
+    assert curves.groupby("run")["epoch"].apply(list).to_dict() == {r: list(range(1, e + 1)) for r, e in
+                                                                     zip(runs["run"], runs["epochs"])}
+    report_text = (results / "report.md").read_text()
+    assert "## Did training run long enough?" in report_text and "![confirm runs' validation curves]" in report_text
+    assert "trained a single epoch or recorded no validation curve: there is no end to judge" in report_text
     scores = pd.read_csv(results / "test_scores.csv")  # per method: seeds, mean and sd of every test metric
     assert list(scores["method"]) == ["init", "pre"] and list(scores["seeds"]) == [2, 2]
     assert scores.loc[0, "CIDEr-D_mean"] == pytest.approx(runs[runs["method"] == "init"]["CIDEr-D"].mean())

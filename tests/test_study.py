@@ -245,6 +245,15 @@ def test_the_report_is_written_with_a_verdict_also_tagged_on_the_study_run(resum
     assert f"report: {report}" in interrupted_report.second.stdout and report.is_file()
     text = report.read_text()
     assert "## Verdict" in text and "init" in text and "merge" in text and "methods.png" in text
+    # The 2-epoch confirm curves judged from the runs' own history (mean of 2 seeds; the end: the last epoch).
+    curves = {m: [json.loads(interrupted_report.results[f"{m}-r1-s{s}.json"].read_text())["history"]
+                  for s in (0, 1)] for m in ("init", "merge")}
+    for method, (a, b) in curves.items():
+        mean = [(x["val_CIDEr-D"] + y["val_CIDEr-D"]) / 2 for x, y in zip(a, b)]
+        gain = mean[1] - mean[0]
+        row = (f"| {method} | 1 | 2 | 2 | {1 + mean.index(max(mean))} | {max(mean) * 100:.1f} | {mean[1] * 100:.1f} "
+               f"| {gain * 100:+.1f} (last 1) | {'yes' if gain >= 0.005 else 'no'} |")
+        assert row in text, (row, text[text.find("## Did training"):][:1500])
     parents, _ = _trial_runs(resumed_study.tmp, "resumable")
     tags = get_run_tags(sqlite_uri(folder / "mlflow.db"), parents.iloc[0]["run_id"])
     assert tags["verdict"] in {"competes", "does not compete", "inconclusive"}
