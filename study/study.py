@@ -92,6 +92,13 @@ class Study(StudyContext):
         whole test split), ``epochs, train_seconds, seconds, params``, and the trial config's fields."""
         return results.confirm_frame(self.paths, self.spec)
 
+    def confirm_history(self) -> pd.DataFrame:
+        """One row per confirm run and epoch: ``run, method, config_rank, seed, epoch`` and what the epoch reported
+        (validation scores and loss, learning rate, seconds): the confirm runs' learning curves."""
+        from study.confirm import confirm_history
+
+        return confirm_history(self.paths)
+
     def per_image(self) -> pd.DataFrame:
         """One row per confirm run and test image: ``method, config_rank, seed, image_id`` and its scores."""
         return results.per_image_frame(self.paths)

@@ -511,6 +511,9 @@ def test_the_python_api_reads_the_study_as_typed_frames_like_the_cli(offline_stu
     runs = sorted((offline_study.folder / "confirm").glob("*.json"))
     assert len(confirm) == len(runs) > 0 and confirm["CIDEr-D"].between(0, 10).all()
     assert set(confirm["method"]) == set(trials["inject"])
+    curves = s.confirm_history()  # each confirm run's epochs, once each
+    assert sorted(curves.groupby("run")["epoch"].max().items()) == sorted(zip(confirm["run"], confirm["epochs"]))
+    assert not curves.duplicated(["run", "epoch"]).any() and curves["val_CIDEr-D"].between(0, 10).all()
     verdict = s.verdict()
     assert set(verdict.index) == set(trials["inject"]) and verdict.loc["init", "role"] == "target"
     assert verdict.attrs["verdict"] and verdict.attrs["level"] == 0.95
@@ -527,6 +530,7 @@ from study.cli import app
 
 s = study.load(sys.argv[1], storage=sys.argv[2])
 assert len(s.trials()) == 2 and len(s.leaderboard()) == 2 and len(s.confirm_runs()) > 0
+assert len(s.confirm_history()) >= len(s.confirm_runs())
 board = CliRunner().invoke(app, ["leaderboard", sys.argv[1], "--storage", sys.argv[2]])
 assert board.exit_code == 0 and "init" in board.output, board.output
 print(sorted(name for name in sys.modules if name == "ray" or name.startswith("ray.")))
