@@ -1,9 +1,10 @@
 """Did the confirm stage train long enough? Each confirm run's validation curve, averaged over its seeds, and
 whether it still rose at the end.
 
-A curve counts as *still rising* when its seed-mean validation score gained at least ``FLAT_GAIN`` (0.5 points
-x100) over the last quarter of training (at least one epoch): a reviewer's test of "the curves stop improving
-before training ends". With a schedule that decays the learning rate (cosine), a flat end says that more epochs
+A curve counts as *still rising* when its seed-mean validation score peaked in the last quarter of training (at
+least one epoch) and gained at least ``FLAT_GAIN`` (0.5 points x100) over it: a reviewer's test of "the curves
+stop improving before training ends". A curve that peaked earlier and ends noisily higher than a quarter before
+its end has stopped improving. With a schedule that decays the learning rate (cosine), a flat end says that more epochs
 at this schedule's floor add little, not that a longer schedule could not help; the report says so.
 
 Input: ``curves``, one row per (confirm run, epoch) with ``method``, ``config_rank``, ``seed``, ``epoch``,
@@ -31,7 +32,8 @@ def tail_epochs(epochs: int) -> int:
 def length_table(curves: pd.DataFrame, metric: str = "val_CIDEr-D") -> pd.DataFrame:
     """One row per (method, config rank): ``seeds``, ``epochs``, the seed-mean curve's ``best_epoch`` and its
     value there (``best``), its value at the end (``last``), its ``gain`` over the last ``tail`` epochs and
-    ``rising`` (gain >= FLAT_GAIN). Only epochs every seed reached count (a seed still training is left out)."""
+    ``rising`` (best epoch within the tail and gain >= FLAT_GAIN). Only epochs every seed reached count (a seed
+    still training is left out)."""
     rows = []
     for (method, rank), runs in curves.groupby(["method", "config_rank"], sort=False):
         epochs = int(runs.groupby("seed")["epoch"].max().min())
@@ -42,7 +44,8 @@ def length_table(curves: pd.DataFrame, metric: str = "val_CIDEr-D") -> pd.DataFr
         gain = float(mean.iloc[-1] - mean.iloc[-1 - min(tail, len(mean) - 1)])
         rows.append({"method": method, "config_rank": int(rank), "seeds": int(runs["seed"].nunique()),
                      "epochs": epochs, "best_epoch": int(mean.idxmax()), "best": float(mean.max()),
-                     "last": float(mean.iloc[-1]), "tail": tail, "gain": gain, "rising": gain >= FLAT_GAIN})
+                     "last": float(mean.iloc[-1]), "tail": tail, "gain": gain,
+                     "rising": gain >= FLAT_GAIN and int(mean.idxmax()) > epochs - tail})
     return pd.DataFrame(rows)
 
 
@@ -53,12 +56,14 @@ def summary(table: pd.DataFrame, metric: str = "val_CIDEr-D") -> str:
     rising = table[table["rising"]]
     spans = sorted({f"{t} epoch{'s' if t > 1 else ''}" for t in table["tail"]})
     if rising.empty:
-        return (f"Every method's seed-mean {metric} gained less than {FLAT_GAIN * 100:.1f} points over its last "
-                f"{' / '.join(spans)}: the confirm stage trained long enough for its schedule.")
-    named = ", ".join(f"{r.method} (+{r.gain * 100:.1f} over its last {r.tail} epoch{'s' if r.tail > 1 else ''})"
+        return (f"No method's seed-mean {metric} was still rising at the end (peak in its last {' / '.join(spans)} "
+                f"and a gain of {FLAT_GAIN * 100:.1f} points or more over them): the confirm stage trained long "
+                "enough for its schedule.")
+    named = ", ".join(f"{r.method} (peak at epoch {r.best_epoch}, +{r.gain * 100:.1f} over its last {r.tail} "
+                      f"epoch{'s' if r.tail > 1 else ''})"
                       for r in rising.itertuples())
     return (f"Still rising at the end of training: {named}. Their test scores understate what a longer schedule "
-            f"would reach; the others gained less than {FLAT_GAIN * 100:.1f} points at the end.")
+            "would reach; the others had stopped improving.")
 
 
 def length_blocks(curves: pd.DataFrame, out_dir: Path, colors: Mapping[str, str] | None = None,

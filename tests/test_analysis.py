@@ -369,9 +369,14 @@ def test_training_length_tells_a_curve_still_rising_from_a_flat_one_over_the_las
     assert table.loc["par", "tail"] == 3 and table.loc["par", "best_epoch"] == 12
     assert table.loc["init", "epochs"] == 5 and table.loc["init", "seeds"] == 3  # cut to the slowest seed
     full = length_table(pd.DataFrame([r for r in rows if r["seed"] < 2])).set_index("method")
+    # A curve that peaked early and ends a little above where it was a quarter before the end: not rising.
+    noisy = [{**r, "val_CIDEr-D": 0.5 - 0.02 * (r["epoch"] > 6) + 0.01 * (r["epoch"] == 12)}
+             for r in rows if r["method"] == "init" and r["seed"] < 2]
+    late = length_table(pd.DataFrame(noisy)).iloc[0]
+    assert late["gain"] >= 0.005 and late["best_epoch"] <= 6 and not late["rising"]
     assert not full.loc["init", "rising"] and full.loc["init", "best_epoch"] == 8
     assert full.loc["init", "gain"] == pytest.approx(-0.001)
     text = to_markdown(length_blocks(pd.DataFrame([r for r in rows if r["seed"] < 2]), tmp_path), tmp_path)
-    assert "Still rising at the end of training: par (+3.0 over its last 3 epochs)" in text
+    assert "Still rising at the end of training: par (peak at epoch 12, +3.0 over its last 3 epochs)" in text
     assert "| init | 1 | 2 | 12 | 8 | 48.2 | 48.1 | -0.1 (last 3) | no |" in text
     assert (tmp_path / "confirm_curves.png").stat().st_size > 10_000
