@@ -242,8 +242,8 @@ def reproduce(
     export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="a `study export` folder, e.g. results/flickr8k"),
     run: str = typer.Argument(..., metavar="RUN", help="a confirm run of its confirm_runs.csv, e.g. init-r1-s0"),
     dataset_root: Optional[Path] = typer.Option(
-        None, help="the folder the spec's relative dataset paths start from (default: EXPORT_DIR; for this "
-        "repository's results/, the search_spaces/ folder)"),
+        None, help="the folder the spec's relative dataset paths start from (default: the spec's folder that "
+        "`study export` recorded, found in the repository holding EXPORT_DIR, e.g. search_spaces/; else EXPORT_DIR)"),
 ) -> None:
     """Retrain one confirm run of an exported study from what the export holds (spec, configuration, seed) and
     print each test metric beside the committed one with the difference. Refuses, naming both fingerprints, when

@@ -41,3 +41,13 @@ def is_disk_full(exc: BaseException | None) -> bool:
             return True
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return False
+
+
+def repository_root(path: Path) -> Path | None:
+    """The nearest folder at or above ``path`` that holds ``.git`` (a clone, or a worktree's ``.git`` file), or
+    None outside any repository."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if (folder / ".git").exists():
+            return folder
+    return None

@@ -33,7 +33,8 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
             "precision": _precision(paths)}
     if paths.search_time.is_file():
         used = json.loads(paths.search_time.read_text())
-        rows["search wall time"] = f"{used['used_s'] / 3600:.2f} h of a {used['budget_s'] / 3600:.2f} h budget"
+        rows["search time budget"] = f"{used['used_s'] / 3600:.2f} h used of {used['budget_s'] / 3600:.2f} h"
+    rows.update(wall_time_rows(Journal(paths.journal, paths.journal_sent), paths.confirm_results()))
     rows["hardware"] = _hardware()
     rows["python"] = platform.python_version()
     for name in PACKAGES:
@@ -42,6 +43,46 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
         except metadata.PackageNotFoundError:
             rows[name] = "not installed"
     return rows
+
+
+# What an epoch's wall time is made of (training.py's epoch record): training (data included), the val loss, the
+# greedy val decode and its metrics.
+EPOCH_SECONDS = ("train_seconds", "val_loss_seconds", "decode_seconds", "metric_seconds")
+
+
+def wall_time_rows(journal: Journal, confirm_results: list[Path]) -> dict[str, str]:
+    """``search wall time`` and ``confirm wall time`` rows: how long the machine worked on each stage.
+
+    Each trial-epoch spans the ``EPOCH_SECONDS`` before its journalled time, each confirm run its recorded start
+    and end (``started_ms``/``ended_ms`` in its result file); a stage's wall time is the length of the union of
+    its spans, so trials that ran side by side count once and the hours between an interrupted driver and its
+    ``study resume`` not at all."""
+    epochs = [(e["time"] / 1000 - sum(e["metrics"].get(k, 0.0) for k in EPOCH_SECONDS), e["time"] / 1000)
+              for e in journal.events("trial_result") if e.get("time")]
+    runs = []
+    for path in confirm_results:
+        result = json.loads(path.read_text())
+        if result.get("started_ms") and result.get("ended_ms"):
+            runs.append((result["started_ms"] / 1000, result["ended_ms"] / 1000))
+    rows = {}
+    if epochs:
+        rows["search wall time"] = (f"{union_seconds(epochs) / 3600:.2f} h while trials trained "
+                                    f"({len(epochs)} trial-epochs, {sum(b - a for a, b in epochs) / 3600:.2f} h of "
+                                    "trial time)")
+    if runs:
+        rows["confirm wall time"] = (f"{union_seconds(runs) / 3600:.2f} h ({len(runs)} runs, "
+                                     f"{sum(b - a for a, b in runs) / 3600:.2f} h of run time)")
+    return rows
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: overlapping time counted once, gaps not at all."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def check_dataset_unchanged(paths: StudyPaths, data_info: dict[str, Any]) -> None:

@@ -21,6 +21,8 @@ import pandas as pd
 
 from analysis.metric_table import CORPUS_METRICS
 from study.config import ConfigError, TrialConfig
+from study.files import repository_root
+from study.results import EXPORT_MANIFEST
 from study.spec import load_spec
 
 
@@ -44,8 +46,8 @@ class Reproduction:
 
 def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> tuple[TrialConfig, dict, str, int]:
     """(the run's trial config, its committed scores, the export's dataset fingerprint, the CPU threads it trained
-    with). ``dataset_root``: the folder the spec's relative dataset paths are taken from (default: the export
-    folder)."""
+    with). ``dataset_root``: the folder the spec's relative dataset paths are taken from (default:
+    :func:`spec_folder`)."""
     export_dir = Path(export_dir)
     for name in ("spec.yaml", "confirm_runs.csv", "provenance.json"):
         if not (export_dir / name).is_file():
@@ -56,10 +58,11 @@ def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> 
         raise ConfigError(f"{export_dir / 'confirm_runs.csv'} has no run {run!r}; its runs: "
                           f"{', '.join(runs['run'])}")
     row = row.iloc[0]
+    dataset_root = dataset_root or spec_folder(export_dir)
     try:
-        spec = load_spec(export_dir / "spec.yaml", base=dataset_root or export_dir, storage=str(export_dir))
+        spec = load_spec(export_dir / "spec.yaml", base=dataset_root, storage=str(export_dir))
     except ConfigError as exc:
-        raise ConfigError(f"{exc}\n(the spec's relative dataset paths are taken from {dataset_root or export_dir}: "
+        raise ConfigError(f"{exc}\n(the spec's relative dataset paths are taken from {dataset_root}: "
                           "pass --dataset-root with the folder they start from, e.g. the search_spaces/ folder "
                           "the study was run from)") from None
     fields = set(TrialConfig.model_fields) - {"dataset", "seed"}
@@ -70,6 +73,20 @@ def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> 
     threads = max(1, int(spec.resources.cpu))  # a confirm run's Ray task has as many (float sums depend on it)
     committed = {m: float(row[m]) for m in CORPUS_METRICS if m in row}
     return cfg, committed, str(provenance.get("dataset fingerprint")), threads
+
+
+def spec_folder(export_dir: Path) -> Path:
+    """Where the exported spec's relative dataset paths start: the folder ``study export`` recorded
+    (``spec_folder`` in export.json, inside the repository that holds the export, e.g. ``search_spaces``), else the
+    export folder itself (exports from before it was recorded)."""
+    manifest = export_dir / EXPORT_MANIFEST
+    recorded = json.loads(manifest.read_text()).get("spec_folder") if manifest.is_file() else None
+    if recorded:
+        root = repository_root(export_dir)
+        folder = Path(recorded) if Path(recorded).is_absolute() or root is None else root / recorded
+        if folder.is_dir():
+            return folder
+    return export_dir
 
 
 def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, progress: bool = True) -> Reproduction:

@@ -171,8 +171,19 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
         written.append(dest / name)
     (dest / "test_scores.md").write_text(test_scores_markdown(frames["test_scores.csv"]))
     written.append(dest / "test_scores.md")
-    atomic_write_json(dest / EXPORT_MANIFEST, {"study": ctx.name, "files": [p.name for p in written]}, indent=2)
+    manifest = {"study": ctx.name, "files": [p.name for p in written], "spec_folder": _spec_folder(ctx.spec_path)}
+    atomic_write_json(dest / EXPORT_MANIFEST, manifest, indent=2)
     return written
+
+
+def _spec_folder(spec_path: Path) -> str:
+    """The folder the spec's relative dataset paths start from, as ``study reproduce`` finds it in a reviewer's
+    clone: a path inside its repository (``search_spaces``), or absolute when the spec lies in no repository."""
+    from study.files import repository_root
+
+    folder = Path(spec_path).resolve().parent
+    root = repository_root(folder)
+    return str(folder.relative_to(root)) if root else str(folder)
 
 
 def test_scores(runs: pd.DataFrame) -> pd.DataFrame:

@@ -134,6 +134,11 @@ def _check_export(folder: Path, tmp_path: Path) -> None:
     assert "| init | 2 |" in (results / "test_scores.md").read_text()
     origin = json.loads((results / "provenance.json").read_text())
     assert len(origin["search run by commit"]) >= 7 and origin["ray"] == "2.60.0"
+    # the measured hours of each stage (issue 20): 2 trial-epochs, 4 confirm runs
+    assert "while trials trained (2 trial-epochs" in origin["search wall time"], origin
+    assert "(4 runs, " in origin["confirm wall time"], origin
+    # the folder the spec's relative paths start from: here the spec lies in no repository, so absolute
+    assert json.loads((results / "export.json").read_text())["spec_folder"] == str(tmp_path.resolve())
 
     # A reviewer re-checks a committed number with one command (issue 20): the run retrained from what the
     # export holds gives the same scores to the last digit; other data is refused, naming both fingerprints.
@@ -256,3 +261,22 @@ def parent_end(client, run_id: str):
 
 def _missing(value) -> bool:
     return value is None or value != value
+
+
+def test_reproduce_takes_the_spec_folder_export_recorded_from_the_repository_that_holds_the_export(tmp_path):
+    """`study export` records where the spec's relative dataset paths start, inside its repository
+    (``search_spaces``); `study reproduce` in a reviewer's clone takes that folder of the clone, so the README's
+    command needs no --dataset-root. An export from before the key, or a clone without the folder: the export."""
+    from study.reproduce import spec_folder
+
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    export = clone / "results" / "flickr8k"
+    export.mkdir(parents=True)
+    manifest = {"study": "flickr8k_fair", "files": [], "spec_folder": "search_spaces"}
+    (export / "export.json").write_text(json.dumps(manifest))
+    assert spec_folder(export) == export  # the clone has no search_spaces/
+    (clone / "search_spaces").mkdir()
+    assert spec_folder(export) == clone / "search_spaces"
+    (export / "export.json").write_text(json.dumps({"study": "flickr8k_fair", "files": []}))
+    assert spec_folder(export) == export

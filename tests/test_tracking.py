@@ -277,3 +277,31 @@ def test_a_damaged_local_store_is_named_with_how_to_rebuild_it_not_as_a_server_t
     assert f"MLflow's store {uri} cannot be used" in said and "not reachable" not in said
     assert "a damaged or half-made store deleted, to be rebuilt from the journal" in said
     assert f"`study sync {folder}` sends them" in said
+
+
+def test_the_reports_wall_times_count_side_by_side_work_once_and_the_gap_before_a_resume_not_at_all(tmp_path):
+    """Issue 20 asks the report for the search's and the confirm stage's measured hours. Two trials train side by
+    side (one 100 s epoch each, overlapping by 50 s), then the driver dies and is resumed an hour later for a
+    third 60 s epoch: 150 + 60 s of search wall time, not the hour between. Two confirm runs overlap likewise."""
+    import json
+
+    from study.journal import Journal
+    from study.provenance import union_seconds, wall_time_rows
+
+    assert union_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30
+    journal = Journal(tmp_path / "j.jsonl", tmp_path / "sent.json")
+    epoch = {"train_seconds": 80.0, "val_loss_seconds": 5.0, "decode_seconds": 10.0, "metric_seconds": 5.0}
+    t0 = 1_800_000_000_000  # epoch milliseconds, as the tracker journals them
+    journal.append({"kind": "trial_result", "trial": "a", "step": 1, "metrics": epoch, "time": t0 + 100_000})
+    journal.append({"kind": "trial_result", "trial": "b", "step": 1, "metrics": epoch, "time": t0 + 150_000})
+    journal.append({"kind": "trial_result", "trial": "a", "step": 2, "time": t0 + 3_750_000,
+                    "metrics": {"train_seconds": 60.0, "val_CIDEr-D": 0.3}})
+    confirm = []
+    for name, start_s, end_s in (("init-r1-s0", 4000, 4600), ("pre-r1-s0", 4300, 5200)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"started_ms": t0 + start_s * 1000, "ended_ms": t0 + end_s * 1000}))
+        confirm.append(path)
+    rows = wall_time_rows(journal, confirm)
+    assert rows["search wall time"] == "0.06 h while trials trained (3 trial-epochs, 0.07 h of trial time)"
+    assert rows["confirm wall time"] == "0.33 h (2 runs, 0.42 h of run time)"
+    assert wall_time_rows(Journal(tmp_path / "none.jsonl", tmp_path / "s.json"), []) == {}  # nothing ran yet
