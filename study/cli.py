@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +50,13 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, silent at verbose=0
     os.environ["STUDY_QUIET"] = "1"  # ray.init's own logging level (study.tuning.ray_compat.ensure_ray)
+    # A warning meant for the person at the console (SPICE not computed, MLflow unreachable) as one line, not
+    # Python's "path:line: RuntimeWarning: ..." followed by the source line that raised it.
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 # ----- studies -----------------------------------------------------------------------------------------

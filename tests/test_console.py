@@ -45,3 +45,16 @@ def test_tables_for_people_show_each_number_with_sensible_digits():
         assert "34.0" in shown and "33.5" in shown  # one decimal for every score, x100
         assert "2.765" in shown and "2.800" in shown
     assert "0.005276470510290681" in format_table(frame, "csv")  # exports keep full precision
+
+
+def test_a_warning_at_the_console_is_one_line_naming_what():
+    """A new user's `study train` ended in Python's "…/study/metrics.py:141: RuntimeWarning: SPICE is not …"
+    and the source line that raised it; the CLI (unless --verbose) prints the warning alone, as one line. Run in
+    a fresh interpreter: pytest records warnings itself."""
+    import subprocess
+    import sys
+
+    code = ("from study.cli import quiet_libraries; quiet_libraries(); import warnings; "
+            "warnings.warn('SPICE is not computed (NaN)', RuntimeWarning)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "warning: SPICE is not computed (NaN)\n", done.stderr
