@@ -205,7 +205,9 @@ class SearchTimeBudget(tune.Stopper):
         now = time.monotonic()
         if self._clock is None:
             self._clock, self._before, self._written = now, read_search_time(self.ledger)["used_s"], 0.0
-        used = self._before + now - self._clock
+        # Parenthesised: (before + now) - clock rounds at the scale of the monotonic clock, so a ledger already
+        # at the budget could read 99.99999999 of 100 s and never stop.
+        used = self._before + (now - self._clock)
         spent = used >= self.budget_s
         if spent or now - self._written >= self.WRITE_EVERY_S:
             atomic_write_json(self.ledger, {"budget_s": self.budget_s, "used_s": round(used, 1), "spent": spent})
