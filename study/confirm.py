@@ -145,7 +145,8 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
     planned = confirm_configs(spec, trials) if runs is None else runs
     for m, r, s, cfg in planned:
         set_aside_if_stale(paths, run_name(m, r, s), cfg)
-    todo = [(m, r, s, cfg) for m, r, s, cfg in planned if not paths.confirm_result(run_name(m, r, s)).exists()]
+    todo = longest_first([(m, r, s, cfg) for m, r, s, cfg in planned
+                          if not paths.confirm_result(run_name(m, r, s)).exists()], spec, trials)
     if not todo:
         return paths.confirm
     remote = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
@@ -168,6 +169,21 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
         bar.update(1)
     bar.close()
     return paths.confirm
+
+
+def longest_first(runs: list[tuple[str, int, int, TrialConfig]], spec: StudySpec,
+                  trials: pd.DataFrame) -> list[tuple[str, int, int, TrialConfig]]:
+    """``runs`` ordered by expected training time, longest first (ties, and runs without a timed source trial,
+    keep their order). Ray starts tasks in the order they are submitted: submitted last, a long run trains alone
+    while the other slots idle (the 12-epoch Flickr8k study queued its three ~27-min attention runs behind
+    twelve ~9-min runs). Expected time: the source trial's training seconds per epoch x the run's epochs. The
+    order changes no result: each run has its own seed and its own process."""
+    if "train_seconds" not in trials or "epochs" not in trials:
+        return runs
+    timed = confirmed_trials(spec, trials).merge(trials[["trial_id", "train_seconds", "epochs"]], on="trial_id")
+    per_epoch = {(row.method, int(row.config_rank)): row.train_seconds / row.epochs
+                 for row in timed.itertuples() if row.epochs and row.train_seconds == row.train_seconds}
+    return sorted(runs, key=lambda run: -per_epoch.get((run[0], run[1]), 0.0) * run[3].epochs)
 
 
 def set_aside_if_stale(paths: StudyPaths, name: str, cfg: TrialConfig) -> bool:

@@ -183,3 +183,22 @@ def test_points_to_evaluate_go_first_in_their_methods_budget_and_survive_a_resto
     again = StudySearcher(spec)
     again.restore(str(tmp_path / "early.json"))
     assert again.suggest("v1")["lr"] == 3.0e-3
+
+
+def test_the_confirm_stage_starts_its_longest_runs_first():
+    """With 2 slots, the 12-epoch Flickr8k study's three ~27-min attention runs, queued after twelve ~9-min
+    runs, ended with one training alone; submitted first, the short runs fill the other slot. The expected time
+    is the source trial's seconds per epoch times the run's epochs; the seeds of one config stay in order."""
+    from study.confirm import longest_first
+
+    spec = _spec(confirm={"top_k": 1, "seeds": 2})
+    trials = pd.DataFrame({
+        "trial_id": ["a", "b", "c"], "inject": ["init", "pre", "attention"], "status": ["completed"] * 3,
+        "val_CIDEr-D": [0.5, 0.4, 0.45], "lr": [1e-3] * 3, "attention_dim": [math.nan, math.nan, 64],
+        "train_seconds": [90.0, 60.0, 400.0], "epochs": [2, 3, 3]})  # 45, 20 and 133 s an epoch
+    runs = confirm_configs(spec, trials)
+    assert [(m, s) for m, _, s, _ in runs][:2] == [("init", 0), ("init", 1)]  # the spec's order
+    ordered = longest_first(runs, spec, trials)
+    assert [(m, s) for m, _, s, _ in ordered] == [("attention", 0), ("attention", 1), ("init", 0), ("init", 1),
+                                                  ("pre", 0), ("pre", 1)]
+    assert longest_first(runs, spec, trials.drop(columns=["train_seconds"])) == runs  # no timing: as planned
