@@ -182,7 +182,7 @@ def longest_first(runs: list[tuple[str, int, int, TrialConfig]], spec: StudySpec
         return runs
     timed = confirmed_trials(spec, trials).merge(trials[["trial_id", "train_seconds", "epochs"]], on="trial_id")
     per_epoch = {(row.method, int(row.config_rank)): row.train_seconds / row.epochs
-                 for row in timed.itertuples() if row.epochs and row.train_seconds == row.train_seconds}
+                 for row in timed.itertuples() if row.epochs and not _missing(row.train_seconds)}
     return sorted(runs, key=lambda run: -per_epoch.get((run[0], run[1]), 0.0) * run[3].epochs)
 
 
