@@ -42,12 +42,15 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at IN
 
 def quiet_libraries() -> None:
     """Hide the libraries' chatter from a study's console (Tune's configuration box, its TensorBoard hint and
-    "Wrote the latest version of all result files", MLflow's "Creating initial MLflow database tables", Ray's
-    start-up lines): the study prints its own progress. Set before any of them is imported; ``--verbose``
-    keeps them."""
+    "Wrote the latest version of all result files", MLflow's "Creating initial MLflow database tables" and
+    artifact download bars, Ray's start-up lines): the study prints its own progress. Set before any of them is
+    imported; ``--verbose`` keeps them."""
     import os
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
+    # log_table appends to the study's tables by downloading them first, and each download drew a
+    # "Downloading artifacts" bar between the verdict lines of `study report` and `study evaluate`.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, silent at verbose=0
     os.environ["STUDY_QUIET"] = "1"  # ray.init's own logging level (study.tuning.ray_compat.ensure_ray)
     # A warning meant for the person at the console (SPICE not computed, MLflow unreachable) as one line, not

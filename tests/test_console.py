@@ -58,3 +58,34 @@ def test_a_warning_at_the_console_is_one_line_naming_what():
             "warnings.warn('SPICE is not computed (NaN)', RuntimeWarning)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "warning: SPICE is not computed (NaN)\n", done.stderr
+
+
+def test_appending_to_a_study_table_draws_no_download_bar():
+    """`study report` and `study evaluate` printed MLflow's "Downloading artifacts: 100%|...|" between their
+    verdict lines: ``log_table`` downloads the table it appends to. The CLI turns MLflow's bars off (and
+    --verbose keeps them); checked against a real sqlite store in a fresh interpreter, with the loud run first
+    so the check can fail."""
+    import os
+    import subprocess
+    import sys
+
+    # This process may have run quiet_libraries already (a CLI test): the children start without its setting.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
+    code = ("import sys, tempfile, pathlib\n"
+            "if sys.argv[1] == 'quiet':\n"
+            "    from study.cli import quiet_libraries; quiet_libraries()\n"
+            "from mlflow import MlflowClient\n"
+            "d = pathlib.Path(tempfile.mkdtemp())\n"
+            "client = MlflowClient(tracking_uri=f'sqlite:///{d}/mlflow.db')\n"
+            "experiment = client.create_experiment('x', artifact_location=(d / 'artifacts').as_uri())\n"
+            "run = client.create_run(experiment).info.run_id\n"
+            "for i in range(2):\n"
+            "    client.log_table(run, {'a': [i]}, 'table.json')\n")
+    shown = {}
+    for mode in ("loud", "quiet"):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120,
+                              env=env)
+        assert done.returncode == 0, done.stderr
+        shown[mode] = done.stderr
+    assert "Downloading artifacts" in shown["loud"]
+    assert "Downloading artifacts" not in shown["quiet"], shown["quiet"]
