@@ -123,12 +123,12 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
         counts = table["status"].value_counts().to_dict() if table is not None and len(table) else {}
         words = {"completed": "ran to the end", "stopped": "stopped early by ASHA", "errored": "errored"}
         ended = ", ".join(f"{n} {words.get(status, status)}" for status, n in counts.items()) or "no trials"
-        after = "; the confirm stage and the report follow" if report and spec.stratify == "inject" else ""
+        after = "; the confirm stage and the report follow" if report and spec.stratified else ""
         out.print(f"search of study {spec.name} finished in {outcome.seconds:.0f} s: {sum(counts.values())} "
                   f"trials, {ended}{after}", highlight=False)
         # From the study's own results, not MLflow: a tracking server that is down must not end the study here.
         out.print(format_table(leaderboard(table, metric=spec.metric, mode=spec.mode), "text"))
-        if report and spec.stratify == "inject":
+        if report and spec.stratified:
             _report(study)
 
 

@@ -152,6 +152,11 @@ class TrialConfig(StrictModel):
     beam_size: int = Field(3, ge=1, le=20, description="beam width for final test captions")
     length_penalty: float = Field(0.7, ge=0.0, description="beam score / length**length_penalty")
     val_images: int | None = Field(None, ge=1, description="cap on val images decoded per epoch (None: all)")
+    val_beam_size: int = Field(1, ge=1, le=20, description="beam width of the per-epoch validation captions (1: "
+                               "greedy); the test's beam_size makes the validation score the one the test reads")
+    select_metric: Literal["val_CIDEr-D", "val_BLEU-4", "val_loss", "val_bpc"] | None = Field(
+        None, description="which epoch's model the run ends with: the one with the best value of this validation "
+        "metric (kept as it is reached), or the last epoch's (None)")
     val_captions: int | None = Field(
         None, ge=1, description="cap on val captions in the per-epoch val loss and bits per character: the "
         "first ones, in image order, so 5 x val_images covers the decoded images' captions (None: all)")

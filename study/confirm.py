@@ -37,16 +37,26 @@ def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | Non
     """(method, rank, seed, config) of every confirm run: the best ``top_k`` trials of each method, with
     ``seeds`` (default: the spec's ``confirm.seeds`` first ones) for ``methods`` (default: all)."""
     runs = []
-    epochs = spec.confirm.epochs or spec.asha.max_epochs
     chosen = confirmed_trials(spec, trials)
+    # One rule for every arm: each run ends with its best validation epoch's model (or its last), chosen on the
+    # study's metric decoded with the test's beam, before the test split is read (study.training.BestEpoch).
+    selection = {"select_metric": spec.metric if spec.confirm.select == "best_val" else None}
+    if spec.confirm.select == "best_val":
+        selection["val_beam_size"] = spec.confirm.beam_size
     for _, row in chosen[chosen["method"].isin(methods or spec.methods)].iterrows():
-        sampled = {k: row[k] for k in spec.space if k in row and not _missing(row[k])}
+        sampled = {k: _plain(row[k]) for k in spec.space if k in row and not _missing(row[k])}
+        # The schedule length: confirm.epochs, else the configuration's own (searched), else the search's.
+        epochs = spec.confirm.epochs or int(sampled.get("epochs", spec.asha.max_epochs))
         for seed in seeds if seeds is not None else range(spec.confirm.seeds):
-            # The method is the row's, not a searched value: confirmed_trials keeps it as "method".
-            cfg = spec.trial_config({**sampled, "inject": row["method"], "seed": 1000 + seed, "epochs": epochs,
-                                     "beam_size": spec.confirm.beam_size})
+            cfg = spec.trial_config({**sampled, "seed": 1000 + seed, "epochs": epochs,
+                                     "beam_size": spec.confirm.beam_size, **selection})
             runs.append((row["method"], int(row["config_rank"]), seed, cfg))
     return runs
+
+
+def _plain(value: Any) -> Any:
+    """A frame cell as a config field wants it (numpy scalars to Python numbers)."""
+    return value.item() if hasattr(value, "item") else value
 
 
 class NoScoredTrial(ValueError):
@@ -62,8 +72,9 @@ def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
     if spec.metric not in done or done[spec.metric].isna().all():
         raise NoScoredTrial(_why_unscored(spec, trials))
     rows = []
+    arm = done["arm"] if "arm" in done else done["inject"]  # the arm a trial lies in (its method, for older tables)
     for method in spec.methods:
-        best = done[done["inject"] == method].sort_values(spec.metric, ascending=spec.mode == "min")
+        best = done[arm == method].sort_values(spec.metric, ascending=spec.mode == "min")
         for rank, (_, row) in enumerate(best.head(spec.confirm.top_k).iterrows(), start=1):
             rows.append({"method": method, "config_rank": rank, "trial_id": row.get("trial_id"),
                          spec.metric: row.get(spec.metric),
@@ -106,9 +117,12 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
 
     t0, started = time.perf_counter(), int(time.time() * 1000)
     with tempfile.TemporaryDirectory(prefix="confirm-") as tmp:
+        # Training chooses the run's model on validation alone; the test split is read only after it returns.
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
-        # The model goes back with the scores (this task may run on another node): the driver keeps it.
-        checkpoint = (Path(tmp) / "checkpoint" / CHECKPOINT_FILE).read_bytes()
+        # The model goes back with the scores (this task may run on another node): the driver keeps it. With the
+        # best-validation rule that is the chosen epoch's checkpoint, the model scored below.
+        kept = "best" if cfg.select_metric else "checkpoint"
+        checkpoint = (Path(tmp) / kept / CHECKPOINT_FILE).read_bytes()
     cfg = cfg.model_copy(update={"precision": result.precision})  # auto, as the run resolved it
     test = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab, decoding=Decoding.of(cfg),
                        full=True, per_image=True)
@@ -117,7 +131,7 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
             "per_image": {m: {str(k): v for k, v in d.items()} for m, d in test.per_image.items()},
             "params": result.record["params"], "epochs": len(result.epochs),
             "train_seconds": sum(e["train_seconds"] for e in result.epochs),
-            "history": result.epochs, "precision": result.precision,
+            "history": result.epochs, "precision": result.precision, "selection": result.record["selection"],
             "started_ms": started, "ended_ms": int(time.time() * 1000),  # its real span, for MLflow's duration
             "seconds": time.perf_counter() - t0, "checkpoint": checkpoint}
 
@@ -142,6 +156,7 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
     import ray
 
     paths.confirm.mkdir(parents=True, exist_ok=True)
+    fix_comparator(spec, paths, trials)
     planned = confirm_configs(spec, trials) if runs is None else runs
     for m, r, s, cfg in planned:
         set_aside_if_stale(paths, run_name(m, r, s), cfg)
@@ -169,6 +184,34 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
         bar.update(1)
     bar.close()
     return paths.confirm
+
+
+COMPARATOR_FILE = "comparator.json"
+
+
+def fix_comparator(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame) -> str | None:
+    """Fix, before any confirm run scores a test split, the arm the target is compared with on every test set:
+    the competitor whose best search trial scored best on validation (the study's metric). Written once to
+    ``<study>/comparator.json``; the verdict, the pooled verdict and the projection read it, so no test score
+    ever chooses the comparison. Returns the comparator (None without a target or a scored competitor)."""
+    path = paths.root / COMPARATOR_FILE
+    if path.is_file():
+        return json.loads(path.read_text())["comparator"]
+    roles = spec.arm_set.roles()
+    try:
+        chosen = confirmed_trials(spec, trials)
+    except NoScoredTrial:
+        return None
+    best = chosen[(chosen["config_rank"] == 1) & chosen["method"].map(lambda m: roles.get(m) == "competitor")]
+    best = best.dropna(subset=[spec.metric])
+    if best.empty or spec.arm_set.target is None:
+        return None
+    values = {str(row["method"]): float(row[spec.metric]) for _, row in best.iterrows()}
+    comparator = (max if spec.mode == "max" else min)(values, key=values.get)
+    atomic_write_json(path, {"comparator": comparator, "target": spec.arm_set.target,
+                             "chosen_by": f"best search trial's {spec.metric} ({spec.mode}) among the competitors, "
+                                          "before any test split was scored", "values": values})
+    return comparator
 
 
 def longest_first(runs: list[tuple[str, int, int, TrialConfig]], spec: StudySpec,
@@ -234,7 +277,7 @@ def load_confirm(paths: StudyPaths, data) -> tuple[pd.DataFrame, pd.DataFrame, p
         image_rows += per_image_rows(result)
         run_rows.append({"method": method, "config_rank": rank, "seed": seed, "params": result["params"],
                          "train_seconds": result["train_seconds"], "seconds": result.get("seconds", float("nan")),
-                         "epochs": result["epochs"], "test_images": len(result["captions"]),
+                         "epochs": result["epochs"], **chosen_epoch(result), "test_images": len(result["captions"]),
                          "distinct_captions": len(set(result["captions"])), **result["scores"]})
         if rank == 1 and seed == 0:
             for i in range(min(6, len(result["captions"]))):
@@ -252,8 +295,17 @@ def confirm_history(paths: StudyPaths) -> pd.DataFrame:
         result = json.loads(path.read_text())
         keys = {"run": path.stem, "method": result["method"], "config_rank": result["config_rank"],
                 "seed": result["seed"]}
-        rows += [{**keys, **epoch} for epoch in result.get("history", [])]
+        chosen = chosen_epoch(result)["chosen_epoch"]
+        rows += [{**keys, **epoch, "chosen": epoch["epoch"] == chosen} for epoch in result.get("history", [])]
     return pd.DataFrame(rows)
+
+
+def chosen_epoch(result: dict[str, Any]) -> dict[str, Any]:
+    """A confirm result's chosen epoch, by which rule, and why its training stopped (runs from before the rule
+    was recorded were scored at their last epoch)."""
+    selection = result.get("selection") or {}
+    return {"chosen_epoch": selection.get("chosen_epoch", result["epochs"]),
+            "selection": selection.get("rule", "last"), "stopped": selection.get("stopped", "schedule end")}
 
 
 def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:

@@ -185,7 +185,7 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
         else:
             todo.append((run, result_path, identity))
     if todo:
-        methods = [json.loads(p.read_text())["method"] for _, p, _ in todo]
+        methods = [json.loads(p.read_text())["config"]["inject"] for _, p, _ in todo]
         prepared = prepare_split(data, encoder=spec.dataset.encoder, cache_dir=spec.dataset.cache_dir,
                                  need_grid=any_needs_grid(methods), progress=progress, device=device,
                                  fingerprint=fingerprint)
@@ -200,7 +200,7 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     if track:
         log_evaluation(spec, paths, ctx.tracker(), name)
     per_image, run_frame, _ = load_evaluation(paths, name)
-    outcome.verdict = set_verdict(per_image, run_frame, margin=spec.confirm.margin, level=report_level(spec, paths))
+    outcome.verdict = set_verdict(per_image, run_frame, spec=spec, level=report_level(spec, paths))
     verdict_table_of(outcome.verdict).to_csv(folder / "verdict.csv", index=False)
     return outcome
 

@@ -17,7 +17,6 @@ import pandas as pd
 from analysis.metric_table import format_metric
 from study.files import atomic_write_json
 from study.paths import StudyPaths
-from study.registry import method_roles
 from study.spec import StudySpec
 
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame) -> st
     if plan is not None and seeds >= plan.max_seeds:
         return (f"Not decided after {seeds} seeds per method, the plan's limit ({plan.describe()}): the two "
                 "methods are closer than this test split can resolve at that error rate.")
-    parts = project(per_image, roles=method_roles(), margin=spec.confirm.margin)
+    parts = project(per_image, roles=spec.arm_set.roles(), margin=spec.confirm.margin)
     needed = None if parts is None else smallest_plan(parts, spec.confirm.margin, spent_alpha=0.0 if plan else 0.05)
     if needed is None and parts is not None:
         # The test images' own variance dominates: seeds cannot decide, so no `study decide` is offered.
@@ -108,7 +107,7 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
     confirm_stage(ctx, address=address, progress=progress)  # the first look needs the confirm stage
     if not looks and spec.confirm.max_seeds is None and not stricter:
         per_image, runs, _ = load_confirm(paths, ctx.data(progress=progress))
-        fixed = compute_verdict(per_image, runs, roles=method_roles(), margin=spec.confirm.margin)
+        fixed = compute_verdict(per_image, runs, roles=spec.arm_set.roles(), margin=spec.confirm.margin)
         if fixed.verdict != INCONCLUSIVE and fixed.best_other is not None:
             if console is not None:
                 diff, low, high = (format_metric(fixed.metric, v) for v in (fixed.diff, *fixed.ci))
@@ -119,7 +118,7 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
             return []
     while True:
         per_image, runs, _ = load_confirm(paths, ctx.data(progress=progress))
-        verdict = verdict_at(per_image, runs, plan, roles=method_roles(), margin=spec.confirm.margin)
+        verdict = verdict_at(per_image, runs, plan, roles=spec.arm_set.roles(), margin=spec.confirm.margin)
         if verdict.best_other is None:
             raise ValueError(f"the confirm results in {paths.confirm} have no target and competitor to compare")
         counts = {m: int(verdict.table.loc[m, "seeds"]) for m in (verdict.target, verdict.best_other)}

@@ -85,19 +85,17 @@ def load_evaluation(paths: StudyPaths, name: str) -> tuple[pd.DataFrame, pd.Data
     return pd.DataFrame(image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
 
 
-def set_verdict(per_image: pd.DataFrame, runs: pd.DataFrame, *, margin: float, level: float = 0.95):
-    """``analysis.verdict.compute_verdict`` on one evaluated set, with the registry's roles."""
+def set_verdict(per_image: pd.DataFrame, runs: pd.DataFrame, *, spec: StudySpec, level: float = 0.95):
+    """``analysis.verdict.compute_verdict`` on one evaluated set, with the study's arms' roles."""
     from analysis.verdict import compute_verdict
-    from study.registry import method_roles
 
-    return compute_verdict(per_image, runs, roles=method_roles(), margin=margin, level=level)
+    return compute_verdict(per_image, runs, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level)
 
 
 def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *, level: float = 0.95):
     """``analysis.pooled.pooled_verdict`` over the study's test split and every evaluated set (the study's own
     test split evaluated again, the same JSON and split, is not counted twice)."""
     from analysis.pooled import pooled_verdict
-    from study.registry import method_roles
 
     sets = {study_test_name(spec): test_per_image}
     own = str(Path(spec.dataset.json_path).resolve()) if spec.dataset.kind == "karpathy" else None
@@ -106,7 +104,7 @@ def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *
         if manifest["json"] == own and manifest["split"] == "test":
             continue
         sets[name] = load_evaluation(paths, name)[0]
-    return pooled_verdict(sets, roles=method_roles(), margin=spec.confirm.margin, level=level)
+    return pooled_verdict(sets, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level)
 
 
 def report_level(spec: "StudySpec", paths: StudyPaths) -> float:
@@ -153,7 +151,7 @@ def verdict_frame(paths: StudyPaths, spec: "StudySpec", name: str) -> pd.DataFra
     from study.reader_types import with_reader_types
 
     per_image, runs, _ = load_evaluation(paths, name)
-    verdict = set_verdict(per_image, runs, margin=spec.confirm.margin, level=report_level(spec, paths))
+    verdict = set_verdict(per_image, runs, spec=spec, level=report_level(spec, paths))
     table = with_reader_types(verdict.table)
     table.attrs.update(dataset=name, verdict=verdict.verdict, diff=verdict.diff, ci=verdict.ci,
                        best_other=verdict.best_other, margin=verdict.margin, level=verdict.level, text=verdict.text)
@@ -205,7 +203,7 @@ def report_blocks(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataF
     for name in names:
         manifest = read_manifest(paths, name)
         per_image, runs, gallery = load_evaluation(paths, name)
-        verdict = set_verdict(per_image, runs, margin=spec.confirm.margin, level=level)
+        verdict = set_verdict(per_image, runs, spec=spec, level=level)
         picture = plots.plot_gallery(gallery, out_dir / f"gallery-{name}.png", colors=colors)
         missing = sorted({p.stem for p in paths.confirm_results()} - set(runs.get("run", [])))
         blocks += dataset_blocks(name, manifest, verdict, runs, picture, order=list(roles), missing=missing)

@@ -15,7 +15,6 @@ import pandas as pd
 
 from study.deciding import decision_note, sequential_plan
 from study.files import atomic_write_json
-from study.registry import method_colors, method_roles
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -38,12 +37,12 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
     # study evaluate's sets and the pooled verdict (study/evaluated.py): [] for a study never evaluated
     extra = report_blocks(paths, spec, per_image, paths.report, level=plan.level if plan else 0.95,
-                          roles=method_roles(), colors=method_colors())
+                          roles=spec.arm_set.roles(), colors=spec.arm_set.colors())
     # the confirm runs' own validation curves: did they still rise when training ended?
-    extra = length_blocks(confirm_history(paths), paths.report, method_colors(), metric=spec.metric) + extra
+    extra = length_blocks(confirm_history(paths), paths.report, spec.arm_set.colors(), metric=spec.metric) + extra
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
-                          margin=spec.confirm.margin, roles=method_roles(), colors=method_colors(),
+                          margin=spec.confirm.margin, roles=spec.arm_set.roles(), colors=spec.arm_set.colors(),
                           spec_text=ctx.spec_text, level=plan.level if plan else 0.95,
                           decision=lambda verdict: notes.setdefault("decision",
                                                                     decision_note(spec, verdict, plan, per_image)),
@@ -54,7 +53,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     tracker = ctx.tracker()
     tracker.child_tags = source_tags("study report")
     log_confirm_runs(spec, paths, tracker)
-    table = verdict_table(verdict, method_roles())
+    table = verdict_table(verdict, spec.arm_set.roles())
     table.to_csv(paths.verdict_csv, index=False)
     tracker.study_artifact(paths.verdict_csv)
     if len(table):

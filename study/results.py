@@ -56,6 +56,8 @@ def leaderboard_frame(ctx: "StudyContext", *, metric: str | None = None, best_pe
 
 def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.DataFrame:
     """``Study.confirm_runs``: one row per finished confirm run (conditional parameters <NA> where inactive)."""
+    from study.confirm import chosen_epoch
+
     rows = []
     for path in paths.confirm_results():
         result = json.loads(path.read_text())
@@ -63,6 +65,7 @@ def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.Data
                "seed": result["seed"]}
         row.update({m: result["scores"].get(m) for m in CORPUS_METRICS})
         row.update({k: result.get(k) for k in ("epochs", "train_seconds", "seconds", "params")})
+        row.update(chosen_epoch(result))  # which epoch's model the run was scored with, and why training stopped
         row.update({k: v for k, v in result["config"].items() if k not in row})
         rows.append(row)
     columns = ["run", "method", "config_rank", "seed", *CORPUS_METRICS, "epochs", "train_seconds", "seconds", "params"]
@@ -81,11 +84,9 @@ def verdict_frame(ctx: "StudyContext") -> pd.DataFrame:
     """``Study.verdict``: the verdict table with its words and interval in ``attrs``."""
     from analysis.verdict import compute_verdict
     from study.deciding import sequential_plan
-    from study.registry import method_roles
-
     spec = ctx.spec
     plan = sequential_plan(spec, ctx.paths)
-    verdict = compute_verdict(per_image_frame(ctx.paths), confirm_frame(ctx.paths, spec), roles=method_roles(),
+    verdict = compute_verdict(per_image_frame(ctx.paths), confirm_frame(ctx.paths, spec), roles=spec.arm_set.roles(),
                               margin=spec.confirm.margin, level=plan.level if plan else 0.95)
     table = with_reader_types(verdict.table)
     table.attrs.update(verdict=verdict.verdict, diff=verdict.diff, ci=verdict.ci, best_other=verdict.best_other,
@@ -164,7 +165,7 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     # trials.csv carries every trial's id and parameters, so history.csv (by trial_id) joins onto it.
     frames = {"leaderboard.csv": leaderboard_frame(ctx, best_per_method=False), "trials.csv": trials_frame(ctx),
               "history.csv": history_frame(ctx), "confirm_runs.csv": runs,
-              "confirm_history.csv": confirm_history(paths), "test_scores.csv": test_scores(runs)}
+              "confirm_history.csv": confirm_history(paths), "test_scores.csv": test_scores(runs, ctx.spec.methods)}
     frames.update(evaluated)
     for name, frame in frames.items():
         frame.to_csv(dest / name, index=False)
@@ -186,12 +187,11 @@ def _spec_folder(spec_path: Path) -> str:
     return str(folder.relative_to(root)) if root else str(folder)
 
 
-def test_scores(runs: pd.DataFrame) -> pd.DataFrame:
-    """``analysis.scores.corpus_scores`` of the confirm runs, methods in the registry's order."""
+def test_scores(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """``analysis.scores.corpus_scores`` of the confirm runs, arms in ``order`` (the spec's)."""
     from analysis.scores import corpus_scores
-    from study.registry import method_roles
 
-    return corpus_scores(runs, order=list(method_roles()))
+    return corpus_scores(runs, order=order)
 
 
 def test_scores_markdown(table: pd.DataFrame) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from analysis.metric_table import METRICS
+from study.arms import Arms
 from study.config import (
     SEED_MAX,
     ConfigError,
@@ -35,7 +36,7 @@ from study.config import (
     read_yaml,
     validate_model,
 )
-from study.spec_checks import check_points, check_trial, check_when
+from study.spec_checks import check_epochs, check_points, check_trial, check_when
 
 TRIAL_FIELDS = set(TrialConfig.model_fields) - {"dataset"}
 
@@ -125,7 +126,11 @@ class SearchSettings(StrictModel):
         "it is spent are stopped and ranked on the epochs they finished (None: until every trial has run)")
     points_to_evaluate: list[dict[str, Any]] = Field(
         default_factory=list, description="configurations each searcher proposes first (the best known so far, say), "
-        "as parameter: value; they count as trials of their method, and what a point leaves out is drawn as usual")
+        "as parameter: value; they count as trials of their arm, and what a point leaves out is drawn as usual")
+    epochs_per_arm: int | None = Field(
+        None, ge=1, description="search compute of each arm, in trial-epochs: an arm proposes no new trial once its "
+        "trials have trained this many epochs, and its running trials stop there (ranked on the epochs they "
+        "finished); so every arm gets the same compute, not just the same trial count (None: trials alone)")
 
 
 class AshaSettings(StrictModel):
@@ -158,9 +163,13 @@ class Tracking(StrictModel):
 
 
 class ConfirmSettings(StrictModel):
-    top_k: int = Field(1, ge=1, description="best configurations of each method to retrain")
+    top_k: int = Field(1, ge=1, description="best configurations of each arm to retrain")
     seeds: int = Field(3, ge=1, description="seeds per configuration")
-    epochs: int | None = Field(None, ge=1, description="epochs for the retrain (default: asha.max_epochs)")
+    epochs: int | None = Field(None, ge=1, description="epochs for the retrain (default: asha.max_epochs, or each "
+                                                      "configuration's own when epochs is searched)")
+    select: Literal["best_val", "last"] = Field(
+        "best_val", description="which epoch's model each confirm run is scored with: the one with the best "
+        "validation score (the study's metric, decoded as the test is), or the last; one rule for every arm")
     beam_size: int = Field(3, ge=1)
     margin: float = Field(0.02, ge=0, description="equivalence margin on CIDEr-D (0..1 scale) for the verdict")
     max_seeds: int | None = Field(
@@ -184,7 +193,13 @@ class StudySpec(StrictModel):
     mode: Literal["max", "min"] = "max"
     search: SearchSettings = Field(default_factory=SearchSettings)
     stratify: Literal["inject"] | None = Field(
-        None, description="inject: each injection method gets its own searcher and the same number of trials")
+        None, description="inject: each injection method gets its own searcher and the same number of trials "
+        "(the shorthand for arms: {m: {inject: m}} for every method m)")
+    arms: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="what the study compares: each arm a named restriction of the space "
+        "(parameter: value, or parameter: [choices]), with its own searcher, ASHA bracket, confirm runs and verdict "
+        "row (study.arms)")
+    target: str | None = Field(None, description="the arm the question asks about (with arms:)")
     asha: AshaSettings = Field(default_factory=AshaSettings)
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(2, ge=0, description="retries of a failed trial, from its last checkpoint")
@@ -203,9 +218,8 @@ class StudySpec(StrictModel):
             raise ValueError(f"{both} are both fixed and searched; keep one")
         if self.stratify == "inject" and not self.methods:
             raise ValueError("stratify: inject needs space.inject as a choice of methods")
-        if "epochs" in self.space or "epochs" in self.fixed:
-            raise ValueError("epochs is not a trial parameter of a study: the search trains asha.max_epochs "
-                             "(ASHA stops weak trials earlier) and the confirm stage confirm.epochs; set those")
+        self.arm_set  # checks the arms (outside the space, overlapping, no target): ValueError naming the arm
+        check_epochs(self.fixed, self.space, self.asha.max_epochs, self.confirm.epochs)
         if "precision" in self.space:
             raise ValueError("precision is one setting for the whole study (every trial and confirm run alike); "
                              "set it in fixed: (auto, fp32 or bf16), not in space:")
@@ -235,9 +249,9 @@ class StudySpec(StrictModel):
         if self.mode != METRIC_MODES[self.metric]:
             raise ValueError(f"mode: {self.mode!r} ranks the worst trials first for {self.metric} "
                              f"(better is {METRIC_MODES[self.metric]}); use mode: {METRIC_MODES[self.metric]}")
-        stratified = self.stratify == "inject"
         check_points(self.search.points_to_evaluate, self.fixed, self.space,
-                     self.trials_per_method if stratified else self.search.trials, stratified)
+                     self.trials_per_method if self.stratified else self.search.trials,
+                     self.arm_set.of_config if self.stratified else None)
         order = list(self.space)
         for name, param in self.space.items():
             for key, values in (param.when or {}).items():
@@ -246,13 +260,41 @@ class StudySpec(StrictModel):
         return self
 
     @property
+    def arm_set(self) -> Arms:
+        """The arms (``stratify: inject`` expanded), checked: see study.arms."""
+        return Arms.of(self.arms, self.target, self.stratify, self.fixed, self.space)
+
+    @property
+    def stratified(self) -> bool:
+        """Whether trials are grouped into arms (each its own searcher, bracket and verdict row)."""
+        return bool(self.arms) or self.stratify == "inject"
+
+    @property
     def methods(self) -> list[str]:
+        """The arm names, in display order (``stratify: inject``: the inject values). The frames' ``method``
+        column holds these names."""
+        return self.arm_set.names
+
+    @property
+    def injects(self) -> list[str]:
+        """Every inject value a trial of this study can have."""
         param = self.space.get("inject")
-        return list(param.choice) if param is not None and param.choice is not None else []
+        if param is not None and param.choice is not None:
+            return list(param.choice)
+        return [self.fixed["inject"]] if "inject" in self.fixed else []
 
     @property
     def trials_per_method(self) -> int:
         return math.ceil(self.search.trials / max(1, len(self.methods)))
+
+    def run_name(self, sampled: dict[str, Any]) -> str:
+        """``init-lstm-1x512-word``, led by the arm's name where it is not the method's (``seed-init-lstm-...``)."""
+        name, arm = self.trial_config(sampled).run_name, self.arm_of(sampled)
+        return name if arm is None or name.startswith(f"{arm}-") else f"{arm}-{name}"
+
+    def arm_of(self, config: dict[str, Any]) -> str | None:
+        """The arm a trial's configuration lies in (None for a study without arms)."""
+        return self.arm_set.of_config({**self.fixed, **config})
 
     def with_precision(self, precision: str) -> "StudySpec":
         """This spec with ``fixed.precision`` set: how a study pins what ``auto`` resolved to (study.precision)."""

@@ -5,7 +5,7 @@ the space. ``study.spec`` runs them when a spec loads, so a mistake fails before
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import ValidationError
 
@@ -56,10 +56,10 @@ def check_trial(values: dict[str, Any], where: str) -> None:
 
 
 def check_points(points: list[dict[str, Any]], fixed: dict[str, Any], space: dict[str, "Param"], trials: int,
-                 stratified: bool) -> None:
+                 arm_of: Callable[[dict[str, Any]], str | None] | None) -> None:
     """Each point to evaluate first names searched parameters only, with values their ranges allow and only where
     their ``when`` holds (a parameter it leaves out is drawn by the searcher), and no searcher gets more points
-    than its ``trials``. Stratified (one searcher per method), each point names its method."""
+    than its ``trials``. With arms (``arm_of``: one searcher per arm), each point lies in one arm."""
     counts: dict[Any, int] = {}
     for i, point in enumerate(points):
         where = f"search.points_to_evaluate[{i}]"
@@ -79,9 +79,31 @@ def check_points(points: list[dict[str, Any]], fixed: dict[str, Any], space: dic
             if not allowed:
                 span = list(param.choice) if param.choice is not None else f"[{desc['low']}, {desc['high']}]"
                 raise ValueError(f"{where}: {name} = {value!r} is outside space.{name} {span}")
-        if stratified and "inject" not in point:
-            raise ValueError(f"{where}: name its method (inject:), since each method has its own searcher")
-        group = point["inject"] if stratified else "the search"
+        group = "the search"
+        if arm_of is not None:
+            group = arm_of({**fixed, **point})
+            if group is None:
+                raise ValueError(f"{where}: lies in no arm (give the values that place it in one, e.g. inject:), "
+                                 "since each arm has its own searcher")
         counts[group] = counts.get(group, 0) + 1
         if counts[group] > trials:
             raise ValueError(f"search.points_to_evaluate: more points for {group} than its {trials} trials")
+
+
+def check_epochs(fixed: dict[str, Any], space: dict[str, "Param"], max_epochs: int, confirm_epochs: int | None) -> None:
+    """``epochs`` is the length of a trial's schedule: searched (so validation chooses it per arm) or, by default,
+    ``asha.max_epochs`` for every trial; never fixed, since ASHA and the confirm stage set it."""
+    if "epochs" in fixed:
+        raise ValueError("epochs is not a fixed parameter of a study: the search trains asha.max_epochs (ASHA stops "
+                         "weak trials earlier) and the confirm stage confirm.epochs; set those, or search epochs in "
+                         "space: to let validation choose each arm's schedule length")
+    param = space.get("epochs")
+    if param is None:
+        return
+    if param.choice is None or any(not isinstance(v, int) or isinstance(v, bool) for v in param.choice):
+        raise ValueError("space.epochs: give the schedule lengths as a choice of whole numbers")
+    if max(param.choice) > max_epochs:
+        raise ValueError(f"space.epochs: {max(param.choice)} exceeds asha.max_epochs ({max_epochs})")
+    if confirm_epochs is not None:
+        raise ValueError("confirm.epochs: with epochs searched, each confirm run trains its configuration's own "
+                         "epochs; leave confirm.epochs out")

@@ -107,7 +107,7 @@ class Study(StudyContext):
         """One row per method and configuration rank: ``seeds`` and every test metric's corpus-level score as
         ``<metric>_mean`` and ``<metric>_std`` over seeds (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D: the numbers papers
         print, the table the README quotes)."""
-        return results.test_scores(self.confirm_runs())
+        return results.test_scores(self.confirm_runs(), self.spec.methods)
 
     def verdict(self) -> pd.DataFrame:
         """One row per method (index ``method``): its ``role``, ``seeds``, ``images`` and the mean of CIDEr-D and

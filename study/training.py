@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from analysis.metric_table import METRICS
 from study.checkpoints import check_resumable, load_checkpoint, save_checkpoint
 from study.config import TrialConfig
 from study.data.encoders import pick_device
@@ -201,7 +202,7 @@ class TrainingState:
                                                           progress)
         train_seconds = time.perf_counter() - t0
         val = validate(self.model, self.data, self.val, self.features, self.val_chars, vocab=self.vocab,
-                       decoding=Decoding.of(self.cfg, beam_size=1), batch_size=self.cfg.batch_size,
+                       decoding=Decoding.of(self.cfg, beam_size=self.cfg.val_beam_size), batch_size=self.cfg.batch_size,
                        val_images=self.cfg.val_images)
         return {
             "epoch": epoch,
@@ -254,19 +255,57 @@ def run_trial(
     trial = TrainingState.build(cfg, data, torch_device)
     start_epoch = 1 if resume_from is None else trial.resume(Path(resume_from))
     checkpoint_dir = work_dir / "checkpoint"
+    selection = BestEpoch(cfg.select_metric, work_dir / "best")
     for epoch in range(start_epoch, cfg.epochs + 1):
         metrics = trial.run_epoch(epoch, progress)
         trial.history.append(metrics)
         trial.save(checkpoint_dir, epoch)
+        if selection.improved(metrics):  # a copy of the epoch's model before the next epoch overwrites it
+            trial.save(selection.folder, epoch)
         if on_epoch is not None:
             on_epoch(metrics, checkpoint_dir)
 
     record: dict[str, Any] = {"config": cfg.model_dump(mode="json", by_alias=True), "precision": cfg.precision,
                               "epochs": trial.history,
                               "params": trial.params, "data": {k: str(v) for k, v in data.info.items()}}
+    if selection.epoch is not None:
+        # The run ends with its best validation epoch's weights: the final test, the confirm stage's scores and the
+        # checkpoint it keeps all read this model.
+        trial.model.load_state_dict(load_checkpoint(selection.folder)["model"])
+    record["selection"] = selection.summary(trial.history, cfg.epochs)
     if final_test:
         record.update(trial.final_test())
     return TrialResult(record, trial.model.eval())
+
+
+class BestEpoch:
+    """Which epoch's model a run ends with: the best by ``metric`` (its folder holds that epoch's checkpoint), or,
+    with no metric, the last. Validation alone decides: the test split is never read before the run ends."""
+
+    def __init__(self, metric: str | None, folder: Path):
+        self.metric, self.folder = metric, folder
+        self.mode = METRICS[metric].mode if metric else "max"
+        self.epoch: int | None = None
+        self.value: float | None = None
+
+    def improved(self, metrics: dict[str, Any]) -> bool:
+        if self.metric is None:
+            return False
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.value is not None and not (value > self.value if self.mode == "max" else value < self.value):
+            return False  # ties keep the earlier epoch: less training for the same score
+        self.epoch, self.value = int(metrics["epoch"]), float(value)
+        return True
+
+    def summary(self, history: list[dict[str, Any]], planned: int) -> dict[str, Any]:
+        """The chosen epoch, by what, and why training stopped (for the report and the exports)."""
+        trained = int(history[-1]["epoch"]) if history else 0
+        return {"rule": "best_val" if self.metric else "last", "metric": self.metric,
+                "chosen_epoch": self.epoch if self.epoch is not None else trained,
+                "chosen_value": self.value, "trained_epochs": trained, "planned_epochs": planned,
+                "stopped": "schedule end" if trained >= planned else "stopped early"}
 
 
 def write_metrics(result: TrialResult, out_dir: Path) -> Path:

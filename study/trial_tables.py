@@ -82,8 +82,10 @@ def load_trial_tables(spec: StudySpec):
     for trial in experiment_trials(spec):
         trial_id, config, folder = trial["trial_id"], trial["config"], f"{root}/{trial['relative_logdir']}"
         history = _trial_history(fs, folder)
-        row: dict[str, Any] = {"trial_id": trial_id, "run": f"{spec.trial_config(config).run_name}-{trial_id}"}
-        row.update(spec.trial_config(config).model_dump(mode="json", exclude={"dataset"}))
+        cfg = spec.trial_config(config)
+        row: dict[str, Any] = {"trial_id": trial_id, "run": f"{spec.run_name(config)}-{trial_id}",
+                               "arm": spec.arm_of(config)}
+        row.update(cfg.model_dump(mode="json", exclude={"dataset"}))
         for name in spec.space:  # a conditional parameter this trial never sampled has no value
             if name not in config:
                 row[name] = None
@@ -93,7 +95,7 @@ def load_trial_tables(spec: StudySpec):
             row["status"] = "errored"
             row["error"] = (diverged or last_line(_read_text(fs, f"{folder}/error.txt")))[:300]
         elif trial["status"] == "TERMINATED":
-            row["status"] = "completed" if epochs >= spec.asha.max_epochs else "stopped"
+            row["status"] = "completed" if epochs >= cfg.epochs else "stopped"
         else:
             row["status"] = trial["status"].lower()
         row["epochs"] = epochs
@@ -104,6 +106,7 @@ def load_trial_tables(spec: StudySpec):
             row["best_epoch"] = int(best["epoch"])
             row["train_seconds"] = float(frame["train_seconds"].sum())
             frame.insert(0, "inject", row["inject"])
+            frame.insert(0, "arm", row["arm"])
             frame.insert(0, "trial_id", trial_id)
             histories.append(frame)
         rows.append(row)

@@ -239,5 +239,5 @@ def token_settings(spec: "StudySpec") -> list[TokenSetting]:
 def prepare_for_spec(spec: "StudySpec", *, progress: bool = True) -> PreparedData:
     """The data every trial of a study reads: its dataset's features (the grid only when a method of the study
     reads it, as the registry says) and its captions tokenised every way the space asks for."""
-    need_grid = any_needs_grid([*spec.methods, spec.fixed.get("inject")])
+    need_grid = any_needs_grid([*spec.injects, spec.fixed.get("inject")])
     return prepare(spec.dataset, token_settings(spec), need_grid=need_grid, progress=progress)

@@ -120,8 +120,8 @@ class TrackingCallback(tune.Callback):
             return  # a resumed trial's restored epoch, logged before the driver died
         metric = result.get(self.spec.metric)
         if self.progress is not None:
-            self.progress.result(str(trial.config.get("inject", self.spec.fixed.get("inject", "all"))), metric)
-        self.echo(f"{self._name(trial)}  epoch {epoch}/{self.spec.asha.max_epochs}  "
+            self.progress.result(str(self.spec.arm_of(trial.config) or self.spec.fixed.get("inject", "all")), metric)
+        self.echo(f"{self._name(trial)}  epoch {epoch}/{self.spec.trial_config(trial.config).epochs}  "
                   f"{self.spec.metric} {format_metric(self.spec.metric, metric)}  "
                   f"val_loss {result.get('val_loss', 0):.3f}  "
                   f"({result.get('epoch_seconds', 0):.1f} s)")
@@ -138,8 +138,9 @@ class TrackingCallback(tune.Callback):
         # ASHA's stop at max_t can reach us before the final result's callback: read the trial's own record.
         last = int((trial.last_result or {}).get("epoch", 0))
         epochs = max(last, self.last_epoch.get(trial.trial_id, 0))
-        status = "completed" if epochs >= self.spec.asha.max_epochs else "stopped"
-        reason = None if status == "completed" else f"stopped by ASHA after {epochs} epochs"
+        status = "completed" if epochs >= self.spec.trial_config(trial.config).epochs else "stopped"
+        by = "ASHA or its arm's search budget" if self.spec.search.epochs_per_arm else "ASHA"
+        reason = None if status == "completed" else f"stopped by {by} after {epochs} epochs"
         self.tracker.trial_finished(trial.trial_id, status, reason, best=(self.spec.metric, self.spec.mode))
         self.echo(f"{self._name(trial)}  {reason or 'completed'}")
         prune_checkpoints(trial)
@@ -176,7 +177,7 @@ def error_reason(trial) -> str:
 
 
 def spec_run_name(spec: StudySpec, sampled: dict[str, Any]) -> str:
-    return spec.trial_config(sampled).run_name
+    return spec.run_name(sampled)
 
 
 def trial_name(spec: StudySpec, trial) -> str:

@@ -28,6 +28,7 @@ from study.spec import StudySpec
 from study.tracking import StudyTracker, source_tags
 from study.trial_tables import experiment_states, experiment_trials, load_trial_tables
 from study.tuning import ray_compat
+from study.tuning.budget import ArmBudget
 from study.tuning.callbacks import SearchProgress, SearchTimeBudget, TrackingCallback, read_search_time, trial_name
 from study.tuning.optuna_export import export_optuna_studies
 from study.tuning.search import StudySearcher, build_scheduler, total_trials
@@ -112,16 +113,18 @@ def describe_budget(spec: StudySpec) -> str:
     """The dry-run text: the space and the trial budget."""
     lines = [f"study {spec.name}: {total_trials(spec)} trials, search={spec.search.algorithm}, "
              f"metric={spec.metric} ({spec.mode})"]
-    if spec.stratify:
-        lines.append(f"  stratified by inject: {spec.trials_per_method} trials each for "
-                     f"{', '.join(spec.methods)}")
+    if spec.stratified:
+        lines.append(f"  arms (each its own searcher): up to {spec.trials_per_method} trials each"
+                     + (f", {spec.search.epochs_per_arm} trial-epochs each" if spec.search.epochs_per_arm else ""))
+        arms = spec.arm_set
+        lines += [f"    {arms.describe(name)}{' [target]' if name == arms.target else ''}" for name in arms.names]
     for point in spec.search.points_to_evaluate:
         lines.append(f"  tried first: {', '.join(f'{k}={v}' for k, v in point.items())}")
     if spec.search.time_budget_h:
         lines.append(f"  time budget: {spec.search.time_budget_h:g} h of wall time for the search "
                      "(summed over resumes)")
-    per_method = spec.asha.enabled and spec.stratify == "inject" and spec.asha.per_method
-    lines.append(f"  ASHA: {'on' if spec.asha.enabled else 'off'}{', one bracket per method' if per_method else ''}, "
+    per_method = spec.asha.enabled and spec.stratified and spec.asha.per_method
+    lines.append(f"  ASHA: {'on' if spec.asha.enabled else 'off'}{', one bracket per arm' if per_method else ''}, "
                  f"max {spec.asha.max_epochs} epochs, grace {spec.asha.grace_period}, "
                  f"reduction {spec.asha.reduction_factor}")
     lines.append(f"  epochs at most: {total_trials(spec) * spec.asha.max_epochs}; resources per trial: "
@@ -193,10 +196,20 @@ def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: 
         table, _ = load_trial_tables(spec)
         unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
         # A spent time budget ends the search normally, with fewer trials than the cap.
-        all_ran = len(table) >= total_trials(spec) or read_search_time(paths.search_time)["spent"]
+        all_ran = (len(table) >= total_trials(spec) or read_search_time(paths.search_time)["spent"]
+                   or arm_budgets_spent(spec, table))
         interrupted = len(unfinished) > 0 or not all_ran
     tracker.finish_study("KILLED" if interrupted else "FINISHED")
     return StudyOutcome(spec.name, paths.root, uri, experiment, table, interrupted, time.perf_counter() - t0)
+
+
+def arm_budgets_spent(spec: StudySpec, table) -> bool:
+    """Whether every arm has ended its search: its trial-epochs spent (``search.epochs_per_arm``) or its trials
+    all run. Such a search has ended normally, with fewer trials than the cap."""
+    if not spec.search.epochs_per_arm or not len(table):
+        return False
+    return all(table.loc[table["arm"] == arm, "epochs"].sum() >= spec.search.epochs_per_arm
+               or (table["arm"] == arm).sum() >= spec.trials_per_method for arm in spec.methods)
 
 
 def _fit(tuner, paths: StudyPaths, progress_bar: SearchProgress):
@@ -232,10 +245,12 @@ def _new_tuner(spec: StudySpec, paths: StudyPaths, trainable: Any, callback: Tra
                max_concurrent: int | None, verbose: int) -> tune.Tuner:
     hours = spec.search.time_budget_h
     budget = SearchTimeBudget(hours * 3600, paths.search_time) if hours else None
+    arm_budget = ArmBudget(spec.search.epochs_per_arm)  # one object: the searcher and the scheduler share it
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=StudySearcher(spec), scheduler=build_scheduler(spec), num_samples=total_trials(spec),
+            search_alg=StudySearcher(spec, arm_budget), scheduler=build_scheduler(spec, arm_budget),
+            num_samples=total_trials(spec),
             max_concurrent_trials=max_concurrent or spec.search.max_concurrent or trial_slots(spec),
             reuse_actors=True,
             trial_name_creator=functools.partial(trial_name, spec),

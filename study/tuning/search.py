@@ -17,8 +17,10 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
+from study.arms import Arm
 from study.files import atomic_write_text
 from study.spec import StudySpec
+from study.tuning.budget import ArmBudget
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +41,32 @@ def _suggest(trial, name: str, param) -> Any:
     return trial.suggest_float(name, low, high, step=step)
 
 
-def define_by_run(spec: StudySpec, fixed: dict[str, Any], trial) -> dict[str, Any]:
-    """Sample one point on an Optuna trial: conditional parameters only where their ``when`` holds."""
-    sampled = dict(fixed)
+def define_by_run(spec: StudySpec, arm: Arm | None, trial) -> dict[str, Any]:
+    """Sample one point on an Optuna trial: conditional parameters only where their ``when`` holds, the arm's
+    parameters at its value or among its choices."""
+    allowed = arm.allowed if arm is not None else {}
+    sampled: dict[str, Any] = {}
     for name, param in spec.space.items():
-        if name not in fixed and param.matches({**spec.fixed, **sampled}):
+        if not param.matches({**spec.fixed, **sampled}):
+            continue
+        values = allowed.get(name)
+        if values is not None and len(values) == 1:
+            sampled[name] = values[0]
+        elif values is not None:
+            sampled[name] = trial.suggest_categorical(name, values)
+        else:
             sampled[name] = _suggest(trial, name, param)
     return sampled
 
 
-def _sampler(spec: StudySpec, seed: int, fixed: dict[str, Any]):
+def _sampler(spec: StudySpec, seed: int, arm: Arm | None):
     import optuna
 
     if spec.search.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.search.algorithm == "grid":
-        grid = {n: list(p.choice) for n, p in spec.space.items() if n not in fixed}
+        allowed = arm.allowed if arm is not None else {}
+        grid = {n: list(allowed.get(n, p.choice)) for n, p in spec.space.items() if len(allowed.get(n, [0, 0])) > 1}
         return optuna.samplers.GridSampler(grid, seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(5, spec.trials_per_method // 2)))
 
@@ -63,15 +75,16 @@ class GroupSearch:
     """One Optuna study (TPE, random or grid) proposing the trials of one group: one injection method when the
     study is stratified, else the whole space. Its state is plain data (``state`` / ``from_state``)."""
 
-    def __init__(self, spec: StudySpec, fixed: dict[str, Any], seed: int, points: list[dict[str, Any]] = ()):
+    def __init__(self, spec: StudySpec, arm: Arm | None, seed: int, points: list[dict[str, Any]] = ()):
         import optuna
 
         # Optuna logs "A new study created ..." at INFO for each of these internal studies (24 lines on the
         # quickstart); the study's own lines say what the searchers do.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.spec, self.fixed, self.seed = spec, dict(fixed), seed
+        self.spec, self.arm, self.seed = spec, arm, seed
+        self.fixed = arm.fixed() if arm is not None else {}
         self.study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize",
-                                         sampler=_sampler(spec, seed, fixed))
+                                         sampler=_sampler(spec, seed, arm))
         self.running: dict[str, int] = {}  # Tune trial id -> Optuna trial number, until told
         self.best: dict[str, float] = {}  # best metric so far of each running trial
         self.enqueue(points)
@@ -84,7 +97,7 @@ class GroupSearch:
     def suggest(self, trial_id: str) -> dict[str, Any]:
         trial = self.study.ask()
         self.running[trial_id] = trial.number
-        return define_by_run(self.spec, self.fixed, trial)
+        return define_by_run(self.spec, self.arm, trial)
 
     def result(self, trial_id: str, value: Any) -> None:
         if trial_id in self.running and _finite(value):
@@ -120,7 +133,7 @@ class GroupSearch:
         return {"seed": self.seed, "trials": trials, "running": self.running, "best": self.best}
 
     @classmethod
-    def from_state(cls, spec: StudySpec, fixed: dict[str, Any], state: dict[str, Any],
+    def from_state(cls, spec: StudySpec, arm: Arm | None, state: dict[str, Any],
                    points: list[dict[str, Any]] = ()) -> "GroupSearch":
         """Rebuild the Optuna study from its told and running trials, then queue the ``points`` not asked yet
         (points go first, so the first n trials were the first n points). The sampler is seeded with (seed,
@@ -131,7 +144,7 @@ class GroupSearch:
 
         trials = sorted(state["trials"], key=lambda t: t["number"])
         seed = int(np.random.SeedSequence([int(state["seed"]), len(trials)]).generate_state(1)[0])
-        group = cls(spec, fixed, seed)
+        group = cls(spec, arm, seed)
         group.seed = int(state["seed"])
         for t in trials:
             trial_state = TrialState[t["state"]]
@@ -184,30 +197,33 @@ class StudySearcher(Searcher):
 
     CKPT_FILE_TMPL = "searcher-state-{}.json"  # Tune's restore globs this: an old .pkl is never opened
 
-    def __init__(self, spec: StudySpec):
+    def __init__(self, spec: StudySpec, budget: ArmBudget | None = None):
         super().__init__(metric=spec.metric, mode=spec.mode)
         self.spec = spec
-        self.groups = {key: GroupSearch(spec, fixed, spec.search.seed + i, self.points_of(key))
-                       for i, (key, fixed) in enumerate(self.group_fixed().items())}
-        self.per_group = spec.trials_per_method if spec.stratify == "inject" else spec.search.trials
+        self.budget = budget if budget is not None else ArmBudget(spec.search.epochs_per_arm)
+        self.groups = {key: GroupSearch(spec, arm, spec.search.seed + i, self.points_of(key))
+                       for i, (key, arm) in enumerate(self.group_arms().items())}
+        self.per_group = spec.trials_per_method if spec.stratified else spec.search.trials
         self.counts = {key: 0 for key in self.groups}
         self.owner: dict[str, str] = {}  # Tune trial id -> group
 
-    def group_fixed(self) -> dict[str, dict[str, Any]]:
-        if self.spec.stratify == "inject":
-            return {m: {"inject": m} for m in self.spec.methods}
-        return {"all": {}}
+    def group_arms(self) -> dict[str, Arm | None]:
+        return dict(self.spec.arm_set.arms) if self.spec.stratified else {"all": None}
 
     def points_of(self, group: str) -> list[dict[str, Any]]:
-        """The spec's points to evaluate first that this group proposes (a method's own, when stratified)."""
+        """The spec's points to evaluate first that this group proposes (an arm's own, when there are arms)."""
         points = self.spec.search.points_to_evaluate
-        return [p for p in points if group == "all" or p.get("inject") == group]
+        return [p for p in points if group == "all" or self.spec.arm_of(p) == group]
 
     def suggest(self, trial_id: str):
-        open_groups = [g for g in self.groups if self.counts[g] < self.per_group]
-        if not open_groups:
+        unspent = [g for g in self.groups if self.counts[g] < self.per_group and not self.budget.exhausted(g)]
+        if not unspent:
             return Searcher.FINISHED
-        group = min(open_groups, key=lambda g: self.counts[g])
+        # An arm whose running trials may spend the rest of its budget waits (None: Tune asks again later).
+        open_groups = [g for g in unspent if self.budget.room(g, len(self.groups[g].running))]
+        if not open_groups:
+            return None
+        group = min(open_groups, key=lambda g: (self.counts[g], self.budget.spent(g)))
         config = self.groups[group].suggest(trial_id)
         self.counts[group] += 1
         self.owner[trial_id] = group
@@ -215,6 +231,7 @@ class StudySearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.owner:
+            self.budget.record(self.owner[trial_id], trial_id, result.get("epoch"))
             self.groups[self.owner[trial_id]].result(trial_id, result.get(self.spec.metric))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -224,7 +241,7 @@ class StudySearcher(Searcher):
             group.complete(trial_id, error)
 
     def save(self, checkpoint_path: str) -> None:
-        state = {"format": 1, "counts": self.counts, "owner": self.owner,
+        state = {"format": 1, "counts": self.counts, "owner": self.owner, "budget": self.budget.epochs,
                  "groups": {key: group.state() for key, group in self.groups.items()}}
         # Written whole or not at all: Tune renames this file over the last state when it exists, so a write cut
         # short (a full disk) must leave no file rather than a torn one.
@@ -232,24 +249,26 @@ class StudySearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         state = _newest_readable_state(Path(checkpoint_path))
-        fixed = self.group_fixed()
-        if state.get("format") != 1 or set(state["groups"]) != set(fixed):
-            raise ValueError(f"{checkpoint_path}: not this study's searcher state (groups {sorted(fixed)})")
-        self.groups = {key: GroupSearch.from_state(self.spec, fixed[key], state["groups"][key], self.points_of(key))
-                       for key in fixed}
-        self.counts = {key: int(state["counts"][key]) for key in fixed}
+        arms = self.group_arms()
+        if state.get("format") != 1 or set(state["groups"]) != set(arms):
+            raise ValueError(f"{checkpoint_path}: not this study's searcher state (groups {sorted(arms)})")
+        self.groups = {key: GroupSearch.from_state(self.spec, arms[key], state["groups"][key], self.points_of(key))
+                       for key in arms}
+        self.counts = {key: int(state["counts"][key]) for key in arms}
         self.owner = {str(k): str(v) for k, v in state["owner"].items()}
+        self.budget.load(state.get("budget", {}))
 
 
 def total_trials(spec: StudySpec) -> int:
-    return spec.trials_per_method * len(spec.methods) if spec.stratify == "inject" else spec.search.trials
+    """The most trials the search runs (with ``search.epochs_per_arm`` an arm may end with fewer)."""
+    return spec.trials_per_method * len(spec.methods) if spec.stratified else spec.search.trials
 
 
-def build_scheduler(spec: StudySpec) -> FIFOScheduler:
+def build_scheduler(spec: StudySpec, budget: ArmBudget | None = None) -> FIFOScheduler:
+    if spec.stratified and (spec.asha.per_method or spec.search.epochs_per_arm):
+        return PerMethodASHA(spec, budget or ArmBudget(spec.search.epochs_per_arm))
     if not spec.asha.enabled:
         return FIFOScheduler()
-    if spec.stratify == "inject" and spec.asha.per_method:
-        return PerMethodASHA(spec)
     return _asha(spec)
 
 
@@ -262,26 +281,32 @@ def _asha(spec: StudySpec) -> ASHAScheduler:
 
 
 class PerMethodASHA(FIFOScheduler):
-    """One ASHA per injection method: a trial's score at a rung is compared only with its own method's trials.
+    """One ASHA per arm (with ``stratify: inject``, per injection method): a trial's score at a rung is compared
+    only with its own arm's trials, and an arm's trials stop when the arm has spent its search budget.
 
     With a single ASHA over all trials, a method that learns fast in the first epochs (on Flickr8k: init) wins
     the early rungs and gets the long runs, while one that starts slowly (pre, par) is cut after an epoch or
-    two, so the search would favour the very method the study asks about. Here every method promotes the same
-    fraction of its own trials to each rung, as the stratified searcher gives each the same number of trials.
-    Trials run in the one shared queue (FIFO); only the stop decisions are per method.
+    two, so the search would favour the very method the study asks about. Here every arm promotes the same
+    fraction of its own trials to each rung, as the stratified searcher gives each the same number of trials,
+    and ``search.epochs_per_arm`` gives each the same trial-epochs. Trials run in the one shared queue (FIFO);
+    only the stop decisions are per arm.
     """
 
-    def __init__(self, spec: StudySpec):
+    def __init__(self, spec: StudySpec, budget: ArmBudget | None = None):
         super().__init__()
         self._spec = spec
         self._metric, self._mode = spec.metric, spec.mode
-        self.brackets: dict[str, ASHAScheduler] = {}  # method -> its ASHA
+        self.budget = budget if budget is not None else ArmBudget(spec.search.epochs_per_arm)
+        self.brackets: dict[str, FIFOScheduler] = {}  # arm -> its ASHA (FIFO with asha.enabled false)
 
-    def _asha_of(self, trial) -> ASHAScheduler:
-        method = str(trial.config.get("inject", ""))
-        if method not in self.brackets:
-            self.brackets[method] = _asha(self._spec)
-        return self.brackets[method]
+    def _arm(self, trial) -> str:
+        return str(self._spec.arm_of(trial.config) or trial.config.get("inject", ""))
+
+    def _asha_of(self, trial) -> FIFOScheduler:
+        arm = self._arm(trial)
+        if arm not in self.brackets:
+            self.brackets[arm] = _asha(self._spec) if self._spec.asha.enabled else FIFOScheduler()
+        return self.brackets[arm]
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         return not (metric or mode)  # the spec set both; a second metric would be ambiguous, as for ASHA itself
@@ -290,7 +315,10 @@ class PerMethodASHA(FIFOScheduler):
         self._asha_of(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self._asha_of(trial).on_trial_result(tune_controller, trial, result)
+        decision = self._asha_of(trial).on_trial_result(tune_controller, trial, result)
+        arm = self._arm(trial)
+        self.budget.record(arm, trial.trial_id, result.get("epoch"))
+        return FIFOScheduler.STOP if self.budget.exhausted(arm) else decision
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self._asha_of(trial).on_trial_complete(tune_controller, trial, result)
@@ -299,5 +327,6 @@ class PerMethodASHA(FIFOScheduler):
         self._asha_of(trial).on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:
-        return "Using ASHA per method: " + ", ".join(
-            f"{method} stopped {asha._num_stopped}" for method, asha in sorted(self.brackets.items()))
+        return "Using ASHA per arm: " + ", ".join(
+            f"{arm} stopped {getattr(asha, '_num_stopped', 0)}, {self.budget.spent(arm)} trial-epochs"
+            for arm, asha in sorted(self.brackets.items()))

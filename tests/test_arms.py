@@ -1,0 +1,146 @@
+"""Arms: the named parts of the space a study compares. A spec's arms are checked when it loads (outside the space,
+overlapping, a missing target: refused naming the arm), every configuration lies in one arm, each arm gets its own
+searcher and the same search compute in trial-epochs, and a run keeps its best validation epoch's model."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import optuna
+import pytest
+
+from study.config import ConfigError
+from study.spec import load_spec
+
+ARMS = """
+name: t
+dataset: {kind: shapes, images: 60}
+fixed: {layers: 1}
+space:
+  inject: {choice: [init, pre, attention]}
+  cell: {choice: [lstm, gru, lstm_peephole]}
+  seed_h: {choice: [false, true], when: {inject: init}}
+  epochs: {choice: [2, 3]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+arms:
+  seed: {inject: init, cell: [lstm, lstm_peephole], seed_h: false}
+  init: {inject: init, seed_h: true}
+  pre: {inject: pre}
+  attention: {inject: attention}
+target: seed
+search: {trials: 8, epochs_per_arm: 5}
+asha: {max_epochs: 3, grace_period: 1}
+"""
+
+
+def _load(tmp_path: Path, text: str):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+def test_arms_place_every_configuration_and_carry_roles_and_words(tmp_path):
+    spec = _load(tmp_path, ARMS)
+    assert spec.methods == ["seed", "init", "pre", "attention"] and spec.trials_per_method == 2
+    assert spec.arm_of({"inject": "init", "cell": "lstm_peephole", "seed_h": False}) == "seed"
+    assert spec.arm_of({"inject": "init", "cell": "gru", "seed_h": True}) == "init"
+    assert spec.arm_of({"inject": "init", "cell": "gru", "seed_h": False}) is None  # in no arm: never proposed
+    assert spec.arm_of({"inject": "pre", "cell": "gru"}) == "pre"
+    assert spec.arm_set.roles() == {"seed": "target", "init": "competitor", "pre": "competitor",
+                                    "attention": "competitor"}
+    colors = spec.arm_set.colors()
+    assert len(set(colors.values())) == 4  # two init arms, two colours
+    assert "c0 of the first LSTM layer only" in spec.arm_set.describe("seed")
+    assert "h0 of the first layer, and c0 too" in spec.arm_set.describe("init")
+    assert spec.run_name({"inject": "init", "cell": "lstm", "seed_h": False, "epochs": 2}) == "seed-init-lstm-1x256-word"
+    assert spec.trial_config({"inject": "pre", "cell": "gru", "epochs": 2}).epochs == 2  # searched schedule length
+
+
+@pytest.mark.parametrize("change, needles", [
+    (("seed: {inject: init, cell: [lstm, lstm_peephole], seed_h: false}", "seed: {inject: init, cell: [rnn]}"),
+     ["arms.seed", "cell = 'rnn' is outside the space"]),
+    (("seed: {inject: init, cell: [lstm, lstm_peephole], seed_h: false}", "seed: {inject: init, dropout: 0.1}"),
+     ["arms.seed", "'dropout' is not a searched parameter"]),
+    (("seed: {inject: init, cell: [lstm, lstm_peephole], seed_h: false}", "seed: {inject: init, cell: [lstm]}"),
+     ["arms 'seed' and 'init' overlap", "seed_h"]),
+    (("target: seed", "target: sead"), ["target: 'sead' is not an arm"]),
+    (("target: seed", ""), ["name the target arm"]),
+    (("pre: {inject: pre}", "pre: {inject: pre, seed_h: true}"), ["arms.pre", "seed_h is sampled only where inject"]),
+    (("pre: {inject: pre}", "pre: {cell: gru}"), ["arms.pre", "hold inject at one value"]),
+    (("target: seed", "target: seed\nstratify: inject"), ["not both"]),
+    (("epochs: {choice: [2, 3]}", "epochs: {choice: [2, 9]}"), ["space.epochs", "exceeds asha.max_epochs"]),
+    (("search: {trials: 8, epochs_per_arm: 5}",
+      "search: {trials: 8, points_to_evaluate: [{inject: init, cell: gru, seed_h: false}]}"),
+     ["points_to_evaluate[0]", "lies in no arm"]),
+])
+def test_bad_arms_are_refused_naming_the_arm(tmp_path, change, needles):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, ARMS.replace(*change))
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_each_arm_searches_its_own_part_of_the_space(tmp_path):
+    """The searcher proposes round-robin over the arms, each point inside its arm (the seed arm never a GRU)."""
+    from study.tuning.search import StudySearcher
+
+    spec = _load(tmp_path, ARMS)
+    searcher = StudySearcher(spec)
+    configs = [searcher.suggest(f"t{i}") for i in range(8)]
+    arms = [spec.arm_of(c) for c in configs]
+    assert sorted(arms) == sorted(spec.methods * 2)
+    assert all(c["cell"] in ("lstm", "lstm_peephole") and c["seed_h"] is False
+               for c, a in zip(configs, arms) if a == "seed")
+    assert all(c["seed_h"] is True for c, a in zip(configs, arms) if a == "init")
+    assert searcher.suggest("t8") == StudySearcher.FINISHED  # 2 trials per arm
+
+
+def test_the_arm_budget_stops_trials_and_proposals_and_survives_a_restore(tmp_path):
+    """An arm that has trained epochs_per_arm trial-epochs gets no new trial and its running trials stop; the count
+    is shared by the searcher and the scheduler through a pickle (as Tune restores them) and the searcher's JSON."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from study.tuning.budget import ArmBudget
+    from study.tuning.search import PerMethodASHA, StudySearcher
+
+    spec = _load(tmp_path, ARMS.replace("trials: 8", "trials: 40").replace("max_epochs: 3", "max_epochs: 9"))
+    budget = ArmBudget(spec.search.epochs_per_arm)
+    searcher, scheduler = StudySearcher(spec, budget), PerMethodASHA(spec, budget)
+    searcher, scheduler = pickle.loads(pickle.dumps((searcher, scheduler)))
+    assert searcher.budget is scheduler.budget
+    budget = searcher.budget
+
+    class Trial:  # what the scheduler reads of Tune's Trial
+        def __init__(self, trial_id, config):
+            self.trial_id, self.config = trial_id, config
+
+    first = [searcher.suggest(f"t{i}") for i in range(4)]  # one per arm
+    pre_id = f"t{[spec.arm_of(c) for c in first].index('pre')}"
+    pre = Trial(pre_id, first[int(pre_id[1:])])
+    scheduler.on_trial_add(None, pre)
+    decisions = []
+    for epoch in range(1, 6):
+        result = {"epoch": epoch, spec.metric: 0.1 * epoch, "training_iteration": epoch, "time_total_s": epoch}
+        searcher.on_trial_result(pre_id, result)
+        decisions.append(scheduler.on_trial_result(None, pre, result))
+    # ASHA alone would go on (one trial in its bracket); the arm's fifth trial-epoch ends it.
+    assert decisions == [TrialScheduler.CONTINUE] * 4 + [TrialScheduler.STOP] and budget.spent("pre") == 5
+    proposed = [spec.arm_of(searcher.suggest(f"n{i}")) for i in range(6)]
+    assert "pre" not in proposed  # its budget is spent
+
+    searcher.save(str(tmp_path / "searcher-state-x.json"))
+    restored_budget = ArmBudget(spec.search.epochs_per_arm)
+    fresh = StudySearcher(spec, restored_budget)
+    fresh.restore(str(tmp_path / "searcher-state-x.json"))
+    assert fresh.budget is restored_budget and restored_budget.spent("pre") == 5 and restored_budget.exhausted("pre")
+
+
+def test_optuna_sees_each_arms_choices_only(tmp_path):
+    spec = _load(tmp_path, ARMS)
+    from study.tuning.search import define_by_run
+
+    trial = optuna.create_study().ask()
+    sampled = define_by_run(spec, spec.arm_set.arms["seed"], trial)
+    assert trial.distributions["cell"].choices == ("lstm", "lstm_peephole")
+    assert sampled["seed_h"] is False and "seed_h" not in trial.distributions  # held, not sampled
