@@ -83,7 +83,32 @@ def length_blocks(curves: pd.DataFrame, out_dir: Path, colors: Mapping[str, str]
                  f"{r.last * 100:.1f}", f"{r.gain * 100:+.1f} (last {r.tail})", "yes" if r.rising else "no"]
                 for r in table.itertuples()]
         blocks.append(("table", header, rows))
+    blocks += chosen_blocks(curves, metric)
     figure = plots.plot_confirm_curves(curves, Path(out_dir) / "confirm_curves.png", metric, colors)
     if figure is not None:
         blocks.append(("img", figure, "confirm runs' validation curves"))
     return blocks
+
+
+def chosen_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per confirm run scored with a chosen epoch (``chosen`` marks it in ``curves``): ``run``, ``method``,
+    ``seed``, ``chosen_epoch``, ``epochs`` trained and the validation metrics at the chosen epoch."""
+    if "chosen" not in curves or not curves["chosen"].fillna(False).astype(bool).any():
+        return pd.DataFrame()
+    trained = curves.groupby("run")["epoch"].max().rename("epochs")
+    chosen = curves[curves["chosen"].fillna(False).astype(bool)].rename(columns={"epoch": "chosen_epoch"})
+    return chosen.join(trained, on="run").sort_values(["method", "seed"], kind="stable")
+
+
+def chosen_blocks(curves: pd.DataFrame, metric: str) -> list[Block]:
+    """Which epoch's model each confirm run was scored with (the best on validation, chosen before the test split
+    was read), and where that fell in its schedule."""
+    table = chosen_table(curves)
+    if table.empty:
+        return []
+    early = table[table["chosen_epoch"] < table["epochs"]]
+    text = (f"Each confirm run was scored with the model of its best validation epoch ({metric}, chosen before the "
+            f"test split was read): {len(early)} of {len(table)} runs chose an epoch before their last.")
+    rows = [[r["method"], r["seed"], f"{r['chosen_epoch']} of {r['epochs']}", f"{r[metric] * 100:.1f}"]
+            for _, r in table.iterrows()]
+    return [("p", text), ("table", ["method", "seed", "chosen epoch", f"{metric} there"], rows)]

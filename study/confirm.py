@@ -42,7 +42,7 @@ def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | Non
     # study's metric decoded with the test's beam, before the test split is read (study.training.BestEpoch).
     selection = {"select_metric": spec.metric if spec.confirm.select == "best_val" else None}
     if spec.confirm.select == "best_val":
-        selection["val_beam_size"] = spec.confirm.beam_size
+        selection.update(val_beam_size=spec.confirm.beam_size, val_images=spec.confirm.val_images)
     for _, row in chosen[chosen["method"].isin(methods or spec.methods)].iterrows():
         sampled = {k: _plain(row[k]) for k in spec.space if k in row and not _missing(row[k])}
         # The schedule length: confirm.epochs, else the configuration's own (searched), else the search's.

@@ -170,6 +170,8 @@ class ConfirmSettings(StrictModel):
     select: Literal["best_val", "last"] = Field(
         "best_val", description="which epoch's model each confirm run is scored with: the one with the best "
         "validation score (the study's metric, decoded as the test is), or the last; one rule for every arm")
+    val_images: int | None = Field(None, ge=1, description="with select: best_val, the val photos the epoch is "
+                                   "chosen on (None: the whole val split)")
     beam_size: int = Field(3, ge=1)
     margin: float = Field(0.02, ge=0, description="equivalence margin on CIDEr-D (0..1 scale) for the verdict")
     max_seeds: int | None = Field(

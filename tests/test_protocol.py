@@ -53,7 +53,8 @@ def test_arms_place_every_configuration_and_carry_roles_and_words(tmp_path):
     assert len(set(colors.values())) == 4  # two init arms, two colours
     assert "c0 of the first LSTM layer only" in spec.arm_set.describe("seed")
     assert "h0 of the first layer, and c0 too" in spec.arm_set.describe("init")
-    assert spec.run_name({"inject": "init", "cell": "lstm", "seed_h": False, "epochs": 2}) == "seed-init-lstm-1x256-word"
+    name = spec.run_name({"inject": "init", "cell": "lstm", "seed_h": False, "epochs": 2})
+    assert name == "seed-init-lstm-1x256-word"
     assert spec.trial_config({"inject": "pre", "cell": "gru", "epochs": 2}).epochs == 2  # searched schedule length
 
 
@@ -144,3 +145,42 @@ def test_optuna_sees_each_arms_choices_only(tmp_path):
     sampled = define_by_run(spec, spec.arm_set.arms["seed"], trial)
     assert trial.distributions["cell"].choices == ("lstm", "lstm_peephole")
     assert sampled["seed_h"] is False and "seed_h" not in trial.distributions  # held, not sampled
+
+
+def test_the_test_split_cannot_choose_the_checkpoint(small_shapes, small_prepared):
+    """A confirm run ends with its best validation epoch's model, chosen before the test split is read: with the
+    test split's images and captions swapped around, it keeps the same epoch and the same weights (and only its test
+    scores change)."""
+    import dataclasses
+
+    import torch
+
+    from study.checkpoints import load_checkpoint
+    from study.config import TrialConfig
+    from study.confirm import confirm_one
+
+    cfg = TrialConfig(dataset=small_shapes, inject="init", hidden=32, embed=16, epochs=4, lr=2e-2, min_count=1,
+                      batch_size=32, seed=1000, precision="fp32", select_metric="val_CIDEr-D", val_beam_size=2)
+    data = small_prepared
+    test = data.images["test"]
+    swapped_images = dataclasses.replace(test, rows=test.rows[::-1].copy(), references=test.references[::-1])
+    tokens = {setting: dataclasses.replace(tokens, splits={**tokens.splits, "test": dataclasses.replace(
+        tokens.splits["test"], ids=tokens.splits["test"].ids[::-1].copy())})
+        for setting, tokens in data.token_sets.items()}
+    swapped = dataclasses.replace(data, images={**data.images, "test": swapped_images}, token_sets=tokens)
+    torch.set_num_threads(1)
+    runs = [confirm_one(cfg, d) for d in (data, swapped)]
+    assert runs[0]["selection"] == runs[1]["selection"]
+    assert runs[0]["selection"]["rule"] == "best_val" and 1 <= runs[0]["selection"]["chosen_epoch"] <= 4
+    best = max(runs[0]["history"], key=lambda e: e["val_CIDEr-D"])
+    assert runs[0]["selection"]["chosen_epoch"] == best["epoch"]
+    weights = []
+    for run in runs:
+        path = Path(f"/tmp/{id(run)}.pt")
+        path.write_bytes(run["checkpoint"])
+        state = load_checkpoint(path)
+        weights.append(state["model"])
+        assert state["epoch"] == run["selection"]["chosen_epoch"]  # the kept checkpoint is the chosen epoch's
+        path.unlink()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert swapped.images["test"].references != data.images["test"].references  # the swap changed the test split
