@@ -156,3 +156,71 @@ def test_other_methods_ignore_the_attention_fields_and_return_no_weights() -> No
     pooled, grid, tokens_in, _ = synthetic_task(images=2)
     logits, alpha = flagged.eval().forward_attended(pooled, grid, tokens_in)
     assert alpha is None and torch.equal(logits, plain.eval()(pooled, grid, tokens_in))
+
+
+SPEC = """
+name: t
+dataset: {kind: shapes, images: 60}
+fixed: {cell: lstm}
+space:
+  inject: {choice: [init, attention]}
+  attention_init: {choice: [false, true], when: {inject: attention}}
+  attention_penalty: {PENALTY, when: {inject: attention}}
+stratify: inject
+search: {trials: 4}
+asha: {max_epochs: 3, grace_period: 1}
+"""
+
+
+@pytest.mark.parametrize("penalty", ["choice: [0.0, 1.0]", "uniform: [0.0, 2.0]", "quniform: [0.0, 2.0, 0.5]"])
+def test_a_spec_searches_both_fields_for_attention(tmp_path, penalty: str) -> None:
+    from study.spec import load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC.replace("PENALTY", penalty))
+    spec = load_spec(path)
+    assert not spec.space["attention_init"].matches({"inject": "init"})
+    assert spec.space["attention_penalty"].matches({"inject": "attention"})
+    cfg = spec.trial_config({"inject": "attention", "attention_init": True, "attention_penalty": 1.0})
+    assert cfg.attention_init and cfg.attention_penalty == 1.0
+
+
+def test_a_negative_penalty_is_refused_naming_the_key(tmp_path) -> None:
+    from study.config import ConfigError
+    from study.spec import load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC.replace("PENALTY", "uniform: [-1.0, 1.0]"))
+    with pytest.raises(ConfigError, match="attention_penalty"):
+        load_spec(path)
+
+
+def test_full_strength_attention_trial_learns_shapes_and_reports_the_plain_nll(small_shapes, small_prepared, tmp_path):
+    """run_trial's training path with the initial state and the penalty: real image features beat shuffled ones on
+    the shapes task, and the losses it reports are the NLL alone (a large lambda does not enter them)."""
+    import dataclasses
+
+    import numpy as np
+
+    from study.evaluation import Decoding, score_split
+    from study.training import run_trial
+
+    cfg = TrialConfig.model_validate(dict(
+        dataset=small_shapes, inject="attention", cell="lstm", hidden=128, embed=48, attention_dim=32, dropout=0.0,
+        tokens="word", min_count=1, epochs=8, batch_size=40, lr=8e-3, attention_init=True, attention_penalty=1.0,
+        precision="fp32"))
+    result = run_trial(cfg, small_prepared, work_dir=tmp_path / "a", progress=False)
+    losses = [e["train_loss"] for e in result.epochs]
+    assert losses[-1] < 0.5 * losses[0] and losses[0] < math.log(200), losses
+    vocab, greedy = small_prepared.tokens_for(cfg).vocab, Decoding.of(cfg, beam_size=1)
+    real = score_split(result.model, small_prepared, "val", vocab=vocab, decoding=greedy).scores
+    shuffled_data = dataclasses.replace(small_prepared, images=dict(small_prepared.images))
+    val = small_prepared.images["val"]
+    shuffled_data.images["val"] = dataclasses.replace(val, rows=np.roll(val.rows, 7))
+    shuffled = score_split(result.model, shuffled_data, "val", vocab=vocab, decoding=greedy).scores
+    assert real["CIDEr-D"] > 1.5 * shuffled["CIDEr-D"] + 0.05, (real, shuffled)
+
+    # lambda = 1000 would make a penalised loss thousands of nats per token; the reported one stays the NLL.
+    heavy = run_trial(cfg.model_copy(update={"attention_penalty": 1000.0, "epochs": 1}), small_prepared,
+                      work_dir=tmp_path / "b", progress=False)
+    assert heavy.epochs[0]["train_loss"] < math.log(200) and heavy.epochs[0]["val_loss"] < math.log(200)
