@@ -151,15 +151,16 @@ class AttentionInject(Injection):
     """Show, Attend and Tell soft attention: at each step, additive attention over the grid keyed by the
     previous top-layer hidden state gives a context vector (B, F), concatenated to the word embedding.
 
-    ``alpha = softmax_g(v . tanh(W_a a_g + W_h h_prev))``, ``z = sum_g alpha_g a_g``. By default the state
-    starts at zero, so the image enters only through attention. With ``cfg.attention_init`` it starts as Xu et
-    al.'s (their eq. for c0, h0): from the mean annotation vector ``abar = mean_g a_g`` (B, F) of the grid the
-    attention reads (z-scored, after feature dropout), every layer l gets ``h0_l = tanh(W_h,l abar + b)`` and,
-    for LSTM cells (``lstm``, ``lstm_peephole``), ``c0_l = tanh(W_c,l abar + b)``; a GRU has no c and gets h0
-    alone. Xu et al. have one layer; a stack gets one map per layer (one Linear to L x H). The layers are
-    created after the attention's own, so a config without the option builds, draws and loads exactly as
-    before. Xu et al.'s doubly stochastic penalty on the weights (``cfg.attention_penalty``) is applied by the
-    training loop (``study.training``), from the weights ``Captioner.forward_attended`` returns.
+    ``alpha = softmax_g(v . tanh(W_a a_g + W_h h_prev))``, ``z = sum_g alpha_g a_g``. By default the state starts
+    at zero, so the image enters only through attention. With ``cfg.attention_init`` it starts as Xu et al.'s
+    (2015, sec. 3.1.2: learned maps of the mean annotation): from the mean annotation vector
+    ``abar = mean_g a_g`` (B, F) of the grid the attention reads (z-scored, after feature dropout), every layer l
+    gets ``h0_l = tanh(W_h,l abar + b_h,l)`` and, for LSTM cells (``lstm``, ``lstm_peephole``),
+    ``c0_l = tanh(W_c,l abar + b_c,l)``; a GRU has no c and gets h0 alone. Xu et al. have one layer; a stack gets
+    one map per layer (one Linear to L x H each for h and c). The layers are created after the attention's own,
+    so a config without the option builds, draws and loads exactly as before. Xu et al.'s doubly stochastic
+    penalty on the weights (sec. 4.2.1; ``cfg.attention_penalty``, :func:`doubly_stochastic_penalty`) is added
+    by the training loop (``study.training``), from the weights ``Captioner.forward_attended`` returns.
     """
 
     stepwise = True
