@@ -33,8 +33,8 @@ class CheckpointError(ValueError):
 CAPTION_KEYS = ("model", "config", "vocab", "feature_dim")
 RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "torch_rng")
 # TrialConfig fields that shape the model's tensors: the ones named when a resumed model does not fit its checkpoint.
-MODEL_SHAPE_FIELDS = ("inject", "cell", "layers", "hidden", "embed", "attention_dim", "seed_h", "tokens",
-                      "min_count")
+MODEL_SHAPE_FIELDS = ("inject", "cell", "layers", "hidden", "embed", "attention_dim", "attention_init", "seed_h",
+                      "tokens", "min_count")
 
 
 def _write_then_rename(final: Path, write: Callable[[Path], Any]) -> Path:
@@ -124,9 +124,11 @@ def check_resumable(model: torch.nn.Module, state: dict[str, Any], cfg: TrialCon
     if not mismatched:
         return
     old = state["config"]
-    changed = [k for k in MODEL_SHAPE_FIELDS if old.get(k) != getattr(cfg, k)]
+    # A field the checkpoint predates had its default then (every field added since defaults to the old model).
+    was = {k: old.get(k, TrialConfig.model_fields[k].default) for k in MODEL_SHAPE_FIELDS}
+    changed = [k for k in MODEL_SHAPE_FIELDS if was[k] != getattr(cfg, k)]
     if changed:
-        then = ", ".join(f"{k}={old.get(k)}" for k in changed)
+        then = ", ".join(f"{k}={was[k]}" for k in changed)
         now = ", ".join(f"{k}={getattr(cfg, k)}" for k in changed)
         why = f"the checkpoint was trained with {then}, this config has {now}"
     else:

@@ -114,6 +114,8 @@ class TrialConfig(StrictModel):
 
     Scientific parameters (what the study asks about): ``inject``, ``cell``, ``tokens``, ``layers``.
     Nuisance parameters (tuned for fairness): ``hidden``, ``embed``, ``dropout``, ``lr``, ``weight_decay``...
+    A method's own fields (``seed_h`` of init; ``attention_dim``, ``attention_init``, ``attention_penalty`` of
+    attention) are ignored by the other methods: a spec searches them with ``when: {inject: ...}``.
     """
 
     dataset: DatasetConfig = Field(default_factory=ShapesDataset)
@@ -127,6 +129,13 @@ class TrialConfig(StrictModel):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on embeddings, between layers and outputs")
     seed_h: bool = Field(False, description="init only: also seed h0 of the first layer (c0 is always seeded)")
     attention_dim: int = Field(256, ge=8, le=4096, description="attention only: size of the attention MLP")
+    attention_init: bool = Field(
+        False, description="attention only: start from Xu et al.'s state instead of zeros: every layer's h0, "
+        "and c0 for LSTM cells (a GRU has no c), is tanh of a learned linear map of the mean annotation vector")
+    attention_penalty: float = Field(
+        0.0, ge=0.0, description="attention only: lambda of Xu et al.'s doubly stochastic penalty "
+        "lambda * sum_g (1 - sum_t alpha_tg)^2 per caption over its real steps, added to the training loss "
+        "(0: off; the validation loss stays the plain NLL)")
     normalize_features: bool = Field(
         True, description="z-score image features per channel with the train split's mean/std (every method)")
 

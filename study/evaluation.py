@@ -78,7 +78,8 @@ def masked_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
 def validation_loss(model: torch.nn.Module, split: SplitTensors, features: FeatureSource,
                     device: torch.device, batch_size: int, precision: str = "fp32") -> tuple[float, float]:
     """(mean nats per token, total nats) of teacher-forced validation captions, under the training's
-    ``precision`` (``study.precision``)."""
+    ``precision`` (``study.precision``). The plain NLL for every method: the training's attention penalty
+    (``attention_penalty``) is left out, so validation losses compare across methods and penalties."""
     model.eval()
     total, count = 0.0, 0
     order = np.argsort(split.lengths, kind="stable")

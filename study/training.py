@@ -1,10 +1,11 @@
 """The one training loop. ``study train`` and the Ray Tune trainable both call :func:`run_trial`.
 
 A trial: seed -> build the captioner from the registries -> for each epoch: teacher-forced training over
-length-bucketed batches, validation (``study.evaluation.validate``: loss, bits per character, greedy CIDEr-D
-and BLEU-4) -> checkpoint -> ``on_epoch(metrics, checkpoint_dir)``. Optionally a final test evaluation with beam
-search and the full metric suite. Exceptions propagate: a trial that fails is failed (Tune records the reason),
-never papered over. The checkpoint's format (save, load, resume checks) lives in ``study.checkpoints``.
+length-bucketed batches (NLL, plus Xu et al.'s attention penalty where ``attention_penalty`` > 0), validation
+(``study.evaluation.validate``: loss, bits per character, greedy CIDEr-D and BLEU-4) -> checkpoint ->
+``on_epoch(metrics, checkpoint_dir)``. Optionally a final test evaluation with beam search and the full metric
+suite. Exceptions propagate: a trial that fails is failed (Tune records the reason), never papered over. The
+checkpoint's format (save, load, resume checks) lives in ``study.checkpoints``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from study.evaluation import (
 )
 from study.files import atomic_write_json
 from study.models import build_captioner
+from study.models.inject import doubly_stochastic_penalty
 from study.precision import autocast, resolve
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,8 @@ def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTens
     total = torch.zeros((), device=device)
     tokens_seen = 0
     data_seconds = 0.0
+    # Xu et al.'s doubly stochastic attention penalty, for attention only; 0 (the default) adds nothing.
+    penalty = cfg.attention_penalty if model.injection.attends else 0.0
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
     for step, idx in enumerate(bar):
         t0 = time.perf_counter()
@@ -107,9 +111,17 @@ def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTens
         pooled, grid = features(train.feature_rows[idx])
         data_seconds += time.perf_counter() - t0
         with autocast(device, cfg.precision):
-            logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
+            if penalty:
+                logits, alpha = model.forward_attended(pooled, grid, tokens[:, :-1])  # (B, T-1, V), (B, T-1, G)
+            else:
+                logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
         loss_sum, n = masked_nll(logits, tokens[:, 1:])
         loss = loss_sum / n
+        if penalty:
+            # Xu et al.'s per-caption objective NLL + lambda * sum_g (1 - sum_t alpha_tg)^2, summed over the batch
+            # and divided by its tokens like the NLL. The reported train_loss (and the validation loss) stays the
+            # plain NLL, so losses compare across methods and penalties.
+            loss = loss + penalty * doubly_stochastic_penalty(alpha, tokens[:, 1:]) / n
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)

@@ -210,10 +210,11 @@ def test_beam_of_one_is_greedy(inject: str) -> None:
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
-@pytest.mark.parametrize("inject", ["init", "pre", "attention", "none"])
-def test_batched_beam_search_equals_per_image(cell: str, inject: str) -> None:
+@pytest.mark.parametrize(("inject", "extra"), [("init", {}), ("pre", {}), ("attention", {}), ("none", {}),
+                                               ("attention", {"attention_init": True})])
+def test_batched_beam_search_equals_per_image(cell: str, inject: str, extra: dict) -> None:
     torch.manual_seed(2)
-    model = build_captioner(tiny_cfg(cell, inject, layers=2), VOCAB, FEAT).double().eval()
+    model = build_captioner(tiny_cfg(cell, inject, layers=2, **extra), VOCAB, FEAT).double().eval()
     pooled, grid, _, _ = synthetic_task(images=5, seed=2)
     batched = model.beam_search(pooled, grid, beam_size=3, max_len=8)
     one_by_one = torch.cat([model.beam_search(pooled[i : i + 1], grid[i : i + 1], 3, 8) for i in range(5)])

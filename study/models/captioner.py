@@ -73,23 +73,41 @@ class Captioner(nn.Module):
 
     def step(self, tokens: Tensor, ctx: ImageContext, state: State) -> tuple[Tensor, State]:
         """tokens (B, T) -> logits (B, T, V) and the state after them; T = 1 while decoding."""
+        logits, state, _ = self._step(tokens, ctx, state, keep_attention=False)
+        return logits, state
+
+    def _step(self, tokens: Tensor, ctx: ImageContext, state: State,
+              keep_attention: bool) -> tuple[Tensor, State, Tensor | None]:
+        """``step``, and with ``keep_attention`` the attention weights of a teacher-forced pass (B, T, G) (None
+        for an injection without attention, or without ``keep_attention``)."""
         emb = self.drop(self.embedding(tokens))  # (B, T, E)
+        alphas: list[Tensor] | None = [] if keep_attention and self.injection.attends else None
         if self.injection.stepwise:  # the input at step t depends on the state after t-1 (attention)
             outs = []
             for t in range(emb.shape[1]):
-                o, state = self.cell.step(self.injection.step_inputs(emb[:, t : t + 1], ctx, state)[:, 0], state)
+                x, alpha = self.injection.attended_inputs(emb[:, t : t + 1], ctx, state)  # (B, 1, I), (B, 1, G)
+                o, state = self.cell.step(x[:, 0], state)
                 outs.append(o)  # (B, H)
+                if alphas is not None:
+                    alphas.append(alpha[:, 0])  # (B, G): k = 1 row per image in a teacher-forced pass
             out = torch.stack(outs, dim=1)  # (B, T, H)
         else:
             out, state = self.cell(self.injection.step_inputs(emb, ctx, state), state)
-        return self.out(self.injection.combine_output(self.drop(out), ctx)), state
+        logits = self.out(self.injection.combine_output(self.drop(out), ctx))
+        return logits, state, (None if not alphas else torch.stack(alphas, dim=1))  # alpha (B, T, G)
 
     # --- public API -------------------------------------------------------------------------------------
     def forward(self, pooled: Tensor, grid: Tensor | None, tokens_in: Tensor) -> Tensor:
         """pooled (B, F), grid (B, G, F) or None, tokens_in (B, T) starting with START -> logits (B, T, V)."""
+        return self.forward_attended(pooled, grid, tokens_in, keep_attention=False)[0]
+
+    def forward_attended(self, pooled: Tensor, grid: Tensor | None, tokens_in: Tensor,
+                         keep_attention: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``forward`` and the attention weights alpha (B, T, G) that step t read (fp32, or the model's dtype
+        if wider; None for a method without attention): what the training's attention penalty needs."""
         ctx = self.encode(pooled, grid)
-        logits, _ = self.step(tokens_in, ctx, self.start_state(ctx, tokens_in.shape[0]))
-        return logits
+        logits, _, alpha = self._step(tokens_in, ctx, self.start_state(ctx, tokens_in.shape[0]), keep_attention)
+        return logits, alpha
 
     @torch.no_grad()
     def greedy(self, pooled: Tensor, grid: Tensor | None, max_len: int) -> Tensor:

@@ -9,7 +9,9 @@ calls these hooks in this order (self-critical.pytorch's "core" idea: a variant 
 2. ``initial_state(ctx, cell, batch) -> state | None``: the recurrent state before any input (None: zeros).
 3. ``prefix_inputs(ctx) -> (B, P, I) | None``: input steps run before the first word; their outputs dropped.
 4. ``step_inputs(emb (B, T, E), ctx, state) -> (B, T, I)``: the RNN input for word steps. ``stepwise``
-   injections need the previous state per step, so the captioner feeds them one token at a time.
+   injections need the previous state per step, so the captioner feeds them one token at a time, through
+   ``attended_inputs`` (the same input and the attention weights (B, k, G) it used, None for no attention),
+   which the teacher-forced ``Captioner.forward_attended`` collects for the training's attention penalty.
 5. ``combine_output(out (B, T, H), ctx) -> (B, T, output_size)``: what the vocabulary layer sees.
 6. ``expand_ctx(ctx, K)``: beam search's view of ctx for B*K rows (image-major: K consecutive rows per image).
 
@@ -23,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from study.config import ConfigError, TrialConfig
+from study.data.tokens import PAD
 from study.models.cells import CellStack, State
-from study.registry import METHODS
+from study.registry import METHODS, cell_class
 
 # What an injection method makes of the image once per batch, by name (e.g. "image": the (B, F) pooled vector,
 # attention's grid keys (B, G, A)), handed to every decoding step.
@@ -36,6 +39,7 @@ class Injection(nn.Module):
 
     needs_grid: bool = False  # True: ``encode`` needs the grid (B, G, F); set by build_injection from the registry
     stepwise: bool = False  # True: ``step_inputs`` reads the state, so words go in one at a time
+    attends: bool = False  # True: ``attended_inputs`` returns attention weights (the training's penalty reads them)
 
     def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
         super().__init__()
@@ -55,6 +59,10 @@ class Injection(nn.Module):
 
     def step_inputs(self, emb: Tensor, ctx: ImageContext, state: State) -> Tensor:
         return emb
+
+    def attended_inputs(self, emb: Tensor, ctx: ImageContext, state: State) -> tuple[Tensor, Tensor | None]:
+        """A stepwise injection's step: ``step_inputs`` and the attention weights (B, k, G) it used (None here)."""
+        return self.step_inputs(emb, ctx, state), None
 
     def combine_output(self, out: Tensor, ctx: ImageContext) -> Tensor:
         return out
@@ -143,11 +151,20 @@ class AttentionInject(Injection):
     """Show, Attend and Tell soft attention: at each step, additive attention over the grid keyed by the
     previous top-layer hidden state gives a context vector (B, F), concatenated to the word embedding.
 
-    ``alpha = softmax_g(v . tanh(W_a a_g + W_h h_prev))``, ``z = sum_g alpha_g a_g``. The state starts at zero
-    (Xu et al. initialise it from the mean annotation; omitted so the image enters only through attention).
+    ``alpha = softmax_g(v . tanh(W_a a_g + W_h h_prev))``, ``z = sum_g alpha_g a_g``. By default the state starts
+    at zero, so the image enters only through attention. With ``cfg.attention_init`` it starts as Xu et al.'s
+    (2015, sec. 3.1.2: learned maps of the mean annotation): from the mean annotation vector
+    ``abar = mean_g a_g`` (B, F) of the grid the attention reads (z-scored, after feature dropout), every layer l
+    gets ``h0_l = tanh(W_h,l abar + b_h,l)`` and, for LSTM cells (``lstm``, ``lstm_peephole``),
+    ``c0_l = tanh(W_c,l abar + b_c,l)``; a GRU has no c and gets h0 alone. Xu et al. have one layer; a stack gets
+    one map per layer (one Linear to L x H each for h and c). The layers are created after the attention's own,
+    so a config without the option builds, draws and loads exactly as before. Xu et al.'s doubly stochastic
+    penalty on the weights (sec. 4.2.1; ``cfg.attention_penalty``, :func:`doubly_stochastic_penalty`) is added
+    by the training loop (``study.training``), from the weights ``Captioner.forward_attended`` returns.
     """
 
     stepwise = True
+    attends = True
 
     def __init__(self, cfg: TrialConfig, feature_dim: int) -> None:
         super().__init__(cfg, feature_dim)
@@ -155,6 +172,12 @@ class AttentionInject(Injection):
         self.query = nn.Linear(cfg.hidden, cfg.attention_dim, bias=False)
         self.score = nn.Linear(cfg.attention_dim, 1, bias=False)
         self.rnn_input_size = cfg.embed + feature_dim
+        self.init_h: nn.Linear | None = None
+        self.init_c: nn.Linear | None = None
+        if cfg.attention_init:  # only then: the default's parameters and their RNG draws stay as they were
+            self.init_h = nn.Linear(feature_dim, cfg.layers * cfg.hidden)
+            has_c = cell_class(cfg.cell).has_memory  # LSTM cells; a GRU's state is h alone
+            self.init_c = nn.Linear(feature_dim, cfg.layers * cfg.hidden) if has_c else None
 
     def encode(self, pooled: Tensor, grid: Tensor | None) -> ImageContext:
         if grid is None:
@@ -165,6 +188,20 @@ class AttentionInject(Injection):
             grid = grid.to(torch.get_autocast_dtype(kind))
         grid = grid_dropout(grid, self.drop.p, self.training)  # (B, G, F)
         return {"grid": grid, "keys": self.key(grid)}  # keys (B, G, A): once per image, not per step
+
+    def initial_state(self, ctx: ImageContext, cell: CellStack, batch: int) -> State | None:
+        """Zeros (None), or with ``attention_init`` tanh of the learned maps of the mean annotation vector:
+        h (L, B, H) and, for LSTM cells, c (L, B, H). Called once per image, before beam search expands it."""
+        if self.init_h is None:
+            return None
+        dtype = self.init_h.weight.dtype  # the state is kept in the weights' dtype, like the zero state
+        mean = ctx["grid"].mean(dim=1, dtype=dtype)  # (B, F), accumulated in fp32 even for an autocast grid
+
+        def per_layer(linear: nn.Linear) -> Tensor:  # (B, L*H) -> (L, B, H)
+            out = torch.tanh(linear(mean)).to(dtype)
+            return out.view(batch, cell.layers, cell.hidden).transpose(0, 1).contiguous()
+
+        return per_layer(self.init_h), (None if self.init_c is None else per_layer(self.init_c))
 
     def expand_ctx(self, ctx: ImageContext, beams: int) -> ImageContext:
         """Beam search: keep the grid per image. ``attend`` reads each image's ``beams`` consecutive rows against
@@ -181,11 +218,25 @@ class AttentionInject(Injection):
         return torch.softmax(scores, dim=2, dtype=torch.promote_types(scores.dtype, torch.float32))
 
     def step_inputs(self, emb: Tensor, ctx: ImageContext, state: State) -> Tensor:
+        return self.attended_inputs(emb, ctx, state)[0]
+
+    def attended_inputs(self, emb: Tensor, ctx: ImageContext, state: State) -> tuple[Tensor, Tensor]:
+        """emb (B*k, 1, E) -> the step's input (B*k, 1, E + F) and its attention weights alpha (B, k, G)."""
         if emb.shape[1] != 1:
             raise ValueError(f"attention takes one step at a time, got {emb.shape[1]} steps")
         alpha = self.attend(ctx, state[0][-1])  # (B, k, G)
         context = torch.bmm(alpha, ctx["grid"])  # (B, k, F): one matrix product per image, not per beam
-        return torch.cat([emb, context.view(emb.shape[0], 1, -1)], dim=2)  # (B*k, 1, E + F)
+        return torch.cat([emb, context.view(emb.shape[0], 1, -1)], dim=2), alpha  # (B*k, 1, E + F)
+
+
+def doubly_stochastic_penalty(alpha: Tensor, targets: Tensor) -> Tensor:
+    """Xu et al.'s attention penalty, summed over captions: ``sum_b sum_g (1 - sum_t alpha_btg)^2`` where t runs
+    over caption b's real steps (target not PAD). alpha (B, T, G) (row t: the weights step t read to predict
+    ``targets[:, t]``), targets (B, T) -> a scalar in alpha's dtype. It pushes every grid cell to be attended
+    about once over a caption, so no region is ignored."""
+    real = (targets != PAD).to(alpha.dtype)  # (B, T)
+    coverage = torch.einsum("btg,bt->bg", alpha, real)  # (B, G): each cell's weight summed over real steps
+    return (1.0 - coverage).square().sum()
 
 
 def grid_dropout(grid: Tensor, p: float, training: bool) -> Tensor:
