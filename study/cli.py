@@ -84,10 +84,12 @@ def run(
         spec = load_spec(spec_path, storage=storage, tracking_uri=tracking_uri)
     except ConfigError as exc:
         fail(str(exc))
+    study = Study.from_spec(spec, spec_path)
+    if not dry_run and not new and study.exists():
+        _refuse_existing(study)  # before the header: the refusal is the answer, not the 12 lines of a plan
     out.print(describe_budget(spec), highlight=False)
     if dry_run:
         return
-    study = Study.from_spec(spec, spec_path)
     if new and study.exists():
         existing = study
         study = study.as_new_study()
@@ -96,16 +98,20 @@ def run(
     _run_and_summarise(study, address, max_concurrent, resume=False, report=report)
 
 
+def _refuse_existing(study) -> None:
+    # Running a spec again would add a second round of trials to the study it already made.
+    fail(f"study {study.spec.name} already exists at {study.paths.root}. Continue it with:  "
+         f"{study.resume_command()}   or start a new study beside it with:  study run {study.spec_path} --new")
+
+
 def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: bool) -> None:
     from study.leaderboard import format_table, leaderboard
 
     spec = study.spec
     writable_folder(study.paths.root)
     with lock_study(study, f"study {'resume' if resume else 'run'} {spec.name}"):
-        if not resume and study.exists():
-            # Running a spec again would add a second round of trials to the study it already made.
-            fail(f"study {spec.name} already exists at {study.paths.root}. Continue it with:  "
-                  f"{study.resume_command()}   or start a new study beside it with:  study run {study.spec_path} --new")
+        if not resume and study.exists():  # checked again under the lock: another driver may have made it since
+            _refuse_existing(study)
         out.print(f"MLflow store: {study.tracking_uri} (experiment {study.experiment})")
         try:
             outcome = study.search(address=address, max_concurrent=max_concurrent, resume=resume,

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from study.config import ConfigError
-from study.console import HELP_MARKUP, fail, out
+from study.console import HELP_MARKUP, fail, out, wrapped
 
 app = typer.Typer(rich_markup_mode=HELP_MARKUP)
 
@@ -57,7 +57,7 @@ def evaluate(
         verdict = outcome.verdict
         out.print(f"evaluated study {found.name} on {outcome.name}: {len(outcome.computed)} runs scored, "
                   f"{len(outcome.reused)} finished ones reused ({outcome.folder})", highlight=False)
-        out.print(f"verdict on {outcome.name}: {verdict.verdict}\n{verdict.text}", highlight=False)
+        out.print(wrapped(f"verdict on {outcome.name}: {verdict.verdict}\n{verdict.text}"), highlight=False)
         section = f"Other photos: {outcome.name}"
         written = found.paths.report / "report.md"
         if report and (outcome.computed or not written.is_file() or section not in written.read_text()):
@@ -65,5 +65,5 @@ def evaluate(
 
             path = write_report(found)
             pooled = found.pooled_verdict().attrs
-            out.print(f"pooled over every test set: {pooled['verdict']}\n{pooled['text']}\nreport: {path}",
-                      highlight=False)
+            out.print(wrapped(f"pooled over every test set: {pooled['verdict']}\n{pooled['text']}") +
+                      f"\nreport: {path}", highlight=False)
