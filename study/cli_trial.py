@@ -36,7 +36,7 @@ def data_shapes(
 @app.command()
 def features(
     dataset_json: Path = typer.Argument(..., help="a Karpathy-split dataset JSON (e.g. dataset_flickr8k.json)"),
-    images_root: Optional[Path] = typer.Option(None, help="folder of the images (default: <json folder>/images, "
+    images_root: Optional[Path] = typer.Option(None, help="folder of the images (default: `<json folder>/images`, "
                                                            "or the JSON's folder when it holds images/ paths)"),
     encoder: str = typer.Option("efficientnet_lite0", help="image encoder registry name"),
     cache_dir: Optional[Path] = typer.Option(None, help="cache folder (default: $CAPTION_STUDY_CACHE or "
@@ -146,7 +146,7 @@ def train(
     config: Path = typer.Argument(..., help="trial YAML: cell, layers, hidden, tokens, inject, epochs, dataset..."),
     out_dir: Optional[Path] = typer.Option(
         None, "--out", help=f"writes metrics.json and checkpoint.pt here (default: a new folder "
-                            f"{TRAIN_RUNS}/<run name>-<date>-<time>); a folder holding a run is refused unless "
+                            f"`{TRAIN_RUNS}/<run name>-<date>-<time>`); a folder holding a run is refused unless "
                             "--overwrite or --resume"),
     epochs: Optional[int] = typer.Option(None, help="override the config's epochs (at least 1)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),

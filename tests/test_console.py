@@ -158,3 +158,26 @@ def test_a_verdict_is_wrapped_to_100_columns_without_splitting_a_word():
     assert " ".join(" ".join(lines).split()) == " ".join(text.split())  # nothing lost, no word split
     assert "/a/very/long/path/that/is/longer/than/the/width" * 3 in wrapped(
         "report: " + "/a/very/long/path/that/is/longer/than/the/width" * 3, width=40)
+
+
+def test_help_shows_its_angle_bracket_placeholders():
+    """Markdown help ate `<run name>-<date>-<time>` as an HTML tag: `study train --help` showed "a new folder
+    runs/train/--" and `study features --help` "(default: /images, ...". Every `<...>` a help text holds shows."""
+    import re
+
+    import typer.main
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for name, command in group.commands.items():
+        rendered = CliRunner().invoke(app, [name, "--help"], terminal_width=160, env={"COLUMNS": "160"}).output
+        flat = " ".join(rendered.replace("│", " ").split())
+        for param in command.params:
+            for placeholder in re.findall(r"<[^<>`]+>[^\s`)]*", getattr(param, "help", None) or ""):
+                assert placeholder in flat, (name, param.name, placeholder)
+                checked += 1
+    assert checked >= 2
+    train = " ".join(CliRunner().invoke(app, ["train", "--help"], terminal_width=160).output.replace("│", " ").split())
+    assert "a new folder runs/train/<run name>-<date>-<time>)" in train
+    features = CliRunner().invoke(app, ["features", "--help"], terminal_width=160).output
+    assert "(default: <json folder>/images, or" in " ".join(features.replace("│", " ").split())
