@@ -269,14 +269,16 @@ def export(
     provenance, the spec, the search's trials and learning curves, the confirm runs and the verdict as CSV.
     No checkpoints, no features. DEST must be outside the study folder and empty (or a previous export, with
     --force)."""
-    from study.results import ExportRefused
+    from study.results import EXPORT_MANIFEST, ExportRefused
 
     found = open_study(study, storage)
     try:
         written = found.export(dest, force=force)
     except (FileNotFoundError, ExportRefused) as exc:
         fail(str(exc))
-    out.print(f"wrote {len(written)} files to {dest}: {', '.join(p.name for p in written)}", highlight=False)
+    # export.json (the list of what was written) is a file of the export too: "wrote 17 files" once left it out.
+    names = [p.name for p in written] + [EXPORT_MANIFEST]
+    out.print(f"wrote {len(names)} files to {dest}: {', '.join(names)}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

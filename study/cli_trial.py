@@ -228,13 +228,21 @@ def caption(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
 ) -> None:
     """Caption real image files with a trained checkpoint."""
+    from study.checkpoints import load_checkpoint
+    from study.config import checkpoint_config
+    from study.floor import caption_warnings, trained_on
     from study.inference import caption_files
 
+    captions = []
     try:
         for path, text in caption_files(checkpoint, images, beam_size=beam_size, device=device):
             typer.echo(f"{path}\t{text}")  # tab-separated, for scripts
+            captions.append(text)
+        trained = trained_on(checkpoint_config(load_checkpoint(checkpoint)["config"], str(checkpoint)).dataset)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    for warning in caption_warnings(captions, trained_on=trained):  # on stderr: stdout stays one line per image
+        console.print(f"warning: {warning}", highlight=False, markup=False)
 
 
 @app.command()
