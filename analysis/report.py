@@ -235,16 +235,23 @@ def _cost_blocks(trials: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame
         return []
     trial_counts = trials["inject"].value_counts() if "inject" in trials else pd.Series(dtype=int)
     run_counts = runs["method"].value_counts() if "method" in runs else pd.Series(dtype=int)
-    header = ["method", "search trials", "search CPU-h", "confirm runs", "confirm CPU-h", "total CPU-h"]
-    header += ["total GPU-h"] if gpu else []
+    header = ["method", "search trials", "search CPU time", "confirm runs", "confirm CPU time", "total CPU time"]
+    header += ["total GPU time"] if gpu else []
     rows = []
     for m in methods:
         s_h, c_h = search.get(m, 0.0) / 3600, confirm.get(m, 0.0) / 3600
-        row = [m, int(trial_counts.get(m, 0)), f"{cpu * s_h:.2f}", int(run_counts.get(m, 0)), f"{cpu * c_h:.2f}",
-               f"{cpu * (s_h + c_h):.2f}"]
-        rows.append(row + ([f"{gpu * (s_h + c_h):.2f}"] if gpu else []))
+        row = [m, int(trial_counts.get(m, 0)), _time(cpu * s_h), int(run_counts.get(m, 0)), _time(cpu * c_h),
+               _time(cpu * (s_h + c_h))]
+        rows.append(row + ([_time(gpu * (s_h + c_h))] if gpu else []))
     return [("p", f"Compute each method used ({cpu:g} CPU{f' and {gpu:g} GPU' if gpu else ''} per trial or run; "
                   "wall time of its epochs in the search and of its confirm runs):"), ("table", header, rows)]
+
+
+def _time(hours: float) -> str:
+    """Hours of compute in a unit that shows them: a quickstart's 0.004 h reads 14 s, not 0.00."""
+    if hours >= 1:
+        return f"{hours:.2f} h"
+    return f"{60 * hours:.1f} min" if hours >= 1 / 60 else f"{3600 * hours:.0f} s"
 
 
 def _effects_blocks(effects: Effects, images: dict[str, Path | None]) -> list[Block]:

@@ -84,10 +84,12 @@ def run(
         spec = load_spec(spec_path, storage=storage, tracking_uri=tracking_uri)
     except ConfigError as exc:
         fail(str(exc))
+    study = Study.from_spec(spec, spec_path)
+    if not dry_run and not new and study.exists():
+        _refuse_existing(study)  # before the header: the refusal is the answer, not the 12 lines of a plan
     out.print(describe_budget(spec), highlight=False)
     if dry_run:
         return
-    study = Study.from_spec(spec, spec_path)
     if new and study.exists():
         existing = study
         study = study.as_new_study()
@@ -96,16 +98,20 @@ def run(
     _run_and_summarise(study, address, max_concurrent, resume=False, report=report)
 
 
+def _refuse_existing(study) -> None:
+    # Running a spec again would add a second round of trials to the study it already made.
+    fail(f"study {study.spec.name} already exists at {study.paths.root}. Continue it with:  "
+         f"{study.resume_command()}   or start a new study beside it with:  study run {study.spec_path} --new")
+
+
 def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: bool) -> None:
     from study.leaderboard import format_table, leaderboard
 
     spec = study.spec
     writable_folder(study.paths.root)
     with lock_study(study, f"study {'resume' if resume else 'run'} {spec.name}"):
-        if not resume and study.exists():
-            # Running a spec again would add a second round of trials to the study it already made.
-            fail(f"study {spec.name} already exists at {study.paths.root}. Continue it with:  "
-                  f"{study.resume_command()}   or start a new study beside it with:  study run {study.spec_path} --new")
+        if not resume and study.exists():  # checked again under the lock: another driver may have made it since
+            _refuse_existing(study)
         out.print(f"MLflow store: {study.tracking_uri} (experiment {study.experiment})")
         try:
             outcome = study.search(address=address, max_concurrent=max_concurrent, resume=resume,
@@ -263,14 +269,16 @@ def export(
     provenance, the spec, the search's trials and learning curves, the confirm runs and the verdict as CSV.
     No checkpoints, no features. DEST must be outside the study folder and empty (or a previous export, with
     --force)."""
-    from study.results import ExportRefused
+    from study.results import EXPORT_MANIFEST, ExportRefused
 
     found = open_study(study, storage)
     try:
         written = found.export(dest, force=force)
     except (FileNotFoundError, ExportRefused) as exc:
         fail(str(exc))
-    out.print(f"wrote {len(written)} files to {dest}: {', '.join(p.name for p in written)}", highlight=False)
+    # export.json (the list of what was written) is a file of the export too: "wrote 17 files" once left it out.
+    names = [p.name for p in written] + [EXPORT_MANIFEST]
+    out.print(f"wrote {len(names)} files to {dest}: {', '.join(names)}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from study.config import ConfigError
-from study.console import HELP_MARKUP, fail, out
+from study.console import HELP_MARKUP, console, fail, out, wrapped
 
 app = typer.Typer(rich_markup_mode=HELP_MARKUP)
 
@@ -46,6 +46,7 @@ def evaluate(
     from study.cli_study import lock_study, open_study
     from study.cross_dataset import EvaluateError, run_evaluate
     from study.data.features import ImageReadError
+    from study.floor import evaluation_warnings, trained_on
 
     found = open_study(study, storage)
     with lock_study(found, f"study evaluate {found.name}"):
@@ -57,7 +58,13 @@ def evaluate(
         verdict = outcome.verdict
         out.print(f"evaluated study {found.name} on {outcome.name}: {len(outcome.computed)} runs scored, "
                   f"{len(outcome.reused)} finished ones reused ({outcome.folder})", highlight=False)
-        out.print(f"verdict on {outcome.name}: {verdict.verdict}\n{verdict.text}", highlight=False)
+        warnings = evaluation_warnings(outcome.folder, outcome.name, trained=trained_on(found.spec.dataset),
+                                       metric=verdict.metric)
+        for warning in warnings:
+            console.print(wrapped(f"warning: {warning}"), highlight=False, markup=False)
+        caveat = " (but the models score at the image-blind floor there or write nothing: see the warning)"
+        out.print(wrapped(f"verdict on {outcome.name}: {verdict.verdict}{caveat if warnings else ''}\n{verdict.text}"),
+                  highlight=False)
         section = f"Other photos: {outcome.name}"
         written = found.paths.report / "report.md"
         if report and (outcome.computed or not written.is_file() or section not in written.read_text()):
@@ -65,5 +72,5 @@ def evaluate(
 
             path = write_report(found)
             pooled = found.pooled_verdict().attrs
-            out.print(f"pooled over every test set: {pooled['verdict']}\n{pooled['text']}\nreport: {path}",
-                      highlight=False)
+            out.print(wrapped(f"pooled over every test set: {pooled['verdict']}\n{pooled['text']}") +
+                      f"\nreport: {path}", highlight=False)

@@ -36,7 +36,7 @@ def data_shapes(
 @app.command()
 def features(
     dataset_json: Path = typer.Argument(..., help="a Karpathy-split dataset JSON (e.g. dataset_flickr8k.json)"),
-    images_root: Optional[Path] = typer.Option(None, help="folder of the images (default: <json folder>/images, "
+    images_root: Optional[Path] = typer.Option(None, help="folder of the images (default: `<json folder>/images`, "
                                                            "or the JSON's folder when it holds images/ paths)"),
     encoder: str = typer.Option("efficientnet_lite0", help="image encoder registry name"),
     cache_dir: Optional[Path] = typer.Option(None, help="cache folder (default: $CAPTION_STUDY_CACHE or "
@@ -146,7 +146,7 @@ def train(
     config: Path = typer.Argument(..., help="trial YAML: cell, layers, hidden, tokens, inject, epochs, dataset..."),
     out_dir: Optional[Path] = typer.Option(
         None, "--out", help=f"writes metrics.json and checkpoint.pt here (default: a new folder "
-                            f"{TRAIN_RUNS}/<run name>-<date>-<time>); a folder holding a run is refused unless "
+                            f"`{TRAIN_RUNS}/<run name>-<date>-<time>`); a folder holding a run is refused unless "
                             "--overwrite or --resume"),
     epochs: Optional[int] = typer.Option(None, help="override the config's epochs (at least 1)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
@@ -228,13 +228,21 @@ def caption(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
 ) -> None:
     """Caption real image files with a trained checkpoint."""
+    from study.checkpoints import load_checkpoint
+    from study.config import checkpoint_config
+    from study.floor import caption_warnings, trained_on
     from study.inference import caption_files
 
+    captions = []
     try:
         for path, text in caption_files(checkpoint, images, beam_size=beam_size, device=device):
             typer.echo(f"{path}\t{text}")  # tab-separated, for scripts
+            captions.append(text)
+        trained = trained_on(checkpoint_config(load_checkpoint(checkpoint)["config"], str(checkpoint)).dataset)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    for warning in caption_warnings(captions, trained_on=trained):  # on stderr: stdout stays one line per image
+        console.print(f"warning: {warning}", highlight=False, markup=False)
 
 
 @app.command()

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from study import registry
+from study.config_errors import format_validation_error
 from study.registry import CELLS, METHODS
 
 SEED_MAX = 2**31 - 1  # torch, numpy and Optuna all take seeds this large; 2**70 overflowed each of them
@@ -194,20 +195,6 @@ class TrialConfig(StrictModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One readable message per problem: ``file: key.path: what is wrong (allowed: ...)``."""
-    lines = [f"{source}: invalid configuration"]
-    for problem in err.errors():
-        loc = ".".join(str(part) for part in problem["loc"]) or "<top level>"
-        msg = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling)"
-        elif problem["type"] == "literal_error" and "expected" in problem.get("ctx", {}):
-            msg = f"got {problem.get('input')!r}; allowed: {problem['ctx']['expected']}"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file and the line."""
     path = Path(path)
@@ -218,8 +205,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         # A binary file passed by mistake (a checkpoint, an image): say so instead of a codec traceback.
         raise ConfigError(f"{path}: not a YAML text file (byte {exc.start} is not UTF-8 text)") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except yaml.YAMLError as exc:  # its marks name the text "<unicode string>": name the file instead
+        raise ConfigError(f"{path}: not valid YAML: " + str(exc).replace('"<unicode string>"', f'"{path}"')) from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -234,7 +221,7 @@ def validate_model(model: type[M], data: dict[str, Any], source: str, *, check_p
     try:
         return model.model_validate(data, context={"skip_path_checks": not check_paths})
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, model)) from None
 
 
 def load_yaml_model(model: type[M], path: Path) -> M:

@@ -168,9 +168,9 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
                         max_retries=spec.max_failures)(confirm_one)
     data_ref = ray.put(data)
     pending = {remote.remote(cfg, data_ref): (m, r, s) for m, r, s, cfg in todo}
-    from tqdm.auto import tqdm
+    from study.progress import progress_bar
 
-    bar = tqdm(total=len(pending), desc="confirm runs", disable=not progress)
+    bar = progress_bar(len(pending), "confirm runs", unit="run", enabled=progress)  # a line per run if no terminal
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         method, rank, seed = pending.pop(ready[0])
@@ -181,6 +181,7 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
         if checkpoint is not None:  # first: a .json without its .pt is an older run, never the reverse
             atomic_write_bytes(paths.confirm_model(name), checkpoint)
         atomic_write_json(paths.confirm_result(name), result)
+        bar.set_postfix_str(name, refresh=False)
         bar.update(1)
     bar.close()
     return paths.confirm

@@ -22,6 +22,17 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
+def wrapped(text: str, width: int | None = None) -> str:
+    """``text`` wrapped to the terminal's width, at most 100 columns (100 without a terminal: a log file, CI),
+    each line on its own; words are never split, so a path, a number or ``init - par`` stays whole."""
+    import shutil
+    import textwrap
+
+    width = width or min(100, shutil.get_terminal_size((100, 24)).columns)
+    return "\n".join(textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False) if line else line
+                     for line in text.splitlines())
+
+
 def fail(message: str) -> NoReturn:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)

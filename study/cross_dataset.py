@@ -160,9 +160,8 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     """Caption and score ``split`` of the dataset ``json_path`` with every finished confirm run of the study
     (``runs``: only these run names) and compute the verdict on it at the report's level; finished results are
     reused (see the module docstring). ``track``: MLflow's confirm runs gain the scores."""
-    from tqdm.auto import tqdm
-
     from study.evaluated import report_level
+    from study.progress import progress_bar
     from study.registry import any_needs_grid
 
     spec, paths = ctx.spec, ctx.paths
@@ -189,12 +188,13 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
         prepared = prepare_split(data, encoder=spec.dataset.encoder, cache_dir=spec.dataset.cache_dir,
                                  need_grid=any_needs_grid(methods), progress=progress, device=device,
                                  fingerprint=fingerprint)
-        bar = tqdm(total=len(todo), desc=f"evaluate on {name}", unit="run", disable=not progress)
+        bar = progress_bar(len(todo), f"evaluate on {name}", unit="run", enabled=progress)
         for run, result_path, identity in todo:
             result = evaluate_run(paths.confirm_model(run), json.loads(result_path.read_text()), prepared, split,
                                   device=device)
             atomic_write_json(folder / "runs" / f"{run}.json", {"run": run, "dataset": name, **identity, **result})
             outcome.computed.append(run)
+            bar.set_postfix_str(run, refresh=False)
             bar.update(1)
         bar.close()
     if track:

@@ -33,7 +33,7 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
             "precision": _precision(paths)}
     if paths.search_time.is_file():
         used = json.loads(paths.search_time.read_text())
-        rows["search time budget"] = f"{used['used_s'] / 3600:.2f} h used of {used['budget_s'] / 3600:.2f} h"
+        rows["search time budget"] = f"{_hours(used['used_s'])} used of {_hours(used['budget_s'])}"
     rows.update(wall_time_rows(Journal(paths.journal, paths.journal_sent), paths.confirm_results()))
     rows["hardware"] = _hardware()
     rows["python"] = platform.python_version()
@@ -66,13 +66,20 @@ def wall_time_rows(journal: Journal, confirm_results: list[Path]) -> dict[str, s
             runs.append((result["started_ms"] / 1000, result["ended_ms"] / 1000))
     rows = {}
     if epochs:
-        rows["search wall time"] = (f"{union_seconds(epochs) / 3600:.2f} h while trials trained "
-                                    f"({len(epochs)} trial-epochs, {sum(b - a for a, b in epochs) / 3600:.2f} h of "
+        rows["search wall time"] = (f"{_hours(union_seconds(epochs))} while trials trained "
+                                    f"({len(epochs)} trial-epochs, {_hours(sum(b - a for a, b in epochs))} of "
                                     "trial time)")
     if runs:
-        rows["confirm wall time"] = (f"{union_seconds(runs) / 3600:.2f} h ({len(runs)} runs, "
-                                     f"{sum(b - a for a, b in runs) / 3600:.2f} h of run time)")
+        rows["confirm wall time"] = (f"{_hours(union_seconds(runs))} ({len(runs)} runs, "
+                                     f"{_hours(sum(b - a for a, b in runs))} of run time)")
     return rows
+
+
+def _hours(seconds: float) -> str:
+    """``1.48 h`` from an hour on; below it minutes and seconds (a quickstart's search read "0.01 h")."""
+    from study.progress import duration
+
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else duration(seconds)
 
 
 def union_seconds(spans: list[tuple[float, float]]) -> float:

@@ -63,8 +63,10 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     tracker.study_artifact(result.path.parent, "report")
     tracker.finish_study()  # the parent run's end moves to now: its duration covers search, confirm and report
     if console is not None:
+        from study.console import wrapped
+
         note = notes.get("decision")
-        console.print(f"\nverdict: {verdict.verdict}\n{verdict.text}" + (f"\n{note}" if note else "")
+        console.print(wrapped(f"\nverdict: {verdict.verdict}\n{verdict.text}" + (f"\n{note}" if note else ""))
                       + f"\nreport: {result.path}", highlight=False)
         console.print(next_steps(ctx, result.html), highlight=False, soft_wrap=True, markup=False)
     return result.path

@@ -36,6 +36,7 @@ from study.config import (
     read_yaml,
     validate_model,
 )
+from study.config_errors import did_you_mean
 from study.spec_checks import check_epochs, check_points, check_trial, check_when
 
 TRIAL_FIELDS = set(TrialConfig.model_fields) - {"dataset"}
@@ -213,8 +214,9 @@ class StudySpec(StrictModel):
     def _check_parameters(self) -> "StudySpec":
         for where, keys in (("fixed", self.fixed), ("space", self.space)):
             unknown = sorted(set(keys) - TRIAL_FIELDS)
-            if unknown:
-                raise ValueError(f"{where}: unknown trial parameter(s) {unknown}; allowed: {sorted(TRIAL_FIELDS)}")
+            if unknown:  # one key path first, so the message gets its file line (study.config_errors)
+                raise ValueError("; ".join(f"{where}.{name}: unknown trial parameter{did_you_mean(name, TRIAL_FIELDS)}"
+                                           for name in unknown) + f"; allowed: {', '.join(sorted(TRIAL_FIELDS))}")
         both = sorted(set(self.fixed) & set(self.space))
         if both:
             raise ValueError(f"{both} are both fixed and searched; keep one")

@@ -106,7 +106,7 @@ class Study(StudyContext):
     def test_scores(self) -> pd.DataFrame:
         """One row per method and configuration rank: ``seeds`` and every test metric's corpus-level score as
         ``<metric>_mean`` and ``<metric>_std`` over seeds (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D: the numbers papers
-        print, the table the README quotes)."""
+        print, the table docs/answer.md quotes)."""
         return results.test_scores(self.confirm_runs(), self.spec.methods)
 
     def verdict(self) -> pd.DataFrame:

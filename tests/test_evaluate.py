@@ -154,6 +154,7 @@ def evaluated(tmp_path_factory, small_shapes, feature_cache_dir):
                            confirm={"top_k": 1, "seeds": 1, "epochs": 2, "beam_size": 2, "margin": 0.05})
     run = _study("run", str(spec_path), cwd=tmp)
     assert run.returncode == 0, run.stderr[-3000:]
+    rerun = _study("run", str(spec_path), cwd=tmp)  # refused: the study exists
     folder = tmp / "runs" / "crossdata"
     other = ensure_shapes(ShapesDataset(images=50, image_size=64, seed=8, cache_dir=feature_cache_dir), progress=False)
     command = ("evaluate", str(folder), str(other), "--split", "train", "--name", "shapes-b")
@@ -171,7 +172,7 @@ def evaluated(tmp_path_factory, small_shapes, feature_cache_dir):
     exported = _cli("export", folder, tmp / "results")
     return SimpleNamespace(tmp=tmp, folder=folder, other=other, first=first, again=again, results=results,
                            stamps=stamps, report_stamp=report_stamp, after_again=after_again, resumed=resumed,
-                           exported=exported)
+                           exported=exported, run=run, rerun=rerun)
 
 
 @pytest.mark.slow
@@ -203,6 +204,31 @@ def test_evaluate_scores_every_confirm_run_as_scoring_its_checkpoints_captions_d
             assert result["per_image"][metric] == {str(k): pytest.approx(v, abs=1e-12) for k, v in by_image.items()}
         assert set(result["per_image"]) >= {"CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"}
         assert 0 < result["scores"]["BLEU-1"] <= 1 and np.isfinite(result["scores"]["METEOR"])
+
+
+@pytest.mark.slow
+def test_without_a_terminal_a_study_prints_plain_lines_and_a_rerun_is_refused_before_its_header(evaluated):
+    """Issue 34 item 5, as `study run > log 2>&1` sees it (stdout and stderr are pipes here): one line per ended
+    trial and per confirm run with an ETA, never a bar's \\r frames; the space as a table; the verdict wrapped;
+    and `study run` of the existing study answers with its refusal alone."""
+    run = evaluated.run
+    assert "\r" not in run.stdout + run.stderr
+    err = run.stderr.splitlines()
+    trials = [line for line in err if line.startswith("search crossdata: ")]
+    assert [line.split(" trials done")[0] for line in trials] == ["search crossdata: 1/2", "search crossdata: 2/2"]
+    assert "elapsed, about" in trials[0] and trials[0].endswith(" left") and "best val_CIDEr-D: " in trials[0]
+    runs = [line for line in err if line.startswith("confirm runs: ")]
+    assert [line.split(" runs done")[0] for line in runs] == ["confirm runs: 1/2", "confirm runs: 2/2"]
+    assert runs[0].endswith(" left") and ("(init-r1-s0)" in runs[0] or "(merge-r1-s0)" in runs[0])
+    out = run.stdout.splitlines()
+    header = next(i for i, line in enumerate(out) if line.split()[:3] == ["searched", "kind", "values"])
+    assert out[header + 1].split()[:2] == ["inject", "choice"] and "{'type'" not in run.stdout
+    start = next(i for i, line in enumerate(out) if line.startswith("verdict: "))
+    end = next(i for i, line in enumerate(out) if line.startswith("report: "))
+    assert end - start > 2 and all(len(line) <= 100 for line in out[start:end])
+    rerun = evaluated.rerun
+    assert rerun.returncode == 2 and "study crossdata already exists" in " ".join(rerun.stderr.split())
+    assert rerun.stdout == "", rerun.stdout  # no plan printed before the refusal
 
 
 @pytest.mark.slow
@@ -270,6 +296,8 @@ def test_the_verdict_on_the_other_dataset_is_a_frame_the_report_a_section_mlflow
 def test_export_carries_the_evaluated_datasets(evaluated):
     assert evaluated.exported.exit_code == 0, evaluated.exported.output[-3000:]
     results = evaluated.tmp / "results"
+    said = int(evaluated.exported.stdout.split("wrote ")[1].split(" files")[0])
+    assert said == len([p for p in results.iterdir() if p.is_file()])  # it said 17 and wrote 18 (issue 34, 9)
     runs = pd.read_csv(results / "evaluations.csv")
     assert sorted(runs["run"]) == ["init-r1-s0", "merge-r1-s0"] and set(runs["dataset"]) == {"shapes-b"}
     verdicts = pd.read_csv(results / "evaluation_verdicts.csv")

@@ -132,4 +132,41 @@ def test_cli_rejects_bad_spec_before_starting_ray_and_dry_run_prints_budget(tmp_
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "4 trials" in proc.stdout and "2 trials each for init, attention" in proc.stdout
-    assert "attention_dim" in proc.stdout and "when {'inject': 'attention'}" in proc.stdout
+    assert "attention_dim" in proc.stdout and "inject = attention" in proc.stdout
+
+
+def test_a_spec_error_names_the_line_suggests_the_name_and_carries_no_pydantic_prefix(tmp_path):
+    """Issue 34 item 7: "<top level>: Value error, space: unknown trial parameter(s) ['dropuot']; allowed: [...]",
+    and YAML syntax errors `in "<unicode string>"`."""
+    typo = _write(tmp_path, GOOD.replace("  lr: {loguniform", "  dropuot: {uniform: [0.0, 0.5]}\n  lr: {loguniform"))
+    with pytest.raises(ConfigError) as err:
+        load_spec(typo)
+    line = typo.read_text().splitlines().index("  dropuot: {uniform: [0.0, 0.5]}") + 1
+    message = str(err.value)
+    assert message.startswith(f"{typo}:{line}: space.dropuot: unknown trial parameter (did you mean `dropout`?);")
+    assert "Value error" not in message and "<top level>" not in message and "['" not in message
+    # unknown keys of the spec's own models, nested and in the dataset's union: each with its line and a suggestion
+    keys = _write(tmp_path, GOOD.replace("search: {trials: 4}", "search:\n  trails: 4").replace(
+        "images: 60}", "imagse: 60}").replace("when: {inject", "whne: {inject"))
+    with pytest.raises(ConfigError) as err:
+        load_spec(keys)
+    lines = str(err.value).splitlines()
+    text = keys.read_text().splitlines()
+    assert lines[0] == f"{keys}: 3 problems"
+    expected = {"dataset.shapes.imagse": ("dataset:", "images"),
+                "space.attention_dim.whne": ("  attention_dim", "when"), "search.trails": ("  trails", "trials")}
+    for key, (starts, suggestion) in expected.items():
+        row = next(r for r in lines if f": {key}: " in r)
+        number = next(i for i, t in enumerate(text, 1) if t.startswith(starts))
+        assert row.strip().startswith(f"{keys}:{number}: {key}: unknown key (did you mean `{suggestion}`?)"), row
+    # a value error inside a key keeps its path and line, without "Value error, "
+    bad_range = _write(tmp_path, GOOD.replace("loguniform: [1.0e-3, 1.0e-2]", "loguniform: [1.0e-2, 1.0e-3]"))
+    with pytest.raises(ConfigError) as err:
+        load_spec(bad_range)
+    number = next(i for i, t in enumerate(bad_range.read_text().splitlines(), 1) if t.startswith("  lr:"))
+    assert str(err.value).startswith(f"{bad_range}:{number}: space.lr: loguniform: low must be below high")
+    # YAML syntax: the file, not "<unicode string>"
+    broken = _write(tmp_path, "name: t\nfixed: {cell: lstm\n")
+    with pytest.raises(ConfigError) as err:
+        load_spec(broken)
+    assert "<unicode string>" not in str(err.value) and f'in "{broken}", line 2' in str(err.value)

@@ -302,6 +302,7 @@ def test_the_reports_wall_times_count_side_by_side_work_once_and_the_gap_before_
         path.write_text(json.dumps({"started_ms": t0 + start_s * 1000, "ended_ms": t0 + end_s * 1000}))
         confirm.append(path)
     rows = wall_time_rows(journal, confirm)
-    assert rows["search wall time"] == "0.06 h while trials trained (3 trial-epochs, 0.07 h of trial time)"
-    assert rows["confirm wall time"] == "0.33 h (2 runs, 0.42 h of run time)"
+    # below an hour in minutes and seconds, not "0.06 h" (issue 34, item 9)
+    assert rows["search wall time"] == "3 min 30 s while trials trained (3 trial-epochs, 4 min 20 s of trial time)"
+    assert rows["confirm wall time"] == "20 min 00 s (2 runs, 25 min 00 s of run time)"
     assert wall_time_rows(Journal(tmp_path / "none.jsonl", tmp_path / "s.json"), []) == {}  # nothing ran yet

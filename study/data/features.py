@@ -36,11 +36,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from study.data.encoders import EncoderSpec, encode_images, get_encoder, load_encoder, pick_device, preprocess
 from study.data.karpathy import load_image as _load_image  # 8-bit RGB; DatasetError (a ValueError) if bad
 from study.files import atomic_write_json
+from study.progress import progress_bar
 
 # Errors a broken or missing image raises while being decoded and preprocessed (karpathy.load_image raises
 # DatasetError, a ValueError; the rest is belt and braces for PIL).
@@ -247,8 +247,9 @@ def _fill_partial(partial: Path, items: Sequence[tuple[str, Path]], keys: list[s
     if start < n:
         model = load_encoder(spec, device)
         pool = ThreadPoolExecutor(num_workers, thread_name_prefix="decode") if num_workers > 0 else None
-        bar = tqdm(total=n, initial=start, unit="img", desc=f"features {spec.name}", disable=not progress,
-                   dynamic_ncols=True)
+        # Not at a terminal: a line every 30 s (and the last), not a bar redrawn with \r into a log file.
+        bar = progress_bar(n, f"features {spec.name}", unit="img", initial=start, enabled=progress,
+                           min_interval_s=30, dynamic_ncols=True)
         try:
             for row0, decoded in _batches_prefetched(items, start, batch_size, spec, pool):
                 ok = []

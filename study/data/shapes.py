@@ -29,6 +29,7 @@ from tqdm import tqdm
 from study.config import ShapesDataset
 from study.data.scenes import Scene, render_scene
 from study.data.tokens import word_tokens
+from study.progress import interactive
 
 GENERATOR_VERSION = 1  # part of the cache folder name: bump when scenes, rendering or grammar change
 
@@ -135,7 +136,7 @@ def _generate(out_dir: Path, images: int, seed: int, image_size: int, progress: 
 
     width = max(5, len(str(images - 1)))
     entries = []
-    for i in tqdm(range(images), desc="shapes", unit="img", disable=not progress, file=sys.stderr):
+    for i in tqdm(range(images), desc="shapes", unit="img", disable=not progress or not interactive(), file=sys.stderr):
         rng = np.random.default_rng([seed, i])  # per-image sub-seed: image i never depends on the others
         img, scene = render_scene(rng, image_size)
         filename = f"{i:0{width}d}.png"

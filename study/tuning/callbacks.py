@@ -30,13 +30,14 @@ class SearchProgress:
     time budget left, and each method's best score so far; the per-epoch lines print above it."""
 
     def __init__(self, spec: StudySpec, total: int, ended: int, budget: Path | None, enabled: bool):
-        from tqdm.auto import tqdm
+        from study.progress import progress_bar
 
         self.spec, self.budget = spec, budget
         self.best: dict[str, float] = {}
-        self.bar = tqdm(total=total, initial=ended, desc=f"search {spec.name}", unit="trial", disable=not enabled,
-                        dynamic_ncols=True, bar_format="{desc}: {n}/{total} trials |{bar}| {elapsed}<{remaining}"
-                        "{postfix}")
+        # Not at a terminal (a log file, CI, nohup): one line per ended trial, with the best so far and an ETA.
+        self.bar = progress_bar(total, f"search {spec.name}", unit="trial", initial=ended, enabled=enabled,
+                                dynamic_ncols=True, bar_format="{desc}: {n}/{total} trials |{bar}| "
+                                "{elapsed}<{remaining}{postfix}")
 
     def write(self, line: str) -> None:
         if not self.bar.disable:
@@ -50,8 +51,8 @@ class SearchProgress:
         self._postfix()
 
     def trial_ended(self) -> None:
-        self.bar.update(1)
         self._postfix()
+        self.bar.update(1)
 
     def _postfix(self) -> None:
         parts = [f"{m} {format_metric(self.spec.metric, v)}" for m, v in self.best.items()]

@@ -137,12 +137,28 @@ def describe_budget(spec: StudySpec) -> str:
         device = "cuda" if spec.resources.gpu else "cpu"
         lines.append(f"  precision: auto, {resolve(precision, device)} on this driver's {device} "
                      "(pinned for every trial)")
-    for name, desc in spec.space_description().items():
-        when = spec.space[name].when
-        lines.append(f"  {name}: {desc}" + (f" when {when}" if when else ""))
+    lines += space_table(spec)
     uri = StudyPaths.of(spec.storage, spec.name).tracking_uri(spec.tracking.uri)
     lines.append(f"  dataset: {spec.dataset.kind}; storage: {spec.storage}; MLflow: {uri}")
     return "\n".join(lines)
+
+
+def space_table(spec: StudySpec) -> list[str]:
+    """The searched parameters as an aligned table (name, distribution, values or range, condition), for people;
+    ``StudySpec.space_description`` keeps the plain dicts for the analysis."""
+    rows = [("searched", "kind", "values", "only when")]
+    for name, param in spec.space.items():
+        desc = param.describe()
+        if desc["type"] == "choice":
+            values = ", ".join(str(v) for v in desc["values"])
+        else:
+            values = f"{desc['low']:g} .. {desc['high']:g}" + (f", step {desc['step']:g}" if "step" in desc else "")
+        when = "; ".join(f"{key} = {' or '.join(map(str, allowed)) if isinstance(allowed, list) else allowed}"
+                         for key, allowed in (param.when or {}).items())
+        rows.append((name, desc["type"], values, when))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return [("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3]).rstrip()
+            for row in rows]
 
 
 def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: int | None = None,

@@ -1,0 +1,48 @@
+"""Warnings for scores that say nothing (issue 34 item 8): a model at the image-blind floor of a dataset, or one
+that writes empty captions, with the likely cause named (trained on another domain)."""
+
+from __future__ import annotations
+
+from study.floor import blind_floor, caption_warnings, floor_warnings
+
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle", "star"]
+REFERENCES = {i: [f"a {COLOURS[i % 8]} {SHAPES[i % 4]} on the left", f"one {COLOURS[i % 8]} {SHAPES[i % 4]}"]
+              for i in range(24)}
+
+
+def _run(captions: dict[int, str]) -> dict:
+    from study.metrics import score_captions
+
+    return {"captions": captions, "scores": score_captions(REFERENCES, captions)}
+
+
+def test_a_model_that_reads_its_images_is_above_the_floor_and_gets_no_warning():
+    seeing = {i: f"a {COLOURS[i % 8]} {SHAPES[i % 4]}" for i in REFERENCES}
+    run = _run(seeing)
+    assert run["scores"]["CIDEr-D"] > 3 * blind_floor(REFERENCES, seeing)
+    assert floor_warnings({"init-r1-s0": run}, REFERENCES, dataset="shapes-b", trained_on="shapes") == []
+
+
+def test_a_model_blind_to_the_images_or_writing_nothing_is_warned_about_naming_the_domain():
+    blind = _run({i: "a red circle on the left" for i in REFERENCES})
+    silent = _run({i: "" if i % 3 else f"a {COLOURS[i % 8]} {SHAPES[i % 4]}" for i in REFERENCES})
+    seeing = _run({i: f"a {COLOURS[i % 8]} {SHAPES[i % 4]}" for i in REFERENCES})
+    warnings = floor_warnings({"init-r1-s0": blind, "par-r1-s0": silent, "pre-r1-s0": seeing}, REFERENCES,
+                              dataset="coco-mini", trained_on="generated shapes scenes")
+    assert len(warnings) == 2
+    floor, empty = warnings
+    assert floor.startswith("1 of 3 models score at or below the image-blind floor on coco-mini (CIDEr-D x100")
+    assert "init-r1-s0 " in floor and "par-r1-s0" not in floor and "pre-r1-s0" not in floor
+    assert empty.startswith("1 of 3 models wrote empty captions on coco-mini (par-r1-s0 16 of 24)")
+    for warning in warnings:
+        assert "trained on another domain (generated shapes scenes) than coco-mini's images" in warning
+
+
+def test_study_caption_warns_about_empty_captions_and_one_caption_for_every_image():
+    assert caption_warnings(["a dog runs", "two men talk", "a red car"], trained_on="x") == []
+    empty = caption_warnings(["", "a red circle"], trained_on="generated shapes scenes")
+    assert len(empty) == 1 and empty[0].startswith("1 of 2 captions are empty: the model was trained on generated "
+                                                   "shapes scenes; images of another domain")
+    same = caption_warnings(["a red circle"] * 3, trained_on="generated shapes scenes")
+    assert len(same) == 1 and "every one of the 3 images got the same caption ('a red circle')" in same[0]
