@@ -75,7 +75,7 @@ def assert_spec_refused(path, needles) -> None:
     (GOOD.replace("trials: 4", f"trials: 4, seed: {2**70}"), ["search.seed", "less than or equal to 2147483647"]),
     (GOOD.replace("cell: lstm", f"cell: lstm, seed: {2**70}"), ["fixed", "seed", "less than or equal"]),
     (GOOD.replace("[init, attention]", "[init, init, attention]"), ["['init'] more than once"]),
-    (GOOD.replace("cell: lstm", "cell: lstm, epochs: 7"), ["epochs is not a trial parameter of a study",
+    (GOOD.replace("cell: lstm", "cell: lstm, epochs: 7"), ["epochs is not a fixed parameter of a study",
                                                           "asha.max_epochs", "confirm.epochs"]),
     (GOOD.replace("when: {inject: attention}", "when: {lr: 0.005}"), ["lr is drawn from a continuous range",
                                                                      "never equals"]),
@@ -98,12 +98,16 @@ def test_unknown_injection_method_lists_the_valid_ones(tmp_path):
 def test_shipped_spaces_validate():
     for path in sorted((REPO / "search_spaces").glob("*.yaml")):
         spec = load_spec(path, check_paths=False)
-        assert spec.stratify == "inject" and "init" in spec.methods, path
+        assert spec.stratified and "init" in spec.methods, path
         # Every study of the question gives init and the four methods it is compared with the same budget
         # (flickr8k_fair leaves out the image-blind floor, none, to fit one session); the tokens study
-        # compares char and word decoding for init and par only.
+        # compares char and word decoding for init and par only. Studies with arms carry the seed's own model
+        # (the image in c0 of the first LSTM layer alone) as their target arm.
         compared = {"init", "pre", "par", "merge", "attention"}
         assert compared <= set(spec.methods) or path.stem == "flickr8k_tokens", path
+        if spec.arms:
+            seed = spec.arm_set.arms[spec.arm_set.target]
+            assert "c0 of the first LSTM layer only" in spec.arm_set.describe(seed.name), path
 
 
 def test_validating_a_spec_imports_neither_torch_nor_the_models(tmp_path):
@@ -131,7 +135,8 @@ def test_cli_rejects_bad_spec_before_starting_ray_and_dry_run_prints_budget(tmp_
     proc = subprocess.run([sys.executable, "-m", "study", "run", str(good), "--dry-run"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "4 trials" in proc.stdout and "2 trials each for init, attention" in proc.stdout
+    assert "4 trials" in proc.stdout and "up to 2 trials each" in proc.stdout
+    assert "    init: inject init" in proc.stdout and "    attention: inject attention" in proc.stdout
     assert "attention_dim" in proc.stdout and "inject = attention" in proc.stdout
 
 

@@ -43,14 +43,15 @@ def export_optuna_studies(spec: StudySpec) -> Path | None:
     tmp.unlink(missing_ok=True)
     storage = f"sqlite:///{tmp}"
     searcher = StudySearcher(spec)
-    for key, fixed in searcher.group_fixed().items():
+    for key, arm in searcher.group_arms().items():
+        fixed = arm.fixed() if arm is not None else {}
         study = optuna.create_study(study_name=f"{spec.name}.{key}", storage=storage,
                                     direction="maximize" if spec.mode == "max" else "minimize")
         study.set_user_attr("metric", spec.metric)  # what each value is (the trial's best epoch)
         with warnings.catch_warnings():  # "experimental since 3.2", stable in use since; the warning is noise
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([spec.metric])  # the dashboard's axis says val_CIDEr-D, not "Objective 0"
-        mine = trials[(trials[list(fixed)] == pd.Series(fixed)).all(axis=1)] if fixed else trials
+        mine = trials[trials["arm"] == key] if arm is not None else trials
         for _, row in mine.iterrows():
             frozen = _frozen_trial(spec, fixed, row, history, times.get(row["trial_id"]), runs)
             if frozen is not None:
@@ -86,7 +87,7 @@ def _frozen_trial(spec: StudySpec, fixed: dict[str, Any], row: pd.Series, histor
     now = int(datetime.datetime.now().timestamp() * 1000)
     start_ms, end_ms = times or (now, now)  # no journalled time at all: a trial of a study older than them
     start, complete = (datetime.datetime.fromtimestamp(ms / 1000) for ms in (start_ms, end_ms))
-    attrs = {"trial_id": row["trial_id"], "run": row.get("run"), "method": row.get("inject"),
+    attrs = {"trial_id": row["trial_id"], "run": row.get("run"), "method": row.get("inject"), "arm": row.get("arm"),
              "status": row["status"], "epochs": int(row.get("epochs") or 0)}
     if row["trial_id"] in runs:
         attrs["mlflow_run_id"] = runs[row["trial_id"]]
