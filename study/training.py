@@ -50,6 +50,26 @@ class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite; the message says when and with which settings."""
 
 
+class TrialDidNotLearn(TrialDiverged):
+    """After ``LEARN_BY_EPOCH`` epochs the validation loss is no better than the training captions' word
+    frequencies alone: the model learned nothing (e.g. ``weight_decay: 1e30`` under Adam holds every weight at
+    zero, and the loss stays flat without becoming NaN). Ended as a divergence is: errored, not retried, never
+    ranked or confirmed, so no verdict is decided from such models (issue 33, item 5)."""
+
+
+LEARN_BY_EPOCH = 2  # the first epoch at which a model must beat the unigram baseline
+
+
+def unigram_entropy(train: SplitTensors) -> float:
+    """Nats per token of the best model that ignores context and image: the entropy of the word (or character)
+    frequencies of the training targets (every token after the first of each caption, the end token included)."""
+    positions = torch.arange(train.ids.shape[1])
+    targets = (positions[None, :] < torch.from_numpy(train.lengths)[:, None]) & (positions[None, :] > 0)
+    counts = torch.bincount(train.ids[targets]).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
                             bucket_batches: int = 50) -> list[np.ndarray]:
     """Shuffled batches of caption indices whose lengths are similar, so padding is small.
@@ -203,7 +223,7 @@ class TrainingState:
         val = validate(self.model, self.data, self.val, self.features, self.val_chars, vocab=self.vocab,
                        decoding=Decoding.of(self.cfg, beam_size=1), batch_size=self.cfg.batch_size,
                        val_images=self.cfg.val_images)
-        return {
+        metrics = {
             "epoch": epoch,
             "train_loss": train_loss,
             **{k: val[k] for k in ("val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4")},
@@ -215,6 +235,21 @@ class TrainingState:
             "tokens_per_second": n_tokens / max(train_seconds, 1e-9),
             "params": self.params,
         }
+        self.check_learning(metrics)
+        return metrics
+
+    def check_learning(self, metrics: dict[str, Any]) -> None:
+        """Raise ``TrialDidNotLearn`` when, from ``LEARN_BY_EPOCH`` on, the validation loss is no better than the
+        unigram baseline (``unigram_entropy``); any model that learns beats it within its first epoch."""
+        if metrics["epoch"] < LEARN_BY_EPOCH:
+            return
+        baseline = unigram_entropy(self.train)
+        if not metrics["val_loss"] < baseline:
+            raise TrialDidNotLearn(
+                f"the model learned nothing: validation loss {metrics['val_loss']:.4f} nats per token after epoch "
+                f"{metrics['epoch']} is no better than the training captions' {self.cfg.tokens} frequencies alone "
+                f"({baseline:.4f}) (lr={self.cfg.lr:g}, weight_decay={self.cfg.weight_decay:g}, "
+                f"optimizer={self.cfg.optimizer}, {self.cfg.run_name})")
 
     def save(self, directory: Path, epoch: int) -> None:
         save_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
