@@ -82,7 +82,8 @@ def test_max_concurrent_below_one_is_refused(tmp_path, small_shapes):
     path = study_spec(tmp_path, "conc", small_shapes)
     for value in ("0", "-2"):
         result = _study("run", path, "--max-concurrent", value, "--dry-run")
-        assert result.exit_code == 2 and "--max-concurrent" in result.output and "greater than or equal to 1" in result.output
+        assert result.exit_code == 2 and "--max-concurrent" in result.output
+        assert "greater than or equal to 1" in result.output
 
 
 # ----- item 5: a trial that learns nothing ---------------------------------------------------------------------
@@ -136,7 +137,8 @@ def _an_image(small_prepared) -> Path:
 def test_caption_with_a_beam_below_one_is_refused(trained, small_prepared):
     for beam in ("0", "-3"):
         result = _study("caption", "--checkpoint", trained, "--beam-size", beam, _an_image(small_prepared))
-        assert result.exit_code == 2 and "--beam-size" in result.output and "greater than or equal to 1" in result.output
+        assert result.exit_code == 2 and "--beam-size" in result.output
+        assert "greater than or equal to 1" in result.output
         assert "Traceback" not in result.output
 
 
