@@ -17,6 +17,7 @@ import typer
 from study import cli_evaluate, cli_trial
 from study.cli_study import fail_on_full_disk, lock_study, open_study
 from study.config import ConfigError
+from study.configure import configure
 from study.console import HELP_MARKUP, console, fail, out, writable_folder
 from study.spec import METRIC_MODES
 
@@ -68,7 +69,8 @@ def run(
     spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="search-space YAML (see search_spaces/)"),
     address: Optional[str] = typer.Option(None, help="Ray address ('auto' on a cluster; default: a local Ray)"),
     dry_run: bool = typer.Option(False, help="print the space and the trial budget, then stop"),
-    max_concurrent: Optional[int] = typer.Option(None, help="trials at once (default: what resources allow)"),
+    max_concurrent: Optional[int] = typer.Option(None, min=1, help="trials at once (default: what resources "
+                                                 "allow)"),
     report: bool = typer.Option(True, help="after the search: confirm stage and report, as the spec says"),
     storage: Optional[str] = typer.Option(None, help="override the spec's storage (a folder or an s3:// URI)"),
     tracking_uri: Optional[str] = typer.Option(None, help="override the spec's MLflow tracking URI"),
@@ -102,7 +104,12 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
     spec = study.spec
     writable_folder(study.paths.root)
     with lock_study(study, f"study {'resume' if resume else 'run'} {spec.name}"):
-        if not resume and study.exists():
+        if not resume and study.exists() and not study.search_started():
+            # It stopped before its first trial (a spec refused while the data was prepared): nothing to keep, and
+            # its copy of the spec is the refused one, so `study run` of the fixed spec starts it again (issue 33,
+            # item 18).
+            study.paths.spec_copy.unlink(missing_ok=True)
+        elif not resume and study.exists():
             # Running a spec again would add a second round of trials to the study it already made.
             fail(f"study {spec.name} already exists at {study.paths.root}. Continue it with:  "
                   f"{study.resume_command()}   or start a new study beside it with:  study run {study.spec_path} --new")
@@ -113,7 +120,9 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
         except KeyboardInterrupt:
             outcome = None
         except ConfigError as exc:  # found before the first trial: the data, or resources this machine lacks
-            fail(str(exc))
+            again = "" if study.search_started() else (
+                f"; the study has no trials yet: fix {study.spec_path} and run `study run {study.spec_path}` again")
+            fail(f"{exc}{again}")
         except OSError as exc:  # a full disk: stop in one sentence; what was written whole is kept
             fail_on_full_disk(exc, study, study.resume_command())
         if outcome is None or outcome.interrupted:
@@ -270,10 +279,16 @@ def export(
         written = found.export(dest, force=force)
     except (FileNotFoundError, ExportRefused) as exc:
         fail(str(exc))
+    except OSError as exc:  # a read-only or full destination (issue 33, item 11)
+        fail(f"cannot write the export to {dest}: {exc.strerror or exc}"
+             + (f" ({exc.filename})" if exc.filename else ""))
     out.print(f"wrote {len(written)} files to {dest}: {', '.join(p.name for p in written)}", highlight=False)
 
 
-def main() -> None:  # pragma: no cover
+def main() -> None:
+    """The ``study`` console script and ``python -m study``: one entry, so both configure the process the same
+    way and fail on a bad spec the same way (one sentence, exit 2)."""
+    configure()
     try:
         app()
     except ConfigError as exc:
