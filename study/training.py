@@ -52,12 +52,14 @@ class TrialDiverged(RuntimeError):
 
 class TrialDidNotLearn(TrialDiverged):
     """After ``LEARN_BY_EPOCH`` epochs the validation loss is no better than the training captions' word
-    frequencies alone: the model learned nothing (e.g. ``weight_decay: 1e30`` under Adam holds every weight at
-    zero, and the loss stays flat without becoming NaN). Ended as a divergence is: errored, not retried, never
-    ranked or confirmed, so no verdict is decided from such models (issue 33, item 5)."""
+    frequencies alone and the training loss has not fallen: the model learned nothing (e.g. ``weight_decay:
+    1e30`` under Adam holds every weight at zero, and the loss stays flat without becoming NaN). Ended as a
+    divergence is: errored, not retried, never ranked or confirmed, so no verdict is decided from such models
+    (issue 33, item 5)."""
 
 
-LEARN_BY_EPOCH = 2  # the first epoch at which a model must beat the unigram baseline
+LEARN_BY_EPOCH = 2  # the first epoch at which a model must beat the unigram baseline or be learning
+FLAT_TRAIN_LOSS = 0.01  # a training loss less than 1% below the first epoch's has not moved
 
 
 def unigram_entropy(train: SplitTensors) -> float:
@@ -240,16 +242,19 @@ class TrainingState:
 
     def check_learning(self, metrics: dict[str, Any]) -> None:
         """Raise ``TrialDidNotLearn`` when, from ``LEARN_BY_EPOCH`` on, the validation loss is no better than the
-        unigram baseline (``unigram_entropy``); any model that learns beats it within its first epoch."""
-        if metrics["epoch"] < LEARN_BY_EPOCH:
+        unigram baseline (``unigram_entropy``) and the training loss has not fallen since the first epoch."""
+        if metrics["epoch"] < LEARN_BY_EPOCH or not self.history:
             return
+        # Both: a small model on little data can still be above the baseline at epoch 2 while its training loss
+        # falls; one that learns nothing has a flat training loss as well.
+        flat = metrics["train_loss"] >= (1 - FLAT_TRAIN_LOSS) * self.history[0]["train_loss"]
         baseline = unigram_entropy(self.train)
-        if not metrics["val_loss"] < baseline:
+        if flat and not metrics["val_loss"] < baseline:
             raise TrialDidNotLearn(
                 f"the model learned nothing: validation loss {metrics['val_loss']:.4f} nats per token after epoch "
                 f"{metrics['epoch']} is no better than the training captions' {self.cfg.tokens} frequencies alone "
-                f"({baseline:.4f}) (lr={self.cfg.lr:g}, weight_decay={self.cfg.weight_decay:g}, "
-                f"optimizer={self.cfg.optimizer}, {self.cfg.run_name})")
+                f"({baseline:.4f}), and the training loss has not fallen since epoch 1 (lr={self.cfg.lr:g}, "
+                f"weight_decay={self.cfg.weight_decay:g}, optimizer={self.cfg.optimizer}, {self.cfg.run_name})")
 
     def save(self, directory: Path, epoch: int) -> None:
         save_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
