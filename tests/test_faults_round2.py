@@ -108,14 +108,16 @@ def test_a_trial_that_learns_nothing_ends_as_diverged_at_its_second_epoch(small_
                   on_epoch=lambda metrics, _: epochs.append(metrics))
     assert [m["epoch"] for m in epochs] == [1]
     assert issubclass(TrialDidNotLearn, TrialDiverged)  # ended as a divergence: errored, never retried or ranked
-    # A model that learns is below the baseline by its second epoch.
-    learns = run_trial(stuck.model_copy(update={"lr": 5e-3, "epochs": 2}), small_prepared,
-                       work_dir=tmp_path / "learns", progress=False)
     from study.evaluation import SplitTensors
 
     tokens = small_prepared.tokens_for(stuck)
     baseline = unigram_entropy(SplitTensors.of(tokens.splits["train"], small_prepared.images["train"].rows))
-    assert learns.epochs[-1]["val_loss"] < baseline < epochs[0]["val_loss"]
+    assert baseline < epochs[0]["val_loss"]
+    # A model this small on this little data may still be above the baseline at epoch 2 while it learns: its
+    # falling training loss keeps it going.
+    learns = run_trial(stuck.model_copy(update={"lr": 5e-3, "epochs": 2}), small_prepared,
+                       work_dir=tmp_path / "learns", progress=False)
+    assert len(learns.epochs) == 2 and learns.epochs[1]["train_loss"] < 0.99 * learns.epochs[0]["train_loss"]
 
 
 # ----- items 14, 15, 17: `study caption` and `study data shapes` ------------------------------------------------
@@ -197,3 +199,101 @@ def test_an_interrupt_while_meteor_scores_ends_its_jvm_and_returns():
         pytest.fail("an interrupt inside METEOR's scoring hung the process")
     assert child.returncode == 0 and out.strip() == "interrupted" and time.monotonic() - started < 30
     assert process_group_members(child.pid) == []  # the JVM is ended too
+
+
+# ----- item 1: an interrupted study, copied or moved, resumes where it is now ----------------------------------
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def _run_study(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_an_interrupted_study_copied_or_moved_resumes_into_its_own_folder(tmp_path, small_shapes, small_prepared):
+    import shutil
+
+    from tests.conftest import wait_for
+
+    fixed = {"cell": "lstm", "hidden": 16, "embed": 16, "min_count": 1, "batch_size": 40, "val_images": 10}
+    spec = study_spec(tmp_path, "A", small_shapes, fixed=fixed, search={"trials": 4, "seed": 1},
+                      asha={"max_epochs": 3, "grace_period": 3, "reduction_factor": 2})
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "study", "run", str(spec), "--max-concurrent", "2",
+                               "--no-report"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    original = tmp_path / "runs" / "A"
+    try:
+        wait_for(lambda: list((original / "tune").glob("*/checkpoint_*")), 600, "a trial's first checkpoint",
+                 process=driver)
+        os.kill(driver.pid, signal.SIGTERM)  # the driver stops as Ctrl-C stops it: exit 143, resumable
+        driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 143
+    trials_before = {p.name for p in (original / "tune").iterdir() if p.is_dir()}
+    before = _files(original)
+
+    (tmp_path / "copies").mkdir()
+    shutil.copytree(original, tmp_path / "copies" / "B", symlinks=True)
+    copied = _run_study(["resume", str(tmp_path / "copies" / "B"), "--no-report"], cwd=tmp_path)
+    assert copied.returncode == 0, copied.stdout[-3000:] + copied.stderr[-3000:]
+    assert "errored" not in copied.stdout, copied.stdout[-3000:]
+    # The copy's new trials wrote into the copy: the original is as the kill left it, file for file.
+    assert _files(original) == before
+    assert {p.name for p in (original / "tune").iterdir() if p.is_dir()} == trials_before
+    trained = sorted((tmp_path / "copies" / "B" / "tune").glob("*/checkpoint_*/history.json"))
+    assert len({p.parent.parent.name for p in trained}) == 4
+
+    # Moved: its new trials could not set up their storage (the old path) and errored with four tracebacks.
+    shutil.move(original, tmp_path / "moved" / "A")
+    moved = _run_study(["resume", str(tmp_path / "moved" / "A"), "--no-report"], cwd=tmp_path)
+    assert moved.returncode == 0, moved.stdout[-3000:] + moved.stderr[-3000:]
+    assert "errored" not in moved.stdout and "Traceback" not in moved.stdout + moved.stderr, moved.stderr[-3000:]
+    assert not original.exists()
+    assert len(list((tmp_path / "moved" / "A" / "tune").glob("*/params.json"))) == 4
+
+
+# ----- issue 30, item 4: `study` and `python -m study` are one entry point ----------------------------------------
+def test_the_console_script_and_python_m_study_fail_on_a_bad_spec_alike(tmp_path, small_shapes):
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "study"]
+    assert script.value == "study.cli:main"  # not study.cli:app, which skipped main()'s configure and handler
+    spec = study_spec(tmp_path, "bad", small_shapes)
+    spec.write_text(spec.read_text() + "search:\n  trials: 40\n")
+    study = Path(sys.executable).parent / "study"
+    if not study.is_file():
+        pytest.skip(f"no console script beside {sys.executable}")
+    env = {**os.environ, "COLUMNS": "250"}
+    runs = [subprocess.run([*command, "run", str(spec), "--dry-run"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+            for command in ([str(study)], [sys.executable, "-m", "study"])]
+    for run in runs:
+        assert run.returncode == 2 and "error:" in run.stderr and "is given twice" in run.stderr, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr
+    assert runs[0].stderr == runs[1].stderr and runs[0].stdout == runs[1].stdout
+
+
+def test_importing_the_package_changes_no_process_setting():
+    # Environment defaults, logger levels and typer's --help patch are made by study.configure.configure(), called
+    # by the command's entry point (and by run_study / MlflowStore), never on import.
+    keys = ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "TUNE_DISABLE_STRICT_METRIC_CHECKING",
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"]
+    code = ("import os, logging; from typer.core import TyperOption; "
+            "shown = TyperOption.display_type_rich; "
+            "import study.cli, study.console, study.tuning.runner, study.mlflow_store; "
+            f"assert not [k for k in {keys!r} if k in os.environ]; "
+            "assert TyperOption.display_type_rich is shown; "
+            "assert logging.getLogger('mlflow.store.db.utils').level == logging.NOTSET; "
+            "from study.configure import configure; configure(); "
+            "assert os.environ['TUNE_DISABLE_STRICT_METRIC_CHECKING'] == '1'; "
+            "assert TyperOption.display_type_rich is not shown")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNE_", "MLFLOW_"))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
