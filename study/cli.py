@@ -17,6 +17,7 @@ import typer
 from study import cli_evaluate, cli_trial
 from study.cli_study import fail_on_full_disk, lock_study, open_study
 from study.config import ConfigError
+from study.configure import configure
 from study.console import HELP_MARKUP, console, fail, out, writable_folder
 from study.spec import METRIC_MODES
 
@@ -68,7 +69,8 @@ def run(
     spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="search-space YAML (see search_spaces/)"),
     address: Optional[str] = typer.Option(None, help="Ray address ('auto' on a cluster; default: a local Ray)"),
     dry_run: bool = typer.Option(False, help="print the space and the trial budget, then stop"),
-    max_concurrent: Optional[int] = typer.Option(None, help="trials at once (default: what resources allow)"),
+    max_concurrent: Optional[int] = typer.Option(None, min=1, help="trials at once (default: what resources "
+                                                 "allow)"),
     report: bool = typer.Option(True, help="after the search: confirm stage and report, as the spec says"),
     storage: Optional[str] = typer.Option(None, help="override the spec's storage (a folder or an s3:// URI)"),
     tracking_uri: Optional[str] = typer.Option(None, help="override the spec's MLflow tracking URI"),
@@ -85,7 +87,7 @@ def run(
     except ConfigError as exc:
         fail(str(exc))
     study = Study.from_spec(spec, spec_path)
-    if not dry_run and not new and study.exists():
+    if not dry_run and not new and study.exists() and study.search_started():
         _refuse_existing(study)  # before the header: the refusal is the answer, not the 12 lines of a plan
     out.print(describe_budget(spec), highlight=False)
     if dry_run:
@@ -110,7 +112,12 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
     spec = study.spec
     writable_folder(study.paths.root)
     with lock_study(study, f"study {'resume' if resume else 'run'} {spec.name}"):
-        if not resume and study.exists():  # checked again under the lock: another driver may have made it since
+        if not resume and study.exists() and not study.search_started():
+            # It stopped before its first trial (a spec refused while the data was prepared): nothing to keep, and
+            # its copy of the spec is the refused one, so `study run` of the fixed spec starts it again (issue 33,
+            # item 18).
+            study.paths.spec_copy.unlink(missing_ok=True)
+        elif not resume and study.exists():  # checked again under the lock: another driver may have made it since
             _refuse_existing(study)
         out.print(f"MLflow store: {study.tracking_uri} (experiment {study.experiment})")
         try:
@@ -119,7 +126,9 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
         except KeyboardInterrupt:
             outcome = None
         except ConfigError as exc:  # found before the first trial: the data, or resources this machine lacks
-            fail(str(exc))
+            again = "" if study.search_started() else (
+                f"; the study has no trials yet: fix {study.spec_path} and run `study run {study.spec_path}` again")
+            fail(f"{exc}{again}")
         except OSError as exc:  # a full disk: stop in one sentence; what was written whole is kept
             fail_on_full_disk(exc, study, study.resume_command())
         if outcome is None or outcome.interrupted:
@@ -276,12 +285,18 @@ def export(
         written = found.export(dest, force=force)
     except (FileNotFoundError, ExportRefused) as exc:
         fail(str(exc))
+    except OSError as exc:  # a read-only or full destination (issue 33, item 11)
+        fail(f"cannot write the export to {dest}: {exc.strerror or exc}"
+             + (f" ({exc.filename})" if exc.filename else ""))
     # export.json (the list of what was written) is a file of the export too: "wrote 17 files" once left it out.
     names = [p.name for p in written] + [EXPORT_MANIFEST]
     out.print(f"wrote {len(names)} files to {dest}: {', '.join(names)}", highlight=False)
 
 
-def main() -> None:  # pragma: no cover
+def main() -> None:
+    """The ``study`` console script and ``python -m study``: one entry, so both configure the process the same
+    way and fail on a bad spec the same way (one sentence, exit 2)."""
+    configure()
     try:
         app()
     except ConfigError as exc:

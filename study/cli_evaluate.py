@@ -55,6 +55,12 @@ def evaluate(
                                    device=device)
         except (EvaluateError, CheckpointError, ImageReadError, ConfigError, ValueError) as exc:
             fail(str(exc))
+        except KeyboardInterrupt:  # Ctrl-C: what was scored is kept (each run is written as it finishes)
+            console.print(f"[yellow]evaluation interrupted.[/] Finished runs are kept; continue with:  "
+                          f"{found.command('evaluate')} {dataset_json}" + (f" --split {split}" if split != "test"
+                                                                            else "")
+                          + (f" --name {name}" if name else ""), highlight=False)
+            raise typer.Exit(130) from None
         verdict = outcome.verdict
         out.print(f"evaluated study {found.name} on {outcome.name}: {len(outcome.computed)} runs scored, "
                   f"{len(outcome.reused)} finished ones reused ({outcome.folder})", highlight=False)

@@ -42,6 +42,9 @@ def lock_study(study, command: str):
         lock = study.lock(command)
     except StudyInUse as exc:
         fail(str(exc))
+    except OSError as exc:  # a read-only mount: one sentence, not Errno 30's traceback (issue 33, item 10)
+        fail(f"cannot write the study's lock {study.paths.lock}: {exc.strerror or exc}; `{command.split()[1]}` "
+             "writes into the study folder, so it needs the folder writable")
     if lock.took_over:
         console.print(f"[yellow]{lock.took_over}[/]", highlight=False)
     return lock

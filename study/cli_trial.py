@@ -23,13 +23,17 @@ app.add_typer(data_app, name="data")
 def data_shapes(
     out_dir: Path = typer.Option(..., "--out", help="folder to write dataset.json and images/ into"),
     seed: int = typer.Option(0, help="generator seed (same seed and options give byte-identical files)"),
-    images: int = typer.Option(1000, help="number of images (split 80/10/10 into train/val/test)"),
-    image_size: int = typer.Option(128, help="side of the rendered images in pixels"),
+    images: int = typer.Option(1000, min=1, help="number of images (split 80/10/10 into train/val/test)"),
+    image_size: int = typer.Option(128, min=32, max=512, help="side of the rendered images in pixels (as the "
+                                   "spec's dataset.image_size allows)"),
 ) -> None:
     """Generate the embedded `shapes` dataset (rendered scenes, 5 grammar captions each)."""
     from study.data.shapes import generate_shapes
 
-    path = generate_shapes(out_dir, images=images, seed=seed, image_size=image_size)
+    try:
+        path = generate_shapes(out_dir, images=images, seed=seed, image_size=image_size)
+    except (ValueError, OSError) as exc:
+        fail(f"cannot write the shapes dataset to {out_dir}: {exc}")
     out.print(f"wrote {path} ({images} images)")
 
 
@@ -224,7 +228,7 @@ def _print_epoch(metrics: dict) -> None:
 def caption(
     images: list[Path] = typer.Argument(..., help="image files to caption"),
     checkpoint: Path = typer.Option(..., help="checkpoint.pt written by `study train` or a study trial"),
-    beam_size: int = typer.Option(3, help="1 = greedy"),
+    beam_size: int = typer.Option(3, min=1, help="1 = greedy"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
 ) -> None:
     """Caption real image files with a trained checkpoint."""

@@ -148,7 +148,9 @@ class TrialConfig(StrictModel):
     # --- optimisation --------------------------------------------------------------------------------
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = Field(2e-3, gt=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    # At most 1: a larger decay pulls every weight to zero faster than any gradient moves it (1e30 under Adam
+    # left the loss flat at log(vocabulary) without a NaN; issue 33, item 5).
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     clip: float = Field(5.0, gt=0.0, description="gradient-norm clipping")
     schedule: Literal["constant", "cosine", "step"] = Field("cosine", description="LR schedule over epochs")
     batch_size: int = Field(64, ge=1)
@@ -195,13 +197,38 @@ class TrialConfig(StrictModel):
 M = TypeVar("M", bound=BaseModel)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second ``search:`` block replaced the first (a study ran 40 trials instead of 2; issue 33, item 6)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges keys that the mapping's own keys may override
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(f"key {key!r} is given twice, on line {seen[key]} and on line {line}; "
+                                    "keep one")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except UnicodeDecodeError as exc:
         # A binary file passed by mistake (a checkpoint, an image): say so instead of a codec traceback.
         raise ConfigError(f"{path}: not a YAML text file (byte {exc.start} is not UTF-8 text)") from None

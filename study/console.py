@@ -8,11 +8,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
-from typer.core import TyperOption
 
-# --help: typer 0.29 labels every flag `<bool>`, as if it took a value; a flag takes none, so it shows no type.
-_display_type = TyperOption.display_type_rich
-TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
 # Help texts are docstrings wrapped at 120 columns: markdown mode joins their lines into paragraphs, where the
 # default ("rich") kept each line break and broke sentences in the middle at 80 and 120 columns.
 HELP_MARKUP = "markdown"

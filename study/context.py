@@ -150,10 +150,15 @@ class StudyContext:
 
     def resume_command(self) -> str:
         """The command that continues this study: by name when it lives in ./runs, else by its folder."""
+        return self.command("resume")
+
+    def command(self, verb: str) -> str:
+        """``study VERB`` of this study, as a hint prints it: by name when it lives in ./runs, else by its folder
+        (a bare name outside ./runs failed with "no study"; issue 33, item 20)."""
         root = self.paths.root
         if storage_is_remote(self.spec.storage) or root.parent.resolve() != (Path.cwd() / "runs").resolve():
-            return f"study resume {root}"
-        return f"study resume {self.name}"
+            return f"study {verb} {root}"
+        return f"study {verb} {self.name}"
 
     def lock(self, command: str) -> "StudyLock":
         """This driver's hold on the study (study/lock.py); raises ``StudyInUse`` naming the holder."""

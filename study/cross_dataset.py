@@ -165,7 +165,7 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     from study.registry import any_needs_grid
 
     spec, paths = ctx.spec, ctx.paths
-    confirm = _confirm_models(spec.name, paths, runs)
+    confirm = _confirm_models(spec.name, paths, runs, ctx.command("report"))
     name = dataset_name(json_path, split, name)
     data = load_split(json_path, images_root, split)
     folder = set_folder(paths, name)
@@ -205,13 +205,13 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     return outcome
 
 
-def _confirm_models(study: str, paths: StudyPaths, runs: list[str] | None) -> dict[str, Path]:
+def _confirm_models(study: str, paths: StudyPaths, runs: list[str] | None, report: str) -> dict[str, Path]:
     """The finished confirm runs to score (``runs``: only these), by name: their result files; each must have its
     trained model beside it."""
     confirm = {p.stem: p for p in paths.confirm_results()}
     if not confirm:
-        raise EvaluateError(f"study {study} has no finished confirm runs in {paths.confirm}: `study report "
-                            f"{study}` trains them first (evaluate scores the confirm stage's models)")
+        raise EvaluateError(f"study {study} has no finished confirm runs in {paths.confirm}: `{report}` trains "
+                            "them first (evaluate scores the confirm stage's models)")
     if runs is not None:
         unknown = sorted(set(runs) - set(confirm))
         if unknown:
@@ -220,7 +220,7 @@ def _confirm_models(study: str, paths: StudyPaths, runs: list[str] | None) -> di
     no_model = [str(paths.confirm_model(r)) for r in confirm if not paths.confirm_model(r).is_file()]
     if no_model:
         raise EvaluateError(f"confirm runs without their trained model: {', '.join(no_model)} (written by an older "
-                            "version?); move their .json aside and `study report` trains them again")
+                            f"version?); move their .json aside and `{report}` trains them again")
     return confirm
 
 

@@ -99,8 +99,9 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
 
     spec, paths = ctx.spec, ctx.paths
     plan = sequential_plan(spec, paths, max_seeds)
-    if plan is None:
-        raise ValueError("study decide needs --max-seeds (the spec plans no extra seeds: confirm.max_seeds)")
+    needs_seeds = ValueError("study decide needs --max-seeds (the spec plans no extra seeds: confirm.max_seeds)")
+    if plan is None and not paths.confirm_results():  # no verdict yet to say it is decided
+        raise needs_seeds
     trials, _ = ctx.tables()
     looks = json.loads(paths.decide.read_text())["looks"] if paths.decide.is_file() else []
     started = time.monotonic()
@@ -116,6 +117,8 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
                               "`study decide --stricter` re-judges it under a sequential plan, whose stricter level "
                               "may call it inconclusive and train more seeds.", highlight=False)
             return []
+    if plan is None:  # asked only once the study is known not to be decided already (issue 33, item 21)
+        raise needs_seeds
     while True:
         per_image, runs, _ = load_confirm(paths, ctx.data(progress=progress))
         verdict = verdict_at(per_image, runs, plan, roles=spec.arm_set.roles(), margin=spec.confirm.margin)

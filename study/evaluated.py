@@ -89,7 +89,21 @@ def set_verdict(per_image: pd.DataFrame, runs: pd.DataFrame, *, spec: StudySpec,
     """``analysis.verdict.compute_verdict`` on one evaluated set, with the study's arms' roles."""
     from analysis.verdict import compute_verdict
 
-    return compute_verdict(per_image, runs, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level)
+    verdict = compute_verdict(per_image, runs, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level)
+    scores = per_image[verdict.metric] if verdict.metric in per_image else None
+    if verdict.best_other is not None and scores is not None and not (scores.fillna(0) != 0).any():
+        # Every caption scored 0 (e.g. references sharing no word with the models' vocabulary): "competes ...
+        # 0.0 [0.0, 0.0]" would be a decision from nothing (issue 33, item 9).
+        import dataclasses
+        import math
+
+        from analysis.verdict import NOT_AVAILABLE
+
+        verdict = dataclasses.replace(
+            verdict, verdict=NOT_AVAILABLE, diff=math.nan, ci=(math.nan, math.nan), best_other=None,
+            text=f"Every caption of every method scores 0 {verdict.metric} on this set, so it cannot decide anything "
+                 "(do its references share words with the models' vocabulary?).")
+    return verdict
 
 
 def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *, level: float = 0.95):

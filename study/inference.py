@@ -32,7 +32,12 @@ def _captioner(state: dict[str, Any], source: Path, device: torch.device
     cfg = checkpoint_config(state["config"], f"{source}: config")
     vocab = Vocab.from_dict(state["vocab"])
     model = build_captioner(cfg, len(vocab), int(state["feature_dim"]))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # a config (or vocabulary) edited after training: torch's "size mismatch" traceback
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{source}: its weights do not fit the model its own config and vocabulary describe "
+                              f"({'; '.join(problems[:3]) or exc}); was the checkpoint edited?") from None
     return model.to(device).eval(), cfg, vocab
 
 

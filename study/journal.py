@@ -10,6 +10,7 @@ the provenance) reads it from here. No MLflow in this module: ``study.tracking``
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,29 @@ from typing import Any
 from study.files import atomic_write_json
 
 
+def _read_sent(path: Path) -> dict[str, Any]:
+    """The sent marker; a damaged one (edited, or written by hand) counts as nothing sent, said once: every event
+    is sent again, and MLflow finds the study's runs again by their tags (issue 33, item 16)."""
+    if not path.exists():
+        return {}
+    try:
+        sent = json.loads(path.read_text())
+        if isinstance(sent, dict) and isinstance(sent.get("sent", 0), int) and isinstance(sent.get("offset", 0), int):
+            return sent
+    except (ValueError, OSError):
+        pass
+    logging.getLogger(__name__).warning(
+        "%s is damaged (not the record of how far MLflow got): every journalled event is sent again (values MLflow "
+        "already had may appear twice in its metric histories; delete its store to rebuild it exactly)", path)
+    return {}
+
+
 class Journal:
     """Append-only event file plus the sent marker; ``pending`` events are those MLflow has not seen."""
 
     def __init__(self, path: Path, sent_file: Path):
         self.path, self.sent_file = Path(path), Path(sent_file)
-        sent = json.loads(self.sent_file.read_text()) if self.sent_file.exists() else {}
+        sent = _read_sent(self.sent_file)
         self.sent: int = sent.get("sent", 0)
         self.sent_offset: int = sent.get("offset", 0)  # byte offset of the first unsent event
         self.written = len(self.path.read_bytes().splitlines()) if self.path.exists() else 0

@@ -161,7 +161,7 @@ def _alive(holder: dict[str, Any]) -> bool:
 def _end_job(holder: dict[str, Any]) -> list[int]:
     """SIGKILL what is left of a dead driver's job: the processes of the process group it led (its local
     Ray's GCS, raylet, agents and workers inherit it). Only when it led its group, and only processes proven to
-    be that job's: started no earlier than the driver, and running Ray or this platform by their command line.
+    be that job's: started no earlier than the driver, and running Ray's own executables or this platform's command.
     A PID (and so a group id) reused by an unrelated process, even a session leader, is never signalled."""
     if not holder.get("group_leader") or holder.get("host") != socket.gethostname():
         return []
@@ -181,9 +181,6 @@ def _end_job(holder: dict[str, Any]) -> list[int]:
     return ended
 
 
-_JOB_COMMANDS = ("ray", "study")  # raylet, gcs_server, ray::IDLE, default_worker.py, python -m study ...
-
-
 def _of_the_job(pid: int, fields: list[str], driver_start: str | None) -> bool:
     """Whether a process of the dead driver's group is one that driver's job started."""
     if driver_start is None or int(fields[19]) < int(driver_start):
@@ -191,7 +188,41 @@ def _of_the_job(pid: int, fields: list[str], driver_start: str | None) -> bool:
     if pid == int(fields[2]) and fields[19] != driver_start:
         return False  # the group's leader is a new process that reused the driver's PID
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return any(word in command for word in _JOB_COMMANDS)
+    return _runs_ray(argv) or _runs_study(argv)
+
+
+def _runs_ray(argv: list[str]) -> bool:
+    """Ray's own processes: a worker's title (``ray::IDLE``, ``ray::ImplicitFunc.train``), or an executable or
+    script inside the installed ``ray`` package (raylet, gcs_server, default_worker.py, the dashboard and its
+    agents). A word such as ``--job=array-42`` anywhere in a command line proves nothing (issue 33, item 3)."""
+    if argv[0].startswith("ray::"):
+        return True
+    package = _ray_package()
+    return package is not None and any(_inside(word, package) for word in argv[:2])
+
+
+def _runs_study(argv: list[str]) -> bool:
+    """This platform's own command: ``study ...`` or ``python -m study ...`` (not a word that contains "study")."""
+    if Path(argv[0]).name == "study":
+        return True
+    return Path(argv[0]).name.startswith("python") and argv[1:3] == ["-m", "study"]
+
+
+def _inside(word: str, folder: Path) -> bool:
+    if not word.startswith("/"):
+        return False
+    try:
+        return Path(word).resolve().is_relative_to(folder)
+    except OSError:
+        return False
+
+
+def _ray_package() -> Path | None:
+    """The installed ``ray`` package's folder, found without importing Ray."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    return Path(spec.origin).resolve().parent if spec and spec.origin else None

@@ -18,6 +18,7 @@ single image scores 0 (log(1) document frequency).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -64,8 +65,38 @@ def _meteor(gts: dict, res: dict, java: str) -> tuple[float, list[float]]:
     try:
         score, scores = scorer.compute_score(gts, res)
     finally:
-        del scorer  # its __del__ kills the JVM
+        _end_meteor(scorer)
     return float(score), [float(s) for s in scores]
+
+
+def _end_meteor(scorer) -> None:
+    """End the scorer's JVM, also when ``compute_score`` was interrupted. Meteor's own ``__del__`` takes the lock
+    that ``compute_score`` holds until it returns, so after a Ctrl-C there it waited for ever with the JVM alive
+    (``study evaluate`` never exited; issue 33, item 4). Release the lock, kill and reap the JVM here."""
+    if scorer.lock.locked():
+        scorer.lock.release()
+    with scorer.lock:
+        process, scorer.meteor_p = scorer.meteor_p, _Ended()
+        process.kill()
+        process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
+class _Ended:
+    """What a scorer's ``meteor_p`` becomes once its JVM is ended: Meteor's ``__del__`` then ends nothing."""
+
+    stdin = property(lambda self: self)
+
+    def close(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    def wait(self) -> int:
+        return 0
 
 
 # ============================================================================ scoring

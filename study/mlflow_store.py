@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from study.configure import configure
 from study.files import atomic_write_json
 from study.paths import StudyPaths
 
 log = logging.getLogger(__name__)
-
-# Fail fast against a dead server instead of MLflow's default minutes of retries; the journal covers us.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-# MLflow's sqlite store logs every SQLAlchemy error with its whole traceback before raising it (a full disk, a
-# store half-made when the disk filled); the tracker catches what is raised and says it once, in one sentence.
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 STATUS_TO_MLFLOW = {"completed": "FINISHED", "stopped": "FINISHED", "errored": "FAILED", "killed": "KILLED"}
 STUDY_KEY = "__study__"  # the parent run's key in mlflow_runs.json
@@ -53,13 +46,28 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _read_runs(path: Path) -> dict[str, str]:
+    """``mlflow_runs.json``; a damaged one is only a lost shortcut: each run is found again by its tags."""
+    if not path.exists():
+        return {}
+    try:
+        runs = json.loads(path.read_text())
+        if isinstance(runs, dict) and all(isinstance(v, str) for v in runs.values()):
+            return runs
+    except (ValueError, OSError):
+        pass
+    log.warning("%s is damaged: the study's MLflow runs are found again by their tags", path)
+    return {}
+
+
 class MlflowStore:
     """One study's runs in one MLflow store: ``send`` makes the MLflow calls of one journalled event."""
 
     def __init__(self, uri: str, experiment: str, study_name: str, study_dir: Path):
+        configure()  # MLflow's retries and logger level (study/configure.py), also for a study used from Python
         self.uri, self.experiment, self.study_name, self.study_dir = uri, experiment, study_name, Path(study_dir)
         self.runs_file = StudyPaths.at(self.study_dir).mlflow_runs
-        self.runs: dict[str, str] = json.loads(self.runs_file.read_text()) if self.runs_file.exists() else {}
+        self.runs: dict[str, str] = _read_runs(self.runs_file)
         self._client = None
         self._exp_id: str | None = None  # looked up once per store, not per trial
         self._checked_store = False  # whether this store has been seen to still hold the parent run

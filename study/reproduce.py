@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.metric_table import CORPUS_METRICS
-from study.config import ConfigError, TrialConfig
+from study.config import ConfigError, TrialConfig, validate_model
 from study.files import repository_root
 from study.results import EXPORT_MANIFEST
 from study.spec import load_spec
@@ -68,8 +68,16 @@ def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> 
     fields = set(TrialConfig.model_fields) - {"dataset", "seed"}
     values = {k: _plain(row[k]) for k in fields if k in row and not pd.isna(row[k])}
     values.setdefault("precision", "fp32")  # studies from before the precision setting trained in fp32
-    cfg = TrialConfig(**values, dataset=spec.dataset, seed=1000 + int(row["seed"]))
-    provenance = json.loads((export_dir / "provenance.json").read_text())
+    # An edited row (hidden=abc, inject=bogus) is one sentence naming the file and run, not pydantic's traceback.
+    cfg = validate_model(TrialConfig, {**values, "dataset": spec.dataset, "seed": 1000 + int(row["seed"])},
+                         f"{export_dir / 'confirm_runs.csv'} (run {run})", check_paths=False)
+    try:
+        provenance = json.loads((export_dir / "provenance.json").read_text())
+    except ValueError as exc:  # truncated or edited: JSONDecodeError (issue 33, item 13)
+        raise ConfigError(f"{export_dir / 'provenance.json'} is not valid JSON ({exc}): re-export the study "
+                          "(`study export`) or restore the file") from None
+    if not isinstance(provenance, dict):
+        raise ConfigError(f"{export_dir / 'provenance.json'} is not the export's provenance (a JSON object)")
     threads = max(1, int(spec.resources.cpu))  # a confirm run's Ray task has as many (float sums depend on it)
     committed = {m: float(row[m]) for m in CORPUS_METRICS if m in row}
     return cfg, committed, str(provenance.get("dataset fingerprint")), threads
@@ -105,12 +113,35 @@ def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, p
         raise ConfigError(f"the dataset at {data.info.get('dataset_json', data.info['dataset'])} is not the one the "
                           f"study ran on: its fingerprint is {data.info['dataset_fingerprint']}, the export's "
                           f"provenance.json says {fingerprint}")
+    _check_recorded_size(export_dir, run, cfg, data)
     with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=progress)
     cfg = cfg.model_copy(update={"precision": result.precision})  # auto, as the run resolved it
     test = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab, decoding=Decoding.of(cfg),
                        full=True)
     return Reproduction(run, cfg, committed, dict(test.scores))
+
+
+def _check_recorded_size(export_dir: Path, run: str, cfg: TrialConfig, data) -> None:
+    """Refuse, before training, a configuration that is not the one the run trained: the model it builds must
+    have the parameter count the run recorded (``params``). An edited ``hidden`` was retrained and reported as
+    "not exact: other hardware, library versions or precision" (issue 33, item 19)."""
+    from study.models import build_captioner
+
+    runs = pd.read_csv(export_dir / "confirm_runs.csv")
+    row = runs[runs["run"] == run].iloc[0]
+    if "params" not in row or pd.isna(row["params"]):
+        return
+    model = build_captioner(cfg, len(data.tokens_for(cfg).vocab), data.feature_dim)
+    built = sum(p.numel() for p in model.parameters())
+    if built != int(row["params"]):
+        spec_fixed = load_spec(export_dir / "spec.yaml", check_paths=False, storage=str(export_dir)).fixed
+        differ = [f"{k}={getattr(cfg, k)!r} (the spec fixes {v!r})" for k, v in spec_fixed.items()
+                  if k in TrialConfig.model_fields and k != "dataset" and getattr(cfg, k) != v]
+        raise ConfigError(f"{export_dir / 'confirm_runs.csv'}: run {run}'s configuration is not the one it trained: "
+                          f"it builds a model of {built} parameters, the run recorded {int(row['params'])}"
+                          + (f"; fields that differ: {', '.join(differ)}" if differ else
+                             "; a width, depth, vocabulary or injection field was edited"))
 
 
 def _plain(value):

@@ -136,7 +136,7 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     dest = Path(dest)
     paths = ctx.paths
     if not (paths.report / "report.md").is_file():
-        raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `study report {ctx.name}` first")
+        raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `{ctx.command('report')}` first")
     _clear_destination(ctx, dest, force)
     from study.confirm import confirm_history
     from study.evaluated import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)

@@ -79,6 +79,14 @@ def check_points(points: list[dict[str, Any]], fixed: dict[str, Any], space: dic
             if not allowed:
                 span = list(param.choice) if param.choice is not None else f"[{desc['low']}, {desc['high']}]"
                 raise ValueError(f"{where}: {name} = {value!r} is outside space.{name} {span}")
+            # Optuna replaces a queued value its distribution cannot take with a warning at run time: an int
+            # parameter given 1.5, a quniform one off its step (issue 33, item 7).
+            if param.kind == "int" and not isinstance(value, int):
+                raise ValueError(f"{where}: {name} = {value!r} is not a whole number; space.{name} is an int range")
+            if param.kind == "quniform" and abs((value - desc["low"]) / desc["step"]
+                                                - round((value - desc["low"]) / desc["step"])) > 1e-9:
+                raise ValueError(f"{where}: {name} = {value!r} is not on the grid of space.{name} (from "
+                                 f"{desc['low']} in steps of {desc['step']})")
         group = "the search"
         if arm_of is not None:
             group = arm_of({**fixed, **point})

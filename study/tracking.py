@@ -226,8 +226,10 @@ class StudyTracker:
 
     def flush(self, force: bool = False) -> bool:
         """Send every journalled event not yet in MLflow. Returns True when nothing is left to send."""
-        if self.pending == 0:
+        if self.pending == 0 and not force:
             return True
+        # Forced (``study sync``) with nothing pending, it still connects: a store that lost the study's runs
+        # (mlflow.db deleted) is rebuilt, as ``study report`` does (issue 33, item 2).
         if not force and self._offline_since is not None and time.time() - self._offline_since < RETRY_SECONDS:
             return False
         t0 = time.perf_counter()

@@ -53,6 +53,28 @@ class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite; the message says when and with which settings."""
 
 
+class TrialDidNotLearn(TrialDiverged):
+    """After ``LEARN_BY_EPOCH`` epochs the validation loss is no better than the training captions' word
+    frequencies alone and the training loss has not fallen: the model learned nothing (e.g. ``weight_decay:
+    1e30`` under Adam holds every weight at zero, and the loss stays flat without becoming NaN). Ended as a
+    divergence is: errored, not retried, never ranked or confirmed, so no verdict is decided from such models
+    (issue 33, item 5)."""
+
+
+LEARN_BY_EPOCH = 2  # the first epoch at which a model must beat the unigram baseline or be learning
+FLAT_TRAIN_LOSS = 0.01  # a training loss less than 1% below the first epoch's has not moved
+
+
+def unigram_entropy(train: SplitTensors) -> float:
+    """Nats per token of the best model that ignores context and image: the entropy of the word (or character)
+    frequencies of the training targets (every token after the first of each caption, the end token included)."""
+    positions = torch.arange(train.ids.shape[1])
+    targets = (positions[None, :] < torch.from_numpy(train.lengths)[:, None]) & (positions[None, :] > 0)
+    counts = torch.bincount(train.ids[targets]).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
                             bucket_batches: int = 50) -> list[np.ndarray]:
     """Shuffled batches of caption indices whose lengths are similar, so padding is small.
@@ -216,7 +238,7 @@ class TrainingState:
         val = validate(self.model, self.data, self.val, self.features, self.val_chars, vocab=self.vocab,
                        decoding=Decoding.of(self.cfg, beam_size=self.cfg.val_beam_size), batch_size=self.cfg.batch_size,
                        val_images=self.cfg.val_images)
-        return {
+        metrics = {
             "epoch": epoch,
             "train_loss": train_loss,
             **{k: val[k] for k in ("val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4")},
@@ -228,6 +250,24 @@ class TrainingState:
             "tokens_per_second": n_tokens / max(train_seconds, 1e-9),
             "params": self.params,
         }
+        self.check_learning(metrics)
+        return metrics
+
+    def check_learning(self, metrics: dict[str, Any]) -> None:
+        """Raise ``TrialDidNotLearn`` when, from ``LEARN_BY_EPOCH`` on, the validation loss is no better than the
+        unigram baseline (``unigram_entropy``) and the training loss has not fallen since the first epoch."""
+        if metrics["epoch"] < LEARN_BY_EPOCH or not self.history:
+            return
+        # Both: a small model on little data can still be above the baseline at epoch 2 while its training loss
+        # falls; one that learns nothing has a flat training loss as well.
+        flat = metrics["train_loss"] >= (1 - FLAT_TRAIN_LOSS) * self.history[0]["train_loss"]
+        baseline = unigram_entropy(self.train)
+        if flat and not metrics["val_loss"] < baseline:
+            raise TrialDidNotLearn(
+                f"the model learned nothing: validation loss {metrics['val_loss']:.4f} nats per token after epoch "
+                f"{metrics['epoch']} is no better than the training captions' {self.cfg.tokens} frequencies alone "
+                f"({baseline:.4f}), and the training loss has not fallen since epoch 1 (lr={self.cfg.lr:g}, "
+                f"weight_decay={self.cfg.weight_decay:g}, optimizer={self.cfg.optimizer}, {self.cfg.run_name})")
 
     def save(self, directory: Path, epoch: int) -> None:
         save_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,

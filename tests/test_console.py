@@ -13,7 +13,11 @@ from study.leaderboard import format_table
 @pytest.mark.parametrize("columns", [80, 120])
 def test_help_wraps_sentences_as_paragraphs_and_shows_no_type_for_flags(columns):
     """Descriptions broke mid-sentence where the docstring's lines ended ("from the study's own / results"), and
-    every flag showed a `<bool>` metavar, as if it took a value."""
+    every flag showed a `<bool>` metavar, as if it took a value (fixed by study.configure, which the command's
+    entry point, study.cli.main, calls first)."""
+    from study.configure import configure
+
+    configure()
     for command in ([], ["decide"], ["run"], ["train"]):
         result = CliRunner().invoke(app, [*command, "--help"], terminal_width=columns, env={"COLUMNS": str(columns)})
         assert result.exit_code == 0, result.output

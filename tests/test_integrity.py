@@ -149,9 +149,13 @@ HOLD_LOCK = """
 import subprocess, sys, time
 from study.lock import acquire
 lock = acquire(sys.argv[1], "study run held")
-# Stands for the Ray processes a driver starts: same group, and "ray" in its command line like raylet's.
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "raylet-stand-in"])
-print(child.pid, flush=True)
+# Stands for the Ray processes a driver starts: same group, and a Ray worker's process title as its command line.
+child = subprocess.Popen(["ray::IDLE", "120"], executable="sleep")
+# Two processes of the same group that are not Ray's or this platform's, though their command lines hold the
+# words "ray" and "study" (issue 33, item 3): never signalled.
+others = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", word])
+          for word in ("--job=array-42", "notes-casestudy")]
+print(child.pid, *(other.pid for other in others), flush=True)
 time.sleep(120)
 """
 
@@ -168,7 +172,7 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over_
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               start_new_session=True)  # a driver leading its own process group, as from a shell
     try:
-        child = int(holder.stdout.readline())
+        child, *others = map(int, holder.stdout.readline().split())
         with pytest.raises(StudyInUse) as err:
             acquire(tmp_path, "study resume t")
         message = str(err.value)
@@ -180,15 +184,16 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over_
         assert child in process_group_members(holder.pid)
         with acquire(tmp_path, "study resume t") as lock:
             assert lock.took_over and f"PID {holder.pid}" in lock.took_over and "no longer running" in lock.took_over
-            assert child in lock.ended
+            assert lock.ended == [child]
             assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
         assert not (tmp_path / LOCK_FILE).exists()  # released
-        wait_for(lambda: process_group_members(holder.pid) == [], 10,
+        wait_for(lambda: child not in process_group_members(holder.pid), 10,
                  "end of the killed driver's child (its \"Ray\"), ended by the lock's takeover")
+        assert sorted(process_group_members(holder.pid)) == sorted(others), "an unrelated process was killed"
     finally:
-        if holder.poll() is None:
+        if process_group_members(holder.pid):  # the holder, or the unrelated processes it left
             os.killpg(holder.pid, signal.SIGKILL)
-            holder.wait(timeout=30)
+        holder.wait(timeout=30)
 
     # A stale lock whose PID now belongs to an unrelated process that leads its own group (PID reuse): taken
     # over, and nothing is signalled, neither that process nor anything in its group (issue 22, item 8).

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ray import tune
+from ray.tune.progress_reporter import TrialProgressCallback
 
 from analysis.metric_table import format_metric
 from study.files import atomic_write_json
@@ -64,6 +65,15 @@ class SearchProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class SilentTrialProgress(TrialProgressCallback):
+    """Tune's own per-trial lines, silenced: without a callback of this kind Tune adds one that prints "Trial ...
+    completed. Last result: ..." on stdout, also for a trial that ended errored (a divergence ends the trainable
+    normally), while ``TrackingCallback`` says what happened, errors with their reason (issue 33, item 22)."""
+
+    def _print(self, msg: str) -> None:
+        pass
 
 
 class TrackingCallback(tune.Callback):
@@ -219,6 +229,13 @@ class SearchTimeBudget(tune.Stopper):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its RunConfig; a restored stopper must start its own clock and re-read the ledger.
         return {"budget_s": self.budget_s, "ledger": self.ledger, "_clock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if str(self.ledger.parent) not in _LIVE and len(_LIVE) == 1:
+            # The study folder was moved or copied since Tune pickled this stopper: keep the ledger of the folder
+            # the study is in now, never the original's (issue 33, item 1).
+            self.ledger = Path(next(iter(_LIVE))) / self.ledger.name
 
 
 def read_search_time(ledger: Path) -> dict[str, Any]:

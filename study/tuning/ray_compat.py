@@ -12,6 +12,9 @@ with a workaround that silently stopped applying. What is relied on:
   (``atomic_experiment_uploads``).
 * The loggers ``ray.tune.execution.tune_controller`` and ``ray.tune.execution.experiment_state``, which print a
   traceback for each write a full disk refuses (``quiet_full_disk_logs``).
+* ``TuneController.resume`` and the search generator's pickled ``Experiment`` (``_experiment.storage``, also its
+  ``spec["storage"]``): trials proposed after a restore get the storage of the folder the study is in now, not
+  the one it was first run in (``new_trials_where_the_study_is_now``).
 * ``TuneController._set_trial_status`` and ``_checkpoint_manager._should_force_sync_up``: snapshot the
   experiment whenever a trial starts or ends (``snapshot_on_trial_start_and_end``).
 * ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``: a local Ray that listens on loopback only (``ensure_ray``).
@@ -29,6 +32,7 @@ still calls the patched methods.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import inspect
 import logging
@@ -53,6 +57,7 @@ RAY_VERSION = "2.60.0"  # the version every workaround below was written against
 _EXPECTED = {
     "_process_trial_failure": ["self", "trial", "exception"],
     "_set_trial_status": ["self", "trial", "status"],
+    "resume": ["self", "resume_config"],
 }
 
 calls: Counter[str] = Counter()  # patch name -> times Tune called it in this process
@@ -91,6 +96,38 @@ def install() -> None:
     snapshot_on_trial_start_and_end()
     quiet_full_disk_logs()
     atomic_experiment_uploads()
+    new_trials_where_the_study_is_now()
+
+
+def new_trials_where_the_study_is_now() -> None:
+    """Give the trials a restored search proposes the storage of the folder the study is in now.
+
+    ``Tuner.restore`` moves the trials it restores to the folder it was given (``TuneController._restore_trials``),
+    but the search generator's state is a pickle of its ``Experiment``, whose ``StorageContext`` names the folder
+    the study was first run in. A copied study's new trials then wrote their checkpoints into the original, and a
+    moved one's failed with "Unable to set up cluster storage" (issue 33, item 1). After the restore this sets the
+    experiment's storage to the controller's, as Tune does for the restored trials."""
+    original = TuneController.resume
+    if getattr(original, "moves_new_trials", False):
+        return
+
+    def resume(self, resume_config):
+        calls["resume"] += 1
+        original(self, resume_config)
+        experiment = getattr(self._search_alg, "_experiment", None)
+        old = getattr(experiment, "storage", None)
+        if old is None or (old.storage_fs_path, old.experiment_dir_name) == (
+                self._storage.storage_fs_path, self._storage.experiment_dir_name):
+            return
+        moved = copy.copy(old)
+        moved.storage_filesystem = self._storage.storage_filesystem
+        moved.storage_fs_path = self._storage.storage_fs_path
+        moved.experiment_dir_name = self._storage.experiment_dir_name
+        experiment.storage = moved
+        experiment.spec["storage"] = moved
+
+    resume.moves_new_trials = True
+    TuneController.resume = resume
 
 
 def drop_duplicate_actor_failures() -> None:

@@ -21,6 +21,7 @@ import ray
 from ray import tune
 
 from study.config import ConfigError
+from study.configure import configure
 from study.context import StudyContext
 from study.files import is_disk_full
 from study.paths import StudyPaths
@@ -29,19 +30,19 @@ from study.tracking import StudyTracker, source_tags
 from study.trial_tables import experiment_states, experiment_trials, load_trial_tables
 from study.tuning import ray_compat
 from study.tuning.budget import ArmBudget
-from study.tuning.callbacks import SearchProgress, SearchTimeBudget, TrackingCallback, read_search_time, trial_name
+from study.tuning.callbacks import (
+    SearchProgress,
+    SearchTimeBudget,
+    SilentTrialProgress,
+    TrackingCallback,
+    read_search_time,
+    trial_name,
+)
 from study.tuning.optuna_export import export_optuna_studies
 from study.tuning.search import StudySearcher, build_scheduler, total_trials
 from study.tuning.trainable import drop_pruned_checkpoints, remove_lost_trial_folders, trial_function
 
 log = logging.getLogger(__name__)
-
-# One checkpoint per epoch with num_to_keep=1 snapshots the experiment often; that is intended here.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-# A trial that diverges before its first epoch (or a resumed one that had diverged) ends without reporting, and
-# Tune's strict check then fails the whole run for want of the metric in its flattened config. The check guards
-# against a misspelt metric, which the spec already refuses (StudySpec: metric must be one a trial reports).
-os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
 @dataclass
@@ -165,6 +166,7 @@ def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: 
               resume: bool = False, progress: bool = True, verbose: int = 0,
               echo: Callable[[str], None] | None = None) -> StudyOutcome:
     """Run (or, with ``resume``, continue) a study's search. Returns the trial table."""
+    configure()  # Tune's settings (study/configure.py), also for a study run from Python
     t0 = time.perf_counter()
     spec, paths, uri, experiment = ctx.spec, ctx.paths, ctx.tracking_uri, ctx.experiment
     # Before anything is written: a refused study leaves no folder behind.
@@ -278,5 +280,5 @@ def _new_tuner(spec: StudySpec, paths: StudyPaths, trainable: Any, callback: Tra
             # experiment snapshot names before the next snapshot is written, and a driver killed in between
             # cannot resume that trial. Finished trials are pruned to their last.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-            stop=budget, callbacks=[callback], verbose=verbose),
+            stop=budget, callbacks=[callback] + ([] if verbose else [SilentTrialProgress()]), verbose=verbose),
     )
