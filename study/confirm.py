@@ -25,6 +25,7 @@ from study.config import TrialConfig
 from study.files import atomic_write_bytes, atomic_write_json
 from study.paths import StudyPaths
 from study.spec import StudySpec
+from study.trial_tables import space_value
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -78,7 +79,8 @@ def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
         for rank, (_, row) in enumerate(best.head(spec.confirm.top_k).iterrows(), start=1):
             rows.append({"method": method, "config_rank": rank, "trial_id": row.get("trial_id"),
                          spec.metric: row.get(spec.metric),
-                         **{k: (None if _missing(row.get(k)) else row.get(k)) for k in spec.space if k != "inject"}})
+                         **{k: (None if _missing(space_value(row, k)) else space_value(row, k))
+                            for k in spec.space if k != "inject"}})
     return pd.DataFrame(rows, columns=None if rows else ["method", "config_rank", "trial_id"])
 
 

@@ -98,7 +98,8 @@ def load_trial_tables(spec: StudySpec):
             row["status"] = "completed" if epochs >= cfg.epochs else "stopped"
         else:
             row["status"] = trial["status"].lower()
-        row["epochs"] = epochs
+        row["epochs"] = epochs  # trained; the configuration's schedule length is schedule_epochs
+        row["schedule_epochs"] = cfg.epochs
         frame = pd.DataFrame(history, columns=[k for k in REPORTED if any(k in m for m in history)])
         if spec.metric in frame and frame[spec.metric].notna().any():
             best = frame.loc[frame[spec.metric].idxmax() if spec.mode == "max" else frame[spec.metric].idxmin()]
@@ -112,6 +113,14 @@ def load_trial_tables(spec: StudySpec):
         rows.append(row)
     history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     return pd.DataFrame(rows), history
+
+
+def space_value(row: Any, name: str) -> Any:
+    """A trial row's value of searched parameter ``name``: its table holds the epochs it *trained* as ``epochs``
+    and its configuration's schedule length (a searched ``epochs``) as ``schedule_epochs``."""
+    if name == "epochs" and "schedule_epochs" in row:
+        return row["schedule_epochs"]
+    return row.get(name)
 
 
 def _trial_history(fs, folder: str) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from study.paths import StudyPaths
 from study.spec import StudySpec
+from study.trial_tables import space_value
 from study.tuning.search import StudySearcher
 
 
@@ -76,9 +77,10 @@ def _frozen_trial(spec: StudySpec, fixed: dict[str, Any], row: pd.Series, histor
         return None
     params, distributions = {}, {}
     for name, param in spec.space.items():
-        if name in fixed or _missing(row.get(name)):
+        value = space_value(row, name)
+        if name in fixed or _missing(value):
             continue
-        value = row[name].item() if hasattr(row[name], "item") else row[name]
+        value = value.item() if hasattr(value, "item") else value
         params[name], distributions[name] = value, _distribution(param)
     curve = history[history["trial_id"] == row["trial_id"]] if len(history) else history
     intermediate = {int(e): float(v) for e, v in zip(curve.get("epoch", []), curve.get(spec.metric, []))
