@@ -47,10 +47,10 @@ def result_files(paths: StudyPaths, name: str) -> list[Path]:
 
 
 def study_test_name(spec: "StudySpec") -> str:
-    """How the report names the study's own test split among the pooled sets (no file is read)."""
-    dataset = spec.dataset
-    base = "shapes" if dataset.kind == "shapes" else Path(dataset.json_path).stem.removeprefix("dataset_")
-    return f"{base} test (the study's)"
+    """How the report names the study's own test split among the pooled sets (``study.comparing.test_set_name``)."""
+    from study.comparing import test_set_name
+
+    return test_set_name(spec)
 
 
 def read_manifest(paths: StudyPaths, name: str) -> dict[str, Any]:
@@ -85,18 +85,23 @@ def load_evaluation(paths: StudyPaths, name: str) -> tuple[pd.DataFrame, pd.Data
     return pd.DataFrame(image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
 
 
-def set_verdict(per_image: pd.DataFrame, runs: pd.DataFrame, *, margin: float, level: float = 0.95):
-    """``analysis.verdict.compute_verdict`` on one evaluated set, with the registry's roles."""
+def set_verdict(per_image: pd.DataFrame, runs: pd.DataFrame, *, margin: float, level: float = 0.95,
+                comparator: str | None = None, set_name: str):
+    """``analysis.verdict.compute_verdict`` on one evaluated set (``set_name``: its name, which keys its image
+    resample), with the registry's roles and the study's fixed ``comparator`` (``study.comparing``)."""
     from analysis.verdict import compute_verdict
+    from study.comparing import BOOT_SEED, N_BOOT
     from study.registry import method_roles
 
-    return compute_verdict(per_image, runs, roles=method_roles(), margin=margin, level=level)
+    return compute_verdict(per_image, runs, roles=method_roles(), margin=margin, level=level, n_boot=N_BOOT,
+                           seed=BOOT_SEED, comparator=comparator, set_name=set_name)
 
 
 def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *, level: float = 0.95):
     """``analysis.pooled.pooled_verdict`` over the study's test split and every evaluated set (the study's own
     test split evaluated again, the same JSON and split, is not counted twice)."""
     from analysis.pooled import pooled_verdict
+    from study.comparing import BOOT_SEED, N_BOOT, read_comparator
     from study.registry import method_roles
 
     sets = {study_test_name(spec): test_per_image}
@@ -106,7 +111,8 @@ def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *
         if manifest["json"] == own and manifest["split"] == "test":
             continue
         sets[name] = load_evaluation(paths, name)[0]
-    return pooled_verdict(sets, roles=method_roles(), margin=spec.confirm.margin, level=level)
+    return pooled_verdict(sets, roles=method_roles(), margin=spec.confirm.margin, level=level, n_boot=N_BOOT,
+                          seed=BOOT_SEED, comparator=read_comparator(paths))
 
 
 def report_level(spec: "StudySpec", paths: StudyPaths) -> float:
@@ -150,10 +156,12 @@ def evaluation_per_image_frame(paths: StudyPaths, name: str | None = None) -> pd
 
 def verdict_frame(paths: StudyPaths, spec: "StudySpec", name: str) -> pd.DataFrame:
     """``Study.evaluation_verdict``: the verdict table on one set, shaped as ``Study.verdict``'s (words in attrs)."""
+    from study.comparing import read_comparator
     from study.reader_types import with_reader_types
 
     per_image, runs, _ = load_evaluation(paths, name)
-    verdict = set_verdict(per_image, runs, margin=spec.confirm.margin, level=report_level(spec, paths))
+    verdict = set_verdict(per_image, runs, margin=spec.confirm.margin, level=report_level(spec, paths),
+                          comparator=read_comparator(paths), set_name=name)
     table = with_reader_types(verdict.table)
     table.attrs.update(dataset=name, verdict=verdict.verdict, diff=verdict.diff, ci=verdict.ci,
                        best_other=verdict.best_other, margin=verdict.margin, level=verdict.level, text=verdict.text)
