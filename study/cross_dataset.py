@@ -162,6 +162,7 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     reused (see the module docstring). ``track``: MLflow's confirm runs gain the scores."""
     from tqdm.auto import tqdm
 
+    from study.comparing import read_comparator
     from study.evaluated import report_level
     from study.registry import any_needs_grid
 
@@ -200,7 +201,8 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     if track:
         log_evaluation(spec, paths, ctx.tracker(), name)
     per_image, run_frame, _ = load_evaluation(paths, name)
-    outcome.verdict = set_verdict(per_image, run_frame, margin=spec.confirm.margin, level=report_level(spec, paths))
+    outcome.verdict = set_verdict(per_image, run_frame, margin=spec.confirm.margin, level=report_level(spec, paths),
+                                  comparator=read_comparator(paths), set_name=name)
     verdict_table_of(outcome.verdict).to_csv(folder / "verdict.csv", index=False)
     return outcome
 

@@ -115,6 +115,14 @@ def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *
                           seed=BOOT_SEED, comparator=read_comparator(paths))
 
 
+def split_fingerprints(paths: StudyPaths, spec: "StudySpec", info: dict[str, Any]) -> dict[str, str]:
+    """The test splits this study scored, by name: the study's own (the dataset's fingerprint, from the prepared
+    data's ``info``) first, then each evaluated set (its split's fingerprint)."""
+    out = {study_test_name(spec): str(info.get("dataset_fingerprint", ""))}
+    out.update({name: str(read_manifest(paths, name).get("fingerprint", "")) for name in evaluated_sets(paths)})
+    return out
+
+
 def report_level(spec: "StudySpec", paths: StudyPaths) -> float:
     """The intervals' level the report uses: 95%, or the sequential plan's per-look level after ``study decide``."""
     from study.deciding import sequential_plan
@@ -198,24 +206,40 @@ def export_frames(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataF
             "pooled_verdict.csv": pooled_frame(paths, spec, test_per_image)}
 
 
+def evaluated_verdicts(paths: StudyPaths, spec: "StudySpec", *, level: float) -> dict[str, Any]:
+    """Each evaluated set's verdict (``set_verdict``: its name keys its resamples, the study's fixed comparator),
+    by name, in the order the sets were first evaluated."""
+    from study.comparing import read_comparator
+
+    comparator = read_comparator(paths)
+    verdicts = {}
+    for name in evaluated_sets(paths):
+        per_image, runs, _ = load_evaluation(paths, name)
+        verdicts[name] = set_verdict(per_image, runs, margin=spec.confirm.margin, level=level, comparator=comparator,
+                                     set_name=name)
+    return verdicts
+
+
 def report_blocks(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, out_dir: Path, *,
-                  level: float, roles: dict[str, str], colors: dict[str, str]) -> list:
+                  level: float, roles: dict[str, str], colors: dict[str, str],
+                  verdicts: dict[str, Any] | None = None) -> list:
     """The report's sections for the evaluated sets (one per set, with its gallery drawn into ``out_dir``) and the
-    pooled verdict; [] when the study was never evaluated."""
+    pooled verdict; [] when the study was never evaluated. ``verdicts``: the sets' verdicts, if computed already
+    (``evaluated_verdicts``)."""
     from analysis import plots
     from analysis.cross_dataset import dataset_blocks, pooled_blocks
 
     names = evaluated_sets(paths)
     if not names:
         return []
+    verdicts = verdicts if verdicts is not None else evaluated_verdicts(paths, spec, level=level)
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks: list = []
     for name in names:
         manifest = read_manifest(paths, name)
-        per_image, runs, gallery = load_evaluation(paths, name)
-        verdict = set_verdict(per_image, runs, margin=spec.confirm.margin, level=level)
+        _, runs, gallery = load_evaluation(paths, name)
         picture = plots.plot_gallery(gallery, out_dir / f"gallery-{name}.png", colors=colors)
         missing = sorted({p.stem for p in paths.confirm_results()} - set(runs.get("run", [])))
-        blocks += dataset_blocks(name, manifest, verdict, runs, picture, order=list(roles), missing=missing)
+        blocks += dataset_blocks(name, manifest, verdicts[name], runs, picture, order=list(roles), missing=missing)
     blocks += pooled_blocks(pooled(paths, spec, test_per_image, level=level))
     return blocks

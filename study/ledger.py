@@ -128,3 +128,40 @@ def forks(frame: pd.DataFrame, study: str, spec_hash: str, protocol: str, set_na
     rows = frame[same_split(frame, set_name, fingerprint)]
     rows = rows[~((rows["study"] == study) & (rows["spec_sha256"] == spec_hash) & (rows["protocol"] == protocol))]
     return rows.drop_duplicates(["study", "spec_sha256", "protocol", "set"], keep="last")
+
+
+def comparator_rule(record: dict | None) -> str:
+    """How the verdict's comparator was chosen, for the ledger (``study.comparing.read_comparator_record``)."""
+    if record is None:
+        return "best competitor on the test means (none fixed before the test split was scored)"
+    return f"fixed before the test split was scored: {record.get('chosen_by') or 'no reason recorded'}"
+
+
+def earlier_looks(path: Path, spec: "StudySpec", spec_text: str,
+                  fingerprints: dict[str, str]) -> dict[str, pd.DataFrame]:
+    """For each set (``{name: split fingerprint}``), the ledger's earlier looks at it by other studies or
+    protocols (``forks``)."""
+    frame = read_ledger(path)
+    digest, protocol = spec_sha256(spec_text), protocol_summary(spec)
+    return {name: forks(frame, spec.name, digest, protocol, name, fp) for name, fp in fingerprints.items()}
+
+
+def record_looks(path: Path, spec: "StudySpec", spec_text: str, verdicts: dict, fingerprints: dict[str, str],
+                 rule: str) -> int:
+    """Append one row per set whose verdict compared something (``record``); returns how many were written."""
+    written = 0
+    for name, verdict in verdicts.items():
+        if verdict.best_other is not None:
+            written += record(path, ledger_row(spec, spec_text, verdict, name, fingerprints.get(name, ""), rule))
+    return written
+
+
+def export_rows(path: Path, fingerprints: dict[str, str]) -> pd.DataFrame:
+    """The ledger's rows for the test splits an export's study scored (every study's looks at them)."""
+    frame = read_ledger(path)
+    if frame.empty:
+        return frame
+    mask = pd.Series(False, index=frame.index)
+    for name, fp in fingerprints.items():
+        mask |= same_split(frame, name, fp)
+    return frame[mask]
