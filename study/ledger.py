@@ -70,8 +70,12 @@ def read_ledger(path: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     for column in ("diff", "lo", "hi", "level"):
-        frame[column] = pd.to_numeric(frame[column].replace("", "nan"))
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")  # "" (no interval): NaN
     return frame
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _same_numbers(row: pd.Series, new: dict) -> bool:
@@ -104,7 +108,7 @@ def record(path: Path, row: dict) -> bool:
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
         if os.fstat(fd).st_size == 0:
             writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in COLUMNS})
+        writer.writerow({k: "" if _missing(row.get(k)) else row[k] for k in COLUMNS})
         os.write(fd, buffer.getvalue().encode())
         return True
     finally:
