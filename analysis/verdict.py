@@ -159,17 +159,13 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     """Per-method means with ``level`` intervals, ``target - comparator`` with its paired interval, the verdict.
 
     ``per_image`` columns: ``method, config_rank, seed, image_id`` and the metrics in ``MEAN_OVER_IMAGES`` (0..1;
-    missing metrics or NaN values are allowed; other columns are ignored).
-    ``roles``: ``{method: "target" | "competitor" | "floor"}``
-    in display order, one target. Each method is represented by its lowest ``config_rank`` (the search's best
-    on validation): picking among confirmed configs by test score would bias it upward. Only images scored
-    for every method enter (paired comparison). Deterministic given ``seed``. ``level`` above 0.95 is a
-    sequential plan's per-look level (see ``analysis.sequential``); ``resample_seeds=False`` resamples test
-    images only (the image part of the variance, for projecting how many seeds a decision needs).
-    ``comparator``: the arm the target is compared with, fixed before any test split was scored (the best other
-    arm on validation); None: the competitor with the highest test mean (chosen on the point estimates).
-    ``set_name`` keys this set's image resample (``analysis.bootstrap``): the pooled verdict names each set so, and
-    draws the same resamples, so the same difference has the same interval in both.
+    missing metrics or NaN values are allowed). ``roles``: ``{method: "target" | "competitor" | "floor"}`` in
+    display order, one target. Each method is represented by its lowest ``config_rank`` (the search's best on
+    validation). Only images scored for every method enter (paired). Deterministic given ``seed``. ``level``
+    above 0.95: a sequential plan's per-look level; ``resample_seeds=False`` resamples test images only (the image
+    part of the variance). ``comparator``: the arm fixed before any test split was scored (the best
+    other on validation); None: the competitor with the highest test mean. ``set_name`` keys this set's image
+    resample (``analysis.bootstrap``), as the pooled verdict keys it: the same difference, the same interval.
     """
     _check_arguments(margin, metric)
     target, competitors, floors = _split_roles(roles)
@@ -200,18 +196,11 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     table = _method_table(arrays, boots, runs, ranks, roles, metrics, metric, images.size, level)
     samples = {m: boots[m, metric] for m in methods}
 
-    if comparator is not None and comparator == target:
-        raise ValueError(f"the comparator {comparator!r} is the target itself")
-    scored = [m for m in ([comparator] if comparator else competitors)
-              if m in table.index and not math.isnan(table.loc[m, metric])]
-    if target not in table.index or not scored:
-        what = target if target not in table.index else (
-            f"the comparator fixed before the test split was scored, {comparator}" if comparator
-            else "any of " + "/".join(competitors))
+    best_other, lacking = _compared(table, target, competitors, comparator, metric)
+    if best_other is None:
         return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, table,
-                       f"The confirm results have no {what}, so there is nothing to compare.", n_boot, notes,
+                       f"The confirm results have no {lacking}, so there is nothing to compare.", n_boot, notes,
                        target, level, samples=samples, seed=seed, set_name=set_name)
-    best_other = comparator or max(scored, key=lambda m: table.loc[m, metric])
     pairwise = _pairwise(table, boots, target, metric, level)
     diff_boot = samples[target] - samples[best_other]  # paired through the shared image resample
     diff = float(table.loc[target, metric] - table.loc[best_other, metric])
@@ -223,6 +212,21 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     return Verdict(verdict, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target, level, diff_boot,
                    pairwise, margin_table(diff, ci, float(table.loc[best_other, metric]), margin), samples, seed,
                    set_name, comparator is not None)
+
+
+def _compared(table: pd.DataFrame, target: str, competitors: list[str], comparator: str | None,
+              metric: str) -> tuple[str | None, str]:
+    """(the arm the target is compared with: the fixed ``comparator``, else the competitor with the highest mean;
+    None and what is lacking when the table has no target or no such arm)."""
+    if comparator is not None and comparator == target:
+        raise ValueError(f"the comparator {comparator!r} is the target itself")
+    scored = [m for m in ([comparator] if comparator else competitors)
+              if m in table.index and not math.isnan(table.loc[m, metric])]
+    if target not in table.index or not scored:
+        return None, (target if target not in table.index else (
+            f"the comparator fixed before the test split was scored, {comparator}" if comparator
+            else "any of " + "/".join(competitors)))
+    return comparator or max(scored, key=lambda m: table.loc[m, metric]), ""
 
 
 def _pairwise(table: pd.DataFrame, boots: dict[tuple[str, str], np.ndarray], target: str, metric: str,
