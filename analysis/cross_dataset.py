@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.margins import margin_blocks
 from analysis.metric_table import MEAN_OVER_IMAGES
 from analysis.pooled import PooledVerdict
 from analysis.render import Block
@@ -53,6 +54,8 @@ def dataset_blocks(name: str, manifest: Mapping, verdict: Verdict, runs: pd.Data
                        [[m, int(r["seeds"]), int(r["images"]), *[_with_ci(r, k) for k in metrics]]
                         for m, r in verdict.table.iterrows()]))
     blocks += pairwise_blocks(verdict, level, where=f" on {name}")
+    blocks += margin_blocks(verdict.margins, verdict.target, verdict.best_other, verdict.metric, verdict.level,
+                            where=f" on {name}")
     if gallery is not None:
         blocks.append(("img", gallery, f"images of {name} with each method's caption"))
     return blocks
@@ -73,7 +76,9 @@ def pooled_blocks(pooled: PooledVerdict) -> list[Block]:
                f"{'decides' if pooled.decides else 'does not decide'}).")
     return blocks + [
         ("p", f"{pooled.target} - {pooled.other} ({pooled.metric} x100) on each test set and pooled, {level} "
-              "intervals; a set's weight is the inverse of its difference's bootstrap variance:"),
+              "intervals (each set's from the same resamples as its own verdict); a set's weight is the inverse of "
+              "its difference's bootstrap variance:"),
         ("table", ["test set", "images", "seeds", f"{pooled.target} - {pooled.other}", f"{level} CI", "weight",
                    "verdict at the margin"], rows),
-        ("p", f"{decides} {pooled.text}")]
+        ("p", f"{decides} {pooled.text}")] + margin_blocks(pooled.margins, pooled.target, pooled.other,
+                                                           pooled.metric, pooled.level, where=" pooled")

@@ -1,4 +1,4 @@
-"""A pooled verdict over several test sets: one interval for ``target - best other`` from every set at once.
+"""A pooled verdict over several test sets: one interval for ``target - comparator`` from every set at once.
 
 Input: one per-image frame per test set (the study's own test split, and every other photo collection the
 confirm runs were scored on, ``study evaluate``), each as ``analysis.verdict.compute_verdict`` takes it:
@@ -8,8 +8,9 @@ set, so the sets share their seeds and differ in their images.
 The method (fixed-effect inverse-variance pooling, with one joint bootstrap):
 
 * one bootstrap resample draws, for each method, its seeds once (the same draw for every set: a lucky seed is
-  lucky on every set), and, for each set on its own, that set's images (paired across methods within the set,
-  as in the single-set verdict);
+  lucky on every set), and, for each set on its own, that set's images (paired across methods within the set).
+  These are the very resamples of each set's own verdict (``analysis.bootstrap`` keys them by set and method):
+  a set's row here shows the interval its verdict and its "target minus each method" table show;
 * each set k gives the resampled difference ``d_k = mean(target) - mean(other)`` over its images and seeds;
 * each set is weighted by the inverse of the variance of its ``d_k`` over the resamples, ``w_k = 1 / var(d_k)``,
   and the pooled difference is ``sum_k w_k d_k / sum_k w_k``, the weights held fixed across resamples. Its
@@ -20,8 +21,9 @@ The method (fixed-effect inverse-variance pooling, with one joint bootstrap):
   every image there, e.g. 0 for a model that cannot describe those photos) has no variance to weigh by; it gets
   no weight (noted in the text) instead of all of it;
 * a set with almost all the weight (90% or more) is named in the text: the pooled interval is then that set's;
-* the compared method is the competitor with the smallest pooled difference (the strongest over all sets),
-  chosen on the point estimates and held fixed, as the single-set verdict does;
+* the compared method is one arm on every set: the comparator fixed before any test split was scored (the best
+  other arm on validation) when the caller gives one, else the best competitor on the first (primary) set's
+  test means, which the text says;
 * whether the sets agree is Cochran's Q, ``sum_k w_k (d_k - pooled)^2``, against chi-square with K-1 degrees of
   freedom. Pooling assumes one common difference: when the sets disagree (p below ``alpha``), the pooled
   interval is not taken as evidence. The pooled word is then the sets' common word when every set decides the
@@ -41,20 +43,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from analysis.bootstrap import interval as _interval
+from analysis.margins import COMPETES, DOES_NOT_COMPETE, INCONCLUSIVE, NOT_AVAILABLE, margin_table, word
 from analysis.scores import x100
-from analysis.verdict import (
-    COMPETES,
-    DOES_NOT_COMPETE,
-    INCONCLUSIVE,
-    NOT_AVAILABLE,
-    PRIMARY,
-    _boot_means,
-    _interval,
-    _method_arrays,
-    _paired_images,
-    _resample_weights,
-    _split_roles,
-)
+from analysis.verdict import PRIMARY, Verdict, _split_roles, compute_verdict
 
 SET_COLUMNS = ["images", "seeds", "diff", "lo", "hi", "se", "weight", "verdict"]
 
@@ -81,6 +73,9 @@ class PooledVerdict:
     n_boot: int = 0
     boot: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)  # (B,) pooled differences
     notes: list[str] = field(default_factory=list)
+    # The pooled words at margins of 1, 2, 3 points and 4% of the comparator's score (``analysis.margins``).
+    margins: pd.DataFrame = field(default_factory=lambda: margin_table(math.nan, (math.nan, math.nan), math.nan))
+    comparator_fixed: bool = False  # whether ``other`` was fixed before the test splits were scored
 
     @property
     def decides(self) -> bool:
@@ -106,100 +101,89 @@ def chi2_sf(x: float, dof: int) -> float:
     return min(1.0, total)
 
 
-def _word(ci: tuple[float, float], margin: float) -> str:
-    if any(math.isnan(v) for v in ci):
-        return NOT_AVAILABLE
-    return COMPETES if ci[0] > -margin else DOES_NOT_COMPETE if ci[1] < -margin else INCONCLUSIVE
-
-
 def pooled_verdict(sets: Mapping[str, pd.DataFrame], *, roles: Mapping[str, str], margin: float,
                    metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-                   alpha: float = 0.05) -> PooledVerdict:
-    """Pool ``target - best other`` over the test sets (``{set name: per-image frame}``, in display order); see the
-    module docstring for the method. Each method is represented by its lowest ``config_rank`` in every set, by the
-    seeds every set scored, and each set by the images every compared method scored in it. Deterministic given
-    ``seed``. A set without the target or any competitor is left out (noted)."""
-    target, competitors, _ = _split_roles(roles)
+                   alpha: float = 0.05, comparator: str | None = None) -> PooledVerdict:
+    """Pool ``target - comparator`` over the test sets (``{set name: per-image frame}``, in display order, the
+    study's own test split first: the primary set); see the module docstring for the method. ``comparator``: the
+    arm fixed before any test split was scored; None: the best competitor on the primary set's test means (said
+    in the text). Each set's resamples, means and interval are its own verdict's (``compute_verdict`` with the
+    set's name), so a set's row shows the interval its verdict and its pairwise table show. Deterministic given
+    ``seed``. A set without the target or the comparator is left out (noted)."""
+    target, _, _ = _split_roles(roles)
     notes: list[str] = []
-    blocks = _usable_sets(sets, target, competitors, metric, notes)
-    others = [m for m in competitors if all(m in ranks.index for _, ranks, _ in blocks.values())]
-    if not blocks or not others:
+    verdicts = {name: compute_verdict(frame, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
+                                      level=level, comparator=comparator, set_name=name)
+                for name, frame in sets.items() if frame is not None and not frame.empty and metric in frame}
+    notes += [f"{name} has no per-image {metric}: left out." for name in sets if name not in verdicts]
+    primary = next(iter(sets), None)
+    other = comparator if comparator is not None else (
+        verdicts[primary].best_other if primary in verdicts else None)
+    if other is None:
         return _not_available(target, margin, level, metric, notes,
-                              "No test set holds both the target and a competitor: nothing to pool.")
-    methods = [target, *others]
-    # The seeds every set scored, per method (normally all: every set is scored by every confirm run).
-    seeds = {m: sorted(set.intersection(*[set(c.loc[c["method"] == m, "seed"]) for c, _, _ in blocks.values()]))
-             for m in methods}
-    unseeded = [m for m in methods if not seeds[m]]
-    if unseeded:
-        return _not_available(target, margin, level, metric, notes,
-                              f"No seed of {unseeded[0]} was scored on every test set: nothing to pool.")
-    means, boots = _set_bootstraps(blocks, methods, seeds, metric, n_boot, seed)
-    other = min(others, key=lambda m: _pool(means, boots, target, m)[0])  # the strongest competitor over all sets
+                              f"The primary test set ({primary}) holds no target and competitor to compare: nothing "
+                              "to pool.")
+    if comparator is None:
+        notes.append(f"No comparator was fixed before the test splits were scored, so {other}, the best competitor "
+                     f"on the primary set's ({primary}) test scores, is compared on every set.")
+    usable = {k: v for k, v in verdicts.items() if {target, other} <= set(v.samples)
+              and not math.isnan(v.table.loc[target, metric]) and not math.isnan(v.table.loc[other, metric])}
+    notes += [f"{k} lacks {target} or {other}: left out." for k in verdicts if k not in usable]
+    if not usable:
+        return _not_available(target, margin, level, metric, notes, f"No test set holds both {target} and {other}: "
+                              "nothing to pool.")
+    means = {k: {m: float(v.table.loc[m, metric]) for m in (target, other)} for k, v in usable.items()}
+    boots = {k: {m: v.samples[m] for m in (target, other)} for k, v in usable.items()}
     diff, pooled, diffs, weights, samples = _pool(means, boots, target, other)
-    notes += _weight_notes(weights, target, other)
+    notes += _weight_notes(weights, target, other) + _seed_notes(usable, target, other)
     ci = _interval(pooled, level)
-    rows = []
-    for k, (_, _, images) in blocks.items():
-        lo, hi = _interval(samples[k], level)
-        rows.append({"set": k, "images": int(images.size), "seeds": min(len(seeds[target]), len(seeds[other])),
-                     "diff": diffs[k], "lo": lo, "hi": hi, "se": float(np.nanstd(samples[k])), "weight": weights[k],
-                     "verdict": _word((lo, hi), margin)})
-    table = pd.DataFrame(rows).set_index("set")
+    table = pd.DataFrame([_set_row(k, v, target, other, diffs[k], samples[k], weights[k], level, margin)
+                          for k, v in usable.items()]).set_index("set")
     q, q_p, weighed = _cochran_q(table, diff)
     disagree = bool(q_p < alpha)
-    words = set(table.loc[weighed, "verdict"]) if weighed else set(table["verdict"])
-    if disagree:
-        word = words.pop() if len(words) == 1 and words <= {COMPETES, DOES_NOT_COMPETE} else INCONCLUSIVE
-    else:
-        word = _word(ci, margin)
-    text = _text(word, target, other, diff, ci, table, margin, level, metric, q, q_p, disagree, alpha)
-    return PooledVerdict(word, target, other, diff, ci, margin, level, metric, table, q, q_p, disagree,
-                         text + (" " + " ".join(notes) if notes else ""), n_boot, pooled, notes)
+    judge = _judge(table.loc[weighed] if weighed else table, disagree)
+    verdict = judge(ci, margin)
+    score = sum(weights[k] * means[k][other] for k in usable)  # the comparator's score, pooled with the same weights
+    text = _text(verdict, target, other, diff, ci, table, margin, level, metric, q, q_p, disagree, alpha)
+    return PooledVerdict(verdict, target, other, diff, ci, margin, level, metric, table, q, q_p, disagree,
+                         text + (" " + " ".join(notes) if notes else ""), n_boot, pooled, notes,
+                         margin_table(diff, ci, score, margin, judge=judge), comparator is not None)
+
+
+def _set_row(name: str, verdict: Verdict, target: str, other: str, diff: float, samples: np.ndarray, weight: float,
+             level: float, margin: float) -> dict:
+    lo, hi = _interval(samples, level)
+    return {"set": name, "images": int(verdict.table.loc[target, "images"]),
+            "seeds": int(min(verdict.table.loc[target, "seeds"], verdict.table.loc[other, "seeds"])),
+            "diff": diff, "lo": lo, "hi": hi, "se": float(np.nanstd(samples)), "weight": weight,
+            "verdict": word((lo, hi), margin)}
+
+
+def _judge(sets: pd.DataFrame, disagree: bool):
+    """The pooled word at a margin: the pooled interval's, unless the sets disagree; then the sets' common word
+    when every weighed set decides the same way at that margin on its own, else inconclusive."""
+    def judge(ci: tuple[float, float], margin: float) -> str:
+        if not disagree:
+            return word(ci, margin)
+        words = {word((r["lo"], r["hi"]), margin) for _, r in sets.iterrows()}
+        return words.pop() if len(words) == 1 and words <= {COMPETES, DOES_NOT_COMPETE} else INCONCLUSIVE
+    return judge
 
 
 def _not_available(target: str, margin: float, level: float, metric: str, notes: list[str],
                    text: str) -> PooledVerdict:
     empty = pd.DataFrame(columns=SET_COLUMNS).rename_axis("set")
     return PooledVerdict(NOT_AVAILABLE, target, None, math.nan, (math.nan, math.nan), margin, level, metric, empty,
-                         text=text, notes=notes)
+                         text=" ".join([text, *notes]), notes=notes)
 
 
-def _usable_sets(sets: Mapping[str, pd.DataFrame], target: str, competitors: list[str], metric: str,
-                 notes: list[str]) -> dict[str, tuple[pd.DataFrame, pd.Series, np.ndarray]]:
-    """Per set with the target and a competitor: (its rows of each method's best rank, the ranks, its images)."""
-    blocks = {}
-    for name, frame in sets.items():
-        if frame is None or frame.empty or metric not in frame:
-            notes.append(f"{name} has no per-image {metric}: left out.")
-            continue
-        frame = frame if "config_rank" in frame else frame.assign(config_rank=1)
-        chosen, ranks, images = _paired_images(frame, [])
-        if target not in ranks.index or not any(m in ranks.index for m in competitors) or images.size == 0:
-            notes.append(f"{name} lacks {target} or every competitor: left out.")
-            continue
-        blocks[name] = (chosen, ranks, images)
-    return blocks
-
-
-def _set_bootstraps(blocks: dict[str, tuple[pd.DataFrame, pd.Series, np.ndarray]], methods: list[str],
-                    seeds: dict[str, list[int]], metric: str, n_boot: int, seed: int):
-    """Per set, each method's mean and its bootstrap means: images resampled within the set, seeds resampled once
-    per method for every set (the same checkpoints score each set)."""
-    rng = np.random.default_rng(seed)
-    seed_w = {m: _resample_weights(rng, n_boot, len(seeds[m])) for m in methods}  # (B, S_m), shared by the sets
-    means: dict[str, dict[str, float]] = {}
-    boots: dict[str, dict[str, np.ndarray]] = {}
-    for name, (chosen, ranks, images) in blocks.items():
-        arrays = {}
-        for m in methods:
-            rows = chosen[(chosen["method"] == m) & chosen["seed"].isin(seeds[m])]
-            arrays[m] = _method_arrays(rows, m, int(ranks[m]), images, [metric])[metric]  # (S_m, N_k), seeds sorted
-        image_w = _resample_weights(rng, n_boot, images.size)  # (B, N_k): this set's own image resample
-        boot = _boot_means([arrays[m] for m in methods], [seed_w[m] for m in methods], image_w)
-        boots[name] = dict(zip(methods, boot))
-        means[name] = {m: float(np.nanmean(arrays[m])) for m in methods}
-    return means, boots
+def _seed_notes(verdicts: Mapping[str, Verdict], target: str, other: str) -> list[str]:
+    counts = {k: (int(v.table.loc[target, "seeds"]), int(v.table.loc[other, "seeds"])) for k, v in verdicts.items()}
+    if len(set(counts.values())) <= 1:
+        return []
+    return [f"The sets hold different numbers of seeds ({target}, {other}: "
+            + ", ".join(f"{k} {a}, {b}" for k, (a, b) in counts.items())
+            + "), so their seed resamples are drawn apart, not shared."]
 
 
 def _pool(means: dict[str, dict[str, float]], boots: dict[str, dict[str, np.ndarray]], target: str, other: str):

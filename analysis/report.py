@@ -30,11 +30,12 @@ import pandas as pd
 
 from analysis import plots
 from analysis.effects import Effects, compute_effects
+from analysis.margins import margin_blocks
 from analysis.metric_table import MEAN_OVER_IMAGES, describe_metric, format_metric, lower_is_better
 from analysis.render import Block, to_html, to_markdown
 from analysis.scores import corpus_rows, corpus_scores
 from analysis.scores import x100 as _x100
-from analysis.verdict import PRIMARY, Verdict, compute_verdict
+from analysis.verdict import PRIMARY, TEST_SET, Verdict, compute_verdict
 
 QUESTION = (
     "A 2015 term project proposed the simplest encoder-decoder captioner: a frozen ImageNet CNN encodes the "
@@ -116,7 +117,8 @@ def _verdict_blocks(verdict: Verdict, image: Path | None, decision: str | None =
         blocks.append(("p", f"Difference {verdict.target} - {verdict.best_other} ({verdict.metric}): "
                             f"{_x100(verdict.diff)} [{_x100(verdict.ci[0])}, {_x100(verdict.ci[1])}] "
                             f"(x100, paired bootstrap, {verdict.n_boot} resamples)."))
-    blocks += pairwise_blocks(verdict, level)
+    blocks += pairwise_blocks(verdict, level) + margin_blocks(verdict.margins, verdict.target, verdict.best_other,
+                                                              verdict.metric, verdict.level)
     if decision:
         blocks.append(("p", decision))
     if image is not None:
@@ -306,8 +308,8 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
                  spec_text: str | None = None, metric: str = PRIMARY, n_boot: int = 2000,
                  seed: int = 0, level: float = 0.95, resources: Mapping[str, float] | None = None,
                  confirmed: pd.DataFrame | None = None, provenance: Mapping[str, str] | None = None,
-                 decision: Callable[[Verdict], str | None] | None = None,
-                 extra_blocks: list[Block] | None = None) -> ReportResult:
+                 decision: Callable[[Verdict], str | None] | None = None, extra_blocks: list[Block] | None = None,
+                 comparator: str | None = None, set_name: str = TEST_SET) -> ReportResult:
     """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
 
     ``metric`` is the confirm-stage primary metric; the search is analysed on ``val_<metric>``. ``roles`` and
@@ -316,6 +318,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     report's line on how many seeds the verdict took or would take.
     ``extra_blocks``: more sections, after the test split's examples (the other photo collections the study was
     scored on and the pooled verdict, ``analysis.cross_dataset``; their figures already in ``out_dir``).
+    ``comparator`` and ``set_name``: as ``compute_verdict`` takes them (the fixed comparator, the test split's name).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +329,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     search_metric = f"val_{metric}"
 
     verdict = compute_verdict(per_image, runs, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
-                              level=level)
+                              level=level, comparator=comparator, set_name=set_name)
     effects = compute_effects(trials, space, metric=search_metric, seed=seed)
     figures = _draw_figures(out_dir, verdict, trials, history, space, gallery, metric, colors, margin)
 

@@ -12,7 +12,8 @@ estimate the mean score over seeds and test images with a 95% interval from a tw
 
 Each method's role comes in as data (``roles``: ``{method: "target" | "competitor" | "floor"}``, from the
 study's method registry), so a newly registered method is compared without a change here. The difference
-``target - best competitor`` (the target is ``init``; best competitor = the competitor, e.g. among
+``target - comparator`` (the target is ``init``; the comparator is the arm fixed before any test split was
+scored, the best other arm on validation, when the caller gives one; else the competitor, e.g. among
 pre/par/merge/attention, with the highest mean primary metric; a floor such as ``none`` only shows how much
 the image adds) gets its paired bootstrap interval, and the verdict is a non-inferiority test against an
 equivalence ``margin`` (same 0..1 units):
@@ -22,9 +23,10 @@ equivalence ``margin`` (same 0..1 units):
 * otherwise "inconclusive" (whether more seeds, or only more test images, could decide it is the report's
   decision note: ``study.deciding.decision_note``).
 
-Caveats written into the text: the best other method is chosen on the point estimates and then held fixed
-(choosing it inside every bootstrap resample would widen the interval slightly), and a bootstrap over 3
-seeds understates seed-to-seed variance by a factor of about (n-1)/n.
+The same resamples give every interval (``analysis.bootstrap``) and the table of the words at other margins
+(``analysis.margins``). Caveats written into the text: a best other method chosen on the test point estimates is
+held fixed (choosing it inside every bootstrap resample would widen the interval slightly), and a bootstrap
+over 3 seeds understates seed-to-seed variance by a factor of about (n-1)/n.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.bootstrap import boot_means as _boot_means
+from analysis.bootstrap import image_weights, seed_weights
+from analysis.bootstrap import interval as _interval
+from analysis.bootstrap import resample_weights as _resample_weights  # noqa: F401 (tests and benchmarks use it here)
+from analysis.margins import COMPETES, DOES_NOT_COMPETE, NOT_AVAILABLE, margin_table, word
+from analysis.margins import INCONCLUSIVE as INCONCLUSIVE  # the verdict's words, imported from here too
 from analysis.metric_table import MEAN_OVER_IMAGES
 from analysis.scores import x100
 
@@ -50,10 +58,7 @@ COMPETITOR = "competitor"  # the real injections the target competes with
 FLOOR = "floor"  # no image at all: how much the image helps
 ROLES = (TARGET, COMPETITOR, FLOOR)
 
-COMPETES = "competes"
-DOES_NOT_COMPETE = "does not compete"
-INCONCLUSIVE = "inconclusive"
-NOT_AVAILABLE = "not available"
+TEST_SET = "test"  # the name a set's image resample is keyed by when the caller names none (analysis.bootstrap)
 
 
 @dataclass
@@ -80,6 +85,13 @@ class Verdict:
     diff_samples: np.ndarray | None = field(default=None, repr=False)  # (n_boot,) bootstrap target - best other
     # target - each other method (index ``method``): ``diff``, ``lo``, ``hi`` at ``level``, paired like the verdict.
     pairwise: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["diff", "lo", "hi"]))
+    # The words at margins of 1, 2, 3 points and 4% of the comparator's score (``analysis.margins``), same resamples.
+    margins: pd.DataFrame = field(default_factory=lambda: margin_table(math.nan, (math.nan, math.nan), math.nan))
+    # method -> (n_boot,) bootstrap means of ``metric``: what the pooled verdict reuses (one draw per difference).
+    samples: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    seed: int = 0  # the bootstrap's seed, and the set name its image resample is keyed by (analysis.bootstrap)
+    set_name: str = TEST_SET
+    comparator_fixed: bool = False  # whether best_other was fixed before the test split was scored (else: test means)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, JSON-friendly summary for MLflow: numbers stay numbers, per-method means as ``<m>.<metric>``."""
@@ -109,45 +121,6 @@ def _method_arrays(per_image: pd.DataFrame, method: str, rank: int, images: np.n
         wide = rows.groupby(["seed", "image_id"])[metric].mean().unstack("image_id")  # (S, N')
         out[metric] = wide.reindex(columns=images).to_numpy(dtype=float)  # (S, N), NaN where missing
     return out
-
-
-def _boot_means(blocks: list[np.ndarray], seed_ws: list[np.ndarray], image_w: np.ndarray) -> list[np.ndarray]:
-    """Bootstrap means, (B,) each, of (S_k, N) score blocks for seed weights (B, S_k) and image weights (B, N).
-
-    A resample is encoded as counts (how often each seed / image was drawn), so the resampled mean is
-    ``sum_s sum_n c_s w_n x_sn / sum_s sum_n c_s w_n [x_sn present]``. Every block's rows (and their
-    presence masks) are stacked so that all methods and metrics cost one (B, N) @ (N, R) product. NaN entries
-    (METEOR without Java, a missing image) drop out of both sums.
-    """
-    present = [~np.isnan(x) for x in blocks]
-    stacked = np.concatenate([np.where(p, x, 0.0) for p, x in zip(present, blocks)]
-                             + [p.astype(float) for p in present])  # (2R, N)
-    per_row = image_w @ stacked.T  # (B, 2R): each row's image-weighted sum per resample
-    num_all, den_all = np.split(per_row, 2, axis=1)
-    out, start = [], 0
-    for x, seed_w in zip(blocks, seed_ws):
-        stop = start + x.shape[0]
-        num = np.einsum("bs,bs->b", seed_w, num_all[:, start:stop])
-        den = np.einsum("bs,bs->b", seed_w, den_all[:, start:stop])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(num / den)
-        start = stop
-    return out
-
-
-def _resample_weights(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
-    """(n_boot, n) bootstrap weights: how often each of n items was drawn in each resample, divided by n."""
-    draws = rng.integers(0, n, size=(n_boot, n)) + np.arange(n_boot)[:, None] * n  # row-offset indices
-    return np.bincount(draws.ravel(), minlength=n_boot * n).reshape(n_boot, n) / n
-
-
-def _interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    finite = samples[np.isfinite(samples)]
-    if finite.size == 0:
-        return (math.nan, math.nan)
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(finite, [tail, 100 - tail])
-    return (float(lo), float(hi))
 
 
 def _run_costs(runs: pd.DataFrame | None, method: str, rank: int) -> dict[str, float]:
@@ -181,17 +154,18 @@ def _check_arguments(margin: float, metric: str) -> None:
 
 def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *, roles: Mapping[str, str],
                     margin: float = 0.02, metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0,
-                    level: float = 0.95, resample_seeds: bool = True) -> Verdict:
-    """Per-method means with ``level`` intervals, ``target - best competitor`` with its paired interval, the verdict.
+                    level: float = 0.95, resample_seeds: bool = True, comparator: str | None = None,
+                    set_name: str = TEST_SET) -> Verdict:
+    """Per-method means with ``level`` intervals, ``target - comparator`` with its paired interval, the verdict.
 
     ``per_image`` columns: ``method, config_rank, seed, image_id`` and the metrics in ``MEAN_OVER_IMAGES`` (0..1;
-    missing metrics or NaN values are allowed; other columns are ignored).
-    ``roles``: ``{method: "target" | "competitor" | "floor"}``
-    in display order, one target. Each method is represented by its lowest ``config_rank`` (the search's best
-    on validation): picking among confirmed configs by test score would bias it upward. Only images scored
-    for every method enter (paired comparison). Deterministic given ``seed``. ``level`` above 0.95 is a
-    sequential plan's per-look level (see ``analysis.sequential``); ``resample_seeds=False`` resamples test
-    images only (the image part of the variance, for projecting how many seeds a decision needs).
+    missing metrics or NaN values are allowed). ``roles``: ``{method: "target" | "competitor" | "floor"}`` in
+    display order, one target. Each method is represented by its lowest ``config_rank`` (the search's best on
+    validation). Only images scored for every method enter (paired). Deterministic given ``seed``. ``level``
+    above 0.95: a sequential plan's per-look level; ``resample_seeds=False`` resamples test images only (the image
+    part of the variance). ``comparator``: the arm fixed before any test split was scored (the best
+    other on validation); None: the competitor with the highest test mean. ``set_name`` keys this set's image
+    resample (``analysis.bootstrap``), as the pooled verdict keys it: the same difference, the same interval.
     """
     _check_arguments(margin, metric)
     target, competitors, floors = _split_roles(roles)
@@ -218,25 +192,41 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
     if roleless:
         notes.append(f"{', '.join(roleless)} had no role in the verdict: shown, not compared.")
     arrays = {m: _method_arrays(chosen, m, int(ranks[m]), images, metrics) for m in methods}
-    boots = _bootstrap(arrays, metrics, metric, n_boot, seed, images.size, resample_seeds)
+    boots = _bootstrap(arrays, metrics, metric, n_boot, seed, set_name, resample_seeds)
     table = _method_table(arrays, boots, runs, ranks, roles, metrics, metric, images.size, level)
+    samples = {m: boots[m, metric] for m in methods}
 
-    others = [m for m in competitors if m in table.index and not math.isnan(table.loc[m, metric])]
-    if target not in table.index or not others:
-        what = target if target not in table.index else "any of " + "/".join(competitors)
+    best_other, lacking = _compared(table, target, competitors, comparator, metric)
+    if best_other is None:
         return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, table,
-                       f"The confirm results have no {what}, so there is nothing to compare.", n_boot, notes,
-                       target)
-    best_other = max(others, key=lambda m: table.loc[m, metric])
+                       f"The confirm results have no {lacking}, so there is nothing to compare.", n_boot, notes,
+                       target, level, samples=samples, seed=seed, set_name=set_name)
     pairwise = _pairwise(table, boots, target, metric, level)
-    diff_boot = boots[target, metric] - boots[best_other, metric]  # paired through the shared image_w
+    diff_boot = samples[target] - samples[best_other]  # paired through the shared image resample
     diff = float(table.loc[target, metric] - table.loc[best_other, metric])
     ci = _interval(diff_boot, level)
 
-    word = COMPETES if ci[0] > -margin else DOES_NOT_COMPETE if ci[1] < -margin else INCONCLUSIVE
-    text = _paragraph(word, diff, ci, target, best_other, floors, margin, metric, table, notes, level)
-    return Verdict(word, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target, level, diff_boot,
-                   pairwise)
+    verdict = word(ci, margin)
+    text = _paragraph(verdict, diff, ci, target, best_other, floors, margin, metric, table, notes, level,
+                      fixed=comparator is not None)
+    return Verdict(verdict, diff, ci, best_other, margin, metric, table, text, n_boot, notes, target, level, diff_boot,
+                   pairwise, margin_table(diff, ci, float(table.loc[best_other, metric]), margin), samples, seed,
+                   set_name, comparator is not None)
+
+
+def _compared(table: pd.DataFrame, target: str, competitors: list[str], comparator: str | None,
+              metric: str) -> tuple[str | None, str]:
+    """(the arm the target is compared with: the fixed ``comparator``, else the competitor with the highest mean;
+    None and what is lacking when the table has no target or no such arm)."""
+    if comparator is not None and comparator == target:
+        raise ValueError(f"the comparator {comparator!r} is the target itself")
+    scored = [m for m in ([comparator] if comparator else competitors)
+              if m in table.index and not math.isnan(table.loc[m, metric])]
+    if target not in table.index or not scored:
+        return None, (target if target not in table.index else (
+            f"the comparator fixed before the test split was scored, {comparator}" if comparator
+            else "any of " + "/".join(competitors)))
+    return comparator or max(scored, key=lambda m: table.loc[m, metric]), ""
 
 
 def _pairwise(table: pd.DataFrame, boots: dict[tuple[str, str], np.ndarray], target: str, metric: str,
@@ -262,12 +252,13 @@ def _paired_images(per_image: pd.DataFrame, notes: list[str]) -> tuple[pd.DataFr
 
 
 def _bootstrap(arrays: dict[str, dict[str, np.ndarray]], metrics: list[str], metric: str, n_boot: int, seed: int,
-               n_images: int, resample_seeds: bool) -> dict[tuple[str, str], np.ndarray]:
+               set_name: str, resample_seeds: bool) -> dict[tuple[str, str], np.ndarray]:
     """(method, metric) -> the (B,) bootstrap means. One image resample is shared by all methods (paired); each
-    method's seeds are resampled on their own, or (``resample_seeds=False``) each seed weighs the same."""
-    rng = np.random.default_rng(seed)
-    image_w = _resample_weights(rng, n_boot, n_images)  # (B, N)
-    seed_w = {m: _resample_weights(rng, n_boot, arrays[m][metric].shape[0]) for m in arrays}  # (B, S_m)
+    method's seeds are resampled on their own, or (``resample_seeds=False``) each seed weighs the same. Each
+    resample comes from its own keyed generator (``analysis.bootstrap``), whatever else is computed beside it."""
+    n_images = next(iter(arrays.values()))[metric].shape[1]
+    image_w = image_weights(seed, set_name, n_boot, n_images)  # (B, N)
+    seed_w = {m: seed_weights(seed, m, n_boot, arrays[m][metric].shape[0]) for m in arrays}  # (B, S_m)
     if not resample_seeds:
         seed_w = {m: np.full_like(w, 1.0 / w.shape[1]) for m, w in seed_w.items()}
     keys = [(m, k) for m in arrays for k in metrics]
@@ -292,12 +283,14 @@ def _method_table(arrays: dict[str, dict[str, np.ndarray]], boots: dict[tuple[st
 
 
 def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, best_other: str, floors: list[str],
-               margin: float, metric: str, table: pd.DataFrame, notes: list[str], level: float = 0.95) -> str:
+               margin: float, metric: str, table: pd.DataFrame, notes: list[str], level: float = 0.95,
+               fixed: bool = False) -> str:
     """The verdict in words, numbers x100 as the captioning literature prints them."""
     tgt, other = table.loc[target], table.loc[best_other]
+    which = ("the comparator fixed before the test split was scored" if fixed else "the best other injection")
     s = (f"Seeding the first LSTM layer's memory ({target}) scores {metric} {x100(tgt[metric])} "
          f"[{x100(tgt[metric + '_lo'])}, {x100(tgt[metric + '_hi'])}] against {x100(other[metric])} "
-         f"[{x100(other[metric + '_lo'])}, {x100(other[metric + '_hi'])}] for the best other injection "
+         f"[{x100(other[metric + '_lo'])}, {x100(other[metric + '_hi'])}] for {which} "
          f"({best_other}); the difference {target} - {best_other} is {x100(diff)} with a {100 * level:.4g}% "
          "paired-bootstrap "
          f"interval [{x100(ci[0])}, {x100(ci[1])}] (x100; {int(tgt['seeds'])} seeds of {target}, "
@@ -319,8 +312,8 @@ def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, bes
     if not (math.isnan(tgt["params"]) or math.isnan(other["params"])):
         s += (f" {target} has {tgt['params'] / 1e6:.2f} M parameters and trained {tgt['train_seconds']:.0f} s "
               f"per run; {best_other} {other['params'] / 1e6:.2f} M and {other['train_seconds']:.0f} s.")
-    s += (" The best other method was picked on point estimates and held fixed across resamples; with few "
-          "seeds the bootstrap understates seed variance.")
+    s += ("" if fixed else " The best other method was picked on point estimates and held fixed across resamples;")
+    s += (" with few" if not fixed else " With few") + " seeds the bootstrap understates seed variance."
     if notes:
         s += " " + " ".join(notes)
     return s

@@ -293,6 +293,30 @@ def export(
     out.print(f"wrote {len(names)} files to {dest}: {', '.join(names)}", highlight=False)
 
 
+@app.command()
+def verify(
+    export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="a `study export` folder, e.g. results/flickr8k"),
+) -> None:
+    """Recompute every interval and verdict of an export's report from the export alone (its per-image scores and
+    the bootstrap's recorded settings; no study folder, no data) and check each against the exported tables.
+    Exit 0 when every cell matches, 1 naming the first that does not, 2 when the folder cannot be verified."""
+    from study.recompute import VerifyError
+    from study.recompute import verify as recompute
+
+    try:
+        checked = recompute(export_dir)
+    except VerifyError as exc:
+        fail(str(exc))
+    files = ", ".join(dict.fromkeys(checked.files))
+    if checked.ok:
+        out.print(f"verified: all {checked.checked} cells of {files} match their recomputation", highlight=False)
+        return
+    file, where, exported, recomputed = checked.mismatches[0]
+    out.print(f"MISMATCH: {file}, {where}: exported {exported}, recomputed {recomputed} ({len(checked.mismatches)} "
+              f"of {checked.checked} cells differ)", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
 def main() -> None:
     """The ``study`` console script and ``python -m study``: one entry, so both configure the process the same
     way and fail on a bad spec the same way (one sentence, exit 2)."""

@@ -256,6 +256,8 @@ def reproduce(
     dataset_root: Optional[Path] = typer.Option(
         None, help="the folder the spec's relative dataset paths start from (default: the spec's folder that "
         "`study export` recorded, found in the repository holding EXPORT_DIR, e.g. search_spaces/; else EXPORT_DIR)"),
+    keep: Optional[Path] = typer.Option(None, "--keep", metavar="DIR", help="keep the retrained checkpoint as "
+                                        "DIR/RUN.pt, to caption photos with `study caption --checkpoint DIR/RUN.pt`"),
 ) -> None:
     """Retrain one confirm run of an exported study from what the export holds (spec, configuration, seed) and
     print each test metric beside the committed one with the difference. Refuses, naming both fingerprints, when
@@ -263,7 +265,7 @@ def reproduce(
     from study.reproduce import reproduce as retrain
 
     try:
-        done = retrain(export_dir, run, dataset_root=dataset_root)
+        done = retrain(export_dir, run, dataset_root=dataset_root, keep=keep)
     except ConfigError as exc:
         fail(str(exc))
     table = Table(title=f"{run}: {done.config.run_name}, seed {done.config.seed}, {done.config.epochs} epochs, "
@@ -275,3 +277,6 @@ def reproduce(
     out.print(table)
     out.print("reproduced exactly: every metric equals the committed one" if done.exact else
               "not exact: the differences above (other hardware, library versions or precision can move them)")
+    if done.checkpoint is not None:
+        out.print(f"checkpoint kept: {done.checkpoint}  (study caption PHOTO.jpg --checkpoint {done.checkpoint})",
+                  highlight=False, soft_wrap=True)

@@ -189,17 +189,15 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
     return paths.confirm
 
 
-COMPARATOR_FILE = "comparator.json"
-
-
 def fix_comparator(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame) -> str | None:
     """Fix, before any confirm run scores a test split, the arm the target is compared with on every test set:
     the competitor whose best search trial scored best on validation (the study's metric). Written once to
-    ``<study>/comparator.json``; the verdict, the pooled verdict and the projection read it, so no test score
-    ever chooses the comparison. Returns the comparator (None without a target or a scored competitor)."""
-    path = paths.root / COMPARATOR_FILE
-    if path.is_file():
-        return json.loads(path.read_text())["comparator"]
+    ``<study>/comparator.json`` (``study.comparing``); the verdict, the pooled verdict and the projection read it, so
+    no test score ever chooses the comparison. Returns the comparator (None without a target or a scored one)."""
+    from study.comparing import read_comparator, write_comparator
+
+    if paths.comparator.is_file():
+        return read_comparator(paths)
     roles = spec.arm_set.roles()
     try:
         chosen = confirmed_trials(spec, trials)
@@ -211,9 +209,8 @@ def fix_comparator(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame) -> 
         return None
     values = {str(row["method"]): float(row[spec.metric]) for _, row in best.iterrows()}
     comparator = (max if spec.mode == "max" else min)(values, key=values.get)
-    atomic_write_json(path, {"comparator": comparator, "target": spec.arm_set.target,
-                             "chosen_by": f"best search trial's {spec.metric} ({spec.mode}) among the competitors, "
-                                          "before any test split was scored", "values": values})
+    write_comparator(paths, comparator, f"the competitor whose best search trial scored best on {spec.metric} "
+                                        f"({spec.mode}), before any test split was scored", values)
     return comparator
 
 

@@ -160,6 +160,8 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     """Caption and score ``split`` of the dataset ``json_path`` with every finished confirm run of the study
     (``runs``: only these run names) and compute the verdict on it at the report's level; finished results are
     reused (see the module docstring). ``track``: MLflow's confirm runs gain the scores."""
+
+    from study.comparing import read_comparator
     from study.evaluated import report_level
     from study.progress import progress_bar
     from study.registry import any_needs_grid
@@ -200,7 +202,8 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     if track:
         log_evaluation(spec, paths, ctx.tracker(), name)
     per_image, run_frame, _ = load_evaluation(paths, name)
-    outcome.verdict = set_verdict(per_image, run_frame, spec=spec, level=report_level(spec, paths))
+    outcome.verdict = set_verdict(per_image, run_frame, spec=spec, level=report_level(spec, paths),
+                                  comparator=read_comparator(paths), set_name=name)
     verdict_table_of(outcome.verdict).to_csv(folder / "verdict.csv", index=False)
     return outcome
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -46,10 +47,14 @@ def sequential_plan(spec: StudySpec, paths: StudyPaths, max_seeds: int | None = 
     return SequentialPlan(spec.confirm.seeds, max_seeds, spent_alpha=0.05)
 
 
-def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame) -> str | None:
-    """One report line: how many seeds the decision took, or would take (projected)."""
-    from analysis.sequential import SequentialPlan, project, smallest_plan, test_set_reach
+def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame, *, roles: dict[str, str] | None = None,
+                  comparator: str | None = None) -> str | None:
+    """One report line: how many seeds the decision took, or what would decide it (projected from both measured
+    variance parts: more seeds, more test images, or both, with numbers). ``comparator``: the arm fixed before the
+    test split was scored (``study.comparator.read_comparator``); ``roles`` default to the spec's arms'."""
+    from analysis.sequential import SequentialPlan, project, smallest_plan, test_set_reach, what_decides
     from analysis.verdict import INCONCLUSIVE
+
     if verdict.best_other is None:
         return None
     seeds = int(min(verdict.table.loc[verdict.target, "seeds"], verdict.table.loc[verdict.best_other, "seeds"]))
@@ -61,26 +66,24 @@ def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame) -> st
     if plan is not None and seeds >= plan.max_seeds:
         return (f"Not decided after {seeds} seeds per method, the plan's limit ({plan.describe()}): the two "
                 "methods are closer than this test split can resolve at that error rate.")
-    parts = project(per_image, roles=spec.arm_set.roles(), margin=spec.confirm.margin)
-    needed = None if parts is None else smallest_plan(parts, spec.confirm.margin, spent_alpha=0.0 if plan else 0.05)
-    if needed is None and parts is not None:
+    margin = spec.confirm.margin
+    parts = project(per_image, roles=roles or spec.arm_set.roles(), margin=margin, comparator=comparator,
+                    set_name=verdict.set_name)
+    if parts is None:
+        return None
+    points = partial(format_metric, verdict.metric)
+    reach_text = what_decides(parts, verdict.level, margin).describe(parts, points)
+    needed = smallest_plan(parts, margin, spent_alpha=0.0 if plan else 0.05)
+    if needed is None:
         # The test images' own variance dominates: seeds cannot decide, so no `study decide` is offered.
-        images = int(verdict.table.loc[verdict.target, "images"])
-        reach, images_needed = test_set_reach(parts, spec.confirm.margin, images, level=verdict.level)
-        wants = ("no test set size would decide it: the estimate sits on the margin" if images_needed is None
-                 else f"margin {format_metric(verdict.metric, spec.confirm.margin)} would need about "
-                 f"{images_needed:,.0f} test images")
-        return (f"Undecided at margin {format_metric(verdict.metric, spec.confirm.margin)} with {images} test "
-                f"images, and more seeds are projected not to decide it (the test images' own variance dominates): "
-                f"even with unlimited seeds this test set decides only margins of "
-                f"{format_metric(verdict.metric, reach)} or more; {wants} (assuming the difference stays at its "
-                "estimate).")
-    guess = ("more seeds alone are projected not to decide it (the test images' own variance is too large)"
-             if needed is None else f"a decision is projected to take about {needed.max_seeds} seeds per method "
-             "(assuming the difference stays at its estimate: a guide, not a promise)")
-    limit = plan.max_seeds if plan else (needed.max_seeds if needed else 3 * spec.confirm.seeds)
-    return (f"Not decided after {seeds} seeds per method; {guess}. `study decide {spec.name} --max-seeds "
-            f"{limit}` adds seeds one at a time under a sequential plan"
+        reach, _ = test_set_reach(parts, margin, parts.images, level=verdict.level)
+        return (f"Undecided at margin {points(margin)} with {parts.images} test images, and more seeds under a "
+                f"sequential plan are projected not to decide it: even with unlimited seeds this test set decides "
+                f"only margins of {points(reach)} or more. {reach_text}")
+    limit = plan.max_seeds if plan else needed.max_seeds
+    return (f"Not decided after {seeds} seeds per method; under a sequential plan a decision is projected to take "
+            f"about {needed.max_seeds} seeds per method. {reach_text} `study decide {spec.name} --max-seeds {limit}` "
+            "adds seeds one at a time under a sequential plan"
             + ("." if plan else f" ({SequentialPlan(seeds, max(limit, seeds), spent_alpha=0.05).describe()})."))
 
 
@@ -95,9 +98,12 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
     inconclusive and train more runs, which the user must ask for."""
     from analysis.sequential import verdict_at
     from analysis.verdict import INCONCLUSIVE, compute_verdict
+    from study.comparing import read_comparator, test_set_name
     from study.confirm import confirm_configs, confirm_stage, load_confirm
 
     spec, paths = ctx.spec, ctx.paths
+    compare = dict(roles=spec.arm_set.roles(), margin=spec.confirm.margin, comparator=read_comparator(paths),
+                   set_name=test_set_name(spec))
     plan = sequential_plan(spec, paths, max_seeds)
     needs_seeds = ValueError("study decide needs --max-seeds (the spec plans no extra seeds: confirm.max_seeds)")
     if plan is None and not paths.confirm_results():  # no verdict yet to say it is decided
@@ -108,7 +114,7 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
     confirm_stage(ctx, address=address, progress=progress)  # the first look needs the confirm stage
     if not looks and spec.confirm.max_seeds is None and not stricter:
         per_image, runs, _ = load_confirm(paths, ctx.data(progress=progress))
-        fixed = compute_verdict(per_image, runs, roles=spec.arm_set.roles(), margin=spec.confirm.margin)
+        fixed = compute_verdict(per_image, runs, **compare)
         if fixed.verdict != INCONCLUSIVE and fixed.best_other is not None:
             if console is not None:
                 diff, low, high = (format_metric(fixed.metric, v) for v in (fixed.diff, *fixed.ci))
@@ -121,7 +127,7 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
         raise needs_seeds
     while True:
         per_image, runs, _ = load_confirm(paths, ctx.data(progress=progress))
-        verdict = verdict_at(per_image, runs, plan, roles=spec.arm_set.roles(), margin=spec.confirm.margin)
+        verdict = verdict_at(per_image, runs, plan, **compare)
         if verdict.best_other is None:
             raise ValueError(f"the confirm results in {paths.confirm} have no target and competitor to compare")
         counts = {m: int(verdict.table.loc[m, "seeds"]) for m in (verdict.target, verdict.best_other)}

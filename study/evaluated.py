@@ -47,10 +47,10 @@ def result_files(paths: StudyPaths, name: str) -> list[Path]:
 
 
 def study_test_name(spec: "StudySpec") -> str:
-    """How the report names the study's own test split among the pooled sets (no file is read)."""
-    dataset = spec.dataset
-    base = "shapes" if dataset.kind == "shapes" else Path(dataset.json_path).stem.removeprefix("dataset_")
-    return f"{base} test (the study's)"
+    """How the report names the study's own test split among the pooled sets (``study.comparing.test_set_name``)."""
+    from study.comparing import test_set_name
+
+    return test_set_name(spec)
 
 
 def read_manifest(paths: StudyPaths, name: str) -> dict[str, Any]:
@@ -85,11 +85,16 @@ def load_evaluation(paths: StudyPaths, name: str) -> tuple[pd.DataFrame, pd.Data
     return pd.DataFrame(image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
 
 
-def set_verdict(per_image: pd.DataFrame, runs: pd.DataFrame, *, spec: StudySpec, level: float = 0.95):
-    """``analysis.verdict.compute_verdict`` on one evaluated set, with the study's arms' roles."""
+def set_verdict(per_image: pd.DataFrame, runs: pd.DataFrame, *, spec: "StudySpec", level: float = 0.95,
+                comparator: str | None = None, set_name: str):
+    """``analysis.verdict.compute_verdict`` on one evaluated set (``set_name``: its name, which keys its image
+    resample), with the study's arms' roles and its fixed ``comparator`` (``study.comparing``). A set on which every
+    caption scores 0 decides nothing."""
     from analysis.verdict import compute_verdict
+    from study.comparing import BOOT_SEED, N_BOOT
 
-    verdict = compute_verdict(per_image, runs, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level)
+    verdict = compute_verdict(per_image, runs, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level,
+                              n_boot=N_BOOT, seed=BOOT_SEED, comparator=comparator, set_name=set_name)
     scores = per_image[verdict.metric] if verdict.metric in per_image else None
     if verdict.best_other is not None and scores is not None and not (scores.fillna(0) != 0).any():
         # Every caption scored 0 (e.g. references sharing no word with the models' vocabulary): "competes ...
@@ -110,6 +115,7 @@ def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *
     """``analysis.pooled.pooled_verdict`` over the study's test split and every evaluated set (the study's own
     test split evaluated again, the same JSON and split, is not counted twice)."""
     from analysis.pooled import pooled_verdict
+    from study.comparing import BOOT_SEED, N_BOOT, read_comparator
 
     sets = {study_test_name(spec): test_per_image}
     own = str(Path(spec.dataset.json_path).resolve()) if spec.dataset.kind == "karpathy" else None
@@ -118,7 +124,16 @@ def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *
         if manifest["json"] == own and manifest["split"] == "test":
             continue
         sets[name] = load_evaluation(paths, name)[0]
-    return pooled_verdict(sets, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level)
+    return pooled_verdict(sets, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level, n_boot=N_BOOT,
+                          seed=BOOT_SEED, comparator=read_comparator(paths))
+
+
+def split_fingerprints(paths: StudyPaths, spec: "StudySpec", info: dict[str, Any]) -> dict[str, str]:
+    """The test splits this study scored, by name: the study's own (the dataset's fingerprint, from the prepared
+    data's ``info``) first, then each evaluated set (its split's fingerprint)."""
+    out = {study_test_name(spec): str(info.get("dataset_fingerprint", ""))}
+    out.update({name: str(read_manifest(paths, name).get("fingerprint", "")) for name in evaluated_sets(paths)})
+    return out
 
 
 def report_level(spec: "StudySpec", paths: StudyPaths) -> float:
@@ -162,10 +177,12 @@ def evaluation_per_image_frame(paths: StudyPaths, name: str | None = None) -> pd
 
 def verdict_frame(paths: StudyPaths, spec: "StudySpec", name: str) -> pd.DataFrame:
     """``Study.evaluation_verdict``: the verdict table on one set, shaped as ``Study.verdict``'s (words in attrs)."""
+    from study.comparing import read_comparator
     from study.reader_types import with_reader_types
 
     per_image, runs, _ = load_evaluation(paths, name)
-    verdict = set_verdict(per_image, runs, spec=spec, level=report_level(spec, paths))
+    verdict = set_verdict(per_image, runs, spec=spec, level=report_level(spec, paths),
+                          comparator=read_comparator(paths), set_name=name)
     table = with_reader_types(verdict.table)
     table.attrs.update(dataset=name, verdict=verdict.verdict, diff=verdict.diff, ci=verdict.ci,
                        best_other=verdict.best_other, margin=verdict.margin, level=verdict.level, text=verdict.text)
@@ -202,24 +219,40 @@ def export_frames(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataF
             "pooled_verdict.csv": pooled_frame(paths, spec, test_per_image)}
 
 
+def evaluated_verdicts(paths: StudyPaths, spec: "StudySpec", *, level: float) -> dict[str, Any]:
+    """Each evaluated set's verdict (``set_verdict``: its name keys its resamples, the study's fixed comparator),
+    by name, in the order the sets were first evaluated."""
+    from study.comparing import read_comparator
+
+    comparator = read_comparator(paths)
+    verdicts = {}
+    for name in evaluated_sets(paths):
+        per_image, runs, _ = load_evaluation(paths, name)
+        verdicts[name] = set_verdict(per_image, runs, spec=spec, level=level, comparator=comparator,
+                                     set_name=name)
+    return verdicts
+
+
 def report_blocks(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, out_dir: Path, *,
-                  level: float, roles: dict[str, str], colors: dict[str, str]) -> list:
+                  level: float, roles: dict[str, str], colors: dict[str, str],
+                  verdicts: dict[str, Any] | None = None) -> list:
     """The report's sections for the evaluated sets (one per set, with its gallery drawn into ``out_dir``) and the
-    pooled verdict; [] when the study was never evaluated."""
+    pooled verdict; [] when the study was never evaluated. ``verdicts``: the sets' verdicts, if computed already
+    (``evaluated_verdicts``)."""
     from analysis import plots
     from analysis.cross_dataset import dataset_blocks, pooled_blocks
 
     names = evaluated_sets(paths)
     if not names:
         return []
+    verdicts = verdicts if verdicts is not None else evaluated_verdicts(paths, spec, level=level)
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks: list = []
     for name in names:
         manifest = read_manifest(paths, name)
-        per_image, runs, gallery = load_evaluation(paths, name)
-        verdict = set_verdict(per_image, runs, spec=spec, level=level)
+        _, runs, gallery = load_evaluation(paths, name)
         picture = plots.plot_gallery(gallery, out_dir / f"gallery-{name}.png", colors=colors)
         missing = sorted({p.stem for p in paths.confirm_results()} - set(runs.get("run", [])))
-        blocks += dataset_blocks(name, manifest, verdict, runs, picture, order=list(roles), missing=missing)
+        blocks += dataset_blocks(name, manifest, verdicts[name], runs, picture, order=list(roles), missing=missing)
     blocks += pooled_blocks(pooled(paths, spec, test_per_image, level=level))
     return blocks

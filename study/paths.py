@@ -13,8 +13,10 @@
         tune/                          Ray Tune's experiment: one folder per trial, with its checkpoints
         confirm/<method>-r<k>-s<seed>.json (.pt)   each confirm run's scores (and its trained model)
         decide.json                    the looks of ``study decide``
+        comparator.json                the arm the verdict compares the target with, fixed before any test scoring
         evaluate/<name>/               each confirm run scored on another dataset (study/cross_dataset.py)
         verdict.csv, report/           the verdict table and the report
+    <storage>/ledger.csv               every scoring of a test split by the studies here (study/ledger.py)
 
 Tune's own folder (``tune/``) may live in a bucket (``storage: s3://...``); the rest is the driver's
 bookkeeping and always stays on a local disk.
@@ -84,6 +86,9 @@ class StudyPaths:
     verdict_csv = property(lambda self: self.root / "verdict.csv")
     report = property(lambda self: self.root / "report")
     evaluate = property(lambda self: self.root / "evaluate")  # study evaluate: one folder per dataset
+    comparator = property(lambda self: self.root / "comparator.json")  # the verdict's comparator, fixed before test
+    # The test-split ledger beside the studies (study/ledger.py): every study under this storage appends to it.
+    ledger = property(lambda self: self.root.parent / "ledger.csv")
 
     def confirm_result(self, run: str) -> Path:
         """``confirm/<run>.json``: one confirm run's scores, per-image scores and captions."""

@@ -1,6 +1,8 @@
 """From confirm runs to an answer on record: the verdict, the report, and their evidence in MLflow.
 
-``write_report`` computes the verdict with bootstrap intervals (``analysis``), writes the report, and gives
+``write_report`` computes the verdict with bootstrap intervals (``analysis``) against the study's fixed comparator
+(``study.comparing``), writes the report, adds each test set's look to the test-split ledger (``study.ledger``:
+the report lists the earlier looks at the same splits), and gives
 MLflow each confirm run as a child run (``kind=confirm``), the parent the report, the verdict table
 (``verdict.csv`` and the ``verdict.json`` table) and a few headline metrics (tag ``verdict``).
 """
@@ -22,10 +24,13 @@ if TYPE_CHECKING:
 
 def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     """Verdict + report from the finished confirm runs, logged to the study's MLflow parent run."""
+    from analysis.forks import fork_blocks
     from analysis.report import build_report
     from analysis.training_length import length_blocks
+    from study.comparing import BOOT_SEED, N_BOOT, read_comparator, read_comparator_record, test_set_name
     from study.confirm import confirm_history, confirmed_trials, load_confirm, log_confirm_runs
-    from study.evaluated import report_blocks
+    from study.evaluated import evaluated_verdicts, report_blocks, split_fingerprints
+    from study.ledger import comparator_rule, earlier_looks, record_looks
     from study.provenance import provenance
     from study.tracking import git_commit, source_tags
 
@@ -34,22 +39,28 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     origin = provenance(paths, data.info, report_commit=git_commit())
     per_image, runs, gallery = load_confirm(paths, data)
     plan = sequential_plan(spec, paths)
+    level, comparator, test_name = plan.level if plan else 0.95, read_comparator(paths), test_set_name(spec)
     notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
     # study evaluate's sets and the pooled verdict (study/evaluated.py): [] for a study never evaluated
-    extra = report_blocks(paths, spec, per_image, paths.report, level=plan.level if plan else 0.95,
-                          roles=spec.arm_set.roles(), colors=spec.arm_set.colors())
+    evaluated = evaluated_verdicts(paths, spec, level=level)
+    extra = report_blocks(paths, spec, per_image, paths.report, level=level, roles=spec.arm_set.roles(),
+                          colors=spec.arm_set.colors(), verdicts=evaluated)
     # the confirm runs' own validation curves: did they still rise when training ended?
     extra = length_blocks(confirm_history(paths), paths.report, spec.arm_set.colors(), metric=spec.metric) + extra
+    splits = split_fingerprints(paths, spec, data.info)  # the test splits scored, and the earlier looks at them
+    extra += fork_blocks(earlier_looks(paths.ledger, spec, ctx.spec_text, splits))
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
                           margin=spec.confirm.margin, roles=spec.arm_set.roles(), colors=spec.arm_set.colors(),
-                          spec_text=ctx.spec_text, level=plan.level if plan else 0.95,
-                          decision=lambda verdict: notes.setdefault("decision",
-                                                                    decision_note(spec, verdict, plan, per_image)),
+                          spec_text=ctx.spec_text, level=level, n_boot=N_BOOT, seed=BOOT_SEED,
+                          decision=lambda verdict: notes.setdefault("decision", decision_note(
+                              spec, verdict, plan, per_image, comparator=comparator)),
                           resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
-                          provenance=origin, extra_blocks=extra)
+                          provenance=origin, extra_blocks=extra, comparator=comparator, set_name=test_name)
     atomic_write_json(paths.report / "provenance.json", origin, indent=2)
     verdict = result.verdict
+    record_looks(paths.ledger, spec, ctx.spec_text, {test_name: verdict, **evaluated}, splits,
+                 comparator_rule(read_comparator_record(paths)))
     tracker = ctx.tracker()
     tracker.child_tags = source_tags("study report")
     log_confirm_runs(spec, paths, tracker)

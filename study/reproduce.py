@@ -32,6 +32,7 @@ class Reproduction:
     config: TrialConfig
     committed: dict[str, float]  # metric -> score on the 0..1 scale, as the export holds it
     reproduced: dict[str, float]
+    checkpoint: Path | None = None  # the retrained model kept (``keep``), for `study caption` or `study evaluate`
 
     def rows(self) -> list[tuple[str, float, float, float]]:
         """(metric, committed, reproduced, reproduced - committed) of every metric both have."""
@@ -97,10 +98,14 @@ def spec_folder(export_dir: Path) -> Path:
     return export_dir
 
 
-def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, progress: bool = True) -> Reproduction:
-    """Retrain ``run`` of the export and score it as the confirm stage does."""
+def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, progress: bool = True,
+              keep: Path | None = None) -> Reproduction:
+    """Retrain ``run`` of the export and score it as the confirm stage does. ``keep``: a folder to keep the
+    retrained checkpoint in, as ``<keep>/<run>.pt`` (written whole or not at all), so a reviewer can caption their
+    own photos with it (``study caption --checkpoint``)."""
     import torch
 
+    from study.checkpoints import copy_checkpoint
     from study.data.prepare import TokenSetting, prepare
     from study.evaluation import Decoding, score_split
     from study.registry import any_needs_grid
@@ -114,12 +119,16 @@ def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, p
                           f"study ran on: its fingerprint is {data.info['dataset_fingerprint']}, the export's "
                           f"provenance.json says {fingerprint}")
     _check_recorded_size(export_dir, run, cfg, data)
+    kept = None
     with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=progress)
+        if keep is not None:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            kept = copy_checkpoint(Path(tmp), Path(keep)).replace(Path(keep) / f"{run}.pt")
     cfg = cfg.model_copy(update={"precision": result.precision})  # auto, as the run resolved it
     test = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab, decoding=Decoding.of(cfg),
                        full=True)
-    return Reproduction(run, cfg, committed, dict(test.scores))
+    return Reproduction(run, cfg, committed, dict(test.scores), kept)
 
 
 def _check_recorded_size(export_dir: Path, run: str, cfg: TrialConfig, data) -> None:

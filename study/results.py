@@ -28,6 +28,7 @@ from analysis.scores import CORPUS_METRICS
 from study.files import atomic_write_json
 from study.paths import StudyPaths
 from study.reader_types import with_reader_types
+from study.recompute import FILES as STATISTICS_FILES
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -82,12 +83,13 @@ def per_image_frame(paths: StudyPaths) -> pd.DataFrame:
 
 def verdict_frame(ctx: "StudyContext") -> pd.DataFrame:
     """``Study.verdict``: the verdict table with its words and interval in ``attrs``."""
-    from analysis.verdict import compute_verdict
-    from study.deciding import sequential_plan
+    from study.comparing import read_comparator, test_set_name
+    from study.evaluated import report_level, set_verdict
+
     spec = ctx.spec
-    plan = sequential_plan(spec, ctx.paths)
-    verdict = compute_verdict(per_image_frame(ctx.paths), confirm_frame(ctx.paths, spec), roles=spec.arm_set.roles(),
-                              margin=spec.confirm.margin, level=plan.level if plan else 0.95)
+    verdict = set_verdict(per_image_frame(ctx.paths), confirm_frame(ctx.paths, spec), spec=spec,
+                          level=report_level(spec, ctx.paths), comparator=read_comparator(ctx.paths),
+                          set_name=test_set_name(spec))
     table = with_reader_types(verdict.table)
     table.attrs.update(verdict=verdict.verdict, diff=verdict.diff, ci=verdict.ci, best_other=verdict.best_other,
                        margin=verdict.margin, level=verdict.level, text=verdict.text)
@@ -128,7 +130,9 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     """Copy what a study produced into ``dest`` (e.g. ``results/<name>/`` of a repository), never a checkpoint or a
     feature: the report and its figures, its provenance, the spec it ran, the search's trials and learning curves,
     the confirm runs, their validation curves and the verdict as CSV, the time budget ledger and ``study decide``'s
-    looks. Every number in them is the platform's own. ``dest`` must be outside the study and empty; ``force``
+    looks, and what recomputes every interval (``study.recompute``: per-image scores, the bootstrap's settings,
+    the verdicts, pairwise and margin tables; ``study verify`` checks them) with the test-split ledger's rows.
+    Every number in them is the platform's own. ``dest`` must be outside the study and empty; ``force``
     first removes what the previous export there wrote (its ``export.json`` lists it). A file of the user's that
     the export would overwrite is refused by name. Returns the files written."""
     import shutil
@@ -141,12 +145,13 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     from study.confirm import confirm_history
     from study.evaluated import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
 
-    evaluated = export_frames(paths, ctx.spec, per_image_frame(paths))
+    test_per_image = per_image_frame(paths)
+    evaluated = export_frames(paths, ctx.spec, test_per_image)
     names = [p.name for p in paths.report.iterdir() if p.name in _REPORT_FILES or p.suffix == ".png"]
     names += ["spec.yaml", *(p.name for p in (paths.verdict_csv, paths.search_time, paths.decide) if p.is_file()),
               "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "confirm_history.csv",
               "test_scores.csv", "test_scores.md"]
-    names += list(evaluated)
+    names += list(evaluated) + list(STATISTICS_FILES) + ["comparator.json"]
     taken = sorted(name for name in names if (dest / name).exists())
     if taken:
         raise ExportRefused(f"{dest} holds files that are not a previous export's: {', '.join(taken)}; move them, "
@@ -172,9 +177,29 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
         written.append(dest / name)
     (dest / "test_scores.md").write_text(test_scores_markdown(frames["test_scores.csv"]))
     written.append(dest / "test_scores.md")
+    written += _statistics(ctx, dest, test_per_image)
     manifest = {"study": ctx.name, "files": [p.name for p in written], "spec_folder": _spec_folder(ctx.spec_path)}
     atomic_write_json(dest / EXPORT_MANIFEST, manifest, indent=2)
     return written
+
+
+def _statistics(ctx: "StudyContext", dest: Path, test_per_image: pd.DataFrame) -> list[Path]:
+    """What recomputes the report's statistics (``study.recompute``): per-image scores, the bootstrap's settings,
+    every set's verdict, pairwise and margin tables; the comparator's record; the test-split ledger's rows."""
+    import shutil
+
+    from study.evaluated import evaluated_sets, read_manifest, study_test_name
+    from study.recompute import write_ledger, write_statistics
+
+    paths = ctx.paths
+    written = write_statistics(ctx, dest, test_per_image)
+    if paths.comparator.is_file():
+        written.append(Path(shutil.copy2(paths.comparator, dest / paths.comparator.name)))
+    origin = paths.report / "provenance.json"
+    test_fp = json.loads(origin.read_text()).get("dataset fingerprint", "") if origin.is_file() else ""
+    splits = {study_test_name(ctx.spec): str(test_fp or ""),
+              **{n: str(read_manifest(paths, n).get("fingerprint", "")) for n in evaluated_sets(paths)}}
+    return written + write_ledger(ctx, dest, splits)
 
 
 def _spec_folder(spec_path: Path) -> str:

@@ -142,9 +142,17 @@ def _check_export(folder: Path, tmp_path: Path) -> None:
 
     # A reviewer re-checks a committed number with one command (issue 20): the run retrained from what the
     # export holds gives the same scores to the last digit; other data is refused, naming both fingerprints.
-    again = _study("reproduce", str(results), "init-r1-s0", cwd=tmp_path)
+    again = _study("reproduce", str(results), "init-r1-s0", "--keep", str(tmp_path / "kept"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reproduced exactly" in again.stdout and "+0.0000" in again.stdout, again.stdout
+    # --keep: the retrained model stays, and a reviewer captions a photo of their own with it (issue 31).
+    kept = tmp_path / "kept" / "init-r1-s0.pt"
+    assert f"checkpoint kept: {kept}" in " ".join(again.stdout.split()) and sorted(kept.parent.iterdir()) == [kept]
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "mine.png")
+    captioned = _study("caption", str(tmp_path / "mine.png"), "--checkpoint", str(kept), cwd=tmp_path)
+    assert captioned.returncode == 0 and captioned.stdout.startswith(f"{tmp_path / 'mine.png'}\t"), captioned.stderr
     origin_text = (results / "provenance.json").read_text()
     (results / "provenance.json").write_text(origin_text.replace(origin["dataset fingerprint"], "0" * 64))
     other = _study("reproduce", str(results), "init-r1-s0", cwd=tmp_path)

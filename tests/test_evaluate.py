@@ -390,3 +390,68 @@ def test_coco_mini_references_are_scored_as_raw_text_with_words_outside_the_voca
     again = run_evaluate(found, COCO_MINI, images_root=COCO_MINI.parents[1],
                          runs=["init-r1-s0"], progress=False, track=False)
     assert again.computed == [] and again.reused == ["init-r1-s0"]
+
+
+@pytest.mark.slow
+def test_study_verify_recomputes_every_interval_from_the_export_alone_and_names_an_edited_cell(evaluated, tmp_path):
+    """Issue 31, section 5: the export carries per-image scores and the bootstrap's settings; `study verify`
+    recomputes the report's intervals and verdicts from them (no study folder, no torch) and names the first cell
+    that differs from the exported tables. The same difference shows the same interval everywhere it is printed."""
+    import shutil
+
+    assert evaluated.exported.exit_code == 0, evaluated.exported.output[-3000:]
+    results = evaluated.tmp / "results"
+    for name in ("per_image.csv.gz", "evaluation_per_image.csv.gz", "verdict_settings.json", "verdicts.csv",
+                 "pairwise.csv", "margins.csv", "ledger.csv"):
+        assert name in json.loads((results / "export.json").read_text())["files"], name
+    per_image = pd.read_csv(results / "per_image.csv.gz")
+    assert sorted(per_image.groupby(["method", "seed"]).size().to_dict()) == [("init", 0), ("merge", 0)]
+    assert per_image["image_id"].nunique() == 20 and "CIDEr-D" in per_image
+    settings = json.loads((results / "verdict_settings.json").read_text())
+    assert (settings["n_boot"], settings["seed"], settings["level"], settings["margin"]) == (2000, 0, 0.95, 0.05)
+    assert list(settings["sets"]) == ["shapes test (the study's)", "shapes-b"] and settings["comparator"] is None
+
+    # One interval per difference: each set's verdict row, its pairwise row and its pooled row agree to the digit.
+    verdicts = pd.read_csv(results / "verdicts.csv").set_index("set")
+    pairwise = pd.read_csv(results / "pairwise.csv").set_index(["set", "method"])
+    pooled = pd.read_csv(results / "pooled_verdict.csv").set_index("set")
+    for name in settings["sets"]:
+        assert verdicts.loc[name, "comparator"] == "merge"
+        for frame in (pairwise.loc[(name, "merge")], pooled.loc[name]):
+            assert (frame["diff"], frame["lo"], frame["hi"]) == tuple(verdicts.loc[name, ["diff", "lo", "hi"]])
+    report = (evaluated.folder / "report" / "report.md").read_text()
+    test = verdicts.loc["shapes test (the study's)"]
+    shown = f"[{100 * test['lo']:.1f}, {100 * test['hi']:.1f}]"
+    assert f"Difference init - merge (CIDEr-D): {100 * test['diff']:.1f} {shown}" in report
+    assert f"| shapes test (the study's) | 20 | 1 | {100 * test['diff']:.1f} | {shown} |" in report
+    margins = pd.read_csv(results / "margins.csv")
+    assert list(margins[margins["set"] == "pooled"]["margin"])[:3] == [0.01, 0.02, 0.03]
+    assert "The verdict at other equivalence margins" in report and "## Earlier looks at these test splits" in report
+
+    # Recomputed from the export alone, in a process that never imports torch.
+    code = ("import sys; from study.recompute import verify; r = verify(sys.argv[1]); "
+            "print(r.ok, r.checked, 'torch' in sys.modules)")
+    alone = subprocess.run([sys.executable, "-c", code, str(results)], capture_output=True, text=True, timeout=300)
+    ok, checked, torch_loaded = alone.stdout.split()
+    assert (ok, torch_loaded) == ("True", "False") and int(checked) > 50, alone.stdout + alone.stderr
+    verified = _cli("verify", results)
+    assert verified.exit_code == 0 and "verified: all" in verified.output, verified.output
+
+    # One number edited in verdict.csv: verify fails and names the cell.
+    edited = tmp_path / "edited"
+    shutil.copytree(results, edited)
+    table = pd.read_csv(edited / "verdict.csv")
+    table.loc[table["method"] == "init", "CIDEr-D_lo"] += 0.001
+    table.to_csv(edited / "verdict.csv", index=False)
+    failed = _cli("verify", edited)
+    assert failed.exit_code == 1, failed.output
+    assert "MISMATCH: verdict.csv, row method init, column CIDEr-D_lo" in " ".join(failed.output.split())
+    # An export from before per-image scores (the committed results/flickr8k) is named as such, not a crash.
+    old = _cli("verify", REPO / "results" / "flickr8k")
+    assert old.exit_code == 2 and "predates per-image scores" in " ".join(old.output.split())
+
+    # The test-split ledger beside the studies: one row per set, however often the report ran; the export has them.
+    ledger = pd.read_csv(evaluated.tmp / "runs" / "ledger.csv")
+    assert sorted(ledger["set"]) == ["shapes test (the study's)", "shapes-b"] and set(ledger["study"]) == {"crossdata"}
+    assert (ledger.set_index("set")["diff"] == verdicts["diff"].drop("pooled")).all()
+    assert len(pd.read_csv(results / "ledger.csv")) == 2
