@@ -46,8 +46,6 @@ def evaluate(
     from study.cli_study import lock_study, open_study
     from study.cross_dataset import EvaluateError, run_evaluate
     from study.data.features import ImageReadError
-    from study.floor import evaluation_warnings, trained_on
-
     found = open_study(study, storage)
     with lock_study(found, f"study evaluate {found.name}"):
         try:
@@ -61,16 +59,7 @@ def evaluate(
                                                                             else "")
                           + (f" --name {name}" if name else ""), highlight=False)
             raise typer.Exit(130) from None
-        verdict = outcome.verdict
-        out.print(f"evaluated study {found.name} on {outcome.name}: {len(outcome.computed)} runs scored, "
-                  f"{len(outcome.reused)} finished ones reused ({outcome.folder})", highlight=False)
-        warnings = evaluation_warnings(outcome.folder, outcome.name, trained=trained_on(found.spec.dataset),
-                                       metric=verdict.metric)
-        for warning in warnings:
-            console.print(wrapped(f"warning: {warning}"), highlight=False, markup=False)
-        caveat = " (but the models score at the image-blind floor there or write nothing: see the warning)"
-        out.print(wrapped(f"verdict on {outcome.name}: {verdict.verdict}{caveat if warnings else ''}\n{verdict.text}"),
-                  highlight=False)
+        _print_outcome(found, outcome)
         section = f"Other photos: {outcome.name}"
         written = found.paths.report / "report.md"
         if report and (outcome.computed or not written.is_file() or section not in written.read_text()):
@@ -80,3 +69,19 @@ def evaluate(
             pooled = found.pooled_verdict().attrs
             out.print(wrapped(f"pooled over every test set: {pooled['verdict']}\n{pooled['text']}") +
                       f"\nreport: {path}", highlight=False)
+
+
+def _print_outcome(found, outcome) -> None:
+    """What was scored, the floor's warnings (a model that says nothing about these photos) and the set's verdict."""
+    from study.floor import evaluation_warnings, trained_on
+
+    verdict = outcome.verdict
+    out.print(f"evaluated study {found.name} on {outcome.name}: {len(outcome.computed)} runs scored, "
+              f"{len(outcome.reused)} finished ones reused ({outcome.folder})", highlight=False)
+    warnings = evaluation_warnings(outcome.folder, outcome.name, trained=trained_on(found.spec.dataset),
+                                   metric=verdict.metric)
+    for warning in warnings:
+        console.print(wrapped(f"warning: {warning}"), highlight=False, markup=False)
+    caveat = " (but the models score at the image-blind floor there or write nothing: see the warning)"
+    out.print(wrapped(f"verdict on {outcome.name}: {verdict.verdict}{caveat if warnings else ''}\n{verdict.text}"),
+              highlight=False)

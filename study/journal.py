@@ -111,3 +111,17 @@ def _ends_with_newline(path: Path) -> bool:
     with path.open("rb") as fh:
         fh.seek(-1, 2)
         return fh.read(1) == b"\n"
+
+
+def read_runs_file(path: Path) -> dict[str, str]:
+    """``mlflow_runs.json``; a damaged one is only a lost shortcut: each run is found again by its tags."""
+    if not path.exists():
+        return {}
+    try:
+        runs = json.loads(path.read_text())
+        if isinstance(runs, dict) and all(isinstance(v, str) for v in runs.values()):
+            return runs
+    except (ValueError, OSError):
+        pass
+    logging.getLogger(__name__).warning("%s is damaged: the study's MLflow runs are found again by their tags", path)
+    return {}

@@ -9,7 +9,6 @@ when a driver died before it could remember it, so a resumed or replayed study n
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from urllib.request import url2pathname
 
 from study.configure import configure
 from study.files import atomic_write_json
+from study.journal import read_runs_file
 from study.paths import StudyPaths
 
 log = logging.getLogger(__name__)
@@ -46,20 +46,6 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _read_runs(path: Path) -> dict[str, str]:
-    """``mlflow_runs.json``; a damaged one is only a lost shortcut: each run is found again by its tags."""
-    if not path.exists():
-        return {}
-    try:
-        runs = json.loads(path.read_text())
-        if isinstance(runs, dict) and all(isinstance(v, str) for v in runs.values()):
-            return runs
-    except (ValueError, OSError):
-        pass
-    log.warning("%s is damaged: the study's MLflow runs are found again by their tags", path)
-    return {}
-
-
 class MlflowStore:
     """One study's runs in one MLflow store: ``send`` makes the MLflow calls of one journalled event."""
 
@@ -67,7 +53,7 @@ class MlflowStore:
         configure()  # MLflow's retries and logger level (study/configure.py), also for a study used from Python
         self.uri, self.experiment, self.study_name, self.study_dir = uri, experiment, study_name, Path(study_dir)
         self.runs_file = StudyPaths.at(self.study_dir).mlflow_runs
-        self.runs: dict[str, str] = _read_runs(self.runs_file)
+        self.runs: dict[str, str] = read_runs_file(self.runs_file)
         self._client = None
         self._exp_id: str | None = None  # looked up once per store, not per trial
         self._checked_store = False  # whether this store has been seen to still hold the parent run

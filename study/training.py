@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from analysis.metric_table import METRICS
 from study.checkpoints import check_resumable, load_checkpoint, save_checkpoint
 from study.config import TrialConfig
 from study.data.encoders import pick_device
@@ -41,6 +40,7 @@ from study.files import atomic_write_json
 from study.models import build_captioner
 from study.models.inject import doubly_stochastic_penalty
 from study.precision import autocast, resolve
+from study.selection import BestEpoch
 
 log = logging.getLogger(__name__)
 
@@ -328,36 +328,6 @@ def run_trial(
     if final_test:
         record.update(trial.final_test())
     return TrialResult(record, trial.model.eval())
-
-
-class BestEpoch:
-    """Which epoch's model a run ends with: the best by ``metric`` (its folder holds that epoch's checkpoint), or,
-    with no metric, the last. Validation alone decides: the test split is never read before the run ends."""
-
-    def __init__(self, metric: str | None, folder: Path):
-        self.metric, self.folder = metric, folder
-        self.mode = METRICS[metric].mode if metric else "max"
-        self.epoch: int | None = None
-        self.value: float | None = None
-
-    def improved(self, metrics: dict[str, Any]) -> bool:
-        if self.metric is None:
-            return False
-        value = metrics.get(self.metric)
-        if value is None or not math.isfinite(value):
-            return False
-        if self.value is not None and not (value > self.value if self.mode == "max" else value < self.value):
-            return False  # ties keep the earlier epoch: less training for the same score
-        self.epoch, self.value = int(metrics["epoch"]), float(value)
-        return True
-
-    def summary(self, history: list[dict[str, Any]], planned: int) -> dict[str, Any]:
-        """The chosen epoch, by what, and why training stopped (for the report and the exports)."""
-        trained = int(history[-1]["epoch"]) if history else 0
-        return {"rule": "best_val" if self.metric else "last", "metric": self.metric,
-                "chosen_epoch": self.epoch if self.epoch is not None else trained,
-                "chosen_value": self.value, "trained_epochs": trained, "planned_epochs": planned,
-                "stopped": "schedule end" if trained >= planned else "stopped early"}
 
 
 def write_metrics(result: TrialResult, out_dir: Path) -> Path:
