@@ -134,9 +134,9 @@ class TrialConfig(StrictModel):
         False, description="attention only: start from Xu et al.'s state instead of zeros: every layer's h0, "
         "and c0 for LSTM cells (a GRU has no c), is tanh of a learned linear map of the mean annotation vector")
     attention_penalty: float = Field(
-        0.0, ge=0.0, description="attention only: lambda of Xu et al.'s doubly stochastic penalty "
-        "lambda * sum_g (1 - sum_t alpha_tg)^2 per caption over its real steps, added to the training loss "
-        "(0: off; the validation loss stays the plain NLL)")
+        0.0, ge=0.0, description="attention only: lambda of Xu et al.'s doubly stochastic penalty: each caption's "
+        "NLL gets lambda * sum_g (1 - sum_t alpha_tg)^2 over its real (non-PAD) steps, and the batch's sum is "
+        "divided by its tokens like the NLL (0: off; the reported train and validation losses stay the plain NLL)")
     normalize_features: bool = Field(
         True, description="z-score image features per channel with the train split's mean/std (every method)")
 

@@ -241,6 +241,15 @@ def test_full_strength_attention_trial_learns_shapes_and_reports_the_plain_nll(s
     shuffled = score_split(result.model, shuffled_data, "val", vocab=vocab, decoding=greedy).scores
     assert real["CIDEr-D"] > 1.5 * shuffled["CIDEr-D"] + 0.05, (real, shuffled)
 
+    # Its checkpoint carries the init layers: reloaded, it captions exactly as the trained model.
+    from study.inference import load_captioner
+
+    reloaded, _, _ = load_captioner(tmp_path / "a" / "checkpoint", torch.device("cpu"))
+    assert reloaded.injection.init_c is not None
+    beam = Decoding.of(cfg, beam_size=2)
+    again = score_split(reloaded, small_prepared, "val", vocab=vocab, decoding=beam).captions
+    assert again == score_split(result.model, small_prepared, "val", vocab=vocab, decoding=beam).captions
+
     # lambda = 1000 would make a penalised loss thousands of nats per token; the reported one stays the NLL.
     heavy = run_trial(cfg.model_copy(update={"attention_penalty": 1000.0, "epochs": 1}), small_prepared,
                       work_dir=tmp_path / "b", progress=False)
