@@ -27,6 +27,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from analysis.grouping import group_column
 from analysis.metric_table import lower_is_better
 
 NUMERIC_TYPES = ("uniform", "loguniform", "int", "quniform")
@@ -237,4 +238,5 @@ def compute_effects(trials: pd.DataFrame, space: dict[str, dict] | None, *, metr
             answers[question] = f"{question}: not varied (every trial used {rows[param].iloc[0]})."
         else:
             answers[question] = f"{question}: not in this study's trials."
-    return Effects(metric, len(rows), importances, categorical, answers, edge_warnings(rows, space, metric), notes)
+    return Effects(metric, len(rows), importances, categorical, answers, 
+                   edge_warnings(rows, space, metric, by=group_column(rows)), notes)

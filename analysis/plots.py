@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from analysis.effects import NUMERIC_TYPES  # noqa: E402
+from analysis.grouping import group_column  # noqa: E402
 from analysis.metric_table import lower_is_better  # noqa: E402
 
 DPI = 110
@@ -118,12 +119,13 @@ def plot_learning_curves(history: pd.DataFrame, trials: pd.DataFrame | None, met
         status = dict(zip(trials["trial_id"], trials["status"]))
     s = _scale(metric)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    methods = _ordered(history["inject"].dropna().unique(), colors) if "inject" in history else []
+    by = group_column(history)
+    methods = _ordered(history[by].dropna().unique(), colors) if by in history else []
     for trial_id, rows in history.sort_values("epoch").groupby("trial_id"):
         rows = rows[rows[metric].notna()]
         if rows.empty:
             continue
-        method = rows["inject"].iloc[0] if "inject" in rows else None
+        method = rows[by].iloc[0] if by in rows else None
         color = method_color(method, colors) if method else "black"
         ax.plot(rows["epoch"], rows[metric] * s, color=color, alpha=0.55, lw=1.2)
         if status.get(trial_id) == "stopped":
@@ -171,7 +173,8 @@ def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, me
     nrows = math.ceil(len(params) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
-    point_colors = [method_color(m, colors) for m in rows["inject"]] if "inject" in rows else ["black"] * len(rows)
+    by = group_column(rows)
+    point_colors = [method_color(m, colors) for m in rows[by]] if by in rows else ["black"] * len(rows)
     stopped = (rows["status"] == "stopped").to_numpy() if "status" in rows else np.zeros(len(rows), bool)
     y = rows[metric].to_numpy(float) * s
     for ax, p in zip(axes.flat, params):
@@ -204,7 +207,7 @@ def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, me
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(params):]:
         ax.axis("off")
-    methods = _ordered(rows["inject"].dropna().unique(), colors) if "inject" in rows else []
+    methods = _ordered(rows[by].dropna().unique(), colors) if by in rows else []
     handles = [Line2D([], [], ls="", marker="o", color=method_color(m, colors), label=m) for m in methods]
     handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="black", label="stopped by ASHA"))
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 1.0))

@@ -29,7 +29,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import plots
+from analysis.costs import cost_blocks
 from analysis.effects import Effects, compute_effects
+from analysis.grouping import group_column
 from analysis.margins import margin_blocks
 from analysis.metric_table import MEAN_OVER_IMAGES, describe_metric, format_metric, lower_is_better
 from analysis.render import Block, to_html, to_markdown
@@ -132,7 +134,7 @@ def _run_blocks(trials: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame)
         blocks.append(("p", "No search trials were recorded."))
     else:
         status = trials["status"] if "status" in trials else pd.Series("unknown", index=trials.index)
-        by = trials["inject"] if "inject" in trials else pd.Series("all", index=trials.index)
+        by = trials[group_column(trials)] if group_column(trials) in trials else pd.Series("all", index=trials.index)
         counts = pd.crosstab(by, status, margins=True, margins_name="total")
         header = ["method", *counts.columns]
         rows = [[str(i), *[int(v) for v in r]] for i, r in counts.iterrows()]
@@ -221,39 +223,6 @@ def _provenance_blocks(provenance: Mapping[str, str] | None) -> list[Block]:
     if not provenance:
         return []
     return [("h2", "Provenance"), ("table", ["what", "value"], [[k, str(v)] for k, v in provenance.items()])]
-
-
-def _cost_blocks(trials: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame,
-                 resources: Mapping[str, float]) -> list[Block]:
-    """What each method cost: trial-epochs' wall time in the search and confirm runs' wall time, times the CPUs
-    (and GPUs) each trial held, in hours. Start-up, Ray and idle time are not charged to any method."""
-    cpu, gpu = float(resources.get("cpu", 1.0)), float(resources.get("gpu", 0.0))
-    search = (history.groupby("inject")["epoch_seconds"].sum() if not history.empty and
-              {"inject", "epoch_seconds"} <= set(history.columns) else pd.Series(dtype=float))
-    confirm = (runs.groupby("method")["seconds"].sum() if not runs.empty and "seconds" in runs
-               else pd.Series(dtype=float))
-    methods = list(dict.fromkeys([*search.index, *confirm.index]))
-    if not methods:
-        return []
-    trial_counts = trials["inject"].value_counts() if "inject" in trials else pd.Series(dtype=int)
-    run_counts = runs["method"].value_counts() if "method" in runs else pd.Series(dtype=int)
-    header = ["method", "search trials", "search CPU time", "confirm runs", "confirm CPU time", "total CPU time"]
-    header += ["total GPU time"] if gpu else []
-    rows = []
-    for m in methods:
-        s_h, c_h = search.get(m, 0.0) / 3600, confirm.get(m, 0.0) / 3600
-        row = [m, int(trial_counts.get(m, 0)), _time(cpu * s_h), int(run_counts.get(m, 0)), _time(cpu * c_h),
-               _time(cpu * (s_h + c_h))]
-        rows.append(row + ([_time(gpu * (s_h + c_h))] if gpu else []))
-    return [("p", f"Compute each method used ({cpu:g} CPU{f' and {gpu:g} GPU' if gpu else ''} per trial or run; "
-                  "wall time of its epochs in the search and of its confirm runs):"), ("table", header, rows)]
-
-
-def _time(hours: float) -> str:
-    """Hours of compute in a unit that shows them: a quickstart's 0.004 h reads 14 s, not 0.00."""
-    if hours >= 1:
-        return f"{hours:.2f} h"
-    return f"{60 * hours:.1f} min" if hours >= 1 / 60 else f"{3600 * hours:.0f} s"
 
 
 def _effects_blocks(effects: Effects, images: dict[str, Path | None]) -> list[Block]:
@@ -346,7 +315,7 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     blocks += [("h2", "Context: what the literature reached (not comparable numbers)"), ("p", LITERATURE_NOTE),
                ("table", ["data", "arch", "BLEU-4", "METEOR", "CIDEr"], [list(r) for r in LITERATURE])]
     blocks += _run_blocks(trials, history, runs)
-    blocks += _cost_blocks(trials, history, runs, resources or {"cpu": 1.0})
+    blocks += cost_blocks(trials, history, runs, resources or {"cpu": 1.0})
     blocks += _provenance_blocks(provenance)
     if spec_text:
         blocks += [("h2", "Appendix: the study spec"), ("code", spec_text)]

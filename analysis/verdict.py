@@ -288,7 +288,7 @@ def _paragraph(word: str, diff: float, ci: tuple[float, float], target: str, bes
     """The verdict in words, numbers x100 as the captioning literature prints them."""
     tgt, other = table.loc[target], table.loc[best_other]
     which = ("the comparator fixed before the test split was scored" if fixed else "the best other injection")
-    s = (f"Seeding the first LSTM layer's memory ({target}) scores {metric} {x100(tgt[metric])} "
+    s = (f"The target arm {target} scores {metric} {x100(tgt[metric])} "
          f"[{x100(tgt[metric + '_lo'])}, {x100(tgt[metric + '_hi'])}] against {x100(other[metric])} "
          f"[{x100(other[metric + '_lo'])}, {x100(other[metric + '_hi'])}] for {which} "
          f"({best_other}); the difference {target} - {best_other} is {x100(diff)} with a {100 * level:.4g}% "

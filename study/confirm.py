@@ -223,9 +223,11 @@ def longest_first(runs: list[tuple[str, int, int, TrialConfig]], spec: StudySpec
     order changes no result: each run has its own seed and its own process."""
     if "train_seconds" not in trials or "epochs" not in trials:
         return runs
-    timed = confirmed_trials(spec, trials).merge(trials[["trial_id", "train_seconds", "epochs"]], on="trial_id")
-    per_epoch = {(row.method, int(row.config_rank)): row.train_seconds / row.epochs
-                 for row in timed.itertuples() if row.epochs and not _missing(row.train_seconds)}
+    # The epochs the source trial trained (a searched epochs, its schedule length, is a column of the chosen rows).
+    trained = trials[["trial_id", "train_seconds", "epochs"]].rename(columns={"epochs": "trained_epochs"})
+    timed = confirmed_trials(spec, trials).merge(trained, on="trial_id")
+    per_epoch = {(row.method, int(row.config_rank)): row.train_seconds / row.trained_epochs
+                 for row in timed.itertuples() if row.trained_epochs and not _missing(row.train_seconds)}
     return sorted(runs, key=lambda run: -per_epoch.get((run[0], run[1]), 0.0) * run[3].epochs)
 
 

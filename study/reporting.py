@@ -47,6 +47,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
                           colors=spec.arm_set.colors(), verdicts=evaluated)
     # the confirm runs' own validation curves: did they still rise when training ended?
     extra = length_blocks(confirm_history(paths), paths.report, spec.arm_set.colors(), metric=spec.metric) + extra
+    extra = arm_blocks(spec) + extra
     splits = split_fingerprints(paths, spec, data.info)  # the test splits scored, and the earlier looks at them
     extra += fork_blocks(earlier_looks(paths.ledger, spec, ctx.spec_text, splits))
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
@@ -115,3 +116,13 @@ def verdict_metrics(verdict) -> dict[str, float]:
         if verdict.metric in row:
             out[f"test_{verdict.metric}.{method}"] = row[verdict.metric]
     return {k: float(v) for k, v in out.items() if v is not None and not pd.isna(v)}
+
+
+def arm_blocks(spec) -> list:
+    """What each arm of the verdict is (cells, which state the image seeds), as the spec defines it."""
+    arms = spec.arm_set
+    if not arms:
+        return []
+    roles = arms.roles()
+    rows = [[name, roles[name], arms.describe(name).split(": ", 1)[1]] for name in arms.names]
+    return [("h2", "The arms compared"), ("table", ["arm", "role", "what it is"], rows)]

@@ -308,16 +308,17 @@ def test_report_states_the_compute_each_method_used(tmp_path):
                           runs=runs, space={}, gallery=pd.DataFrame(), margin=0.02, roles=method_roles(),
                           colors=method_colors(), resources={"cpu": 2, "gpu": 0.5})
     text = result.path.read_text()
-    assert "| init | 2 | 2.00 h | 1 | 1.00 h | 3.00 h | 45.0 min |" in text
-    assert "| par | 1 | 20.0 min | 1 | 2.00 h | 2.33 h | 35.0 min |" in text
+    # init: 2 trials of 3 epochs = 6 search trial-epochs (what search.epochs_per_arm equalises); par 1 of 1.
+    assert "| init | 2 | 6 | 2.00 h | 1 | 1.00 h | 3.00 h | 45.0 min |" in text
+    assert "| par | 1 | 1 | 20.0 min | 1 | 2.00 h | 2.33 h | 35.0 min |" in text
     # a quickstart's seconds read as seconds, not as 0.00 h (issue 34, item 9)
     quick = build_report(tmp_path / "quick", study_name="quick", trials=trials,
                          history=history.assign(epoch_seconds=2.5), per_image=pd.DataFrame(),
                          runs=runs.assign(seconds=[20.0, 90.0]), space={},
                          gallery=pd.DataFrame(), margin=0.02, roles=method_roles(), colors=method_colors(),
                          resources={"cpu": 1})
-    assert "| init | 2 | 15 s | 1 | 20 s | 35 s |" in quick.path.read_text()
-    assert "| par | 1 | 2 s | 1 | 1.5 min | 1.5 min |" in quick.path.read_text()
+    assert "| init | 2 | 6 | 15 s | 1 | 20 s | 35 s |" in quick.path.read_text()
+    assert "| par | 1 | 1 | 2 s | 1 | 1.5 min | 1.5 min |" in quick.path.read_text()
 
 
 def test_report_shows_each_difference_to_init_the_seeds_the_configurations_anomalies_and_provenance(tmp_path):
