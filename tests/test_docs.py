@@ -130,3 +130,15 @@ def test_no_page_quotes_a_test_count_by_hand(page):
     """A typed count of tests goes stale with the next test added (the README once said 275 where pytest
     collected 346): the docs say what the suite covers, not how many tests it has."""
     assert not re.search(r"\b\d+ tests\b", (DOCS / page).read_text())
+
+
+def test_the_architecture_table_names_every_module():
+    """docs/architecture.md's layout table lists every module of study/ and analysis/ (by path, or by name in its
+    package's row), so a newcomer finds each file's job from the docs and a new module cannot go unlisted."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    table = text[text.index("| path | what |"):]
+    modules = [p for folder in ("study", "analysis", "study/tuning") for p in (REPO / folder).glob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")]
+    names = {p: (f"`{p.relative_to(REPO)}`", f"`{p.name}`", f"`{p.stem}`") for p in modules}
+    missing = [str(p.relative_to(REPO)) for p, forms in names.items() if not any(f in table for f in forms)]
+    assert not missing, f"docs/architecture.md's table does not list {missing}"
