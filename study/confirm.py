@@ -24,6 +24,7 @@ import pandas as pd
 from study.config import TrialConfig
 from study.files import atomic_write_bytes, atomic_write_json
 from study.paths import StudyPaths
+from study.records import TestSplitRecord, read_test_split, write_test_split
 from study.spec import StudySpec
 from study.trial_tables import space_value
 
@@ -141,10 +142,20 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
 def confirm_stage(ctx: "StudyContext", *, address: str | None = None, progress: bool = True,
                   runs: list[tuple[str, int, int, TrialConfig]] | None = None) -> Path:
     """``Study.confirm``: the missing confirm runs on Ray (a local Ray unless ``address``), shut down after."""
-    from study import tuning
-
     trials, _ = ctx.tables()
+    planned = confirm_configs(ctx.spec, trials) if runs is None else runs
+    if all(ctx.paths.confirm_result(run_name(m, r, s)).exists() for m, r, s, _ in planned) \
+            and read_test_split(ctx.paths) is not None:
+        fix_comparator(ctx.spec, ctx.paths, trials)
+        for m, r, s, cfg in planned:  # a finished result trained under another configuration is redone
+            if set_aside_if_stale(ctx.paths, run_name(m, r, s), cfg):
+                break
+        else:
+            return ctx.paths.confirm  # nothing to train: no data to prepare, no Ray to start (study report)
+    from study import tuning  # imports Ray: only when there is something to train
+
     data = ctx.data(progress=progress)
+    write_test_split(ctx.paths, data)  # what the report needs of the data, so it never prepares it
     tuning.ensure_ray(address)
     try:
         return run_confirm(ctx.spec, ctx.paths, trials, data, progress=progress, runs=runs)
@@ -269,10 +280,12 @@ def per_image_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             for image_id in sorted({k for d in scores.values() for k in d}, key=int)]
 
 
-def load_confirm(paths: StudyPaths, data) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(per_image, runs, gallery) frames for the analysis from the confirm folder."""
+def load_confirm(paths: StudyPaths, test: TestSplitRecord | None = None
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(per_image, runs, gallery) frames for the analysis from the confirm folder (the gallery from ``test``, the
+    test split's record; empty without one)."""
     image_rows, run_rows, gallery_rows = [], [], []
-    test = data.images["test"]
+    shown = test.gallery if test is not None else []
     for path in paths.confirm_results():
         result = json.loads(path.read_text())
         method, rank, seed = result["method"], result["config_rank"], result["seed"]
@@ -282,9 +295,9 @@ def load_confirm(paths: StudyPaths, data) -> tuple[pd.DataFrame, pd.DataFrame, p
                          "epochs": result["epochs"], **chosen_epoch(result), "test_images": len(result["captions"]),
                          "distinct_captions": len(set(result["captions"])), **result["scores"]})
         if rank == 1 and seed == 0:
-            for i in range(min(6, len(result["captions"]))):
-                gallery_rows.append({"image_path": str(test.paths[i]), "method": method,
-                                     "caption": result["captions"][i], "reference": test.references[i][0]})
+            for i, image in enumerate(shown[:len(result["captions"])]):
+                gallery_rows.append({"image_path": image.path, "method": method,
+                                     "caption": result["captions"][i], "reference": image.reference})
     return pd.DataFrame(image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
 
 

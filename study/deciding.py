@@ -113,7 +113,7 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
     started = time.monotonic()
     confirm_stage(ctx, address=address, progress=progress)  # the first look needs the confirm stage
     if not looks and spec.confirm.max_seeds is None and not stricter:
-        per_image, runs, _ = load_confirm(paths, ctx.data(progress=progress))
+        per_image, runs, _ = load_confirm(paths)
         fixed = compute_verdict(per_image, runs, **compare)
         if fixed.verdict != INCONCLUSIVE and fixed.best_other is not None:
             if console is not None:
@@ -126,7 +126,7 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
     if plan is None:  # asked only once the study is known not to be decided already (issue 33, item 21)
         raise needs_seeds
     while True:
-        per_image, runs, _ = load_confirm(paths, ctx.data(progress=progress))
+        per_image, runs, _ = load_confirm(paths)
         verdict = verdict_at(per_image, runs, plan, **compare)
         if verdict.best_other is None:
             raise ValueError(f"the confirm results in {paths.confirm} have no target and competitor to compare")

@@ -14,6 +14,7 @@
         confirm/<method>-r<k>-s<seed>.json (.pt)   each confirm run's scores (and its trained model)
         decide.json                    the looks of ``study decide``
         comparator.json                the arm the verdict compares the target with, fixed before any test scoring
+        test_split.json                what the confirm stage knew of the data (provenance, gallery): study.records
         evaluate/<name>/               each confirm run scored on another dataset (study/cross_dataset.py)
         verdict.csv, report/           the verdict table and the report
     <storage>/ledger.csv               every scoring of a test split by the studies here (study/ledger.py)
@@ -86,6 +87,7 @@ class StudyPaths:
     verdict_csv = property(lambda self: self.root / "verdict.csv")
     report = property(lambda self: self.root / "report")
     evaluate = property(lambda self: self.root / "evaluate")  # study evaluate: one folder per dataset
+    test_split = property(lambda self: self.root / "test_split.json")  # study.records.TestSplitRecord
     comparator = property(lambda self: self.root / "comparator.json")  # the verdict's comparator, fixed before test
     # The test-split ledger beside the studies (study/ledger.py): every study under this storage appends to it.
     ledger = property(lambda self: self.root.parent / "ledger.csv")

@@ -32,12 +32,16 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     from study.evaluated import evaluated_verdicts, report_blocks, split_fingerprints
     from study.ledger import comparator_rule, earlier_looks, record_looks
     from study.provenance import provenance
+    from study.records import read_test_split, write_test_split
     from study.tracking import git_commit, source_tags
 
-    spec, paths, data = ctx.spec, ctx.paths, ctx.data()
+    spec, paths = ctx.spec, ctx.paths
+    # What the report needs of the data was recorded by the confirm stage: no feature cache walked, no CNN run.
+    test_split = read_test_split(paths) or write_test_split(paths, ctx.data())  # older studies: once
+    data_info = test_split.info
     trials, history = ctx.tables()
-    origin = provenance(paths, data.info, report_commit=git_commit())
-    per_image, runs, gallery = load_confirm(paths, data)
+    origin = provenance(paths, data_info, report_commit=git_commit())
+    per_image, runs, gallery = load_confirm(paths, test_split)
     plan = sequential_plan(spec, paths)
     level, comparator, test_name = plan.level if plan else 0.95, read_comparator(paths), test_set_name(spec)
     notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
@@ -48,7 +52,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     # the confirm runs' own validation curves: did they still rise when training ended?
     extra = length_blocks(confirm_history(paths), paths.report, spec.arm_set.colors(), metric=spec.metric) + extra
     extra = arm_blocks(spec) + extra
-    splits = split_fingerprints(paths, spec, data.info)  # the test splits scored, and the earlier looks at them
+    splits = split_fingerprints(paths, spec, data_info)  # the test splits scored, and the earlier looks at them
     extra += fork_blocks(earlier_looks(paths.ledger, spec, ctx.spec_text, splits))
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -455,3 +456,23 @@ def test_study_verify_recomputes_every_interval_from_the_export_alone_and_names_
     assert sorted(ledger["set"]) == ["shapes test (the study's)", "shapes-b"] and set(ledger["study"]) == {"crossdata"}
     assert (ledger.set_index("set")["diff"] == verdicts["diff"].drop("pooled")).all()
     assert len(pd.read_csv(results / "ledger.csv")) == 2
+
+
+def test_report_never_prepares_the_data(evaluated, feature_cache_dir):
+    """`study report` reads what the confirm stage recorded of the data (test_split.json: provenance and gallery)
+    instead of preparing it: with the feature cache (and the generated dataset in it) moved away, the report is
+    written whole and nothing is put back in the cache."""
+    record = json.loads((evaluated.folder / "test_split.json").read_text())
+    assert record["info"]["dataset_fingerprint"] and len(record["gallery"]) == 6
+    moved = feature_cache_dir.with_name(feature_cache_dir.name + "-moved")
+    feature_cache_dir.rename(moved)
+    try:
+        report = _study("report", str(evaluated.folder), cwd=evaluated.tmp)
+        assert report.returncode == 0, report.stderr[-3000:]
+        assert not feature_cache_dir.exists()  # no dataset generated, no feature extracted
+    finally:
+        if feature_cache_dir.exists():
+            shutil.rmtree(feature_cache_dir)
+        moved.rename(feature_cache_dir)
+    text = (evaluated.folder / "report" / "report.md").read_text()
+    assert record["info"]["dataset_fingerprint"] in text and "gallery.png" in text
