@@ -137,11 +137,11 @@ def check_resumable(model: torch.nn.Module, state: dict[str, Any], cfg: TrialCon
                           "or train into a new folder")
 
 
-def copy_checkpoint(work_dir: Path, out_dir: Path) -> Path:
-    """Copy the last checkpoint from the work dir to ``out_dir/checkpoint.pt``, atomically: the copy streams
-    into a temporary file beside the target (never the whole file in memory) that is then renamed over it, so
-    a kill mid-copy leaves the previous epoch's checkpoint, never a truncated one."""
-    src = work_dir / "checkpoint" / CHECKPOINT_FILE
+def copy_checkpoint(work_dir: Path, out_dir: Path, folder: str = "checkpoint") -> Path:
+    """Copy the checkpoint in ``work_dir/folder`` (by default the last epoch's) to ``out_dir/checkpoint.pt``,
+    atomically: the copy streams into a temporary file beside the target (never the whole file in memory) that is
+    then renamed over it, so a kill mid-copy leaves the previous epoch's checkpoint, never a truncated one."""
+    src = work_dir / folder / CHECKPOINT_FILE
     dst = out_dir / CHECKPOINT_FILE
     if src.resolve() != dst.resolve():
         _write_then_rename(dst, lambda tmp: shutil.copyfile(src, tmp))

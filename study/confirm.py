@@ -116,6 +116,7 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
 
     from study.checkpoints import CHECKPOINT_FILE
     from study.evaluation import Decoding, score_split
+    from study.selection import kept_checkpoint_dir
     from study.training import run_trial
 
     t0, started = time.perf_counter(), int(time.time() * 1000)
@@ -124,8 +125,7 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=False)
         # The model goes back with the scores (this task may run on another node): the driver keeps it. With the
         # best-validation rule that is the chosen epoch's checkpoint, the model scored below.
-        kept = "best" if cfg.select_metric else "checkpoint"
-        checkpoint = (Path(tmp) / kept / CHECKPOINT_FILE).read_bytes()
+        checkpoint = (kept_checkpoint_dir(Path(tmp), cfg.select_metric) / CHECKPOINT_FILE).read_bytes()
     cfg = cfg.model_copy(update={"precision": result.precision})  # auto, as the run resolved it
     test = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab, decoding=Decoding.of(cfg),
                        full=True, per_image=True)

@@ -109,6 +109,7 @@ def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, p
     from study.data.prepare import TokenSetting, prepare
     from study.evaluation import Decoding, score_split
     from study.registry import any_needs_grid
+    from study.selection import kept_checkpoint_dir
     from study.training import run_trial
 
     cfg, committed, fingerprint, threads = run_config(export_dir, run, dataset_root)
@@ -124,7 +125,9 @@ def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, p
         result = run_trial(cfg, data, work_dir=Path(tmp), progress=progress)
         if keep is not None:
             Path(keep).mkdir(parents=True, exist_ok=True)
-            kept = copy_checkpoint(Path(tmp), Path(keep)).replace(Path(keep) / f"{run}.pt")
+            # The checkpoint the run was scored with: its chosen epoch's under the best-validation rule.
+            chosen = kept_checkpoint_dir(Path(tmp), cfg.select_metric)
+            kept = copy_checkpoint(chosen.parent, Path(keep), folder=chosen.name).replace(Path(keep) / f"{run}.pt")
     cfg = cfg.model_copy(update={"precision": result.precision})  # auto, as the run resolved it
     test = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab, decoding=Decoding.of(cfg),
                        full=True)

@@ -43,3 +43,9 @@ class BestEpoch:
                 "chosen_epoch": self.epoch if self.epoch is not None else trained,
                 "chosen_value": self.value, "trained_epochs": trained, "planned_epochs": planned,
                 "stopped": "schedule end" if trained >= planned else "stopped early"}
+
+
+def kept_checkpoint_dir(work_dir: Path, select_metric: str | None) -> Path:
+    """The folder of the checkpoint a finished ``run_trial`` ended with: its chosen epoch's (``best``) when it
+    selects on validation, else its last epoch's (``checkpoint``)."""
+    return Path(work_dir) / ("best" if select_metric else "checkpoint")
