@@ -410,7 +410,8 @@ def test_study_verify_recomputes_every_interval_from_the_export_alone_and_names_
     assert per_image["image_id"].nunique() == 20 and "CIDEr-D" in per_image
     settings = json.loads((results / "verdict_settings.json").read_text())
     assert (settings["n_boot"], settings["seed"], settings["level"], settings["margin"]) == (2000, 0, 0.95, 0.05)
-    assert list(settings["sets"]) == ["shapes test (the study's)", "shapes-b"] and settings["comparator"] is None
+    # The confirm stage fixed the comparator from the search's validation scores (merge: the only competitor).
+    assert list(settings["sets"]) == ["shapes test (the study's)", "shapes-b"] and settings["comparator"] == "merge"
 
     # One interval per difference: each set's verdict row, its pairwise row and its pooled row agree to the digit.
     verdicts = pd.read_csv(results / "verdicts.csv").set_index("set")

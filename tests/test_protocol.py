@@ -184,3 +184,49 @@ def test_the_test_split_cannot_choose_the_checkpoint(small_shapes, small_prepare
         path.unlink()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert swapped.images["test"].references != data.images["test"].references  # the swap changed the test split
+
+
+@pytest.mark.slow
+def test_a_study_with_arms_spends_equal_trial_epochs_and_reports_its_protocol(tmp_path, small_shapes):
+    """End to end on a real (tiny) study: two init arms (the seed's LSTM c0 model and h0+c0 seeding) beside merge,
+    the schedule length searched, 4 trial-epochs per arm. Every arm spends its budget (each within one epoch of it),
+    the comparator is fixed from validation before the confirm stage, every confirm run is scored at its chosen
+    epoch, and the report shows the arms, the chosen epochs, the margin table and the ledger."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import study_spec
+
+    spec_path = study_spec(
+        tmp_path, "armed", small_shapes, methods=("init", "merge"), stratify=None,
+        space={"inject": {"choice": ["init", "merge"]}, "seed_h": {"choice": [False, True], "when": {"inject": "init"}},
+               "epochs": {"choice": [1, 2]}, "lr": {"loguniform": [3e-3, 1e-2]}},
+        arms={"seed": {"inject": "init", "seed_h": False}, "init": {"inject": "init", "seed_h": True},
+              "merge": {"inject": "merge"}},
+        target="seed", search={"trials": 12, "epochs_per_arm": 4, "seed": 1},
+        asha={"max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
+        confirm={"top_k": 1, "seeds": 1, "beam_size": 2, "margin": 0.05})
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    run = subprocess.run([sys.executable, "-m", "study", "run", str(spec_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import study
+
+    found = study.load(tmp_path / "runs" / "armed")
+    trials = found.trials()
+    spent = trials.groupby("arm")["epochs"].sum().to_dict()
+    assert set(spent) == {"seed", "init", "merge"}
+    assert all(4 <= n <= 5 for n in spent.values()), spent  # the budget, plus at most one epoch of a running trial
+    assert set(trials.loc[trials["arm"] == "seed", "seed_h"]) == {False}
+    comparator = json.loads((found.paths.root / "comparator.json").read_text())
+    assert comparator["comparator"] in ("init", "merge") and set(comparator["values"]) == {"init", "merge"}
+    runs = found.confirm_runs()
+    assert set(runs["method"]) == {"seed", "init", "merge"} and set(runs["selection"]) == {"best_val"}
+    assert (runs["chosen_epoch"] <= runs["epochs"]).all()
+    report = (found.paths.report / "report.md").read_text()
+    for needle in ("## The arms compared", "image into c0 of the first LSTM layer only", "chosen epoch",
+                   "4% of the comparator", "Earlier looks at these test splits", "search trial-epochs",
+                   f"comparator fixed before the test split was scored ({comparator['comparator']})"):
+        assert needle in report, needle
