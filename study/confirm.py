@@ -80,7 +80,7 @@ def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
             rows.append({"method": method, "config_rank": rank, "trial_id": row.get("trial_id"),
                          spec.metric: row.get(spec.metric),
                          **{k: (None if _missing(space_value(row, k)) else space_value(row, k))
-                            for k in spec.space if k != "inject"}})
+                            for k in spec.space}})  # inject too: an arm's name is not an inject value
     return pd.DataFrame(rows, columns=None if rows else ["method", "config_rank", "trial_id"])
 
 
