@@ -25,21 +25,23 @@ def _column(kind: str, name: str) -> str:
 
 
 def view_state(metric: str, arms: bool = False) -> dict:
-    """The experiment page's state: the study's main columns, every run shown in the charts (MLflow draws the first
-    10 by default), newest first. ``metric`` is the study's (``val_CIDEr-D``): its search trials carry
-    ``best_<metric>``, the confirm runs ``test_<score>`` (the score ``metric`` is of). ``arms``: the confirm runs
-    alone, grouped by their ``arm`` tag (the chart view then draws one bar per arm, the mean over its seeds)."""
+    """The experiment page's state: the runs grouped by their ``arm`` tag (each arm's search trials and confirm runs
+    under one row holding their means: MLflow nests child runs under a folded parent otherwise, the search trials
+    out of sight), the study's main columns, every run drawn in the charts (MLflow draws the first 10 by default),
+    newest first. ``metric`` is the study's (``val_CIDEr-D``): its search trials carry ``best_<metric>``, the
+    confirm runs ``test_<score>`` (the score ``metric`` is of). ``arms``: the confirm runs alone, best first (the
+    chart view then draws one bar per arm, the mean over its seeds)."""
     score = metric.split("_", 1)[1] if metric.startswith("val_") else metric
     columns = [_column("tags", "kind"), _column("tags", "arm"), _column("tags", "status"),
                _column("metrics", f"best_{metric}"), _column("metrics", f"test_{score}"),
-               _column("params", "seed"), _column("params", "config_rank"), _column("params", "params"),
-               _column("attributes", "Dataset")]
+               _column("params", "seed"), _column("params", "config_rank"), _column("params", "params")]
     state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False,
              "selectedColumns": columns, "runsHiddenMode": "SHOW_ALL", "useGroupedValuesInCharts": True,
-             "hideEmptyCharts": True}
+             "hideEmptyCharts": True,
+             "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "arm"}]}}
     if arms:
         state.update(searchFilter="tags.kind = 'confirm'", orderByKey=f"metrics.`test_{score}`",
-                     groupBy={"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "arm"}]})
+                     chartsSearchFilter="test_")  # the test scores' charts, not the validation curves
     return state
 
 

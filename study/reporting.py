@@ -93,9 +93,11 @@ def log_evidence(ctx: "StudyContext", verdict, report_dir: Path) -> None:
     if len(table):
         tracker.study_table(_columns(table), "verdict.json")
     scores = test_scores(confirm_frame(paths, spec), spec.methods)
-    if len(scores):
+    if len(scores):  # the verdict's score first: the table's first screen holds the comparison
         roles = spec.arm_set.roles()
         scores.insert(1, "role", [roles.get(m, "") for m in scores["method"]])
+        first = ["method", "role", "seeds", f"{verdict.metric}_mean", f"{verdict.metric}_std"]
+        scores = scores[[c for c in first if c in scores] + [c for c in scores if c not in first]]
         tracker.study_table(_columns(scores), "test_scores.json")
     tracker.study_tags({"verdict": verdict.verdict, "verdict_text": verdict.text[:4000]}, verdict_metrics(verdict))
     tracker.study_artifact(report_dir, "report")
