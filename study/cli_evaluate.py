@@ -79,7 +79,7 @@ def _print_outcome(found, outcome) -> None:
     out.print(f"evaluated study {found.name} on {outcome.name}: {len(outcome.computed)} runs scored, "
               f"{len(outcome.reused)} finished ones reused ({outcome.folder})", highlight=False)
     warnings = evaluation_warnings(outcome.folder, outcome.name, trained=trained_on(found.spec.dataset),
-                                   metric=verdict.metric)
+                                   metric=verdict.metric, roles=found.spec.arm_set.roles())
     for warning in warnings:
         console.print(wrapped(f"warning: {warning}"), highlight=False, markup=False)
     caveat = " (but the models score at the image-blind floor there or write nothing: see the warning)"

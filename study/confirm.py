@@ -81,7 +81,7 @@ def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
             rows.append({"method": method, "config_rank": rank, "trial_id": row.get("trial_id"),
                          spec.metric: row.get(spec.metric),
                          **{k: (None if _missing(space_value(row, k)) else space_value(row, k))
-                            for k in spec.space if k != "inject"}})
+                            for k in spec.space}})  # inject too: an arm's name is not an inject value
     return pd.DataFrame(rows, columns=None if rows else ["method", "config_rank", "trial_id"])
 
 
@@ -337,8 +337,11 @@ def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:
         result = json.loads(path.read_text())
         config = result["config"]
         params = {k: config[k] for k, p in spec.space.items() if k in config and p.matches(config)}
-        params.update(method=result["method"], config_rank=result["config_rank"], seed=config.get("seed"),
-                      epochs=config.get("epochs"), beam_size=config.get("beam_size"), params=result["params"])
+        # seed: the run's seed index (the -s<k> of its name, the frames' seed column); torch_seed: what torch was
+        # seeded with (1000 + k, see confirm_configs).
+        params.update(method=result["method"], config_rank=result["config_rank"], seed=result["seed"],
+                      torch_seed=config.get("seed"), epochs=config.get("epochs"), beam_size=config.get("beam_size"),
+                      params=result["params"])
         metrics = {f"test_{k}": v for k, v in result["scores"].items()}
         metrics.update(train_seconds=result["train_seconds"], seconds=result.get("seconds", float("nan")))
         per_image = pd.DataFrame({m: pd.Series(d) for m, d in result["per_image"].items()})
@@ -347,9 +350,11 @@ def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:
         per_image.sort_index(key=lambda ids: ids.astype(int)).to_csv(csv)
         artifacts = [path, csv] + [p for p in [path.with_suffix(".pt")] if p.exists()]
         note = (f"Confirm run: the search's rank-{result['config_rank']} {result['method']} configuration retrained "
-                f"with seed {config.get('seed')} for {config.get('epochs')} epochs, then the test split captioned with "
+                f"with seed {result['seed']} (torch seed {config.get('seed')}) for {config.get('epochs')} epochs, then "
+                f"the test split captioned with "
                 f"beam {config.get('beam_size')} and scored with the full coco-caption suite (study report).")
         new += tracker.confirm_run(name, params, {k: v for k, v in metrics.items() if v == v}, artifacts,
                                    history=result.get("history", []), span=(result.get("started_ms"),
-                                                                            result.get("ended_ms")), note=note)
+                                                                            result.get("ended_ms")), note=note,
+                                   arm=result["method"])
     return new

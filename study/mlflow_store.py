@@ -2,9 +2,10 @@
 
 ``study.tracking`` records a study's events in its journal; ``MlflowStore.send`` turns one event into MLflow
 calls. One parent run per study (tag ``kind=study``), one nested child run per trial (``kind=trial``) and per
-confirm run (``kind=confirm``). Which run belongs to which trial is remembered in ``mlflow_runs.json`` (keyed by
-Tune's trial id, ``confirm/<name>`` for confirm runs, ``__study__`` for the parent), and found again by its tags
-when a driver died before it could remember it, so a resumed or replayed study never makes a duplicate run.
+confirm run (``kind=confirm``), both tagged with their ``arm``; the experiment's shared view (study/mlflow_view.py).
+Which run belongs to which trial is remembered in ``mlflow_runs.json`` (keyed by Tune's trial id,
+``confirm/<name>`` for confirm runs, ``__study__`` for the parent), and found again by its tags when a driver died
+before it could remember it, so a resumed or replayed study never makes a duplicate run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from urllib.request import url2pathname
 from study.configure import configure
 from study.files import atomic_write_json
 from study.journal import read_runs_file
+from study.mlflow_view import EXPERIMENT_NOTE, view_tags
 from study.paths import StudyPaths
 
 log = logging.getLogger(__name__)
@@ -27,15 +29,15 @@ STATUS_TO_MLFLOW = {"completed": "FINISHED", "stopped": "FINISHED", "errored": "
 STUDY_KEY = "__study__"  # the parent run's key in mlflow_runs.json
 
 # Seconds and throughput go under MLflow's system/ prefix: the run page's "Model metrics" tab then holds the scores
-# and losses alone (a prefix of our own, time/, was drawn as a section above them), and the timings sit in
-# "System metrics". The epoch is every metric's step, not a metric of its own.
+# and losses alone, the timings sit in "System metrics". The epoch is every metric's step, not a metric of its own.
 TIMINGS = frozenset({"train_seconds", "epoch_seconds", "data_seconds", "val_loss_seconds", "decode_seconds",
                      "metric_seconds", "tokens_per_second", "seconds"})
 
 
 def mlflow_metric(name: str) -> str | None:
-    """The MLflow name of a reported metric: ``system/<name>`` for timings, None for ``epoch`` (the step)."""
-    if name == "epoch":
+    """The MLflow name of a reported metric: ``system/<name>`` for timings, None for ``epoch`` (the step) and
+    ``params`` (the parameter count: a run parameter, not a curve)."""
+    if name in ("epoch", "params"):
         return None
     return f"system/{name}" if name in TIMINGS else name
 
@@ -111,6 +113,7 @@ class MlflowStore:
     def _study_start(self, event: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
 
+        self._share_view(event["params"].get("metric", "val_CIDEr-D"))
         parent = self.runs.get(STUDY_KEY) or self._run_by_tags("study")
         if parent is not None and STUDY_KEY not in self.runs:
             self._remember(STUDY_KEY, parent)  # made by another sender that had not written mlflow_runs.json
@@ -133,6 +136,11 @@ class MlflowStore:
             self._client.log_inputs(parent, datasets=[DatasetInput(
                 Dataset(name=ds["name"], digest=ds["digest"][:36], source_type="local", source=ds["source"]),
                 tags=[InputTag("mlflow.data.context", "training")])])
+
+    def _share_view(self, metric: str) -> None:
+        """The experiment's description and its shared view (study/mlflow_view.py: the columns, every run drawn)."""
+        for key, value in {**view_tags(metric), "mlflow.note.content": EXPERIMENT_NOTE}.items():
+            self._client.set_experiment_tag(self._experiment_id(), key, value)
 
     def _study_tags(self, event: dict[str, Any]) -> None:
         from mlflow.entities import Metric, RunTag
@@ -340,8 +348,7 @@ def _runs_of_kinds(uri: str, experiment: str, *kinds: str) -> list[Any]:
 
 def study_runs(uri: str, experiment: str) -> tuple[Any, Any]:
     """(parent run, DataFrame of trial runs) of a study's experiment."""
-    parent, trials = _runs_of_kinds(uri, experiment, "study", "trial")
-    return parent, trials
+    return tuple(_runs_of_kinds(uri, experiment, "study", "trial"))
 
 
 def confirm_runs(uri: str, experiment: str) -> Any:

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from study.spec import StudySpec
 
 # Columns that count things: whole numbers, <NA> where missing.
-_COUNTS = {"epoch", "epochs", "best_epoch", "config_rank", "seed", "params", "image_id", "images", "seeds",
-           "test_images", "distinct_captions"}
+_COUNTS = {"epoch", "epochs", "best_epoch", "config_rank", "seed", "torch_seed", "params", "image_id", "images",
+           "seeds", "test_images", "distinct_captions"}
 
 
 def with_reader_types(frame: pd.DataFrame, spec: "StudySpec | None" = None) -> pd.DataFrame:

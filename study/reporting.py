@@ -4,7 +4,8 @@
 (``study.comparing``), writes the report, adds each test set's look to the test-split ledger (``study.ledger``:
 the report lists the earlier looks at the same splits), and gives
 MLflow each confirm run as a child run (``kind=confirm``), the parent the report, the verdict table
-(``verdict.csv`` and the ``verdict.json`` table) and a few headline metrics (tag ``verdict``).
+(``verdict.csv`` and the ``verdict.json`` table), each arm's test scores (the ``test_scores.json`` table) and a few
+headline metrics (tag ``verdict``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pandas as pd
 
 from study.deciding import decision_note, sequential_plan
 from study.files import atomic_write_json
+from study.mlflow_view import experiment_address
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -28,12 +30,12 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     from analysis.report import build_report
     from analysis.training_length import length_blocks
     from study.comparing import BOOT_SEED, N_BOOT, read_comparator, read_comparator_record, test_set_name
-    from study.confirm import confirm_history, confirmed_trials, load_confirm, log_confirm_runs
+    from study.confirm import confirm_history, confirmed_trials, load_confirm
     from study.evaluated import evaluated_verdicts, report_blocks, split_fingerprints
     from study.ledger import comparator_rule, earlier_looks, record_looks
     from study.provenance import provenance
     from study.records import read_test_split, write_test_split
-    from study.tracking import git_commit, source_tags
+    from study.tracking import git_commit
 
     spec, paths = ctx.spec, ctx.paths
     # What the report needs of the data was recorded by the confirm stage: no feature cache walked, no CNN run.
@@ -66,18 +68,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     verdict = result.verdict
     record_looks(paths.ledger, spec, ctx.spec_text, {test_name: verdict, **evaluated}, splits,
                  comparator_rule(read_comparator_record(paths)))
-    tracker = ctx.tracker()
-    tracker.child_tags = source_tags("study report")
-    log_confirm_runs(spec, paths, tracker)
-    table = verdict_table(verdict, spec.arm_set.roles())
-    table.to_csv(paths.verdict_csv, index=False)
-    tracker.study_artifact(paths.verdict_csv)
-    if len(table):
-        tracker.study_table({c: json.loads(table[c].to_json(orient="values")) for c in table.columns}, "verdict.json")
-    tracker.study_tags({"verdict": verdict.verdict, "verdict_text": verdict.text[:4000]},
-                       verdict_metrics(verdict))
-    tracker.study_artifact(result.path.parent, "report")
-    tracker.finish_study()  # the parent run's end moves to now: its duration covers search, confirm and report
+    log_evidence(ctx, verdict, result.path.parent)
     if console is not None:
         from study.console import wrapped
 
@@ -88,18 +79,54 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     return result.path
 
 
+def log_evidence(ctx: "StudyContext", verdict, report_dir: Path) -> None:
+    """MLflow's copy of the answer: the confirm runs not logged yet, and on the parent run the verdict
+    (``verdict.csv``, the ``verdict.json`` table, tags and headline metrics), every arm's test scores side by side
+    (the ``test_scores.json`` table: one row per arm, mean and sd over seeds, 0..1) and the report's folder."""
+    from study.confirm import log_confirm_runs
+    from study.results import confirm_frame, test_scores
+    from study.tracking import source_tags
+
+    spec, paths = ctx.spec, ctx.paths
+    tracker = ctx.tracker()
+    tracker.child_tags = source_tags("study report")
+    log_confirm_runs(spec, paths, tracker)
+    table = verdict_table(verdict, spec.arm_set.roles())
+    table.to_csv(paths.verdict_csv, index=False)
+    tracker.study_artifact(paths.verdict_csv)
+    if len(table):
+        tracker.study_table(_columns(table), "verdict.json")
+    scores = test_scores(confirm_frame(paths, spec), spec.methods)
+    if len(scores):  # the verdict's score first: the table's first screen holds the comparison
+        roles = spec.arm_set.roles()
+        scores.insert(1, "role", [roles.get(m, "") for m in scores["method"]])
+        first = ["method", "role", "seeds", f"{verdict.metric}_mean", f"{verdict.metric}_std"]
+        scores = scores[[c for c in first if c in scores] + [c for c in scores if c not in first]]
+        tracker.study_table(_columns(scores), "test_scores.json")
+    tracker.study_tags({"verdict": verdict.verdict, "verdict_text": verdict.text[:4000]}, verdict_metrics(verdict))
+    tracker.study_artifact(report_dir, "report")
+    tracker.finish_study()  # the parent run's end moves to now: its duration covers search, confirm and report
+
+
 def next_steps(ctx: "StudyContext", html: Path | None) -> str:
     """Where to look next: the HTML report, and the commands that open MLflow's and Optuna's views of the study."""
     lines = []
     if html is not None:
         lines.append(f"report (one page, figures inside): {html}")
-    # ?workflowType=machine_learning: MLflow 3 opens an experiment in its GenAI view (an empty Overview) else.
+    # The training view (not MLflow 3's GenAI one), with the study's columns and every run drawn (mlflow_view.py).
+    experiment = ctx.experiment_id() or 1
     lines.append(f"MLflow UI:   mlflow ui --backend-store-uri {ctx.tracking_uri}   then "
-                 f"http://127.0.0.1:5000/#/experiments/{ctx.experiment_id() or 1}?workflowType=machine_learning")
+                 f"{experiment_address(experiment)}\n             the arms side by side (confirm runs grouped by "
+                 f"arm, one bar each): {experiment_address(experiment, arms=True)}")
     if ctx.paths.optuna_db.is_file():
         lines.append(f"Optuna:      optuna-dashboard sqlite:///{ctx.paths.optuna_db.resolve()}   "
                      "(pip install 'caption-study[ui]')")
     return "\n".join(lines)
+
+
+def _columns(table: pd.DataFrame) -> dict[str, list]:
+    """A frame as ``mlflow.log_table`` takes it: column name -> JSON-able values (NaN as null)."""
+    return {c: json.loads(table[c].to_json(orient="values")) for c in table.columns}
 
 
 def verdict_table(verdict, roles: dict[str, str]) -> pd.DataFrame:

@@ -2,8 +2,10 @@
 committed ones.
 
 An export (``study export``) holds what a reviewer needs: the spec the study ran (``spec.yaml``), every confirm run's
-configuration and test scores (``confirm_runs.csv``: one row per run, every trial config field as a column; the
-run's seed is ``1000 + seed``, as the confirm stage sets it) and the dataset's fingerprint (``provenance.json``).
+configuration and test scores (``confirm_runs.csv``: one row per run, every trial config field as a column;
+``seed`` is the run's seed index k, the ``-s<k>`` of its name, and ``torch_seed`` what torch was seeded with,
+1000 + k, as the confirm stage sets it; exports from before ``torch_seed`` have the index alone) and the dataset's
+fingerprint (``provenance.json``).
 The run is retrained with ``run_trial`` on the same data (refused, naming both fingerprints, when the data differs),
 the test split decoded with the run's beam and scored with the full coco-caption suite, and each metric printed
 beside the committed one with the difference. A run of a study from before the precision setting trained in fp32.
@@ -70,7 +72,9 @@ def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> 
     values = {k: _plain(row[k]) for k in fields if k in row and not pd.isna(row[k])}
     values.setdefault("precision", "fp32")  # studies from before the precision setting trained in fp32
     # An edited row (hidden=abc, inject=bogus) is one sentence naming the file and run, not pydantic's traceback.
-    cfg = validate_model(TrialConfig, {**values, "dataset": spec.dataset, "seed": 1000 + int(row["seed"])},
+    recorded = row.get("torch_seed")  # exports from before torch_seed hold the index alone: 1000 + it
+    torch_seed = 1000 + int(row["seed"]) if recorded is None or pd.isna(recorded) else recorded
+    cfg = validate_model(TrialConfig, {**values, "dataset": spec.dataset, "seed": int(torch_seed)},
                          f"{export_dir / 'confirm_runs.csv'} (run {run})", check_paths=False)
     try:
         provenance = json.loads((export_dir / "provenance.json").read_text())

@@ -6,7 +6,7 @@
     s.trials()        # one row per search trial: parameters, status, epochs, its best epoch's metrics
     s.history()       # one row per trial and epoch: every reported metric (learning curves)
     s.leaderboard()   # the best trial of each injection method, the overall best first
-    s.confirm_runs()  # one row per confirm run: method, config rank, seed, test metrics, time, parameters
+    s.confirm_runs()  # one row per confirm run: method, config rank, seed (k of -s<k>), torch_seed (1000 + k), scores
     s.verdict()       # one row per method: role, seeds, CIDEr-D and ROUGE-L means with intervals
     s.test_scores()   # one row per method: every corpus-level test metric, mean and sd over seeds
 
@@ -63,13 +63,14 @@ def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.Data
     for path in paths.confirm_results():
         result = json.loads(path.read_text())
         row = {"run": path.stem, "method": result["method"], "config_rank": result["config_rank"],
-               "seed": result["seed"]}
+               "seed": result["seed"], "torch_seed": result["config"].get("seed")}  # the index k, and 1000 + k
         row.update({m: result["scores"].get(m) for m in CORPUS_METRICS})
         row.update({k: result.get(k) for k in ("epochs", "train_seconds", "seconds", "params")})
         row.update(chosen_epoch(result))  # which epoch's model the run was scored with, and why training stopped
         row.update({k: v for k, v in result["config"].items() if k not in row})
         rows.append(row)
-    columns = ["run", "method", "config_rank", "seed", *CORPUS_METRICS, "epochs", "train_seconds", "seconds", "params"]
+    columns = ["run", "method", "config_rank", "seed", "torch_seed", *CORPUS_METRICS, "epochs", "train_seconds",
+               "seconds", "params"]
     return with_reader_types(pd.DataFrame(rows, columns=None if rows else columns), spec)
 
 

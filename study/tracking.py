@@ -108,9 +108,12 @@ class StudyTracker:
         self._event({"kind": "study_start", "params": _params(params), "tags": tags, "spec": spec_text,
                      "dataset": dataset})
 
-    def trial_started(self, trial_id: str, run_name: str, params: dict[str, Any]) -> None:
+    def trial_started(self, trial_id: str, run_name: str, params: dict[str, Any], arm: str | None = None) -> None:
+        """A search trial's run (tags ``kind=trial`` and its ``arm``). Its ``seed`` (what torch is seeded with) is
+        logged as ``torch_seed``: in MLflow ``seed`` is a confirm run's seed index alone (docs/mlflow.md)."""
+        params = {("torch_seed" if k == "seed" else k): v for k, v in params.items()}
         self._event({"kind": "trial_start", "trial": trial_id, "name": run_name, "params": _params(params),
-                     "tags": self.child_tags, "time": int(time.time() * 1000)})
+                     "tags": {**self.child_tags, **({"arm": arm} if arm else {})}, "time": int(time.time() * 1000)})
 
     def trial_result(self, trial_id: str, metrics: dict[str, float], step: int) -> bool:
         """Journal (and send) one epoch's metrics. Returns False, logging nothing, for an epoch already logged.
@@ -148,11 +151,11 @@ class StudyTracker:
 
     def confirm_run(self, name: str, params: dict[str, Any], metrics: dict[str, float], artifacts: list[Path], *,
                     history: list[dict[str, Any]] | None = None, span: tuple[int | None, int | None] = (None, None),
-                    note: str | None = None) -> bool:
+                    note: str | None = None, arm: str | None = None) -> bool:
         """Journal one confirm run as a child run (``kind=confirm``) with its files as artifacts, its per-epoch
         metrics (``history``, like a search trial's), its real start and end (``span``, epoch milliseconds:
-        MLflow's duration) and a ``note`` saying what made it. Returns False, logging nothing, for a run journalled
-        before (``study decide`` and a re-run report log only new ones)."""
+        MLflow's duration), a ``note`` saying what made it and its ``arm`` (a tag, as on the search trials). Returns
+        False, logging nothing, for a run journalled before (``study decide`` and a re-run report log only new ones)."""
         key = CONFIRM_PREFIX + name
         if key in self.confirm_logged or key in self.store.runs:
             return False
@@ -160,7 +163,7 @@ class StudyTracker:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         epochs = [{k: float(v) for k, v in epoch.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                   for epoch in history or []]
-        tags = {**self.child_tags, **({"mlflow.note.content": note} if note else {})}
+        tags = {**self.child_tags, **({"mlflow.note.content": note} if note else {}), **({"arm": arm} if arm else {})}
         self._event({"kind": "confirm_run", "key": key, "name": f"confirm-{name}", "params": _params(params),
                      "metrics": clean, "epochs": epochs, "start": span[0], "end": span[1], "tags": tags,
                      "time": int(time.time() * 1000), "artifacts": [str(Path(p).resolve()) for p in artifacts]})

@@ -202,3 +202,21 @@ def test_the_confirm_stage_starts_its_longest_runs_first():
     assert [(m, s) for m, _, s, _ in ordered] == [("attention", 0), ("attention", 1), ("init", 0), ("init", 1),
                                                   ("pre", 0), ("pre", 1)]
     assert longest_first(runs, spec, trials.drop(columns=["train_seconds"])) == runs  # no timing: as planned
+
+
+def test_each_arms_confirm_runs_train_that_arms_inject_not_the_default():
+    """Arms (9c77fa3) made the method column an arm's name (seed, none) and dropped inject from the confirmed
+    rows, so every confirm run of an arms study trained the default inject, init (seen in a quickstart's
+    confirm/none-r1-s0.json: inject init, 121714 parameters where its search trials had 39730)."""
+    spec = _spec(space={"inject": {"choice": ["init", "pre", "none"]}, "seed_h": {"choice": [False, True],
+                                                                                 "when": {"inject": "init"}},
+                        "lr": {"loguniform": [1e-4, 1e-2]}},
+                 arms={"seed": {"inject": "init", "seed_h": False}, "pre": {"inject": "pre"},
+                       "none": {"inject": "none"}}, target="seed", stratify=None, confirm={"top_k": 1, "seeds": 1})
+    trials = pd.DataFrame({"trial_id": ["a", "b", "c"], "arm": ["seed", "pre", "none"],
+                           "inject": ["init", "pre", "none"], "seed_h": [False, math.nan, math.nan],
+                           "status": ["completed"] * 3, "val_CIDEr-D": [0.5, 0.4, 0.1], "lr": [1e-3, 2e-3, 3e-3]})
+    runs = {method: cfg for method, _, _, cfg in confirm_configs(spec, trials)}
+    assert {m: (cfg.inject, cfg.lr) for m, cfg in runs.items()} == {
+        "seed": ("init", 1e-3), "pre": ("pre", 2e-3), "none": ("none", 3e-3)}
+    assert runs["seed"].seed_h is False

@@ -122,7 +122,8 @@ class TrackingCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         params = self.spec.trial_config(trial.config).model_dump(mode="json", by_alias=True, exclude={"dataset"})
-        self.tracker.trial_started(trial.trial_id, self._name(trial), active_params(self.spec, trial.config, params))
+        self.tracker.trial_started(trial.trial_id, self._name(trial), active_params(self.spec, trial.config, params),
+                                   arm=self.spec.arm_of(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
