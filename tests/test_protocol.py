@@ -224,6 +224,9 @@ def test_a_study_with_arms_spends_equal_trial_epochs_and_reports_its_protocol(tm
     assert comparator["comparator"] in ("init", "merge") and set(comparator["values"]) == {"init", "merge"}
     runs = found.confirm_runs()
     assert set(runs["method"]) == {"seed", "init", "merge"} and set(runs["selection"]) == {"best_val"}
+    # Each arm's confirm runs train that arm's model (an arm's name is not an inject value).
+    assert runs.set_index("method")["inject"].to_dict() == {"seed": "init", "init": "init", "merge": "merge"}
+    assert runs.loc[runs["method"] == "seed", "seed_h"].tolist() == [False]
     assert (runs["chosen_epoch"] <= runs["epochs"]).all()
     report = (found.paths.report / "report.md").read_text()
     for needle in ("## The arms compared", "image into c0 of the first LSTM layer only", "chosen epoch",
