@@ -249,23 +249,27 @@ def test_sync_after_the_mlflow_store_was_deleted_rebuilds_it_from_the_journal(st
     assert "Traceback" not in synced.stdout + synced.stderr
 
 
-def test_sync_with_damaged_sent_marker_and_run_map_warns_naming_each_and_duplicates_no_run(study_folder, tmp_path):
+@pytest.mark.parametrize("damaged, text", [("tracking_sent.json", '{"sent": 1'),  # torn by hand
+                                           ("mlflow_runs.json", "[1, 2]")])  # not a map of runs
+def test_sync_with_a_damaged_bookkeeping_file_warns_naming_it_and_duplicates_no_run(study_folder, tmp_path, damaged,
+                                                                                   text):
     copy = _copy(study_folder, tmp_path)
     expected = _mlflow_runs(copy)
     events = len((copy / "tracking_journal.jsonl").read_text().splitlines())
-    (copy / "tracking_sent.json").write_text('{"sent": 1')  # torn
-    (copy / "mlflow_runs.json").write_text("[1, 2]")  # not a map of runs
+    runs_before = json.loads((copy / "mlflow_runs.json").read_text())
+    (copy / damaged).write_text(text)
+    if damaged == "mlflow_runs.json":  # and events to send (a store rebuilt elsewhere: nothing marked sent)
+        (copy / "tracking_sent.json").unlink()
     synced = _command("sync", copy, cwd=tmp_path)
     said = _flat(synced.stdout + synced.stderr)
+    # It was JSONDecodeError's traceback.
     assert synced.returncode == 0, said[-3000:]
     assert "Traceback" not in said and "JSONDecodeError" not in said
-    assert f"{copy / 'tracking_sent.json'} is damaged" in said
-    assert f"{copy / 'mlflow_runs.json'} is damaged" in said
-    # The events were sent again and each run found again by its tags: not one run twice.
+    assert f"{copy / damaged} is damaged" in said
+    # Every event was sent again and each run found again by its tags: not one run twice, the map whole again.
     assert _mlflow_runs(copy) == expected
     assert json.loads((copy / "tracking_sent.json").read_text())["sent"] == events
-    runs = json.loads((copy / "mlflow_runs.json").read_text())
-    assert isinstance(runs, dict) and len(runs) == 5  # the study's run and its 4 runs, mapped again
+    assert json.loads((copy / "mlflow_runs.json").read_text()) == runs_before
 
 
 # ----- items 10 and 11: read-only storage ----------------------------------------------------------------------
@@ -387,3 +391,15 @@ def test_a_trial_that_diverges_before_its_first_result_is_announced_errored_not_
     errored = [line for line in printed.splitlines() if "ERRORED:" in line]
     assert len(errored) == 1 and "init" in errored[0] and re.search(r"training loss became (inf|nan)", errored[0])
     assert "1 ran to the end, 1 errored" in _flat(ran.stdout) or "1 errored, 1 ran to the end" in _flat(ran.stdout)
+
+
+# ----- item 20: the hints of a study outside ./runs name its folder -------------------------------------------------
+def test_hints_for_a_study_outside_runs_name_its_folder(study_folder, unscorable, tmp_path):
+    copy = _copy(study_folder, tmp_path)  # in tmp_path/elsewhere, while the command runs in the repository
+    (copy / "report" / "report.md").unlink()
+    unreported = _study("export", copy, tmp_path / "dest")
+    # "run `study report faults` first" failed with "no study 'faults'".
+    _sentence(unreported, f"run `study report {copy}` first")
+    shutil.rmtree(copy / "confirm")
+    unconfirmed = _study("evaluate", copy, unscorable[0], "--images-root", unscorable[1])
+    _sentence(unconfirmed, f"`study report {copy}` trains them first")
