@@ -231,6 +231,8 @@ class MlflowStore:
 
         key = event["key"]
         run_id = self.runs.get(key) or self._run_by_tags("confirm", event["name"])
+        if run_id is not None and key not in self.runs:
+            self._remember(key, run_id)  # found by its tags (mlflow_runs.json lost or damaged): the map is rebuilt
         if run_id is not None and self._client.get_run(run_id).info.status == "FINISHED":
             return  # logged before (a replayed journal)
         if run_id is None:
