@@ -20,27 +20,13 @@ from urllib.request import url2pathname
 from study.configure import configure
 from study.files import atomic_write_json
 from study.journal import read_runs_file
-from study.mlflow_view import EXPERIMENT_NOTE, view_tags
+from study.mlflow_view import EXPERIMENT_NOTE, mlflow_metric, view_tags
 from study.paths import StudyPaths
 
 log = logging.getLogger(__name__)
 
 STATUS_TO_MLFLOW = {"completed": "FINISHED", "stopped": "FINISHED", "errored": "FAILED", "killed": "KILLED"}
 STUDY_KEY = "__study__"  # the parent run's key in mlflow_runs.json
-
-# Seconds and throughput go under MLflow's system/ prefix: the run page's "Model metrics" tab then holds the scores
-# and losses alone, the timings sit in "System metrics". The epoch is every metric's step, not a metric of its own.
-TIMINGS = frozenset({"train_seconds", "epoch_seconds", "data_seconds", "val_loss_seconds", "decode_seconds",
-                     "metric_seconds", "tokens_per_second", "seconds"})
-
-
-def mlflow_metric(name: str) -> str | None:
-    """The MLflow name of a reported metric: ``system/<name>`` for timings, None for ``epoch`` (the step) and
-    ``params`` (the parameter count: a run parameter, not a curve)."""
-    if name in ("epoch", "params"):
-        return None
-    return f"system/{name}" if name in TIMINGS else name
-
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient

@@ -1,4 +1,5 @@
-"""How a study's MLflow experiment opens: the columns, the runs shown and the address the project prints.
+"""How a study's MLflow experiment opens and reads: the metric names, the columns, the runs shown and the address
+the project prints.
 
 MLflow keeps its runs table's columns and which runs the charts draw in the browser (local storage), not on the
 server; the only server-side view it reads is a *shared view*: an experiment tag ``mlflow.sharedViewState.<key>``
@@ -17,6 +18,19 @@ ARMS_KEY = "caption-study-arms"  # the confirm runs grouped by arm: one bar per 
 VIEW_TAG, ARMS_TAG = (f"mlflow.sharedViewState.{key}" for key in (VIEW_KEY, ARMS_KEY))
 # MLflow 3 opens an experiment in its GenAI view (an empty Overview) unless told the workflow type.
 WORKFLOW = "workflowType=machine_learning"
+
+# Seconds and throughput go under MLflow's system/ prefix: the run page's "Model metrics" tab then holds the scores
+# and losses alone, the timings sit in "System metrics". The epoch is every metric's step, not a metric of its own.
+TIMINGS = frozenset({"train_seconds", "epoch_seconds", "data_seconds", "val_loss_seconds", "decode_seconds",
+                     "metric_seconds", "tokens_per_second", "seconds"})
+
+
+def mlflow_metric(name: str) -> str | None:
+    """The MLflow name of a reported metric: ``system/<name>`` for timings, None for ``epoch`` (the step) and
+    ``params`` (the parameter count: a run parameter, not a curve)."""
+    if name in ("epoch", "params"):
+        return None
+    return f"system/{name}" if name in TIMINGS else name
 
 
 def _column(kind: str, name: str) -> str:
