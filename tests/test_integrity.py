@@ -426,6 +426,7 @@ def offline_study(tmp_path_factory, small_shapes, small_prepared):
 
     offline = Study.from_spec(load_spec(spec_path), spec_path)  # what a started `study run` leaves first:
     offline.paths.write_record(offline.name, spec_path, offline.spec.storage, offline.tracking_uri, offline.experiment)
+    (offline.paths.root / "tune").mkdir()  # its search started (one that never did is started again: issue 33)
     storage = ["--storage", str(tmp / "runs")]
     refused = subprocess.run([sys.executable, "-m", "study", "run", str(spec_path)], capture_output=True, text=True,
                              timeout=120, cwd=tmp)
@@ -456,7 +457,7 @@ def test_study_run_refuses_an_existing_study_and_new_starts_one_beside_it(offlin
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     assert "study offline already exists" in refused.stderr
     assert "study resume offline" in refused.stderr and "--new" in refused.stderr
-    assert not (offline_study.tmp / "runs" / "offline" / "tune").exists()  # nothing was added to it
+    assert not any((offline_study.tmp / "runs" / "offline" / "tune").iterdir())  # nothing was added to it
     assert f"starting a new study offline-2 beside it, in {offline_study.folder}" in offline_study.output
     assert (offline_study.folder / "study.json").is_file()
 
