@@ -62,4 +62,19 @@ def margin_blocks(table: pd.DataFrame, target: str | None, comparator: str | Non
                   f"{target} - {comparator} ({metric} x100: {x100(first['diff'])} [{x100(first['lo'])}, "
                   f"{x100(first['hi'])}]) judged against each margin:"),
             ("table", ["margin", "margin (x100)", "verdict"],
-             [[r["margin_label"], x100(r["margin"]), r["verdict"]] for _, r in table.iterrows()])]
+             [[r["margin_label"], x100(r["margin"]), r["verdict"]] for _, r in table.iterrows()]),
+            ("p", deciding_margins(first["lo"], first["hi"], target))]
+
+
+def deciding_margins(lo: float, hi: float, target: str | None) -> str:
+    """Where the words change, read off the interval (``word``): "competes" at every margin above ``-lo``, "does
+    not compete" at every margin below ``-hi`` (only when the whole interval is below 0), inconclusive between."""
+    from analysis.scores import x100
+
+    if lo >= 0:
+        return f"Read off the interval: {target} competes at every margin (the whole interval is above 0)."
+    if hi >= 0:
+        return (f"Read off the interval: {target} competes at every margin above {x100(-lo)} points and is "
+                "inconclusive at every smaller one (the interval includes 0, so no margin makes it not compete).")
+    return (f"Read off the interval: {target} competes at every margin above {x100(-lo)} points, does not compete "
+            f"at every margin below {x100(-hi)} points, and is inconclusive in between.")

@@ -4,8 +4,9 @@ read from the repository's git history, so a study's report can say how often Fl
     python benchmarks/seed_ledger.py            # rewrite results/ledger.csv
     python benchmarks/seed_ledger.py --check    # exit 1 if the committed file differs from what this writes
 
-Rows, oldest first: every committed version of ``results/flickr8k/`` and ``results/flickr8k_tokens/`` (each
-version's ``report.md`` for the printed interval and word, ``verdict.csv`` / ``evaluation_verdicts.csv`` for the
+Rows, oldest first: every committed version of ``results/flickr8k/`` and ``results/flickr8k_tokens/`` (an
+export that holds its own ``ledger.csv``, as every export since issue 31 does, gives its study's rows as the
+platform wrote them; an older one: its ``report.md`` for the printed interval and word, ``verdict.csv`` / ``evaluation_verdicts.csv`` for the
 exact difference of the means, ``spec.yaml`` for the spec hash and protocol, ``provenance.json`` for the split's
 fingerprint), marked with the commit it was read from; the current ``results/flickr8k`` is the newest of them; and
 the precision benchmark the README reported (init and attention at 5 epochs, no interval). A version that
@@ -73,6 +74,12 @@ def _current(commit: str, folder: str) -> str:
 def _looks(commit: str, folder: str, date: str) -> list[dict]:
     """The rows of one committed version of an export folder: its test split, and each other set it scored."""
     show = lambda name: git("show", f"{commit}:{folder}/{name}")  # noqa: E731
+    exported = show("ledger.csv")
+    if exported is not None:  # an export since issue 31 carries its study's own rows, exact: take them as written
+        study = json.loads(show("export.json") or "{}").get("study")
+        rows = pd.read_csv(io.StringIO(exported), dtype=str, keep_default_na=False).query("study == @study")
+        where = f"git history {commit[:7]} ({folder}{_current(commit, folder)})"
+        return [{**row, "source": f"{row['source']}; {where}"} for row in rows.to_dict("records")]
     report, spec_text, verdict = show("report.md"), show("spec.yaml"), show("verdict.csv")
     if report is None or spec_text is None or verdict is None:
         return []

@@ -268,7 +268,7 @@ def reproduce(
         done = retrain(export_dir, run, dataset_root=dataset_root, keep=keep)
     except ConfigError as exc:
         fail(str(exc))
-    table = Table(title=f"{run}: {done.config.run_name}, seed {done.config.seed}, {done.config.epochs} epochs, "
+    table = Table(title=f"{run}: {done.config.run_name}, torch seed {done.config.seed}, {done.config.epochs} epochs, "
                         f"beam {done.config.beam_size}, {done.config.precision} (x100)")
     for column in ("metric", "committed", "reproduced", "difference"):
         table.add_column(column, justify="left" if column == "metric" else "right")

@@ -63,16 +63,16 @@ def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame, *, ro
             return f"Decided with {seeds} seeds per method at the fixed 95% level (no sequential looks)."
         return (f"Decided after {seeds} seeds per method: look {seeds - plan.first_seeds + 1} of {plan.looks} "
                 f"of the {plan.describe()}.")
-    if plan is not None and seeds >= plan.max_seeds:
-        return (f"Not decided after {seeds} seeds per method, the plan's limit ({plan.describe()}): the two "
-                "methods are closer than this test split can resolve at that error rate.")
     margin = spec.confirm.margin
     parts = project(per_image, roles=roles or spec.arm_set.roles(), margin=margin, comparator=comparator,
                     set_name=verdict.set_name)
+    points = partial(format_metric, verdict.metric)
+    reach_text = "" if parts is None else what_decides(parts, verdict.level, margin).describe(parts, points)
+    if plan is not None and seeds >= plan.max_seeds:  # the plan is spent; what would decide it is still worth saying
+        return (f"Not decided after {seeds} seeds per method, the plan's limit ({plan.describe()}): the two "
+                f"methods are closer than this test split can resolve at that error rate. {reach_text}").rstrip()
     if parts is None:
         return None
-    points = partial(format_metric, verdict.metric)
-    reach_text = what_decides(parts, verdict.level, margin).describe(parts, points)
     needed = smallest_plan(parts, margin, spent_alpha=0.0 if plan else 0.05)
     if needed is None:
         # The test images' own variance dominates: seeds cannot decide, so no `study decide` is offered.

@@ -40,6 +40,7 @@ from study.files import atomic_write_json
 from study.models import build_captioner
 from study.models.inject import doubly_stochastic_penalty
 from study.precision import autocast, resolve
+from study.progress import interactive
 from study.selection import BestEpoch
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTens
     data_seconds = 0.0
     # Xu et al.'s doubly stochastic attention penalty, for attention only; 0 (the default) adds nothing.
     penalty = cfg.attention_penalty if model.injection.attends else 0.0
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
+    # A per-batch bar only at a terminal: in a log file (nohup, CI) its \r frames are noise; epochs print lines.
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress or not interactive(), unit="batch")
     for step, idx in enumerate(bar):
         t0 = time.perf_counter()
         tokens = train.ids[torch.from_numpy(idx), : int(train.lengths[idx].max())].to(device, non_blocking=True)
