@@ -84,45 +84,74 @@ def _section(text: str, heading: str) -> str:
     return text[start:]
 
 
+def _export_verdicts() -> dict[str, dict[str, str]]:
+    """verdicts.csv of the committed export: one row per set (and ``pooled``), keyed by the set's first word."""
+    with open(FLICKR8K / "verdicts.csv") as f:
+        return {row["set"].split()[0]: row for row in csv.DictReader(f)}
+
+
+def _interval(row: dict[str, str]) -> str:
+    x100 = {k: f"{100 * float(row[k]):.1f}" for k in ("diff", "lo", "hi")}
+    return f"{x100['diff']} [{x100['lo']}, {x100['hi']}]"
+
+
 def test_the_answers_tables_are_the_committed_exports_numbers():
     answer = (DOCS / "answer.md").read_text()
     report = (FLICKR8K / "report.md").read_text()
-    # init minus each method on both test sets: the report's two tables
+    target = _export_verdicts()["flickr8k"]["target"]
+    # the target minus each arm on both test sets: the report's two tables
+    column = f"| method | {target} - method"
     quoted = _by_method(_md_table(answer, "| method | Flickr8k test"))
-    on_flickr = _by_method(_md_table(report, "| method | init - method"))
-    on_coco = _by_method(_md_table(_section(report, "init minus each method on coco-mini"), "| method | init - method"))
-    assert set(quoted) == set(on_flickr) == set(on_coco)
+    on_flickr = _by_method(_md_table(report, column))
+    on_coco = _by_method(_md_table(_section(report, f"{target} minus each method on coco-mini"), column))
+    assert set(quoted) == set(on_flickr) == set(on_coco) and len(quoted) == 5
+    level = next(k for k in on_flickr[next(iter(on_flickr))] if k.endswith("% CI"))
     for method, row in quoted.items():
         flickr, coco = on_flickr[method], on_coco[method]
-        assert row["Flickr8k test (1000 photos)"] == f"{flickr['init - method']} {flickr['95% CI']}", method
-        assert row["coco-mini (308 photos)"] == f"{coco['init - method']} {coco['95% CI']}", method
+        assert row["Flickr8k test (1000 photos)"] == f"{flickr[f'{target} - method']} {flickr[level]}", method
+        assert row["coco-mini (308 photos)"] == f"{coco[f'{target} - method']} {coco[level]}", method
     # test scores on Flickr8k (test_scores.md) and on coco-mini (the report's table), mean ± sd over seeds
-    for heading, exported in (("| method | configuration | BLEU-1", (FLICKR8K / "test_scores.md").read_text()),
+    for heading, exported in (("| method | seeds | BLEU-1 | BLEU-4", (FLICKR8K / "test_scores.md").read_text()),
                               ("| method | BLEU-1 | BLEU-4 | METEOR", _section(report, "Corpus-level scores on coco"))):
         quoted = _by_method(_md_table(answer, heading))
         scores = _by_method(_md_table(exported, "| method | seeds"))
-        assert set(quoted) == set(scores)
+        assert set(quoted) == set(scores) and len(quoted) == 6
         for method, row in quoted.items():
-            for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"):
-                assert row[metric].replace("**", "") == scores[method][metric], (heading, method, metric)
+            for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "seeds"):
+                if metric in row:
+                    assert row[metric].replace("**", "") == scores[method][metric], (heading, method, metric)
 
 
-def test_the_pooled_answer_in_the_readme_and_the_docs_is_the_export():
-    with open(FLICKR8K / "pooled_verdict.csv") as f:
-        pooled = {row["set"]: row for row in csv.DictReader(f)}
-    sets = {name.split()[0]: row for name, row in pooled.items()}
-    x100 = {key: {k: f"{100 * float(row[k]):.1f}" for k in ("diff", "lo", "hi")} for key, row in sets.items()}
-    p = x100["pooled"]
-    interval = f"{p['diff']} [{p['lo']}, {p['hi']}]"
-    assert interval == "-1.3 [-3.1, 0.6]"
-    readme = (REPO / "README.md").read_text()
-    answer = (DOCS / "answer.md").read_text()
-    assert f"`init - attention` is {interval}" in readme and f"`init - attention` = **{interval}**" in answer
-    flickr, coco = (str(abs(float(x100[s]["diff"]))) for s in ("flickr8k", "coco-mini"))
+def test_the_verdicts_in_the_readme_and_the_docs_are_the_export():
+    verdicts = _export_verdicts()
+    flickr, coco, pooled = verdicts["flickr8k"], verdicts["coco-mini"], verdicts["pooled"]
+    pair = f"`{flickr['target']} - {flickr['comparator']}`"
+    assert flickr["comparator"] == pooled["comparator"] == coco["comparator"] == "par"  # comparator.json's
+    assert _interval(flickr) == "-1.8 [-3.9, 0.5]" and _interval(pooled) == "-1.6 [-3.4, 0.4]"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    answer = " ".join((DOCS / "answer.md").read_text().split())
+    assert f"{pair} is {_interval(flickr)}" in readme and f"{pair} is {_interval(pooled)}" in readme
+    assert f"{pair} is **{_interval(flickr)}**" in answer and f"{pair} = **{_interval(pooled)}**" in answer
+    assert f"and {_interval(coco)} on 308 COCO photos" in answer
+    # the target's and the best arm's test CIDEr-D as test_scores.csv has them
+    with open(FLICKR8K / "test_scores.csv") as f:
+        rows = {row["method"]: row for row in csv.DictReader(f)}
+    cider = {m: f"{100 * float(r['CIDEr-D_mean']):.1f}" for m, r in rows.items()}
+    best = max(cider, key=lambda m: float(cider[m]))
+    assert best == "attention"
     for text in (readme, answer):
-        flat = " ".join(text.split())
-        assert f"scores {flickr} CIDEr-D points below the best method (`attention`)" in flat
-        assert f"{coco} below" in flat
+        assert f"scores CIDEr-D {cider[flickr['target']]}" in text or f"CIDEr-D {cider[flickr['target']]} on" in text
+        assert f"{cider[best]}" in text
+    # the margin table: the words at every margin, and the deciding margin read off the interval
+    assert f"above {100 * -float(flickr['lo']):.1f} points on Flickr8k" in answer
+    with open(FLICKR8K / "margins.csv") as f:
+        assert {row["verdict"] for row in csv.DictReader(f)} == {"inconclusive"}
+    # the decide looks the answer lists are decide.json's
+    import json
+
+    looks = json.loads((FLICKR8K / "decide.json").read_text())["looks"]
+    listed = ", ".join(f"{100 * look['diff']:.1f}" for look in looks[:-1]) + f" and {100 * looks[-1]['diff']:.1f}"
+    assert f"{listed} at 3, 4, 5 and 6 seeds" in answer
 
 
 @pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
@@ -142,3 +171,47 @@ def test_the_architecture_table_names_every_module():
     names = {p: (f"`{p.relative_to(REPO)}`", f"`{p.name}`", f"`{p.stem}`") for p in modules}
     missing = [str(p.relative_to(REPO)) for p, forms in names.items() if not any(f in table for f in forms)]
     assert not missing, f"docs/architecture.md's table does not list {missing}"
+
+
+def test_every_interval_of_the_committed_answer_is_recomputed_from_its_export():
+    """Issue 32's reviewer check: `study verify results/flickr8k` recomputes each interval and verdict cell from the
+    exported per-image scores alone, and finds every one equal."""
+    from typer.testing import CliRunner
+
+    from study.cli import app
+
+    verified = CliRunner().invoke(app, ["verify", str(FLICKR8K)])
+    assert verified.exit_code == 0, verified.output
+    assert "verified: all 243 cells" in " ".join(verified.output.split())
+
+
+def test_the_answers_other_numbers_are_the_exports():
+    """The reproduced runs' scores, the comparator's validation scores, the measured hours and each arm's search
+    spend, as docs/answer.md quotes them, are what results/flickr8k holds."""
+    import json
+
+    answer = " ".join((DOCS / "answer.md").read_text().split())
+    with open(FLICKR8K / "confirm_runs.csv") as f:
+        runs = {row["run"]: row for row in csv.DictReader(f)}
+    for run in ("seed-r1-s0", "attention-r1-s0"):
+        scores = ", ".join(f"{metric} {100 * float(runs[run][metric]):.2f}" for metric in ("CIDEr-D", "BLEU-4",
+                                                                                             "METEOR"))
+        assert f"`study reproduce results/flickr8k {run}`" in answer and f"({scores})" in answer, run
+    chosen = json.loads((FLICKR8K / "comparator.json").read_text())["values"]
+    assert chosen["par"] == max(chosen.values())
+    val = {m: f"{100 * v:.1f}" for m, v in chosen.items()}
+    assert f"`par` led ({val['par']} against {val['init']} for `init` and {val['attention']} for `attention`)" in answer
+    provenance = json.loads((FLICKR8K / "provenance.json").read_text())
+    hours, epochs, trial_hours = re.match(r"([\d.]+ h) while trials trained \((\d+) trial-epochs, ([\d.]+ h)",
+                                          provenance["search wall time"]).groups()
+    assert f"search {hours} of wall time ({epochs} trial-epochs, {trial_hours} of trial time" in answer
+    confirm_wall, confirm_runs, run_hours = re.match(r"(.+) \((\d+) runs, ([\d.]+ h) of run time\)",
+                                                     provenance["confirm wall time"]).groups()
+    assert f"{confirm_wall} ({confirm_runs} runs, {run_hours} of run time)" in answer
+    # each arm's search trial-epochs: the report's compute table
+    report = (FLICKR8K / "report.md").read_text()
+    spend = {row[0]: row[2] for row in _md_table(report, "| method | search trials | search trial-epochs")[1:]}
+    listed = ", ".join(f"`{arm}` {spend[arm]}" for arm in ("attention", "init", "merge", "par", "pre", "seed"))
+    assert f"(trial-epochs: {listed})" in answer
+    stopped = re.search(r"\| total \| (\d+) \| (\d+) \| (\d+) \|", report).groups()
+    assert f"ASHA stopped {stopped[1]} of {stopped[2]} trials" in answer
