@@ -24,7 +24,7 @@ import pandas as pd
 from study.config import TrialConfig
 from study.files import atomic_write_bytes, atomic_write_json
 from study.paths import StudyPaths
-from study.records import TestSplitRecord, read_test_split, write_test_split
+from study.records import TestSplitRecord, missing, read_test_split, write_test_split
 from study.spec import StudySpec
 from study.trial_tables import space_value
 
@@ -46,7 +46,7 @@ def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | Non
     if spec.confirm.select == "best_val":
         selection.update(val_beam_size=spec.confirm.beam_size, val_images=spec.confirm.val_images)
     for _, row in chosen[chosen["method"].isin(methods or spec.methods)].iterrows():
-        sampled = {k: _plain(row[k]) for k in spec.space if k in row and not _missing(row[k])}
+        sampled = {k: _plain(row[k]) for k in spec.space if k in row and not missing(row[k])}
         # The schedule length: confirm.epochs, else the configuration's own (searched), else the search's.
         epochs = spec.confirm.epochs or int(sampled.get("epochs", spec.asha.max_epochs))
         for seed in seeds if seeds is not None else range(spec.confirm.seeds):
@@ -80,7 +80,7 @@ def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
         for rank, (_, row) in enumerate(best.head(spec.confirm.top_k).iterrows(), start=1):
             rows.append({"method": method, "config_rank": rank, "trial_id": row.get("trial_id"),
                          spec.metric: row.get(spec.metric),
-                         **{k: (None if _missing(space_value(row, k)) else space_value(row, k))
+                         **{k: (None if missing(space_value(row, k)) else space_value(row, k))
                             for k in spec.space}})  # inject too: an arm's name is not an inject value
     return pd.DataFrame(rows, columns=None if rows else ["method", "config_rank", "trial_id"])
 
@@ -99,10 +99,6 @@ def _why_unscored(spec: StudySpec, trials: pd.DataFrame) -> str:
     if counts.get("stopped") or counts.get("completed"):
         text += "; the others ended before finishing an epoch (time budget spent?)"
     return text
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and value != value)
 
 
 def run_name(method: str, rank: int, seed: int) -> str:
@@ -238,7 +234,7 @@ def longest_first(runs: list[tuple[str, int, int, TrialConfig]], spec: StudySpec
     trained = trials[["trial_id", "train_seconds", "epochs"]].rename(columns={"epochs": "trained_epochs"})
     timed = confirmed_trials(spec, trials).merge(trained, on="trial_id")
     per_epoch = {(row.method, int(row.config_rank)): row.train_seconds / row.trained_epochs
-                 for row in timed.itertuples() if row.trained_epochs and not _missing(row.train_seconds)}
+                 for row in timed.itertuples() if row.trained_epochs and not missing(row.train_seconds)}
     return sorted(runs, key=lambda run: -per_epoch.get((run[0], run[1]), 0.0) * run[3].epochs)
 
 
@@ -353,7 +349,7 @@ def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:
                 f"with seed {result['seed']} (torch seed {config.get('seed')}) for {config.get('epochs')} epochs, then "
                 f"the test split captioned with "
                 f"beam {config.get('beam_size')} and scored with the full coco-caption suite (study report).")
-        new += tracker.confirm_run(name, params, {k: v for k, v in metrics.items() if v == v}, artifacts,
+        new += tracker.confirm_run(name, params, {k: v for k, v in metrics.items() if not missing(v)}, artifacts,
                                    history=result.get("history", []), span=(result.get("started_ms"),
                                                                             result.get("ended_ms")), note=note,
                                    arm=result["method"])

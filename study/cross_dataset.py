@@ -50,6 +50,7 @@ from study.evaluated import (
 )
 from study.files import atomic_write_json
 from study.paths import StudyPaths
+from study.records import missing
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -70,6 +71,7 @@ class EvaluateOutcome:
     computed: list[str] = field(default_factory=list)  # runs scored in this call
     reused: list[str] = field(default_factory=list)  # runs whose finished result was kept
     verdict: Any = None  # analysis.verdict.Verdict on this set
+    report: Path | None = None  # the report, when Study.evaluate rewrote it
 
 
 def dataset_name(json_path: Path, split: str, name: str | None = None) -> str:
@@ -309,7 +311,7 @@ def log_evaluation(spec: "StudySpec", paths: StudyPaths, tracker: "StudyTracker"
     new = 0
     for path in result_files(paths, name):
         result = json.loads(path.read_text())
-        metrics = {f"{name}/{k}": v for k, v in result["scores"].items() if v == v}
+        metrics = {f"{name}/{k}": v for k, v in result["scores"].items() if not missing(v)}
         tag = f"{name}/{path.stem}/{result['dataset_fingerprint'][:16]}/{result['checkpoint_sha256'][:16]}"
         new += tracker.confirm_metrics(path.stem, metrics, tag=tag, artifacts=[path],
                                        artifact_path=f"evaluate/{name}")

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from study.records import missing
+
 if TYPE_CHECKING:
     from study.spec import StudySpec
 
@@ -74,10 +76,6 @@ def read_ledger(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _same_numbers(row: pd.Series, new: dict) -> bool:
     def close(a, b) -> bool:
         a, b = float(a), float(b) if b != "" else math.nan
@@ -108,7 +106,7 @@ def record(path: Path, row: dict) -> bool:
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
         if os.fstat(fd).st_size == 0:
             writer.writeheader()
-        writer.writerow({k: "" if _missing(row.get(k)) else row[k] for k in COLUMNS})
+        writer.writerow({k: "" if missing(row.get(k)) else row[k] for k in COLUMNS})
         os.write(fd, buffer.getvalue().encode())
         return True
     finally:

@@ -9,8 +9,9 @@ of preparing the data (walking the feature cache, tokenising every caption) just
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -19,6 +20,17 @@ from study.files import atomic_write_text
 if TYPE_CHECKING:
     from study.data.prepare import PreparedData
     from study.paths import StudyPaths
+
+def missing(value: Any) -> bool:
+    """Whether a value read from a record, table or result is absent: ``None``, a float NaN (Python's or numpy's)
+    or pandas' ``NA``. The one test for it; ``v == v`` spelt out was in five places and two ``_missing`` helpers."""
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
+        return True
+    try:
+        return math.isnan(value)  # Python's and numpy's floats (ints are never NaN)
+    except TypeError:
+        return False  # text, lists and the like are values
+
 
 GALLERY_IMAGES = 6  # test images shown with every arm's caption in the report
 

@@ -15,6 +15,7 @@ from ray.tune.progress_reporter import TrialProgressCallback
 
 from analysis.metric_table import format_metric
 from study.files import atomic_write_json
+from study.records import missing
 from study.spec import REPORTED, StudySpec
 from study.tracking import StudyTracker
 from study.trial_tables import diverged_reason, last_line
@@ -45,7 +46,7 @@ class SearchProgress:
             self.bar.write(line, file=sys.stderr)  # above the bar, on the stream the bar draws on
 
     def result(self, method: str, value: Any) -> None:
-        if isinstance(value, (int, float)) and value == value:
+        if isinstance(value, (int, float)) and not missing(value):
             old = self.best.get(method)
             if old is None or (value > old if self.spec.mode == "max" else value < old):
                 self.best[method] = float(value)

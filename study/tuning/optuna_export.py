@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from study.paths import StudyPaths
+from study.records import missing
 from study.spec import StudySpec
 from study.trial_tables import space_value
 from study.tuning.search import StudySearcher
@@ -78,13 +79,13 @@ def _frozen_trial(spec: StudySpec, fixed: dict[str, Any], row: pd.Series, histor
     params, distributions = {}, {}
     for name, param in spec.space.items():
         value = space_value(row, name)
-        if name in fixed or _missing(value):
+        if name in fixed or missing(value):
             continue
         value = value.item() if hasattr(value, "item") else value
         params[name], distributions[name] = value, _distribution(param)
     curve = history[history["trial_id"] == row["trial_id"]] if len(history) else history
     intermediate = {int(e): float(v) for e, v in zip(curve.get("epoch", []), curve.get(spec.metric, []))
-                    if v == v}
+                    if not missing(v)}
     value = row.get(spec.metric)
     now = int(datetime.datetime.now().timestamp() * 1000)
     start_ms, end_ms = times or (now, now)  # no journalled time at all: a trial of a study older than them
@@ -97,7 +98,7 @@ def _frozen_trial(spec: StudySpec, fixed: dict[str, Any], row: pd.Series, histor
         attrs["error"] = str(row.get("error"))[:300]
     return optuna.trial.FrozenTrial(
         number=0, trial_id=0, state=TrialState[state], params=params, distributions=distributions,
-        value=float(value) if state == "COMPLETE" and not _missing(value) else None, values=None,
+        value=float(value) if state == "COMPLETE" and not missing(value) else None, values=None,
         datetime_start=start, datetime_complete=complete, user_attrs=attrs, system_attrs={},
         intermediate_values=intermediate)
 
@@ -139,7 +140,3 @@ def _trial_times(paths: StudyPaths) -> dict[str, tuple[int, int]]:
         if "time" in event:
             ends[event["trial"]] = max(ends.get(event["trial"], event["time"]), event["time"])
     return {trial: (starts[trial], ends.get(trial, starts[trial])) for trial in starts}
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and value != value) or value is pd.NA
