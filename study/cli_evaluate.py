@@ -44,13 +44,13 @@ def evaluate(
     `study export` carries them."""
     from study.checkpoints import CheckpointError
     from study.cli_study import lock_study, open_study
-    from study.cross_dataset import EvaluateError, run_evaluate
+    from study.cross_dataset import EvaluateError
     from study.data.features import ImageReadError
     found = open_study(study, storage)
     with lock_study(found, f"study evaluate {found.name}"):
         try:
-            outcome = run_evaluate(found, dataset_json, images_root=images_root, split=split, name=name,
-                                   device=device)
+            outcome = found.evaluate(dataset_json, images_root=images_root, split=split, name=name, device=device,
+                                     report=report)
         except (EvaluateError, CheckpointError, ImageReadError, ConfigError, ValueError) as exc:
             fail(str(exc))
         except KeyboardInterrupt:  # Ctrl-C: what was scored is kept (each run is written as it finishes)
@@ -60,15 +60,10 @@ def evaluate(
                           + (f" --name {name}" if name else ""), highlight=False)
             raise typer.Exit(130) from None
         _print_outcome(found, outcome)
-        section = f"Other photos: {outcome.name}"
-        written = found.paths.report / "report.md"
-        if report and (outcome.computed or not written.is_file() or section not in written.read_text()):
-            from study.reporting import write_report
-
-            path = write_report(found)
+        if outcome.report is not None:
             pooled = found.pooled_verdict().attrs
             out.print(wrapped(f"pooled over every test set: {pooled['verdict']}\n{pooled['text']}") +
-                      f"\nreport: {path}", highlight=False)
+                      f"\nreport: {outcome.report}", highlight=False)
 
 
 def _print_outcome(found, outcome) -> None:

@@ -4,6 +4,7 @@
     confirm()  the best configurations retrained with several seeds  -> confirm/*.json       (study.confirm)
     report()   verdict with intervals, figures, MLflow evidence      -> report/, verdict.csv (study.reporting)
     decide()   more seeds under a sequential plan, then report()     -> decide.json          (study.deciding)
+    evaluate() the confirm models scored on another dataset           -> evaluate/NAME/       (study.cross_dataset)
 
 Each stage is a function of the study's context (``study.context.StudyContext``: spec, folder, tracker, data,
 trial tables) and reads what the one before wrote, from the study folder, so each can run (and resume) on its
@@ -22,6 +23,7 @@ from study import results
 from study.context import StudyContext, StudyNotFound
 
 if TYPE_CHECKING:
+    from study.cross_dataset import EvaluateOutcome
     from study.tuning import StudyOutcome
 
 
@@ -70,6 +72,22 @@ class Study(StudyContext):
         add_seeds_until_decided(self, max_seeds=max_seeds, hours=hours, address=address, console=console,
                                 progress=progress, stricter=stricter)
         return self.report(console=console, address=address, progress=progress)
+
+    def evaluate(self, dataset_json: str | Path, *, images_root: str | Path | None = None, split: str = "test",
+                 name: str | None = None, device: str | None = None, report: bool = True) -> "EvaluateOutcome":
+        """Caption and score another dataset's ``split`` with every confirm run's model and compute the verdict on
+        it (``study evaluate``; resumable: finished runs are reused). With ``report``, the report is rewritten
+        when this set's results are newer than it; ``outcome.report`` is its path then, else None."""
+        from study.cross_dataset import run_evaluate
+        from study.reporting import write_report
+
+        outcome = run_evaluate(self, Path(dataset_json), images_root=None if images_root is None else
+                               Path(images_root), split=split, name=name, device=device)
+        written = self.paths.report / "report.md"
+        newest = max((p.stat().st_mtime for p in (outcome.folder / "runs").glob("*.json")), default=0.0)
+        if report and (not written.is_file() or written.stat().st_mtime < newest):
+            outcome.report = write_report(self)
+        return outcome
 
     # ----- reading the results as pandas frames (no Ray, no MLflow) ---------------------------------------
     def trials(self) -> pd.DataFrame:

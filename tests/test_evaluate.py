@@ -448,8 +448,8 @@ def test_study_verify_recomputes_every_interval_from_the_export_alone_and_names_
     failed = _cli("verify", edited)
     assert failed.exit_code == 1, failed.output
     assert "MISMATCH: verdict.csv, row method init, column CIDEr-D_lo" in " ".join(failed.output.split())
-    # An export from before per-image scores (the committed results/flickr8k) is named as such, not a crash.
-    old = _cli("verify", REPO / "results" / "flickr8k")
+    # An export from before per-image scores (the committed results/flickr8k_tokens) is named as such, not a crash.
+    old = _cli("verify", REPO / "results" / "flickr8k_tokens")
     assert old.exit_code == 2 and "predates per-image scores" in " ".join(old.output.split())
 
     # The test-split ledger beside the studies: one row per set, however often the report ran; the export has them.
@@ -477,3 +477,24 @@ def test_report_never_prepares_the_data(evaluated, feature_cache_dir):
         moved.rename(feature_cache_dir)
     text = (evaluated.folder / "report" / "report.md").read_text()
     assert record["info"]["dataset_fingerprint"] in text and "gallery.png" in text
+
+
+@pytest.mark.slow
+def test_the_study_facade_evaluates_and_rewrites_only_a_report_older_than_the_sets_results(evaluated):
+    """`Study.evaluate` is the stage `study evaluate` runs: a report older than the set's results (as an evaluation
+    run with `--no-report` leaves it) is rewritten; a second call leaves it alone."""
+    import study
+
+    s = study.load(evaluated.folder)
+    report = evaluated.folder / "report" / "report.md"
+    merge = evaluated.folder / "evaluate" / "shapes-b" / "runs" / "merge-r1-s0.json"
+    older = merge.stat().st_mtime - 60
+    os.utime(report, (older, older))
+    outcome = s.evaluate(evaluated.other, split="train", name="shapes-b")
+    assert outcome.computed == [] and sorted(outcome.reused) == ["init-r1-s0", "merge-r1-s0"]
+    assert outcome.report == report and report.stat().st_mtime >= merge.stat().st_mtime
+    assert "## Other photos: shapes-b" in report.read_text()
+    stamp = report.stat().st_mtime_ns
+    again = s.evaluate(evaluated.other, split="train", name="shapes-b")
+    assert again.report is None and report.stat().st_mtime_ns == stamp
+    assert again.verdict.verdict == outcome.verdict.verdict and again.verdict.diff == outcome.verdict.diff
