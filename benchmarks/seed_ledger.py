@@ -4,12 +4,13 @@ read from the repository's git history, so a study's report can say how often Fl
     python benchmarks/seed_ledger.py            # rewrite results/ledger.csv
     python benchmarks/seed_ledger.py --check    # exit 1 if the committed file differs from what this writes
 
-Rows, oldest first: every committed version of ``results/flickr8k/`` and ``results/flickr8k_tokens/`` (an
-export that holds its own ``ledger.csv``, as every export since issue 31 does, gives its study's rows as the
-platform wrote them; an older one: its ``report.md`` for the printed interval and word, ``verdict.csv`` / ``evaluation_verdicts.csv`` for the
-exact difference of the means, ``spec.yaml`` for the spec hash and protocol, ``provenance.json`` for the split's
-fingerprint), marked with the commit it was read from; the current ``results/flickr8k`` is the newest of them; and
-the precision benchmark the README reported (init and attention at 5 epochs, no interval). A version that
+Rows, oldest first: every committed version of ``results/flickr8k/`` and ``results/flickr8k_tokens/``. An export
+that holds its own ``ledger.csv`` (every export since issue 31) gives its study's rows as the platform wrote them;
+an older one is read from its ``report.md`` (the printed interval and word), ``verdict.csv`` /
+``evaluation_verdicts.csv`` (the exact difference of the means), ``spec.yaml`` (the spec hash and protocol) and
+``provenance.json`` (the split's fingerprint). Each row is marked with the commit it was read from; the current
+``results/flickr8k`` is the newest of them; and the precision benchmark the README reported (init and attention at
+5 epochs, no interval). A version that
 restores an earlier one (the same spec and numbers) is not a new look and adds no row. Intervals are the
 report's, printed x100 with one decimal. Without git history (a shallow clone) nothing is written.
 """
