@@ -14,6 +14,15 @@ from pathlib import Path
 Block = tuple
 
 
+def markdown_table(header: list, rows: list) -> str:
+    """The project's one Markdown table writer (the report, test_scores.md, ``study leaderboard --format
+    markdown``): a header, a rule and one line per row, ``|`` inside a cell escaped; no trailing newline."""
+    cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def to_markdown(blocks: list[Block], out_dir: Path) -> str:
     """The report as Markdown; image paths relative to ``out_dir``, where report.md is written."""
     out = []
@@ -25,11 +34,7 @@ def to_markdown(blocks: list[Block], out_dir: Path) -> str:
         elif kind == "ul":
             out.append("\n".join(f"- {item}" for item in rest[0]))
         elif kind == "table":
-            header, rows = rest
-            cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
-            lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
-            out.append("\n".join(lines))
+            out.append(markdown_table(*rest))
         elif kind == "img":
             out.append(f"![{rest[1]}]({Path(rest[0]).relative_to(out_dir).as_posix()})")
         elif kind == "code":

@@ -8,7 +8,7 @@ its end has stopped improving. With a schedule that decays the learning rate (co
 at this schedule's floor add little, not that a longer schedule could not help; the report says so.
 
 Input: ``curves``, one row per (confirm run, epoch) with ``method``, ``config_rank``, ``seed``, ``epoch``,
-``current_lr`` and the validation metrics (``study.confirm.confirm_history``); scores on the 0..1 scale.
+``current_lr`` and the validation metrics (``study.records.confirm_history``); scores on the 0..1 scale.
 """
 
 from __future__ import annotations

@@ -255,9 +255,10 @@ def decide(
     stricter: bool = typer.Option(False, "--stricter", help="also re-judge a study already decided at the fixed "
                                   "95% level under a sequential plan (its stricter level may add seeds)"),
 ) -> None:
-    """Buy certainty for an inconclusive verdict: add one confirm seed at a time to init and the best other
-    method until the verdict is decided, or the seed or time budget ends. Every look uses a sequential plan's
-    level (Bonferroni over the planned looks), so the error rate stays bounded; then the report is rewritten."""
+    """Buy certainty for an inconclusive verdict: add one confirm seed at a time to the target arm and its
+    comparator (fixed before the test split was scored) until the verdict is decided, or the seed or time
+    budget ends. Every look uses a sequential plan's level (Bonferroni over the planned looks), so the error
+    rate stays bounded; then the report is rewritten."""
     found = open_study(study, storage)
     with lock_study(found, f"study decide {found.name}"):
         try:
@@ -278,7 +279,8 @@ def export(
     provenance, the spec, the search's trials and learning curves, the confirm runs and the verdict as CSV.
     No checkpoints, no features. DEST must be outside the study folder and empty (or a previous export, with
     --force)."""
-    from study.results import EXPORT_MANIFEST, ExportRefused
+    from study.records import EXPORT_MANIFEST
+    from study.results import ExportRefused
 
     found = open_study(study, storage)
     try:

@@ -24,7 +24,7 @@ import pandas as pd
 from study.config import TrialConfig
 from study.files import atomic_write_bytes, atomic_write_json
 from study.paths import StudyPaths
-from study.records import TestSplitRecord, missing, read_test_split, write_test_split
+from study.records import missing, read_test_split, write_test_split
 from study.spec import StudySpec
 from study.trial_tables import space_value
 
@@ -261,62 +261,6 @@ def set_aside_if_stale(paths: StudyPaths, name: str, cfg: TrialConfig) -> bool:
     log.warning("confirm run %s was trained with %s; set aside in %s and trained again", name,
                 ", ".join(f"{k}={stored[k]!r} (now {wanted[k]!r})" for k in differs), stale)
     return True
-
-
-def per_image_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One confirm result's per-image scores, one row per image: ``method, config_rank, seed, image_id`` and each
-    per-image metric (``analysis.metric_table.PER_IMAGE``, NaN where the run has none, e.g. METEOR without Java).
-    The one reader of the ``per_image`` block: the verdict, the report and ``Study.per_image`` all use it."""
-    from analysis.metric_table import PER_IMAGE
-
-    scores = result["per_image"]
-    names = list(dict.fromkeys([*PER_IMAGE, *scores]))
-    return [{"method": result["method"], "config_rank": result["config_rank"], "seed": result["seed"],
-             "image_id": int(image_id), **{m: scores.get(m, {}).get(image_id, float("nan")) for m in names}}
-            for image_id in sorted({k for d in scores.values() for k in d}, key=int)]
-
-
-def load_confirm(paths: StudyPaths, test: TestSplitRecord | None = None
-                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(per_image, runs, gallery) frames for the analysis from the confirm folder (the gallery from ``test``, the
-    test split's record; empty without one)."""
-    image_rows, run_rows, gallery_rows = [], [], []
-    shown = test.gallery if test is not None else []
-    for path in paths.confirm_results():
-        result = json.loads(path.read_text())
-        method, rank, seed = result["method"], result["config_rank"], result["seed"]
-        image_rows += per_image_rows(result)
-        run_rows.append({"method": method, "config_rank": rank, "seed": seed, "params": result["params"],
-                         "train_seconds": result["train_seconds"], "seconds": result.get("seconds", float("nan")),
-                         "epochs": result["epochs"], **chosen_epoch(result), "test_images": len(result["captions"]),
-                         "distinct_captions": len(set(result["captions"])), **result["scores"]})
-        if rank == 1 and seed == 0:
-            for i, image in enumerate(shown[:len(result["captions"])]):
-                gallery_rows.append({"image_path": image.path, "method": method,
-                                     "caption": result["captions"][i], "reference": image.reference})
-    return pd.DataFrame(image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
-
-
-def confirm_history(paths: StudyPaths) -> pd.DataFrame:
-    """One row per (confirm run, epoch): ``run``, ``method``, ``config_rank``, ``seed`` and what the epoch
-    reported (validation scores, loss, learning rate, seconds), from each run's result file; for the report's
-    "Did training run long enough?" (``analysis.training_length``) and ``study export``'s confirm_history.csv."""
-    rows = []
-    for path in paths.confirm_results():
-        result = json.loads(path.read_text())
-        keys = {"run": path.stem, "method": result["method"], "config_rank": result["config_rank"],
-                "seed": result["seed"]}
-        chosen = chosen_epoch(result)["chosen_epoch"]
-        rows += [{**keys, **epoch, "chosen": epoch["epoch"] == chosen} for epoch in result.get("history", [])]
-    return pd.DataFrame(rows)
-
-
-def chosen_epoch(result: dict[str, Any]) -> dict[str, Any]:
-    """A confirm result's chosen epoch, by which rule, and why its training stopped (runs from before the rule
-    was recorded were scored at their last epoch)."""
-    selection = result.get("selection") or {}
-    return {"chosen_epoch": selection.get("chosen_epoch", result["epochs"]),
-            "selection": selection.get("rule", "last"), "stopped": selection.get("stopped", "schedule end")}
 
 
 def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:

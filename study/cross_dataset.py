@@ -164,8 +164,8 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     reused (see the module docstring). ``track``: MLflow's confirm runs gain the scores."""
 
     from study.comparing import read_comparator
-    from study.evaluated import report_level
     from study.progress import progress_bar
+    from study.records import report_level
     from study.registry import any_needs_grid
 
     spec, paths = ctx.spec, ctx.paths

@@ -17,34 +17,11 @@ import pandas as pd
 
 from analysis.metric_table import format_metric
 from study.files import atomic_write_json
-from study.paths import StudyPaths
+from study.records import load_confirm, sequential_plan
 from study.spec import StudySpec
 
 if TYPE_CHECKING:
     from study.context import StudyContext
-
-
-def sequential_plan(spec: StudySpec, paths: StudyPaths, max_seeds: int | None = None):
-    """The study's sequential plan (``analysis.sequential``), or None for the fixed 95% design.
-
-    A plan in the spec (``confirm.max_seeds``) was fixed before the first look. Without one, ``study decide``
-    starts a plan after the first (95%) look: its error bound adds that look's 5%, and ``decide.json``
-    remembers the plan so later reports use the same level."""
-    from analysis.sequential import SequentialPlan
-    from study.config import ConfigError
-
-    planned = spec.confirm.max_seeds
-    if planned is not None:
-        if max_seeds is not None and max_seeds > planned:
-            raise ConfigError(f"confirm.max_seeds is {planned}: the plan was fixed before the first look, and "
-                              f"raising it to {max_seeds} now would void its error bound; edit the spec for a "
-                              "new study instead")
-        return SequentialPlan(spec.confirm.seeds, max_seeds or planned)
-    if max_seeds is None and paths.decide.is_file():
-        max_seeds = json.loads(paths.decide.read_text())["max_seeds"]
-    if max_seeds is None:
-        return None
-    return SequentialPlan(spec.confirm.seeds, max_seeds, spent_alpha=0.05)
 
 
 def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame, *, roles: dict[str, str] | None = None,
@@ -99,7 +76,7 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
     from analysis.sequential import verdict_at
     from analysis.verdict import INCONCLUSIVE, compute_verdict
     from study.comparing import read_comparator, test_set_name
-    from study.confirm import confirm_configs, confirm_stage, load_confirm
+    from study.confirm import confirm_configs, confirm_stage
 
     spec, paths = ctx.spec, ctx.paths
     compare = dict(roles=spec.arm_set.roles(), margin=spec.confirm.margin, comparator=read_comparator(paths),

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from study.paths import StudyPaths
+from study.records import report_level
 
 if TYPE_CHECKING:
     from study.spec import StudySpec
@@ -62,10 +63,10 @@ def read_manifest(paths: StudyPaths, name: str) -> dict[str, Any]:
 
 
 def load_evaluation(paths: StudyPaths, name: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(per_image, runs, gallery) of one evaluated set, the frames ``study.confirm.load_confirm`` gives for the
+    """(per_image, runs, gallery) of one evaluated set, the frames ``study.records.load_confirm`` gives for the
     test split (same columns and metric names, the same per-image reader), so ``compute_verdict`` reads them
     unchanged."""
-    from study.confirm import per_image_rows
+    from study.records import per_image_rows
 
     manifest = read_manifest(paths, name)
     image_rows, run_rows, gallery_rows = [], [], []
@@ -134,14 +135,6 @@ def split_fingerprints(paths: StudyPaths, spec: "StudySpec", info: dict[str, Any
     out = {study_test_name(spec): str(info.get("dataset_fingerprint", ""))}
     out.update({name: str(read_manifest(paths, name).get("fingerprint", "")) for name in evaluated_sets(paths)})
     return out
-
-
-def report_level(spec: "StudySpec", paths: StudyPaths) -> float:
-    """The intervals' level the report uses: 95%, or the sequential plan's per-look level after ``study decide``."""
-    from study.deciding import sequential_plan
-
-    plan = sequential_plan(spec, paths)
-    return plan.level if plan else 0.95
 
 
 def verdict_table_of(verdict) -> pd.DataFrame:

@@ -50,20 +50,7 @@ def format_table(frame: pd.DataFrame, fmt: str = "text") -> str:
             shown[col] = [("-" if pd.isna(v) else f"{v:.{metric.digits}f}" if metric else f"{v:.4g}")
                           for v in shown[col]]
     if fmt == "markdown":
-        return shown.to_markdown(index=False) if _has_tabulate() else _markdown(shown)
+        from analysis.render import markdown_table
+
+        return markdown_table(list(shown.columns), shown.itertuples(index=False))
     return shown.to_string(index=False)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])

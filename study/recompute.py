@@ -206,10 +206,10 @@ def write_statistics(ctx, dest: Path, test_per_image: pd.DataFrame) -> list[Path
         evaluated_verdicts,
         evaluation_per_image_frame,
         pooled,
-        report_level,
         set_verdict,
         study_test_name,
     )
+    from study.records import report_level
 
     spec, paths = ctx.spec, ctx.paths
     level, primary, names = report_level(spec, paths), study_test_name(spec), evaluated_sets(paths)

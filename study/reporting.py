@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from study.deciding import decision_note, sequential_plan
+from study.deciding import decision_note
 from study.files import atomic_write_json
 from study.mlflow_view import experiment_address
+from study.records import sequential_plan
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -30,11 +31,11 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     from analysis.report import build_report
     from analysis.training_length import length_blocks
     from study.comparing import BOOT_SEED, N_BOOT, read_comparator, read_comparator_record, test_set_name
-    from study.confirm import confirm_history, confirmed_trials, load_confirm
+    from study.confirm import confirmed_trials
     from study.evaluated import evaluated_verdicts, report_blocks, split_fingerprints
     from study.ledger import comparator_rule, earlier_looks, record_looks
     from study.provenance import provenance
-    from study.records import read_test_split, write_test_split
+    from study.records import confirm_history, load_confirm, read_test_split, write_test_split
     from study.tracking import git_commit
 
     spec, paths = ctx.spec, ctx.paths

@@ -24,7 +24,7 @@ import pandas as pd
 from analysis.metric_table import CORPUS_METRICS
 from study.config import ConfigError, TrialConfig, validate_model
 from study.files import repository_root
-from study.results import EXPORT_MANIFEST
+from study.records import EXPORT_MANIFEST
 from study.spec import load_spec
 
 

@@ -29,6 +29,7 @@ from study.files import atomic_write_json
 from study.paths import StudyPaths
 from study.reader_types import with_reader_types
 from study.recompute import FILES as STATISTICS_FILES
+from study.records import EXPORT_MANIFEST
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -57,7 +58,7 @@ def leaderboard_frame(ctx: "StudyContext", *, metric: str | None = None, best_pe
 
 def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.DataFrame:
     """``Study.confirm_runs``: one row per finished confirm run (conditional parameters <NA> where inactive)."""
-    from study.confirm import chosen_epoch
+    from study.records import chosen_epoch
 
     rows = []
     for path in paths.confirm_results():
@@ -75,8 +76,8 @@ def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.Data
 
 
 def per_image_frame(paths: StudyPaths) -> pd.DataFrame:
-    """``Study.per_image``: one row per confirm run and test image (``study.confirm.per_image_rows``)."""
-    from study.confirm import per_image_rows
+    """``Study.per_image``: one row per confirm run and test image (``study.records.per_image_rows``)."""
+    from study.records import per_image_rows
 
     rows = [row for path in paths.confirm_results() for row in per_image_rows(json.loads(path.read_text()))]
     return with_reader_types(pd.DataFrame(rows))
@@ -85,7 +86,8 @@ def per_image_frame(paths: StudyPaths) -> pd.DataFrame:
 def verdict_frame(ctx: "StudyContext") -> pd.DataFrame:
     """``Study.verdict``: the verdict table with its words and interval in ``attrs``."""
     from study.comparing import read_comparator, test_set_name
-    from study.evaluated import report_level, set_verdict
+    from study.evaluated import set_verdict
+    from study.records import report_level
 
     spec = ctx.spec
     verdict = set_verdict(per_image_frame(ctx.paths), confirm_frame(ctx.paths, spec), spec=spec,
@@ -99,9 +101,6 @@ def verdict_frame(ctx: "StudyContext") -> pd.DataFrame:
 
 # Files a results folder holds besides the frames: the report (with its figures) and the study's own records.
 _REPORT_FILES = ("report.md", "report.html", "provenance.json")
-
-
-EXPORT_MANIFEST = "export.json"  # in an export folder: the study and the files its export wrote
 
 
 class ExportRefused(ValueError):
@@ -143,8 +142,8 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     if not (paths.report / "report.md").is_file():
         raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `{ctx.command('report')}` first")
     _clear_destination(ctx, dest, force)
-    from study.confirm import confirm_history
     from study.evaluated import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
+    from study.records import confirm_history
 
     test_per_image = per_image_frame(paths)
     evaluated = export_frames(paths, ctx.spec, test_per_image)
@@ -222,9 +221,7 @@ def test_scores(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 def test_scores_markdown(table: pd.DataFrame) -> str:
     """``test_scores`` as a Markdown table, scores x100 as mean ± standard deviation over seeds."""
+    from analysis.render import markdown_table
     from analysis.scores import corpus_rows
 
-    header, rows = corpus_rows(table)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(*corpus_rows(table)) + "\n"
