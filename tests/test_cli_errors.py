@@ -16,23 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from study.cli import app
 from study.config import ConfigError, TrialConfig
+from tests.helpers import shapes_dataset
+from tests.helpers import study_in_process as _study
 
 TINY = {"hidden": 16, "embed": 16, "dropout": 0.0, "epochs": 1, "min_count": 1, "batch_size": 40,
         "val_images": 10}
-
-
-def _study(*args: object) -> object:
-    """Run `study ARGS...` in process; the result has exit_code, stdout, stderr and output (both)."""
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _shapes_block(shapes) -> dict:
-    return {"kind": "shapes", "images": shapes.images, "image_size": shapes.image_size, "seed": shapes.seed,
-            "cache_dir": str(shapes.cache_dir)}
 
 
 def _trial_yaml(path: Path, dataset: dict, **overrides) -> Path:
@@ -75,7 +65,7 @@ def shapes_json(small_shapes, small_prepared) -> Path:
 def test_train_makes_a_new_folder_per_run_and_refuses_to_overwrite_one(small_shapes, small_prepared, tmp_path,
                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = _trial_yaml(tmp_path / "tiny.yaml", _shapes_block(small_shapes))
+    config = _trial_yaml(tmp_path / "tiny.yaml", shapes_dataset(small_shapes))
     run_name = TrialConfig.model_validate({**TINY, "dataset": small_shapes}).run_name
 
     first = _study("train", config, "--no-test")
@@ -212,7 +202,7 @@ def _no_config(tmp: Path, shapes, shapes_json: Path) -> tuple[list, list[str]]:
 
 def _unwritable_out(tmp: Path, shapes, shapes_json: Path) -> tuple[list, list[str]]:
     (tmp / "a-file").write_text("a file where the output folder should go")
-    config = _trial_yaml(tmp / "t.yaml", _shapes_block(shapes))
+    config = _trial_yaml(tmp / "t.yaml", shapes_dataset(shapes))
     return ["train", config, "--out", tmp / "a-file" / "run"], [f"cannot write to {tmp / 'a-file' / 'run'}"]
 
 
@@ -220,14 +210,14 @@ def _unwritable_storage(tmp: Path, shapes, shapes_json: Path) -> tuple[list, lis
     (tmp / "a-file").write_text("a file where the storage folder should go")
     spec = tmp / "spec.yaml"
     spec.write_text(yaml.safe_dump({
-        "name": "ro", "dataset": _shapes_block(shapes), "fixed": {"hidden": 16, "min_count": 1},
+        "name": "ro", "dataset": shapes_dataset(shapes), "fixed": {"hidden": 16, "min_count": 1},
         "space": {"inject": {"choice": ["init", "merge"]}}, "stratify": "inject", "search": {"trials": 2},
         "asha": {"max_epochs": 1, "grace_period": 1}, "resources": {"cpu": 1}}))
     return ["run", spec, "--storage", tmp / "a-file"], [f"cannot write to {tmp / 'a-file' / 'ro'}"]
 
 
 def _epochs_zero(tmp: Path, shapes, shapes_json: Path) -> tuple[list, list[str]]:
-    config = _trial_yaml(tmp / "t.yaml", _shapes_block(shapes))
+    config = _trial_yaml(tmp / "t.yaml", shapes_dataset(shapes))
     return ["train", config, "--epochs", "0", "--out", tmp / "out"], ["--epochs must be at least 1, got 0"]
 
 
@@ -254,14 +244,14 @@ def _corrupt_study_json(tmp: Path, shapes, shapes_json: Path) -> tuple[list, lis
 def _resources_beyond_the_machine(tmp: Path, shapes, shapes_json: Path) -> tuple[list, list[str]]:
     spec = tmp / "spec.yaml"
     spec.write_text(yaml.safe_dump({
-        "name": "big", "dataset": _shapes_block(shapes), "fixed": {"hidden": 16, "min_count": 1},
+        "name": "big", "dataset": shapes_dataset(shapes), "fixed": {"hidden": 16, "min_count": 1},
         "space": {"inject": {"choice": ["init", "merge"]}}, "stratify": "inject", "search": {"trials": 2},
         "asha": {"max_epochs": 1, "grace_period": 1}, "resources": {"cpu": 1000}, "storage": str(tmp / "runs")}))
     return ["run", spec], ["each trial asks for 1000 CPUs and 0 GPUs, but this machine has", "no trial could start"]
 
 
 def _min_count_beyond_every_word(tmp: Path, shapes, shapes_json: Path) -> tuple[list, list[str]]:
-    config = _trial_yaml(tmp / "t.yaml", _shapes_block(shapes), min_count=100000)
+    config = _trial_yaml(tmp / "t.yaml", shapes_dataset(shapes), min_count=100000)
     return ["train", config, "--out", tmp / "out"], ["min_count 100000: no word of the train split occurs that often"]
 
 
@@ -302,17 +292,17 @@ def test_bad_input_is_one_sentence_naming_what_and_where(case, small_shapes, sha
 
 def test_resume_with_another_model_size_names_the_settings(small_shapes, small_prepared, tmp_path):
     out = tmp_path / "run"
-    trained = _study("train", _trial_yaml(tmp_path / "a.yaml", _shapes_block(small_shapes)), "--no-test",
+    trained = _study("train", _trial_yaml(tmp_path / "a.yaml", shapes_dataset(small_shapes)), "--no-test",
                      "--out", out)
     assert trained.exit_code == 0, trained.output[-2000:]
     before = (out / "checkpoint.pt").read_bytes()
-    wider = _trial_yaml(tmp_path / "b.yaml", _shapes_block(small_shapes), hidden=24, epochs=2)
+    wider = _trial_yaml(tmp_path / "b.yaml", shapes_dataset(small_shapes), hidden=24, epochs=2)
     result = _study("train", wider, "--no-test", "--out", out, "--resume")
     _assert_sentence(result, f"cannot resume from {out}", "the checkpoint was trained with hidden=16",
                      "this config has hidden=24")
     assert (out / "checkpoint.pt").read_bytes() == before
     # The same settings with more epochs continue the run after its first epoch.
-    longer = _trial_yaml(tmp_path / "c.yaml", _shapes_block(small_shapes), epochs=2)
+    longer = _trial_yaml(tmp_path / "c.yaml", shapes_dataset(small_shapes), epochs=2)
     resumed = _study("train", longer, "--no-test", "--out", out, "--resume")
     assert resumed.exit_code == 0, resumed.output[-2000:]
     assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]

@@ -4,19 +4,12 @@ method at each look, every look is recorded with the plan's level, and the repor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-
-def _study(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+from tests.helpers import study_command as _study
 
 
 def _tiny_spec(tmp_path: Path, small_shapes, name: str, confirm: dict) -> Path:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import pickletools
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import study_spec
+from tests.helpers import study_command, study_spec
 
 
 @pytest.fixture
@@ -29,11 +28,6 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def _study(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, timeout=900,
-                          cwd=cwd)
-
-
 @pytest.mark.slow
 def test_a_full_disk_stops_the_study_in_one_sentence_and_resume_finishes_it(small_disk, tmp_path, small_shapes,
                                                                             small_prepared):
@@ -42,7 +36,7 @@ def test_a_full_disk_stops_the_study_in_one_sentence_and_resume_finishes_it(smal
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (29 * 2**20))  # leave about 1 MiB: the study's first writes fill it
 
-    stopped = _study(["run", str(spec_path), "--no-report"], tmp_path)
+    stopped = study_command("run", str(spec_path), "--no-report", cwd=tmp_path)
     folder = small_disk / "runs" / "full"
     assert stopped.returncode == 2, stopped.stdout[-2000:] + stopped.stderr[-3000:]
     said = " ".join(stopped.stderr.split())
@@ -52,10 +46,10 @@ def test_a_full_disk_stops_the_study_in_one_sentence_and_resume_finishes_it(smal
     _every_state_file_is_whole(folder / "tune")  # the stop left the last snapshot as it was, not half-copied
 
     filler.unlink()
-    resumed = _study(["resume", str(folder), "--no-report"], tmp_path)
+    resumed = study_command("resume", str(folder), "--no-report", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "search of study full finished" in resumed.stdout
-    board = _study(["leaderboard", str(folder), "--all", "--format", "csv"], tmp_path)
+    board = study_command("leaderboard", str(folder), "--all", "--format", "csv", cwd=tmp_path)
     assert board.returncode == 0, board.stderr[-2000:]
     rows = board.stdout.strip().splitlines()[1:]
     assert len(rows) == 4 and {row.split(",")[1] for row in rows} == {"init", "none"}

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DOCS = REPO / "docs"
 FLICKR8K = REPO / "results" / "flickr8k"

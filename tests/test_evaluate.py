@@ -21,7 +21,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, journal_events, study_spec
+from tests.helpers import REPO, journal_events, study_spec
+from tests.helpers import study_command as _study
+from tests.helpers import study_in_process as _cli
 
 ROLES = {"init": "target", "pre": "competitor", "par": "competitor", "none": "floor"}
 COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini" / "dataset_coco_mini.json"
@@ -121,21 +123,6 @@ def test_the_pooled_chi_square_tail_matches_scipy():
 
 
 # ----- (a) end to end on a real study -----------------------------------------------------------------------
-def _study(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
-
-
-def _cli(*args: object):
-    """`study ARGS...` in process (typer's CliRunner): exit_code, stdout, stderr."""
-    from typer.testing import CliRunner
-
-    from study.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def _results(folder: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted((folder / "evaluate" / "shapes-b" / "runs").glob("*.json"))}
 

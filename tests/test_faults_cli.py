@@ -19,22 +19,19 @@ import signal
 import subprocess
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from study.cli import app
-from tests.conftest import process_group_members, shapes_dataset, study_spec, wait_for
+from tests.helpers import process_group_members, shapes_dataset, study_in_process, study_spec, wait_for
 
 pytestmark = pytest.mark.slow  # every test here reads a real study trained for it (about a minute, once)
 
 
-def _study(*args: object):
-    """`study ARGS...` in process: exit_code, stdout, stderr, output."""
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
+_study = partial(study_in_process, columns=250)  # `study ARGS...` in process, a wide console
 
 
 def _command(*args: object, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:

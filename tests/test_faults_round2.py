@@ -11,22 +11,19 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from study.cli import app
 from study.config import ConfigError, TrialConfig
-from tests.conftest import REPO, process_group_members, shapes_dataset, study_spec
+from tests.helpers import REPO, process_group_members, shapes_dataset, study_in_process, study_spec
 
 TINY = {"hidden": 16, "embed": 16, "dropout": 0.0, "min_count": 1, "batch_size": 40, "val_images": 10}
 
 
-def _study(*args: object):
-    """`study ARGS...` in process: exit_code, stdout, stderr, output."""
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
+_study = partial(study_in_process, columns=250)  # `study ARGS...` in process, a wide console
 
 
 def _sentence(result, *fragments: str) -> None:
@@ -216,7 +213,7 @@ def _run_study(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.C
 def test_an_interrupted_study_copied_or_moved_resumes_into_its_own_folder(tmp_path, small_shapes, small_prepared):
     import shutil
 
-    from tests.conftest import wait_for
+    from tests.helpers import wait_for
 
     fixed = {"cell": "lstm", "hidden": 16, "embed": 16, "min_count": 1, "batch_size": 40, "val_images": 10}
     spec = study_spec(tmp_path, "A", small_shapes, fixed=fixed, search={"trials": 4, "seed": 1},

@@ -15,7 +15,7 @@ import pytest
 from study.config import ConfigError
 from study.spec import load_spec
 from study.trial_tables import load_trial_tables
-from tests.conftest import journal_events, process_group_members, shapes_dataset, study_spec, wait_for
+from tests.helpers import journal_events, process_group_members, shapes_dataset, study_spec, wait_for
 from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attention, a conditional parameter
 from tests.test_spec import assert_spec_refused
 

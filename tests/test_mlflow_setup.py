@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import study_spec
+from tests.helpers import study_in_process as _cli
+from tests.helpers import study_spec
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini" / "dataset_coco_mini.json"
@@ -53,14 +54,6 @@ def _runs(finished, query: str):
     client = _client(finished.uri)
     experiment = client.get_experiment_by_name("setup")
     return client, experiment, client.search_runs([experiment.experiment_id], filter_string=query)
-
-
-def _cli(*args: object):
-    from typer.testing import CliRunner
-
-    from study.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from study.context import StudyContext
-from tests.conftest import journal_events, study_spec, wait_for
+from tests.helpers import journal_events, study_spec, wait_for
 
 
 def _trials_training_now(folder: Path) -> int:

@@ -197,7 +197,7 @@ def test_a_study_with_arms_spends_equal_trial_epochs_and_reports_its_protocol(tm
     import subprocess
     import sys
 
-    from tests.conftest import study_spec
+    from tests.helpers import study_spec
 
     spec_path = study_spec(
         tmp_path, "armed", small_shapes, methods=("init", "merge"), stratify=None,

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from tests.hosts.netns_hosts import BRIDGE, NetnsHosts, namespaces, reachable, skip_reason
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -123,7 +123,7 @@ def test_the_projection_counts_seeds_and_images_and_never_asks_for_fewer_images_
 
 def _spec(tmp_path, name: str, seeds: int = 3):
     from study.spec import load_spec
-    from tests.conftest import study_spec
+    from tests.helpers import study_spec
 
     dataset = {"kind": "shapes", "images": 60, "image_size": 32, "seed": 1, "cache_dir": str(tmp_path / "cache")}
     path = study_spec(tmp_path, name, dataset, confirm={"top_k": 1, "seeds": seeds, "epochs": 2, "margin": 0.02})
@@ -173,7 +173,7 @@ def test_the_committed_ledger_is_what_the_script_reads_from_git_history(tmp_path
     benchmark). Skipped in a clone without that history."""
     import importlib.util
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     spec = importlib.util.spec_from_file_location("seed_ledger", REPO / "benchmarks" / "seed_ledger.py")
     script = importlib.util.module_from_spec(spec)

@@ -21,7 +21,7 @@ import pytest
 
 from study.context import StudyContext
 from study.trial_tables import load_trial_tables
-from tests.conftest import journal_events, process_group_members, study_spec, wait_for
+from tests.helpers import journal_events, process_group_members, study_spec, wait_for
 
 
 def _trial_runs(tmp_path: Path, name: str):

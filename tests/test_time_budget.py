@@ -10,7 +10,7 @@ import pytest
 
 from study.context import StudyContext
 from study.tuning.callbacks import SearchTimeBudget, read_search_time
-from tests.conftest import study_spec
+from tests.helpers import study_spec
 
 
 def test_the_budget_is_summed_over_drivers(tmp_path):
