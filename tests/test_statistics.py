@@ -169,8 +169,8 @@ def test_the_ledger_keeps_one_row_per_look_marks_a_changed_difference_and_lists_
 
 def test_the_committed_ledger_is_what_the_script_reads_from_git_history(tmp_path):
     """results/ledger.csv is generated (benchmarks/seed_ledger.py), not typed: the earlier looks at Flickr8k's test
-    split read from git history, the differences the issue counted (-2.4, -6.6, -1.2 and -3.3 in the precision
-    benchmark). Skipped in a clone without that history."""
+    split read from git history, the differences issue 31 counted (-2.4, -6.6, -1.2 and -3.3 in the precision
+    benchmark), then the reviewer study's. Skipped in a clone without that history."""
     import importlib.util
 
     from tests.helpers import REPO
@@ -184,5 +184,8 @@ def test_the_committed_ledger_is_what_the_script_reads_from_git_history(tmp_path
     assert (tmp_path / "ledger.csv").read_text() == (REPO / "results" / "ledger.csv").read_text()
     rows = pd.read_csv(REPO / "results" / "ledger.csv")
     flickr = rows[rows["set"] == "flickr8k test (the study's)"]
-    assert [round(100 * d, 1) for d in flickr["diff"]] == [-2.4, 0.4, -3.3, -6.6, -1.2]
-    assert flickr["source"].str.startswith("git history").all() and len(set(flickr["spec_sha256"].dropna())) == 4
+    # ... then the reviewer study's own rows, as its export's ledger.csv holds them: at 3 seeds, and at 6 after
+    # study decide (issue 32)
+    assert [round(100 * d, 1) for d in flickr["diff"]] == [-2.4, 0.4, -3.3, -6.6, -1.2, -2.3, -1.8]
+    assert list(flickr["study"])[-2:] == ["flickr8k_reviewer"] * 2 and list(flickr["seeds"])[-2:] == [3, 6]
+    assert flickr["source"].str.contains("git history").all() and len(set(flickr["spec_sha256"].dropna())) == 5
