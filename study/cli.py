@@ -223,7 +223,7 @@ def report_cmd(
 
 def _report(study, address: str | None = None) -> None:
     """The confirm stage and the report; a search in which no trial produced a score fails saying why."""
-    from study.confirm import NoScoredTrial
+    from study.trial_tables import NoScoredTrial
 
     try:
         study.report(console=out, address=address)

@@ -6,8 +6,8 @@
 3. Each finished run is written to ``<study>/confirm/<method>-r<k>-s<seed>.json`` (its trained model beside it
    as ``.pt``) as soon as it ends, so an interrupted confirm stage resumes where it stopped (finished runs are
    never trained again).
-4. ``log_confirm_runs`` gives MLflow each confirm run as a child run (``kind=confirm``: parameters, test metrics,
-   per-image scores, captions and checkpoint as artifacts).
+4. ``study.tracking.log_confirm_runs`` gives MLflow each confirm run as a child run (``kind=confirm``: parameters,
+   test metrics, per-image scores, captions and checkpoint as artifacts).
 
 The verdict, the report and ``study decide`` read these files: see ``study.reporting`` and ``study.deciding``.
 """
@@ -26,7 +26,7 @@ from study.files import atomic_write_bytes, atomic_write_json
 from study.paths import StudyPaths
 from study.records import missing, read_test_split, write_test_split
 from study.spec import StudySpec
-from study.trial_tables import space_value
+from study.trial_tables import NoScoredTrial, confirmed_trials
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -59,46 +59,6 @@ def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | Non
 def _plain(value: Any) -> Any:
     """A frame cell as a config field wants it (numpy scalars to Python numbers)."""
     return value.item() if hasattr(value, "item") else value
-
-
-class NoScoredTrial(ValueError):
-    """No trial of the search reported the spec's metric: nothing to confirm (the message says why)."""
-
-
-def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
-    """The search trials the confirm stage retrains: each method's best ``top_k`` by the spec's metric (each
-    trial scored by its best epoch), with ``method, config_rank, trial_id``, the metric and the searched
-    parameters (None where a conditional one was not sampled). Raises ``NoScoredTrial`` when no trial has a
-    score."""
-    done = trials[trials["status"] != "errored"] if "status" in trials else trials
-    if spec.metric not in done or done[spec.metric].isna().all():
-        raise NoScoredTrial(_why_unscored(spec, trials))
-    rows = []
-    arm = done["arm"] if "arm" in done else done["inject"]  # the arm a trial lies in (its method, for older tables)
-    for method in spec.methods:
-        best = done[arm == method].sort_values(spec.metric, ascending=spec.mode == "min")
-        for rank, (_, row) in enumerate(best.head(spec.confirm.top_k).iterrows(), start=1):
-            rows.append({"method": method, "config_rank": rank, "trial_id": row.get("trial_id"),
-                         spec.metric: row.get(spec.metric),
-                         **{k: (None if missing(space_value(row, k)) else space_value(row, k))
-                            for k in spec.space}})  # inject too: an arm's name is not an inject value
-    return pd.DataFrame(rows, columns=None if rows else ["method", "config_rank", "trial_id"])
-
-
-def _why_unscored(spec: StudySpec, trials: pd.DataFrame) -> str:
-    """One sentence: how many trials ran, how they ended, and the errors' reasons."""
-    if trials.empty:
-        return (f"study {spec.name}: no trial ran, so no trial produced a score ({spec.metric}) to confirm "
-                "(a time budget spent before the first trial started?)")
-    counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
-    ended = ", ".join(f"{n} {status}" for status, n in counts.items())
-    text = f"study {spec.name}: none of its {len(trials)} trials produced a score ({spec.metric}) to confirm: {ended}"
-    if "error" in trials:
-        reasons = trials["error"].dropna().value_counts()
-        text += "; errors: " + "; ".join(f"{reason} ({n}x)" for reason, n in reasons.head(3).items())
-    if counts.get("stopped") or counts.get("completed"):
-        text += "; the others ended before finishing an epoch (time budget spent?)"
-    return text
 
 
 def run_name(method: str, rank: int, seed: int) -> str:
@@ -261,40 +221,3 @@ def set_aside_if_stale(paths: StudyPaths, name: str, cfg: TrialConfig) -> bool:
     log.warning("confirm run %s was trained with %s; set aside in %s and trained again", name,
                 ", ".join(f"{k}={stored[k]!r} (now {wanted[k]!r})" for k in differs), stale)
     return True
-
-
-def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:
-    """Each confirm run not yet in MLflow as a child run of the study's parent: its searched parameters
-    (only those active for its configuration), seed and budget; its test scores; as artifacts its result
-    (per-image scores and captions), its per-image scores as CSV and its checkpoint. Returns how many were new."""
-    from study.tracking import CONFIRM_PREFIX
-
-    new = 0
-    for path in paths.confirm_results():
-        name = path.stem
-        if CONFIRM_PREFIX + name in tracker.confirm_logged:  # journalled before: only new runs are logged
-            continue
-        result = json.loads(path.read_text())
-        config = result["config"]
-        params = {k: config[k] for k, p in spec.space.items() if k in config and p.matches(config)}
-        # seed: the run's seed index (the -s<k> of its name, the frames' seed column); torch_seed: what torch was
-        # seeded with (1000 + k, see confirm_configs).
-        params.update(method=result["method"], config_rank=result["config_rank"], seed=result["seed"],
-                      torch_seed=config.get("seed"), epochs=config.get("epochs"), beam_size=config.get("beam_size"),
-                      params=result["params"])
-        metrics = {f"test_{k}": v for k, v in result["scores"].items()}
-        metrics.update(train_seconds=result["train_seconds"], seconds=result.get("seconds", float("nan")))
-        per_image = pd.DataFrame({m: pd.Series(d) for m, d in result["per_image"].items()})
-        per_image.index.name = "image_id"
-        csv = path.with_suffix(".per_image.csv")
-        per_image.sort_index(key=lambda ids: ids.astype(int)).to_csv(csv)
-        artifacts = [path, csv] + [p for p in [path.with_suffix(".pt")] if p.exists()]
-        note = (f"Confirm run: the search's rank-{result['config_rank']} {result['method']} configuration retrained "
-                f"with seed {result['seed']} (torch seed {config.get('seed')}) for {config.get('epochs')} epochs, then "
-                f"the test split captioned with "
-                f"beam {config.get('beam_size')} and scored with the full coco-caption suite (study report).")
-        new += tracker.confirm_run(name, params, {k: v for k, v in metrics.items() if not missing(v)}, artifacts,
-                                   history=result.get("history", []), span=(result.get("started_ms"),
-                                                                            result.get("ended_ms")), note=note,
-                                   arm=result["method"])
-    return new

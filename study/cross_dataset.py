@@ -305,7 +305,7 @@ def log_evaluation(spec: "StudySpec", paths: StudyPaths, tracker: "StudyTracker"
     """Each run's scores on the set as metrics ``<name>/<metric>`` of its MLflow confirm run (with its result
     as an artifact under ``evaluate/<name>``); the confirm runs are logged first where they are not yet. Each
     result is journalled once (by its identity). Returns how many were new."""
-    from study.confirm import log_confirm_runs
+    from study.tracking import log_confirm_runs
 
     log_confirm_runs(spec, paths, tracker)
     new = 0

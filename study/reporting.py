@@ -31,12 +31,12 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     from analysis.report import build_report
     from analysis.training_length import length_blocks
     from study.comparing import BOOT_SEED, N_BOOT, read_comparator, read_comparator_record, test_set_name
-    from study.confirm import confirmed_trials
     from study.evaluated import evaluated_verdicts, report_blocks, split_fingerprints
     from study.ledger import comparator_rule, earlier_looks, record_looks
     from study.provenance import provenance
     from study.records import confirm_history, load_confirm, read_test_split, write_test_split
     from study.tracking import git_commit
+    from study.trial_tables import confirmed_trials
 
     spec, paths = ctx.spec, ctx.paths
     # What the report needs of the data was recorded by the confirm stage: no feature cache walked, no CNN run.
@@ -84,9 +84,8 @@ def log_evidence(ctx: "StudyContext", verdict, report_dir: Path) -> None:
     """MLflow's copy of the answer: the confirm runs not logged yet, and on the parent run the verdict
     (``verdict.csv``, the ``verdict.json`` table, tags and headline metrics), every arm's test scores side by side
     (the ``test_scores.json`` table: one row per arm, mean and sd over seeds, 0..1) and the report's folder."""
-    from study.confirm import log_confirm_runs
     from study.results import confirm_frame, test_scores
-    from study.tracking import source_tags
+    from study.tracking import log_confirm_runs, source_tags
 
     spec, paths = ctx.spec, ctx.paths
     tracker = ctx.tracker()

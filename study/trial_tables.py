@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pandas as pd
+
 from study.paths import StudyPaths
+from study.records import missing
 from study.spec import REPORTED, StudySpec
 
 HISTORY_FILE = "history.json"  # in every trial checkpoint: the list of its epochs' reported metrics
@@ -74,7 +77,6 @@ def load_trial_tables(spec: StudySpec):
     best epoch's metrics (best by ``spec.metric``: the one definition of a trial's score, as Optuna is told)
     and total training seconds. ``history``: one row per trial-epoch.
     """
-    import pandas as pd
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(experiment_path(spec))
@@ -174,3 +176,44 @@ def _read_text(fs, path: str) -> str:
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip()[:2000] if lines else "unknown error"
+
+
+# ----- the trials the confirm stage retrains ------------------------------------------------------------------
+class NoScoredTrial(ValueError):
+    """No trial of the search reported the spec's metric: nothing to confirm (the message says why)."""
+
+
+def confirmed_trials(spec: StudySpec, trials: pd.DataFrame) -> pd.DataFrame:
+    """The search trials the confirm stage retrains: each method's best ``top_k`` by the spec's metric (each
+    trial scored by its best epoch), with ``method, config_rank, trial_id``, the metric and the searched
+    parameters (None where a conditional one was not sampled). Raises ``NoScoredTrial`` when no trial has a
+    score."""
+    done = trials[trials["status"] != "errored"] if "status" in trials else trials
+    if spec.metric not in done or done[spec.metric].isna().all():
+        raise NoScoredTrial(_why_unscored(spec, trials))
+    rows = []
+    arm = done["arm"] if "arm" in done else done["inject"]  # the arm a trial lies in (its method, for older tables)
+    for method in spec.methods:
+        best = done[arm == method].sort_values(spec.metric, ascending=spec.mode == "min")
+        for rank, (_, row) in enumerate(best.head(spec.confirm.top_k).iterrows(), start=1):
+            rows.append({"method": method, "config_rank": rank, "trial_id": row.get("trial_id"),
+                         spec.metric: row.get(spec.metric),
+                         **{k: (None if missing(space_value(row, k)) else space_value(row, k))
+                            for k in spec.space}})  # inject too: an arm's name is not an inject value
+    return pd.DataFrame(rows, columns=None if rows else ["method", "config_rank", "trial_id"])
+
+
+def _why_unscored(spec: StudySpec, trials: pd.DataFrame) -> str:
+    """One sentence: how many trials ran, how they ended, and the errors' reasons."""
+    if trials.empty:
+        return (f"study {spec.name}: no trial ran, so no trial produced a score ({spec.metric}) to confirm "
+                "(a time budget spent before the first trial started?)")
+    counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
+    ended = ", ".join(f"{n} {status}" for status, n in counts.items())
+    text = f"study {spec.name}: none of its {len(trials)} trials produced a score ({spec.metric}) to confirm: {ended}"
+    if "error" in trials:
+        reasons = trials["error"].dropna().value_counts()
+        text += "; errors: " + "; ".join(f"{reason} ({n}x)" for reason, n in reasons.head(3).items())
+    if counts.get("stopped") or counts.get("completed"):
+        text += "; the others ended before finishing an epoch (time budget spent?)"
+    return text

@@ -65,7 +65,7 @@ def test_diverging_trials_end_errored_with_reason_while_the_study_goes_on(tmp_pa
     printed = capfd.readouterr()
     assert "Traceback" not in printed.out + printed.err
     # Had every trial diverged, the confirm stage says that no trial produced a score, and the errors' reasons.
-    from study.confirm import NoScoredTrial, confirmed_trials
+    from study.trial_tables import NoScoredTrial, confirmed_trials
 
     with pytest.raises(NoScoredTrial, match=r"none of its 2 trials produced a score \(val_CIDEr-D\) to confirm: "
                                             r"2 errored; errors: .*training loss became"):
