@@ -1,67 +1,24 @@
-"""``study decide``: more seeds until the verdict is decided, and the sequential plan that judges each look.
+"""``study decide``: more seeds until the verdict is decided, each look judged by the sequential plan.
 
 ``add_seeds_until_decided`` (``study decide``) buys certainty when the verdict is inconclusive: one more seed
-at a time for the target and the best competitor, each look at the sequential plan's level
-(``analysis.sequential``), until the verdict is conclusive or the seed or time budget ends; the looks go to
-``decide.json``.
+at a time for the target and its comparator, each look at the sequential plan's level (``analysis.sequential``;
+the plan itself is a record, ``study.records.sequential_plan``), until the verdict is conclusive or the seed or
+time budget ends; the looks go to ``decide.json``. The report's sentence on what decided it, or what would,
+is ``study.reporting.decision_note``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from functools import partial
 from typing import TYPE_CHECKING, Any
-
-import pandas as pd
 
 from analysis.metric_table import format_metric
 from study.files import atomic_write_json
 from study.records import load_confirm, sequential_plan
-from study.spec import StudySpec
 
 if TYPE_CHECKING:
     from study.context import StudyContext
-
-
-def decision_note(spec: StudySpec, verdict, plan, per_image: pd.DataFrame, *, roles: dict[str, str] | None = None,
-                  comparator: str | None = None) -> str | None:
-    """One report line: how many seeds the decision took, or what would decide it (projected from both measured
-    variance parts: more seeds, more test images, or both, with numbers). ``comparator``: the arm fixed before the
-    test split was scored (``study.comparator.read_comparator``); ``roles`` default to the spec's arms'."""
-    from analysis.sequential import SequentialPlan, project, smallest_plan, test_set_reach, what_decides
-    from analysis.verdict import INCONCLUSIVE
-
-    if verdict.best_other is None:
-        return None
-    seeds = int(min(verdict.table.loc[verdict.target, "seeds"], verdict.table.loc[verdict.best_other, "seeds"]))
-    if verdict.verdict != INCONCLUSIVE:
-        if plan is None:
-            return f"Decided with {seeds} seeds per method at the fixed 95% level (no sequential looks)."
-        return (f"Decided after {seeds} seeds per method: look {seeds - plan.first_seeds + 1} of {plan.looks} "
-                f"of the {plan.describe()}.")
-    margin = spec.confirm.margin
-    parts = project(per_image, roles=roles or spec.arm_set.roles(), margin=margin, comparator=comparator,
-                    set_name=verdict.set_name)
-    points = partial(format_metric, verdict.metric)
-    reach_text = "" if parts is None else what_decides(parts, verdict.level, margin).describe(parts, points)
-    if plan is not None and seeds >= plan.max_seeds:  # the plan is spent; what would decide it is still worth saying
-        return (f"Not decided after {seeds} seeds per method, the plan's limit ({plan.describe()}): the two "
-                f"methods are closer than this test split can resolve at that error rate. {reach_text}").rstrip()
-    if parts is None:
-        return None
-    needed = smallest_plan(parts, margin, spent_alpha=0.0 if plan else 0.05)
-    if needed is None:
-        # The test images' own variance dominates: seeds cannot decide, so no `study decide` is offered.
-        reach, _ = test_set_reach(parts, margin, parts.images, level=verdict.level)
-        return (f"Undecided at margin {points(margin)} with {parts.images} test images, and more seeds under a "
-                f"sequential plan are projected not to decide it: even with unlimited seeds this test set decides "
-                f"only margins of {points(reach)} or more. {reach_text}")
-    limit = plan.max_seeds if plan else needed.max_seeds
-    return (f"Not decided after {seeds} seeds per method; under a sequential plan a decision is projected to take "
-            f"about {needed.max_seeds} seeds per method. {reach_text} `study decide {spec.name} --max-seeds {limit}` "
-            "adds seeds one at a time under a sequential plan"
-            + ("." if plan else f" ({SequentialPlan(seeds, max(limit, seeds), spent_alpha=0.05).describe()})."))
 
 
 def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None, hours: float | None = None,

@@ -5,24 +5,27 @@
 the report lists the earlier looks at the same splits), and gives
 MLflow each confirm run as a child run (``kind=confirm``), the parent the report, the verdict table
 (``verdict.csv`` and the ``verdict.json`` table), each arm's test scores (the ``test_scores.json`` table) and a few
-headline metrics (tag ``verdict``).
+headline metrics (tag ``verdict``). ``decision_note`` is the report's sentence on what decided the verdict, or
+what would (more seeds, more test images, or both, projected from the measured variance parts).
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from study.deciding import decision_note
+from analysis.metric_table import format_metric
 from study.files import atomic_write_json
 from study.mlflow_view import experiment_address
 from study.records import sequential_plan
 
 if TYPE_CHECKING:
     from study.context import StudyContext
+    from study.spec import StudySpec
 
 
 def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
@@ -157,3 +160,43 @@ def arm_blocks(spec) -> list:
     roles = arms.roles()
     rows = [[name, roles[name], arms.describe(name).split(": ", 1)[1]] for name in arms.names]
     return [("h2", "The arms compared"), ("table", ["arm", "role", "what it is"], rows)]
+
+
+def decision_note(spec: "StudySpec", verdict, plan, per_image: pd.DataFrame, *, roles: dict[str, str] | None = None,
+                  comparator: str | None = None) -> str | None:
+    """One report line: how many seeds the decision took, or what would decide it (projected from both measured
+    variance parts: more seeds, more test images, or both, with numbers). ``comparator``: the arm fixed before the
+    test split was scored (``study.comparator.read_comparator``); ``roles`` default to the spec's arms'."""
+    from analysis.sequential import SequentialPlan, project, smallest_plan, test_set_reach, what_decides
+    from analysis.verdict import INCONCLUSIVE
+
+    if verdict.best_other is None:
+        return None
+    seeds = int(min(verdict.table.loc[verdict.target, "seeds"], verdict.table.loc[verdict.best_other, "seeds"]))
+    if verdict.verdict != INCONCLUSIVE:
+        if plan is None:
+            return f"Decided with {seeds} seeds per method at the fixed 95% level (no sequential looks)."
+        return (f"Decided after {seeds} seeds per method: look {seeds - plan.first_seeds + 1} of {plan.looks} "
+                f"of the {plan.describe()}.")
+    margin = spec.confirm.margin
+    parts = project(per_image, roles=roles or spec.arm_set.roles(), margin=margin, comparator=comparator,
+                    set_name=verdict.set_name)
+    points = partial(format_metric, verdict.metric)
+    reach_text = "" if parts is None else what_decides(parts, verdict.level, margin).describe(parts, points)
+    if plan is not None and seeds >= plan.max_seeds:  # the plan is spent; what would decide it is still worth saying
+        return (f"Not decided after {seeds} seeds per method, the plan's limit ({plan.describe()}): the two "
+                f"methods are closer than this test split can resolve at that error rate. {reach_text}").rstrip()
+    if parts is None:
+        return None
+    needed = smallest_plan(parts, margin, spent_alpha=0.0 if plan else 0.05)
+    if needed is None:
+        # The test images' own variance dominates: seeds cannot decide, so no `study decide` is offered.
+        reach, _ = test_set_reach(parts, margin, parts.images, level=verdict.level)
+        return (f"Undecided at margin {points(margin)} with {parts.images} test images, and more seeds under a "
+                f"sequential plan are projected not to decide it: even with unlimited seeds this test set decides "
+                f"only margins of {points(reach)} or more. {reach_text}")
+    limit = plan.max_seeds if plan else needed.max_seeds
+    return (f"Not decided after {seeds} seeds per method; under a sequential plan a decision is projected to take "
+            f"about {needed.max_seeds} seeds per method. {reach_text} `study decide {spec.name} --max-seeds {limit}` "
+            "adds seeds one at a time under a sequential plan"
+            + ("." if plan else f" ({SequentialPlan(seeds, max(limit, seeds), spent_alpha=0.05).describe()})."))

@@ -116,10 +116,10 @@ def test_the_facade_is_the_top_only_the_cli_and_the_package_import_it():
 STAGES = {"study.tuning", "study.confirm", "study.deciding", "study.cross_dataset", "study.evaluated",
           "study.reporting", "study.results", "study.reproduce"}
 # Stage-to-stage imports that are left (issue 30): decide trains confirm runs (on Ray, as confirm does), report
-# writes the decision note and the exported frames, and the evaluate stage's readers serve evaluate, report and
-# export. No new one may be added; each one removed is removed from here.
+# writes the exported frames, and the evaluate stage's readers serve evaluate, report and export. No new one may
+# be added; each one removed is removed from here.
 LEFT = {("study.deciding", "study.confirm"), ("study.cross_dataset", "study.evaluated"),
-        ("study.reporting", "study.deciding"), ("study.reporting", "study.evaluated"),
+        ("study.reporting", "study.evaluated"),
         ("study.reporting", "study.results"), ("study.results", "study.evaluated"), ("study.confirm", "study.tuning")}
 
 
