@@ -22,7 +22,7 @@ under the study dataset's ``cache_dir``), keyed by the evaluated split's fingerp
 confirm runs gain the scores as ``<name>/<metric>`` (``StudyTracker.confirm_metrics``).
 
 The stage takes the study's context (``study.context.StudyContext``) and a dataset file; the frames, the
-report's sections and the export's files are read back from the folder above by ``study.evaluated``.
+report's sections and the export's files are read back from the folder above by ``study.verdicts``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from study.evaluated import (
+from study.files import atomic_write_json
+from study.paths import StudyPaths
+from study.records import missing
+from study.verdicts import (
     SET_FILE,
     EvaluateError,
     load_evaluation,
@@ -48,9 +51,6 @@ from study.evaluated import (
     set_verdict,
     verdict_table_of,
 )
-from study.files import atomic_write_json
-from study.paths import StudyPaths
-from study.records import missing
 
 if TYPE_CHECKING:
     from study.context import StudyContext

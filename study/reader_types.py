@@ -1,7 +1,7 @@
 """The types a reader of a study's frames expects, per column (``study.load(...)``'s frames and the exports).
 
 Kept apart from ``study.results`` so every module that builds a frame for a reader (``study.results``,
-``study.evaluated``) types it the same way without importing the others.
+``study.verdicts``) types it the same way without importing the others.
 """
 
 from __future__ import annotations

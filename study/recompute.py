@@ -155,7 +155,7 @@ def verify(export_dir: Path) -> Verification:
 
 
 def _pooled_table(pooled) -> pd.DataFrame:
-    """The pooled verdict as ``pooled_verdict.csv`` holds it (``study.evaluated.pooled_frame``'s rows)."""
+    """The pooled verdict as ``pooled_verdict.csv`` holds it (``study.verdicts.pooled_frame``'s rows)."""
     import numpy as np
 
     table = pooled.sets.copy()
@@ -201,7 +201,8 @@ def _by_key(frame: pd.DataFrame, keys: list[str]) -> dict[tuple[str, ...], pd.Se
 def write_statistics(ctx, dest: Path, test_per_image: pd.DataFrame) -> list[Path]:
     """Write the files above (all but ``ledger.csv``: ``write_ledger``) into an export folder; returns them."""
     from study.comparing import verdict_settings
-    from study.evaluated import (
+    from study.records import report_level
+    from study.verdicts import (
         evaluated_sets,
         evaluated_verdicts,
         evaluation_per_image_frame,
@@ -209,7 +210,6 @@ def write_statistics(ctx, dest: Path, test_per_image: pd.DataFrame) -> list[Path
         set_verdict,
         study_test_name,
     )
-    from study.records import report_level
 
     spec, paths = ctx.spec, ctx.paths
     level, primary, names = report_level(spec, paths), study_test_name(spec), evaluated_sets(paths)

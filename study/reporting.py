@@ -34,12 +34,12 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     from analysis.report import build_report
     from analysis.training_length import length_blocks
     from study.comparing import BOOT_SEED, N_BOOT, read_comparator, read_comparator_record, test_set_name
-    from study.evaluated import evaluated_verdicts, report_blocks, split_fingerprints
     from study.ledger import comparator_rule, earlier_looks, record_looks
     from study.provenance import provenance
     from study.records import confirm_history, load_confirm, read_test_split, write_test_split
     from study.tracking import git_commit
     from study.trial_tables import confirmed_trials
+    from study.verdicts import evaluated_verdicts, report_blocks, split_fingerprints
 
     spec, paths = ctx.spec, ctx.paths
     # What the report needs of the data was recorded by the confirm stage: no feature cache walked, no CNN run.
@@ -51,7 +51,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     plan = sequential_plan(spec, paths)
     level, comparator, test_name = plan.level if plan else 0.95, read_comparator(paths), test_set_name(spec)
     notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
-    # study evaluate's sets and the pooled verdict (study/evaluated.py): [] for a study never evaluated
+    # study evaluate's sets and the pooled verdict (study/verdicts.py): [] for a study never evaluated
     evaluated = evaluated_verdicts(paths, spec, level=level)
     extra = report_blocks(paths, spec, per_image, paths.report, level=level, roles=spec.arm_set.roles(),
                           colors=spec.arm_set.colors(), verdicts=evaluated)

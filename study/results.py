@@ -86,8 +86,8 @@ def per_image_frame(paths: StudyPaths) -> pd.DataFrame:
 def verdict_frame(ctx: "StudyContext") -> pd.DataFrame:
     """``Study.verdict``: the verdict table with its words and interval in ``attrs``."""
     from study.comparing import read_comparator, test_set_name
-    from study.evaluated import set_verdict
     from study.records import report_level
+    from study.verdicts import set_verdict
 
     spec = ctx.spec
     verdict = set_verdict(per_image_frame(ctx.paths), confirm_frame(ctx.paths, spec), spec=spec,
@@ -142,8 +142,8 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     if not (paths.report / "report.md").is_file():
         raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `{ctx.command('report')}` first")
     _clear_destination(ctx, dest, force)
-    from study.evaluated import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
     from study.records import confirm_history
+    from study.verdicts import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
 
     test_per_image = per_image_frame(paths)
     evaluated = export_frames(paths, ctx.spec, test_per_image)
@@ -188,8 +188,8 @@ def _statistics(ctx: "StudyContext", dest: Path, test_per_image: pd.DataFrame) -
     every set's verdict, pairwise and margin tables; the comparator's record; the test-split ledger's rows."""
     import shutil
 
-    from study.evaluated import evaluated_sets, read_manifest, study_test_name
     from study.recompute import write_ledger, write_statistics
+    from study.verdicts import evaluated_sets, read_manifest, study_test_name
 
     paths = ctx.paths
     written = write_statistics(ctx, dest, test_per_image)

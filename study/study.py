@@ -140,30 +140,30 @@ class Study(StudyContext):
         outside the study and empty, or (``force``) holding a previous export, which is replaced."""
         return results.export(self, dest, force=force)
 
-    # ----- other photo collections (`study evaluate`, study/evaluated.py) -----------------------------
+    # ----- other photo collections (`study evaluate`, study/verdicts.py) -----------------------------
     def evaluations(self) -> pd.DataFrame:
         """One row per dataset evaluated with ``study evaluate`` and confirm run: ``dataset, run, method,
         config_rank, seed`` and that run's corpus scores on the dataset (same metric names as ``confirm_runs``)."""
-        from study.evaluated import evaluations_frame
+        from study.verdicts import evaluations_frame
 
         return evaluations_frame(self.paths)
 
     def evaluation_per_image(self, dataset: str | None = None) -> pd.DataFrame:
         """As ``per_image``, on the evaluated datasets (all, or ``dataset``), with a ``dataset`` column first."""
-        from study.evaluated import evaluation_per_image_frame
+        from study.verdicts import evaluation_per_image_frame
 
         return evaluation_per_image_frame(self.paths, dataset)
 
     def evaluation_verdict(self, dataset: str) -> pd.DataFrame:
         """As ``verdict``, computed on an evaluated dataset's images (``attrs`` also names the ``dataset``)."""
-        from study.evaluated import verdict_frame
+        from study.verdicts import verdict_frame
 
         return verdict_frame(self.paths, self.spec, dataset)
 
     def pooled_verdict(self) -> pd.DataFrame:
         """The pooled verdict over the test split and every evaluated dataset (``analysis.pooled``): one row per
         set and a last ``pooled`` row; ``attrs``: ``verdict``, ``decides``, ``diff``, ``ci``, ``other``, ``text``."""
-        from study.evaluated import pooled_frame
+        from study.verdicts import pooled_frame
 
         return pooled_frame(self.paths, self.spec, self.per_image())
 

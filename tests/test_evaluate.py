@@ -368,8 +368,8 @@ def test_coco_mini_references_are_scored_as_raw_text_with_words_outside_the_voca
     # One method scored there: a verdict with nothing to compare, said so rather than failed; the report names the
     # confirm run not scored there.
     assert found.evaluation_verdict("coco-mini").attrs["verdict"] == "not available"
-    from study.evaluated import report_blocks
     from study.registry import method_colors, method_roles
+    from study.verdicts import report_blocks
 
     blocks = report_blocks(found.paths, found.spec, found.per_image(), tmp_path, level=0.95, roles=method_roles(),
                            colors=method_colors())

@@ -1,5 +1,7 @@
-"""What ``study evaluate`` wrote, read back: each evaluated set's frames and verdict, the pooled verdict over every
-test set, the report's sections and the export's files (the stage itself is ``study.cross_dataset``).
+"""Every test set's verdict, read back from what the stages wrote: each set ``study evaluate`` scored (its frames
+and verdict), the verdict pooled over every test set, the report's sections and the export's files. A library
+under the report, export and evaluate stages, not a stage: it imports none (``tests/test_architecture.py``).
+The stage that scores a set is ``study.cross_dataset``; scoring one model is ``study.evaluation``.
 
     <study>/evaluate/<name>/set.json          the dataset: JSON, images root, split, fingerprint, images, references
     <study>/evaluate/<name>/runs/<run>.json   one confirm run's scores, per-image scores and captions on it
