@@ -63,8 +63,9 @@ def _ordered(methods: Iterable[str], colors: Mapping[str, str]) -> list[str]:
 
 
 def plot_methods(table: pd.DataFrame, metric: str, path: Path, *, colors: Mapping[str, str],
-                 margin: float | None = None) -> Path | None:
-    """Bars: each method's confirmed mean with its 95% bootstrap interval; a floor (``none``) hatched.
+                 margin: float | None = None, level: float = 0.95) -> Path | None:
+    """Bars: each method's confirmed mean with its bootstrap interval at ``level`` (the verdict's: 95%, or a
+    sequential plan's per-look level after ``study decide``); a floor (``none``) hatched.
 
     ``table`` is ``Verdict.table`` (index method; columns ``role``, ``<metric>``, ``<metric>_lo``,
     ``<metric>_hi``, optionally ``params``). A dashed line marks the target's (init's) mean minus the margin:
@@ -96,11 +97,10 @@ def plot_methods(table: pd.DataFrame, metric: str, path: Path, *, colors: Mappin
     if margin is not None and targets and not lower_is_better(metric):
         target = targets[0]
         y = (table.loc[target, metric] - margin) * s
-        ax.axhline(y, ls="--", color=method_color(target, colors), lw=1)
-        ax.annotate(f"{target} - margin ({margin * s:.1f})", (len(methods) - 0.5, y), ha="right", va="bottom",
-                    fontsize=8, color=method_color(target, colors))
+        ax.axhline(y, ls="--", color=method_color(target, colors), lw=1, label=f"{target} - margin ({margin * s:.1f})")
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)  # a label beside the line hid the last bar's value
     ax.set_ylabel(_label(metric))
-    ax.set_title(f"Confirmed best configuration per injection method: {metric}, mean and 95% CI "
+    ax.set_title(f"Confirmed best configuration per arm: {metric}, mean and {100 * level:.4g}% CI "
                  f"(seeds x test images)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

@@ -262,7 +262,8 @@ def _draw_figures(out_dir: Path, verdict: Verdict, trials: pd.DataFrame, history
     """The report's figures, by name (None where there is nothing to draw)."""
     search_metric = f"val_{metric}"
     return {
-        "methods": plots.plot_methods(verdict.table, metric, out_dir / "methods.png", colors=colors, margin=margin),
+        "methods": plots.plot_methods(verdict.table, metric, out_dir / "methods.png", colors=colors, margin=margin,
+                                      level=verdict.level),
         "curves": plots.plot_learning_curves(history, trials, search_metric, out_dir / "learning_curves.png",
                                              colors=colors),
         "params": plots.plot_hyperparameters(trials, space, search_metric, out_dir / "hyperparameters.png",
