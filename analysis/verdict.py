@@ -42,7 +42,6 @@ import pandas as pd
 from analysis.bootstrap import boot_means as _boot_means
 from analysis.bootstrap import image_weights, seed_weights
 from analysis.bootstrap import interval as _interval
-from analysis.bootstrap import resample_weights as _resample_weights  # noqa: F401 (tests and benchmarks use it here)
 from analysis.margins import COMPETES, DOES_NOT_COMPETE, NOT_AVAILABLE, margin_table, word
 from analysis.margins import INCONCLUSIVE as INCONCLUSIVE  # the verdict's words, imported from here too
 from analysis.metric_table import MEAN_OVER_IMAGES

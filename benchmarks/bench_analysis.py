@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import verdict as V
+from analysis.bootstrap import boot_means, resample_weights
 from study.registry import method_roles
 
 
@@ -39,9 +40,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     blocks = [rng.random((3, 1000)) for _ in range(24)]
     t0 = time.perf_counter()
-    image_w = V._resample_weights(rng, 2000, 1000)
-    seed_ws = [V._resample_weights(rng, 2000, 3) for _ in blocks]
-    V._boot_means(blocks, seed_ws, image_w)
+    image_w = resample_weights(rng, 2000, 1000)
+    seed_ws = [resample_weights(rng, 2000, 3) for _ in blocks]
+    boot_means(blocks, seed_ws, image_w)
     boot = time.perf_counter() - t0
     print(f"compute_verdict (6 methods x 3 seeds x 1000 images x 4 metrics, n_boot=2000): {total:.3f} s")
     print(f"bootstrap alone (resample weights + 24 blocks): {boot:.3f} s")

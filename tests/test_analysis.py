@@ -89,14 +89,17 @@ def test_verdict_is_deterministic_and_ignores_search_floor_as_comparator():
 
 
 def test_bootstrap_interval_covers_true_mean():
-    """90%+ of 95% intervals from independent samples of a known distribution contain its mean."""
+    """90%+ of 95% intervals from independent samples of a known distribution contain its mean (the public
+    resampling functions every verdict uses, analysis/bootstrap.py)."""
+    from analysis.bootstrap import boot_means, interval, resample_weights
+
     true_mean, covered = 0.4, 0
     for rep in range(40):
         rng = np.random.default_rng(100 + rep)
         x = rng.exponential(true_mean, size=(3, 200))  # skewed like CIDEr, (S, N); seed effects absent
-        image_w = V._resample_weights(rng, 1000, 200)
-        seed_w = V._resample_weights(rng, 1000, 3)
-        lo, hi = V._interval(V._boot_means([x], [seed_w], image_w)[0])
+        image_w = resample_weights(rng, 1000, 200)
+        seed_w = resample_weights(rng, 1000, 3)
+        lo, hi = interval(boot_means([x], [seed_w], image_w)[0])
         covered += lo <= true_mean <= hi
     assert covered >= 34, covered  # nominal 38 of 40
 
@@ -252,7 +255,10 @@ def test_report_builds_with_real_pngs(tmp_path):
             assert im.format == "PNG" and im.width >= 400 and im.height >= 250
     html = result.html.read_text()
     assert html.count("data:image/png;base64,") == 4 and "competes" in html
-    assert "| completed |" in text or "completed" in text
+    # What was run: how each method's trials ended, totalled over the trials given
+    counts = trials["status"].value_counts().sort_index()
+    assert f"| method | {' | '.join(counts.index)} | total |" in text
+    assert f"| total | {' | '.join(map(str, counts))} | {len(trials)} |" in text
     # The by-seed table follows the registry's method order, as every other table (it was alphabetical).
     seed_rows = text.split("of every confirm run, by seed:")[1].strip().split("\n\n")[0].splitlines()[2:]
     listed = [row.split("|")[1].strip() for row in seed_rows]
