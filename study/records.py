@@ -15,7 +15,6 @@ instead of importing each other (issue 30's records layer, begun).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +31,7 @@ if TYPE_CHECKING:
 def missing(value: Any) -> bool:
     """Whether a value read from a record, table or result is absent: ``None``, a float NaN (Python's or numpy's)
     or pandas' ``NA``. The one test for it; ``v == v`` spelt out was in five places and two ``_missing`` helpers."""
-    if value is None or type(value).__name__ in ("NAType", "NaTType"):
-        return True
-    try:
-        return math.isnan(value)  # Python's and numpy's floats (ints are never NaN)
-    except TypeError:
-        return False  # text, lists and the like are values
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))  # text, lists: values
 
 
 GALLERY_IMAGES = 6  # test images shown with every arm's caption in the report
