@@ -1,9 +1,12 @@
 """Every metric the project reports, in one table: which way is better, and how a person reads it.
 
-The display rule, everywhere a person reads a score (the CLI, the report, the Markdown tables, the README):
-caption scores x100 with one decimal, as papers print them (CIDEr-D 0.4567 reads 45.7); losses and bits per
-character as they are, with three decimals. The numbers underneath stay on pycocoevalcap's 0..1 scale in the
-files machines read (``study.load`` frames, the exported CSVs, MLflow), and those say so in their docs.
+One scale for every score anyone reads: **points**, pycocoevalcap's 0..1 scale x100, as papers print them
+(CIDEr-D 0.4567 is 45.67 points). The console, the report and the Markdown tables print points with one decimal
+(45.7); the ``study.load`` frames, every CSV of ``study export``, MLflow and the exported ``optuna.db`` hold the
+same points at full precision (``in_points``). A difference of two scores and a margin on one are points too.
+Losses and bits per character are as they are, with three decimals. Only a study's own files (a trial's
+``history.json``, the confirm records, the tracking journal, the test-split ledger) and the analysis underneath
+keep the 0..1 scale the metrics library computes, so no study written before points were adopted reads wrong.
 
 The spec's checks (``study.spec``), the metric suite (``study.metrics``), the confirm stage, the leaderboard,
 the verdict (``analysis.verdict``), the corpus table (``analysis.scores``) and the report all read this table.
@@ -13,7 +16,10 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,7 @@ class Metric:
     """How a metric reads: which way is better, and how it is printed."""
 
     mode: Literal["max", "min"]
-    scale: int = 1  # caption scores are on pycocoevalcap's 0..1 scale; papers, and every table here, print x100
+    scale: int = 1  # caption scores are computed on pycocoevalcap's 0..1 scale and read in points (x100)
     digits: int = 3  # decimals printed, after scaling
 
     def shown(self, value: Any) -> Any:
@@ -79,3 +85,54 @@ def format_metric(name: str, value: Any, missing: str = "-") -> str:
     if metric is None:
         return f"{value:.4g}"
     return f"{value * metric.scale:.{metric.digits}f}"
+
+
+POINTS = 100  # a caption score in points: pycocoevalcap's 0..1 score x100
+# Columns (and MLflow metrics) of the verdict tables that hold a difference of two scores, its interval and
+# standard error, or a margin on a score: points too.
+DIFFERENCES = frozenset({"diff", "lo", "hi", "se", "margin", "ci_low", "ci_high"})
+_STATISTICS = ("_lo", "_hi", "_mean", "_std")  # CIDEr-D_lo, CIDEr-D_mean: a statistic of a score is a score
+
+
+def is_score(name: str) -> bool:
+    """Whether the column or MLflow metric ``name`` holds a caption score (so reads in points): ``CIDEr-D``,
+    ``val_CIDEr-D``, ``best_val_CIDEr-D``, ``test_CIDEr-D.init``, ``coco-mini/CIDEr-D``, ``CIDEr-D_lo``,
+    ``BLEU-4_mean``, a difference (``diff``, ``verdict.ci_low``); not a loss, a count or a time."""
+    base = name.rsplit("/", 1)[-1].removeprefix("verdict.")  # coco-mini/CIDEr-D, verdict.diff
+    if base in DIFFERENCES:
+        return True
+    base = base.split(".", 1)[0].removeprefix("best_")  # test_CIDEr-D.init: the score of arm init
+    for suffix in _STATISTICS:
+        base = base.removesuffix(suffix)
+    metric = describe_metric(base)
+    return metric is not None and metric.scale != 1
+
+
+def in_points(frame: "pd.DataFrame") -> "pd.DataFrame":
+    """A copy of ``frame`` with every score column (``is_score``) x100, and the score ``attrs`` a verdict frame
+    carries (``diff``, ``ci``, ``margin``) too."""
+    out = frame.copy()
+    for column in out.columns:
+        if isinstance(column, str) and is_score(column) and _numeric(out[column]):
+            out[column] = out[column] * POINTS
+    for key in ("diff", "margin"):
+        if key in out.attrs and isinstance(out.attrs[key], numbers.Real):
+            out.attrs[key] = out.attrs[key] * POINTS
+    if isinstance(out.attrs.get("ci"), (tuple, list)):
+        out.attrs["ci"] = tuple(v * POINTS for v in out.attrs["ci"])
+    return out
+
+
+def from_points(frame: "pd.DataFrame") -> "pd.DataFrame":
+    """``in_points`` undone: what an export holds back on the 0..1 scale the analysis computes on."""
+    out = frame.copy()
+    for column in out.columns:
+        if isinstance(column, str) and is_score(column) and _numeric(out[column]):
+            out[column] = out[column] / POINTS
+    return out
+
+
+def _numeric(values) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)

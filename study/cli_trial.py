@@ -269,11 +269,11 @@ def reproduce(
     except ConfigError as exc:
         fail(str(exc))
     table = Table(title=f"{run}: {done.config.run_name}, torch seed {done.config.seed}, {done.config.epochs} epochs, "
-                        f"beam {done.config.beam_size}, {done.config.precision} (x100)")
+                        f"beam {done.config.beam_size}, {done.config.precision} (points)")
     for column in ("metric", "committed", "reproduced", "difference"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for metric, committed, reproduced, diff in done.rows():
-        table.add_row(metric, f"{100 * committed:.2f}", f"{100 * reproduced:.2f}", f"{100 * diff:+.4f}")
+        table.add_row(metric, f"{committed:.2f}", f"{reproduced:.2f}", f"{diff:+.4f}")
     out.print(table)
     out.print("reproduced exactly: every metric equals the committed one" if done.exact else
               "not exact: the differences above (other hardware, library versions or precision can move them)")

@@ -70,7 +70,7 @@ def verdict_settings(spec: "StudySpec", paths: "StudyPaths", *, roles: dict[str,
     ``{"file": ..., "dataset": ...}``, the study's own test split first)."""
     record = read_comparator_record(paths)
     return {"metric": PRIMARY, "n_boot": N_BOOT, "seed": BOOT_SEED, "level": level,
-            "margin": spec.confirm.margin, "roles": roles,
+            "margin": spec.confirm.equivalence_margin, "roles": roles,
             "comparator": None if record is None else record["comparator"],
             "comparator_chosen_by": None if record is None else record.get("chosen_by"),
             "primary": test_set_name(spec), "sets": sets}

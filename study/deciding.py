@@ -36,8 +36,8 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
     from study.confirm import confirm_configs, confirm_stage
 
     spec, paths = ctx.spec, ctx.paths
-    compare = dict(roles=spec.arm_set.roles(), margin=spec.confirm.margin, comparator=read_comparator(paths),
-                   set_name=test_set_name(spec))
+    compare = dict(roles=spec.arm_set.roles(), margin=spec.confirm.equivalence_margin,
+                   comparator=read_comparator(paths), set_name=test_set_name(spec))
     plan = sequential_plan(spec, paths, max_seeds)
     needs_seeds = ValueError("study decide needs --max-seeds (the spec plans no extra seeds: confirm.max_seeds)")
     if plan is None and not paths.confirm_results():  # no verdict yet to say it is decided

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from analysis.metric_table import POINTS, is_score
 from study.configure import configure
 from study.files import atomic_write_json
 from study.journal import read_runs_file
@@ -32,6 +33,14 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def _metric(name: str, value: float, timestamp: int, step: int = 0):
+    """One MLflow metric; a caption score (or a difference of two) in points, the one scale every place a person or
+    a program reads shows (``analysis.metric_table``): the journal keeps the 0..1 scale it was computed on."""
+    from mlflow.entities import Metric
+
+    return Metric(name, float(value) * (POINTS if is_score(name) else 1), timestamp, step)
 
 
 class MlflowStore:
@@ -129,10 +138,10 @@ class MlflowStore:
             self._client.set_experiment_tag(self._experiment_id(), key, value)
 
     def _study_tags(self, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import RunTag
 
         self._client.log_batch(self.runs[STUDY_KEY], tags=[RunTag(k, str(v)) for k, v in event["tags"].items()],
-                               metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
+                               metrics=[_metric(k, v, int(time.time() * 1000))
                                         for k, v in event["metrics"].items()])
 
     def _study_artifact(self, event: dict[str, Any]) -> None:
@@ -178,15 +187,15 @@ class MlflowStore:
         self._client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in event["params"].items()])
 
     def _trial_result(self, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Param
 
         metrics = {mlflow_metric(k): v for k, v in event["metrics"].items() if mlflow_metric(k)}
         self._client.log_batch(self.runs[event["trial"]],
-                               metrics=[Metric(k, v, event["time"], event["step"]) for k, v in metrics.items()],
+                               metrics=[_metric(k, v, event["time"], event["step"]) for k, v in metrics.items()],
                                params=[Param(k, v) for k, v in event.get("params", {}).items()])
 
     def _trial_end(self, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import RunTag
 
         run_id = self.runs.get(event["trial"])
         if run_id is None:
@@ -196,7 +205,7 @@ class MlflowStore:
             key = "error" if event["status"] == "errored" else "status_reason"
             tags.append(RunTag(key, event["reason"][:5000]))
         now = int(time.time() * 1000)
-        self._client.log_batch(run_id, tags=tags, metrics=[Metric(k, float(v), now, 0)
+        self._client.log_batch(run_id, tags=tags, metrics=[_metric(k, v, now)
                                                            for k, v in event.get("summary", {}).items()])
         self._client.set_terminated(run_id, STATUS_TO_MLFLOW.get(event["status"], "FINISHED"),
                                     end_time=event.get("time"))
@@ -213,7 +222,7 @@ class MlflowStore:
             self._remember(key, None)  # a later resume must not discard (or close) it again
 
     def _confirm_run(self, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Param
 
         key = event["key"]
         run_id = self.runs.get(key) or self._run_by_tags("confirm", event["name"])
@@ -230,10 +239,10 @@ class MlflowStore:
             self._remember(key, run_id)
         # Re-sent after a crash in between: the same values again, which MLflow accepts.
         end = event.get("end") or event["time"]
-        curves = [Metric(mlflow_metric(k), v, end, int(epoch["epoch"])) for epoch in event.get("epochs", [])
+        curves = [_metric(mlflow_metric(k), v, end, int(epoch["epoch"])) for epoch in event.get("epochs", [])
                   for k, v in epoch.items() if mlflow_metric(k) and "epoch" in epoch]
         self._client.log_batch(run_id, params=[Param(k, v) for k, v in event["params"].items()],
-                               metrics=[Metric(mlflow_metric(k), v, end, 0) for k, v in event["metrics"].items()
+                               metrics=[_metric(mlflow_metric(k), v, end) for k, v in event["metrics"].items()
                                         if mlflow_metric(k)] + curves[:900])  # MLflow takes 1000 entries a batch
         if curves[900:]:
             self._client.log_batch(run_id, metrics=curves[900:])
@@ -244,14 +253,12 @@ class MlflowStore:
 
     def _confirm_metrics(self, event: dict[str, Any]) -> None:
         """A confirm run's scores on another dataset (``study evaluate``), added to its run."""
-        from mlflow.entities import Metric
-
         run_id = self.runs.get(event["key"]) or self._run_by_tags("confirm", event["name"])
         if run_id is None:  # its confirm_run event comes first in the journal; a missing run is not a server problem
             log.warning("no MLflow confirm run %s for the metrics %s: not sent", event["name"],
                         sorted(event["metrics"]))
             return
-        self._client.log_batch(run_id, metrics=[Metric(k, v, event["time"], 0) for k, v in event["metrics"].items()])
+        self._client.log_batch(run_id, metrics=[_metric(k, v, event["time"]) for k, v in event["metrics"].items()])
         for path in map(Path, event["artifacts"]):
             if path.exists() and self._artifacts_here(run_id):
                 self._client.log_artifact(run_id, str(path), event.get("artifact_path"))

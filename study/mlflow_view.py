@@ -83,4 +83,4 @@ EXPERIMENT_NOTE = (
     "Its children: search trials (kind=trial, named <arm>-<cell>-<layers>x<width>-<tokens>-<trial id>) and confirm "
     "runs (kind=confirm, named confirm-<arm>-r<rank>-s<seed>; params seed = the seed index, torch_seed = 1000 + "
     "seed). Filter with tags.kind = 'confirm' or tags.arm = 'init'; to compare the arms in one chart, open the chart "
-    "view and group by the tag arm. Scores are on the 0..1 scale (the report prints them x100).")
+    "view and group by the tag arm. Scores are in points (x100 of the 0..1 scale), as the report prints them.")

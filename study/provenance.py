@@ -16,6 +16,7 @@ from typing import Any
 
 from study.journal import Journal
 from study.paths import StudyPaths
+from study.records import SCORES_IN_POINTS, SCORES_KEY
 
 PACKAGES = ("torch", "ray", "optuna", "mlflow", "pycocoevalcap", "numpy", "pandas", "efficientnet-lite-pytorch")
 
@@ -42,6 +43,7 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
             rows[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             rows[name] = "not installed"
+    rows[SCORES_KEY] = SCORES_IN_POINTS  # the scale of the report's tables: an export refuses a report from before it
     return rows
 
 

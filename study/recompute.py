@@ -12,8 +12,12 @@ An export carries, beside the report's tables (``verdict.csv``, ``evaluation_ver
     margins.csv                   per set and pooled: the words at margins of 1, 2, 3 points and 4% of the comparator
     ledger.csv                    the test-split ledger's rows for the splits the study scored (``study.ledger``)
 
-``verify`` reads only these files (no study folder, no data, no torch), recomputes with ``analysis`` and compares
-every cell; the first cell that differs is named.
+Scores, their differences and the margin are in points (x100), as every table of the platform shows them (the
+ledger's rows are the ledger's own, on its 0..1 scale);
+``verdict_settings.json`` says so (``"scores": "points"``). ``verify`` reads only these files (no study folder, no
+data, no torch), takes the scores back to the 0..1 scale the analysis computes on, recomputes with ``analysis``
+and compares every cell in points (an export written before points, without that key, in its own 0..1 scale);
+the first cell that differs is named.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from analysis.metric_table import POINTS, from_points, in_points
+from study.records import SCORES_IN_POINTS, SCORES_KEY, scores_in_points
 
 SETTINGS = "verdict_settings.json"
 PER_IMAGE = "per_image.csv.gz"
@@ -64,8 +71,8 @@ def statistics_frames(verdicts: dict[str, Any], pooled) -> dict[str, pd.DataFram
 
 
 def write_per_image(frame: pd.DataFrame, path: Path) -> Path:
-    """A per-image frame as gzip-compressed CSV, the same bytes for the same scores."""
-    frame.to_csv(path, index=False, compression=_GZIP)
+    """A per-image frame (0..1) as gzip-compressed CSV in points, the same bytes for the same scores."""
+    in_points(frame).to_csv(path, index=False, compression=_GZIP)
     return path
 
 
@@ -133,24 +140,28 @@ def verify(export_dir: Path) -> Verification:
     export_dir = Path(export_dir)
     settings = read_settings(export_dir)
     frames = set_frames(export_dir, settings)
-    common = dict(roles=settings["roles"], margin=settings["margin"], metric=settings["metric"],
+    points = scores_in_points(settings)  # the analysis computes on 0..1; the export's cells are compared as written
+    margin = settings["margin"] / POINTS if points else settings["margin"]
+    frames = {name: from_points(frame) for name, frame in frames.items()} if points else frames
+    shown = in_points if points else (lambda frame: frame)
+    common = dict(roles=settings["roles"], margin=margin, metric=settings["metric"],
                   n_boot=settings["n_boot"], seed=settings["seed"], level=settings["level"],
                   comparator=settings["comparator"])
     verdicts = {name: compute_verdict(frame, **common, set_name=name) for name, frame in frames.items()}
     pooled = pooled_verdict(frames, **common) if len(frames) > 1 else None
     result = Verification()
     primary = settings["primary"]
-    _compare_table(result, export_dir, "verdict.csv", verdicts[primary].table, None)
+    _compare_table(result, export_dir, "verdict.csv", shown(verdicts[primary].table), None)
     for name in frames:
         if name != primary:
-            _compare_table(result, export_dir, "evaluation_verdicts.csv", verdicts[name].table, name)
+            _compare_table(result, export_dir, "evaluation_verdicts.csv", shown(verdicts[name].table), name)
     recomputed = statistics_frames(verdicts, pooled)
     for file, keys in ((VERDICTS, ["set"]), (PAIRWISE, ["set", "method"]), (MARGINS, ["set", "margin_label"])):
         _compare_frame(result, file, pd.read_csv(export_dir / file, keep_default_na=False, na_values=[""]),
-                       recomputed[file], keys)
+                       shown(recomputed[file]), keys)
     if pooled is not None:
         _compare_frame(result, "pooled_verdict.csv", pd.read_csv(export_dir / "pooled_verdict.csv"),
-                       _pooled_table(pooled), ["set"])
+                       shown(_pooled_table(pooled)), ["set"])
     return result
 
 
@@ -224,8 +235,9 @@ def write_statistics(ctx, dest: Path, test_per_image: pd.DataFrame) -> list[Path
         written.append(write_per_image(evaluation_per_image_frame(paths), dest / EVALUATION_PER_IMAGE))
     frames = statistics_frames(verdicts, pooled(paths, spec, test_per_image, level=level) if names else None)
     for name, frame in frames.items():
-        frame.to_csv(dest / name, index=False)
+        in_points(frame).to_csv(dest / name, index=False)
         written.append(dest / name)
+    settings.update(margin=settings["margin"] * POINTS, **{SCORES_KEY: SCORES_IN_POINTS})
     (dest / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return [*written, dest / SETTINGS]
 
@@ -237,5 +249,5 @@ def write_ledger(ctx, dest: Path, fingerprints: dict[str, str]) -> list[Path]:
     rows = export_rows(ctx.paths.ledger, fingerprints)
     if rows.empty:
         return []
-    rows[COLUMNS].to_csv(dest / LEDGER, index=False)
+    rows[COLUMNS].to_csv(dest / LEDGER, index=False)  # the ledger's own rows: one format (0..1) wherever it lies
     return [dest / LEDGER]

@@ -9,7 +9,8 @@ instead of importing each other (issue 30's records layer, begun).
 - The confirm results (``confirm/<run>.json``): ``load_confirm`` (the analysis frames), ``per_image_rows``,
   ``confirm_history`` (the per-epoch curves) and ``chosen_epoch`` (which epoch's model was scored, and why).
 - The sequential plan (``decide.json`` and the spec) and the level every interval of the report uses.
-- ``EXPORT_MANIFEST``, the file an export folder lists its files in; ``missing``, the one test for an absent value.
+- ``EXPORT_MANIFEST``, the file an export folder lists its files in, and ``SCORES_KEY``: whether a report's and an
+  export's tables hold scores in points; ``missing``, the one test for an absent value.
 """
 
 from __future__ import annotations
@@ -168,3 +169,12 @@ def report_level(spec: "StudySpec", paths: "StudyPaths") -> float:
 
 # ----- an export folder ---------------------------------------------------------------------------------------
 EXPORT_MANIFEST = "export.json"  # in an export folder: the study and the files its export wrote
+# The scale of the scores in a report's verdict.csv and an export's tables, recorded under this key in the report's
+# provenance.json and the export's manifest: "points" (x100 of pycocoevalcap's 0..1). A report or an export without
+# it predates points and holds the 0..1 scale (``analysis.metric_table``'s docstring: one scale everywhere).
+SCORES_KEY, SCORES_IN_POINTS = "scores", "points"
+
+
+def scores_in_points(record: dict[str, Any]) -> bool:
+    """Whether a report's provenance or an export's manifest says its scores are in points."""
+    return record.get(SCORES_KEY) == SCORES_IN_POINTS

@@ -62,8 +62,9 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     extra += fork_blocks(earlier_looks(paths.ledger, spec, ctx.spec_text, splits))
     result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
                           per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
-                          margin=spec.confirm.margin, roles=spec.arm_set.roles(), colors=spec.arm_set.colors(),
-                          spec_text=ctx.spec_text, level=level, n_boot=N_BOOT, seed=BOOT_SEED,
+                          margin=spec.confirm.equivalence_margin, roles=spec.arm_set.roles(),
+                          colors=spec.arm_set.colors(), spec_text=ctx.spec_text, level=level, n_boot=N_BOOT,
+                          seed=BOOT_SEED,
                           decision=lambda verdict: notes.setdefault("decision", decision_note(
                               spec, verdict, plan, per_image, comparator=comparator)),
                           resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
@@ -86,7 +87,8 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
 def log_evidence(ctx: "StudyContext", verdict, report_dir: Path) -> None:
     """MLflow's copy of the answer: the confirm runs not logged yet, and on the parent run the verdict
     (``verdict.csv``, the ``verdict.json`` table, tags and headline metrics), every arm's test scores side by side
-    (the ``test_scores.json`` table: one row per arm, mean and sd over seeds, 0..1) and the report's folder."""
+    (the ``test_scores.json`` table: one row per arm, mean and sd over seeds, in points) and the report's folder."""
+    from analysis.metric_table import in_points
     from study.results import confirm_frame, test_scores
     from study.tracking import log_confirm_runs, source_tags
 
@@ -94,12 +96,12 @@ def log_evidence(ctx: "StudyContext", verdict, report_dir: Path) -> None:
     tracker = ctx.tracker()
     tracker.child_tags = source_tags("study report")
     log_confirm_runs(spec, paths, tracker)
-    table = verdict_table(verdict, spec.arm_set.roles())
+    table = in_points(verdict_table(verdict, spec.arm_set.roles()))  # what a person and MLflow read: points
     table.to_csv(paths.verdict_csv, index=False)
     tracker.study_artifact(paths.verdict_csv)
     if len(table):
         tracker.study_table(_columns(table), "verdict.json")
-    scores = test_scores(confirm_frame(paths, spec), spec.methods)
+    scores = in_points(test_scores(confirm_frame(paths, spec), spec.methods))
     if len(scores):  # the verdict's score first: the table's first screen holds the comparison
         roles = spec.arm_set.roles()
         scores.insert(1, "role", [roles.get(m, "") for m in scores["method"]])
@@ -178,7 +180,7 @@ def decision_note(spec: "StudySpec", verdict, plan, per_image: pd.DataFrame, *, 
             return f"Decided with {seeds} seeds per method at the fixed 95% level (no sequential looks)."
         return (f"Decided after {seeds} seeds per method: look {seeds - plan.first_seeds + 1} of {plan.looks} "
                 f"of the {plan.describe()}.")
-    margin = spec.confirm.margin
+    margin = spec.confirm.equivalence_margin
     parts = project(per_image, roles=roles or spec.arm_set.roles(), margin=margin, comparator=comparator,
                     set_name=verdict.set_name)
     points = partial(format_metric, verdict.metric)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.metric_table import CORPUS_METRICS
+from analysis.metric_table import CORPUS_METRICS, POINTS
 from study.config import ConfigError, TrialConfig, validate_model
 from study.files import repository_root
-from study.records import EXPORT_MANIFEST
+from study.records import EXPORT_MANIFEST, scores_in_points
 from study.spec import load_spec
 
 
@@ -32,8 +32,8 @@ from study.spec import load_spec
 class Reproduction:
     run: str
     config: TrialConfig
-    committed: dict[str, float]  # metric -> score on the 0..1 scale, as the export holds it
-    reproduced: dict[str, float]
+    committed: dict[str, float]  # metric -> score in points, as the export holds it (an older export's 0..1 x100)
+    reproduced: dict[str, float]  # the same metrics of the retrained run, in points
     checkpoint: Path | None = None  # the retrained model kept (``keep``), for `study caption` or `study evaluate`
 
     def rows(self) -> list[tuple[str, float, float, float]]:
@@ -84,7 +84,8 @@ def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> 
     if not isinstance(provenance, dict):
         raise ConfigError(f"{export_dir / 'provenance.json'} is not the export's provenance (a JSON object)")
     threads = max(1, int(spec.resources.cpu))  # a confirm run's Ray task has as many (float sums depend on it)
-    committed = {m: float(row[m]) for m in CORPUS_METRICS if m in row}
+    scale = 1 if scores_in_points(_manifest(export_dir)) else POINTS  # an export from before points holds 0..1
+    committed = {m: float(row[m]) * scale for m in CORPUS_METRICS if m in row}
     return cfg, committed, str(provenance.get("dataset fingerprint")), threads
 
 
@@ -92,14 +93,19 @@ def spec_folder(export_dir: Path) -> Path:
     """Where the exported spec's relative dataset paths start: the folder ``study export`` recorded
     (``spec_folder`` in export.json, inside the repository that holds the export, e.g. ``search_spaces``), else the
     export folder itself (exports from before it was recorded)."""
-    manifest = export_dir / EXPORT_MANIFEST
-    recorded = json.loads(manifest.read_text()).get("spec_folder") if manifest.is_file() else None
+    recorded = _manifest(export_dir).get("spec_folder")
     if recorded:
         root = repository_root(export_dir)
         folder = Path(recorded) if Path(recorded).is_absolute() or root is None else root / recorded
         if folder.is_dir():
             return folder
     return export_dir
+
+
+def _manifest(export_dir: Path) -> dict:
+    """The export's ``export.json`` ({} for an export from before it)."""
+    manifest = Path(export_dir) / EXPORT_MANIFEST
+    return json.loads(manifest.read_text()) if manifest.is_file() else {}
 
 
 def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, progress: bool = True,
@@ -135,7 +141,7 @@ def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, p
     cfg = cfg.model_copy(update={"precision": result.precision})  # auto, as the run resolved it
     test = score_split(result.model, data, "test", vocab=data.tokens_for(cfg).vocab, decoding=Decoding.of(cfg),
                        full=True)
-    return Reproduction(run, cfg, committed, dict(test.scores), kept)
+    return Reproduction(run, cfg, committed, {m: v * POINTS for m, v in test.scores.items()}, kept)
 
 
 def _check_recorded_size(export_dir: Path, run: str, cfg: TrialConfig, data) -> None:

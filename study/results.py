@@ -11,9 +11,10 @@
     s.test_scores()   # one row per method: every corpus-level test metric, mean and sd over seeds
 
 Everything is read from the study's own folder (Tune's trial folders and the confirm stage's JSON files), as
-``study leaderboard`` and ``study report`` read it: no MLflow server, no Ray, no GPU. Scores are on
-pycocoevalcap's 0..1 scale (papers print them x100). Reading is cheap and always current, so a running
-study can be watched by calling the methods again.
+``study leaderboard`` and ``study report`` read it: no MLflow server, no Ray, no GPU. ``Study``'s frames and
+every CSV ``export`` writes hold scores in points (x100, as papers print them); this module's ``*_frame``
+functions, which the stages and the analysis read, keep pycocoevalcap's 0..1 scale. Reading is cheap and always
+current, so a running study can be watched by calling the methods again.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from analysis.metric_table import in_points
 from analysis.scores import CORPUS_METRICS
 from study.files import atomic_write_json
 from study.paths import StudyPaths
 from study.reader_types import with_reader_types
 from study.recompute import FILES as STATISTICS_FILES
-from study.records import EXPORT_MANIFEST
+from study.records import EXPORT_MANIFEST, SCORES_IN_POINTS, SCORES_KEY, scores_in_points
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -141,6 +143,10 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     paths = ctx.paths
     if not (paths.report / "report.md").is_file():
         raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `{ctx.command('report')}` first")
+    origin = paths.report / "provenance.json"
+    if not scores_in_points(json.loads(origin.read_text()) if origin.is_file() else {}):
+        raise ExportRefused(f"the report of {ctx.name} predates scores in points (its verdict.csv holds the 0..1 "
+                            f"scale): run `{ctx.command('report')}` again first (no run is retrained)")
     _clear_destination(ctx, dest, force)
     from study.records import confirm_history
     from study.verdicts import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
@@ -163,7 +169,7 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
             written.append(Path(shutil.copy2(path, dest / path.name)))
     (dest / "spec.yaml").write_text(ctx.spec_text)
     written.append(dest / "spec.yaml")
-    for path in (paths.verdict_csv, paths.search_time, paths.decide):
+    for path in (paths.verdict_csv, paths.search_time, paths.decide):  # the report's table (in points), records
         if path.is_file():
             written.append(Path(shutil.copy2(path, dest / path.name)))
     runs = confirm_frame(paths, ctx.spec)
@@ -173,12 +179,13 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
               "confirm_history.csv": confirm_history(paths), "test_scores.csv": test_scores(runs, ctx.spec.methods)}
     frames.update(evaluated)
     for name, frame in frames.items():
-        frame.to_csv(dest / name, index=False)
+        in_points(frame).to_csv(dest / name, index=False)
         written.append(dest / name)
     (dest / "test_scores.md").write_text(test_scores_markdown(frames["test_scores.csv"]))
     written.append(dest / "test_scores.md")
     written += _statistics(ctx, dest, test_per_image)
-    manifest = {"study": ctx.name, "files": [p.name for p in written], "spec_folder": _spec_folder(ctx.spec_path)}
+    manifest = {"study": ctx.name, "files": [p.name for p in written], "spec_folder": _spec_folder(ctx.spec_path),
+                SCORES_KEY: SCORES_IN_POINTS}
     atomic_write_json(dest / EXPORT_MANIFEST, manifest, indent=2)
     return written
 

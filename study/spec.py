@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from analysis.metric_table import METRICS
+from analysis.metric_table import METRICS, POINTS
 from study.arms import Arms
 from study.config import (
     SEED_MAX,
@@ -130,8 +130,8 @@ class SearchSettings(StrictModel):
         "as parameter: value; they count as trials of their arm, and what a point leaves out is drawn as usual")
     epochs_per_arm: int | None = Field(
         None, ge=1, description="search compute of each arm, in trial-epochs: an arm proposes no new trial once its "
-        "trials have trained this many epochs, and its running trials stop there (ranked on the epochs they "
-        "finished); so every arm gets the same compute, not just the same trial count (None: trials alone)")
+        "trials trained this many epochs, and its running trials stop there (ranked on the epochs they finished): "
+        "every arm gets the same compute, not just the same trial count (None: trials alone)")
 
 
 class AshaSettings(StrictModel):
@@ -174,7 +174,10 @@ class ConfirmSettings(StrictModel):
     val_images: int | None = Field(None, ge=1, description="with select: best_val, the val photos the epoch is "
                                    "chosen on (None: the whole val split)")
     beam_size: int = Field(3, ge=1)
-    margin: float = Field(0.02, ge=0, description="equivalence margin on CIDEr-D (0..1 scale) for the verdict")
+    margin_points: float | None = Field(None, ge=0, description="equivalence margin on CIDEr-D in points (x100, as "
+                                        "every score reads; default 2): target - comparator above -margin competes")
+    margin: float | None = Field(None, ge=0, description="the margin on the 0..1 scale, as specs before points gave "
+                                 "it: still read, so a stored study judges as it did; write margin_points")
     max_seeds: int | None = Field(
         None, ge=1, description="plan `study decide` before the first look: it may add seeds up to this many per "
         "method, and every look (this one included) uses a Bonferroni level so the error rate stays 5%")
@@ -183,7 +186,15 @@ class ConfirmSettings(StrictModel):
     def _max_seeds_covers_seeds(self) -> "ConfirmSettings":
         if self.max_seeds is not None and self.max_seeds < self.seeds:
             raise ValueError(f"max_seeds ({self.max_seeds}) is below seeds ({self.seeds})")
+        if self.margin is not None and self.margin_points is not None:
+            raise ValueError("margin (the 0..1 scale) and margin_points both given: keep margin_points")
         return self
+
+    @property
+    def equivalence_margin(self) -> float:
+        """The margin on the 0..1 scale the analysis computes on: ``margin``, or ``margin_points`` / 100."""
+        points = 2.0 if self.margin_points is None else self.margin_points  # none given: 2 CIDEr-D points
+        return self.margin if self.margin is not None else points / POINTS
 
 
 class StudySpec(StrictModel):
@@ -200,8 +211,7 @@ class StudySpec(StrictModel):
         "(the shorthand for arms: {m: {inject: m}} for every method m)")
     arms: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="what the study compares: each arm a named restriction of the space "
-        "(parameter: value, or parameter: [choices]), with its own searcher, ASHA bracket, confirm runs and verdict "
-        "row (study.arms)")
+        "(parameter: value or [choices]) with its own searcher, ASHA bracket, confirm runs and verdict row")
     target: str | None = Field(None, description="the arm the question asks about (with arms:)")
     asha: AshaSettings = Field(default_factory=AshaSettings)
     resources: Resources = Field(default_factory=Resources)
@@ -347,5 +357,4 @@ def storage_is_remote(storage: str) -> bool:
     return "://" in storage
 
 
-__all__ = ["ConfigError", "METRIC_MODES", "REPORTED", "Param",
-           "StudySpec", "load_spec", "storage_is_remote"]
+__all__ = ["ConfigError", "METRIC_MODES", "REPORTED", "Param", "StudySpec", "load_spec", "storage_is_remote"]

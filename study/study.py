@@ -9,7 +9,9 @@
 Each stage is a function of the study's context (``study.context.StudyContext``: spec, folder, tracker, data,
 trial tables) and reads what the one before wrote, from the study folder, so each can run (and resume) on its
 own. The readers (``trials()``, ``leaderboard()``, ``confirm_runs()``, ``verdict()``, ...) are
-``study.results``'s and return pandas frames: no Ray, no MLflow, no GPU.
+``study.results``'s and return pandas frames: no Ray, no MLflow, no GPU; their scores (and differences of
+scores) in points, x100 of pycocoevalcap's 0..1 scale, as the console, the report, MLflow and the exports show them
+(``analysis.metric_table.in_points``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 
+from analysis.metric_table import in_points
 from study import results
 from study.context import StudyContext, StudyNotFound
 
@@ -94,38 +97,38 @@ class Study(StudyContext):
         """One row per search trial: its parameters (None where a conditional one was not sampled), ``status``
         (completed, stopped by ASHA, errored, running), ``epochs`` trained, ``best_epoch`` and the metrics of
         that epoch (a trial's score is its best epoch by the spec's metric, everywhere)."""
-        return results.trials_frame(self)
+        return in_points(results.trials_frame(self))
 
     def history(self) -> pd.DataFrame:
         """One row per trial and epoch with every reported metric (``trial_id``, ``inject``, ``epoch``, ...)."""
-        return results.history_frame(self)
+        return in_points(results.history_frame(self))
 
     def leaderboard(self, *, metric: str | None = None, best_per_method: bool = True) -> pd.DataFrame:
         """The trials sorted by ``metric`` (default: the spec's), best per method first; what
-        ``study leaderboard`` prints (before its x100 display)."""
-        return results.leaderboard_frame(self, metric=metric, best_per_method=best_per_method)
+        ``study leaderboard`` prints."""
+        return in_points(results.leaderboard_frame(self, metric=metric, best_per_method=best_per_method))
 
     def confirm_runs(self) -> pd.DataFrame:
         """One row per finished confirm run: ``method, config_rank, seed``, the test metrics (beam search, the
         whole test split), ``epochs, train_seconds, seconds, params``, and the trial config's fields."""
-        return results.confirm_frame(self.paths, self.spec)
+        return in_points(results.confirm_frame(self.paths, self.spec))
 
     def confirm_history(self) -> pd.DataFrame:
         """One row per confirm run and epoch: ``run, method, config_rank, seed, epoch`` and what the epoch reported
         (validation scores and loss, learning rate, seconds): the confirm runs' learning curves."""
         from study.records import confirm_history
 
-        return confirm_history(self.paths)
+        return in_points(confirm_history(self.paths))
 
     def per_image(self) -> pd.DataFrame:
         """One row per confirm run and test image: ``method, config_rank, seed, image_id`` and its scores."""
-        return results.per_image_frame(self.paths)
+        return in_points(results.per_image_frame(self.paths))
 
     def test_scores(self) -> pd.DataFrame:
         """One row per method and configuration rank: ``seeds`` and every test metric's corpus-level score as
         ``<metric>_mean`` and ``<metric>_std`` over seeds (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D: the numbers papers
         print, the table docs/answer.md quotes)."""
-        return results.test_scores(self.confirm_runs(), self.spec.methods)
+        return in_points(results.test_scores(results.confirm_frame(self.paths, self.spec), self.spec.methods))
 
     def verdict(self) -> pd.DataFrame:
         """One row per method (index ``method``): its ``role``, ``seeds``, ``images`` and the mean of CIDEr-D and
@@ -133,7 +136,7 @@ class Study(StudyContext):
         with ``<metric>_lo``/``_hi`` bounds, at the level the report uses (95%, or the sequential plan's per-look
         level after ``study decide``). ``attrs``: ``verdict`` (the words), ``diff`` and ``ci`` (target - best
         other, and its interval), ``best_other``, ``margin``, ``level``, ``text``."""
-        return results.verdict_frame(self)
+        return in_points(results.verdict_frame(self))
 
     def export(self, dest: Path, *, force: bool = False) -> list[Path]:
         """Copy the report, figures, provenance, spec and result tables into ``dest`` (no checkpoints); ``dest``
@@ -146,26 +149,26 @@ class Study(StudyContext):
         config_rank, seed`` and that run's corpus scores on the dataset (same metric names as ``confirm_runs``)."""
         from study.verdicts import evaluations_frame
 
-        return evaluations_frame(self.paths)
+        return in_points(evaluations_frame(self.paths))
 
     def evaluation_per_image(self, dataset: str | None = None) -> pd.DataFrame:
         """As ``per_image``, on the evaluated datasets (all, or ``dataset``), with a ``dataset`` column first."""
         from study.verdicts import evaluation_per_image_frame
 
-        return evaluation_per_image_frame(self.paths, dataset)
+        return in_points(evaluation_per_image_frame(self.paths, dataset))
 
     def evaluation_verdict(self, dataset: str) -> pd.DataFrame:
         """As ``verdict``, computed on an evaluated dataset's images (``attrs`` also names the ``dataset``)."""
         from study.verdicts import verdict_frame
 
-        return verdict_frame(self.paths, self.spec, dataset)
+        return in_points(verdict_frame(self.paths, self.spec, dataset))
 
     def pooled_verdict(self) -> pd.DataFrame:
         """The pooled verdict over the test split and every evaluated dataset (``analysis.pooled``): one row per
         set and a last ``pooled`` row; ``attrs``: ``verdict``, ``decides``, ``diff``, ``ci``, ``other``, ``text``."""
         from study.verdicts import pooled_frame
 
-        return pooled_frame(self.paths, self.spec, self.per_image())
+        return in_points(pooled_frame(self.paths, self.spec, results.per_image_frame(self.paths)))
 
 
 __all__ = ["Study", "StudyNotFound", "load"]

@@ -96,8 +96,8 @@ def set_verdict(per_image: pd.DataFrame, runs: pd.DataFrame, *, spec: "StudySpec
     from analysis.verdict import compute_verdict
     from study.comparing import BOOT_SEED, N_BOOT
 
-    verdict = compute_verdict(per_image, runs, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level,
-                              n_boot=N_BOOT, seed=BOOT_SEED, comparator=comparator, set_name=set_name)
+    verdict = compute_verdict(per_image, runs, roles=spec.arm_set.roles(), margin=spec.confirm.equivalence_margin,
+                              level=level, n_boot=N_BOOT, seed=BOOT_SEED, comparator=comparator, set_name=set_name)
     scores = per_image[verdict.metric] if verdict.metric in per_image else None
     if verdict.best_other is not None and scores is not None and not (scores.fillna(0) != 0).any():
         # Every caption scored 0 (e.g. references sharing no word with the models' vocabulary): "competes ...
@@ -127,8 +127,8 @@ def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *
         if manifest["json"] == own and manifest["split"] == "test":
             continue
         sets[name] = load_evaluation(paths, name)[0]
-    return pooled_verdict(sets, roles=spec.arm_set.roles(), margin=spec.confirm.margin, level=level, n_boot=N_BOOT,
-                          seed=BOOT_SEED, comparator=read_comparator(paths))
+    return pooled_verdict(sets, roles=spec.arm_set.roles(), margin=spec.confirm.equivalence_margin, level=level,
+                          n_boot=N_BOOT, seed=BOOT_SEED, comparator=read_comparator(paths))
 
 
 def split_fingerprints(paths: StudyPaths, spec: "StudySpec", info: dict[str, Any]) -> dict[str, str]:

@@ -99,7 +99,7 @@ def study_spec(folder: Path, name: str, dataset, *, methods=("init", "merge"), l
         "resources": {"cpu": 1},
         "storage": str(folder / "runs"),
         "max_failures": 1,
-        "confirm": {"top_k": 1, "seeds": 2, "epochs": 2, "beam_size": 2, "margin": 0.05},
+        "confirm": {"top_k": 1, "seeds": 2, "epochs": 2, "beam_size": 2, "margin_points": 5},
     }
     spec.update(overrides)
     path = folder / f"{name}.yaml"

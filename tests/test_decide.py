@@ -36,7 +36,7 @@ def _tiny_spec(tmp_path: Path, small_shapes, name: str, confirm: dict) -> Path:
 def test_decide_adds_seeds_under_the_plan_and_the_report_says_so(tmp_path, small_shapes):
     # init - pre is exactly 0 with no spread; with margin 0 the interval [0, 0] neither clears nor falls below
     # it: inconclusive at every look, and decide must stop at max_seeds.
-    spec_path = _tiny_spec(tmp_path, small_shapes, "decide", {"margin": 0.0, "max_seeds": 2})
+    spec_path = _tiny_spec(tmp_path, small_shapes, "decide", {"margin_points": 0.0, "max_seeds": 2})
     run = _study("run", str(spec_path), "--no-report", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     too_many = _study("decide", "decide", "--storage", str(tmp_path / "runs"), "--max-seeds", "5", cwd=tmp_path)
@@ -83,7 +83,7 @@ def _check_frames(folder: Path) -> None:
 def test_decide_on_a_study_decided_at_95_percent_trains_nothing_unless_asked(tmp_path, small_shapes):
     """A verdict decided at the fixed 95% level (here: a margin no difference can exceed) is not re-judged at a
     plan's stricter level, which once called a "competes" study inconclusive and trained two more runs."""
-    spec_path = _tiny_spec(tmp_path, small_shapes, "done", {"margin": 10.0})
+    spec_path = _tiny_spec(tmp_path, small_shapes, "done", {"margin_points": 1000.0})
     run = _study("run", str(spec_path), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     folder = tmp_path / "runs" / "done"

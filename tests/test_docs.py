@@ -91,8 +91,8 @@ def _export_verdicts() -> dict[str, dict[str, str]]:
 
 
 def _interval(row: dict[str, str]) -> str:
-    x100 = {k: f"{100 * float(row[k]):.1f}" for k in ("diff", "lo", "hi")}
-    return f"{x100['diff']} [{x100['lo']}, {x100['hi']}]"
+    shown = {k: f"{float(row[k]):.1f}" for k in ("diff", "lo", "hi")}  # the export's CSVs hold points
+    return f"{shown['diff']} [{shown['lo']}, {shown['hi']}]"
 
 
 def test_the_answers_tables_are_the_committed_exports_numbers():
@@ -136,20 +136,20 @@ def test_the_verdicts_in_the_readme_and_the_docs_are_the_export():
     # the target's and the best arm's test CIDEr-D as test_scores.csv has them
     with open(FLICKR8K / "test_scores.csv") as f:
         rows = {row["method"]: row for row in csv.DictReader(f)}
-    cider = {m: f"{100 * float(r['CIDEr-D_mean']):.1f}" for m, r in rows.items()}
+    cider = {m: f"{float(r['CIDEr-D_mean']):.1f}" for m, r in rows.items()}
     best = max(cider, key=lambda m: float(cider[m]))
     assert best == "attention"
     for text in (readme, answer):
         assert f"scores CIDEr-D {cider[flickr['target']]}" in text or f"CIDEr-D {cider[flickr['target']]} on" in text
         assert f"{cider[best]}" in text
     # the margin table: the words at every margin, and the deciding margin read off the interval
-    assert f"above {100 * -float(flickr['lo']):.1f} points on Flickr8k" in answer
+    assert f"above {-float(flickr['lo']):.1f} points on Flickr8k" in answer
     with open(FLICKR8K / "margins.csv") as f:
         assert {row["verdict"] for row in csv.DictReader(f)} == {"inconclusive"}
     # the decide looks the answer lists are decide.json's
     import json
 
-    looks = json.loads((FLICKR8K / "decide.json").read_text())["looks"]
+    looks = json.loads((FLICKR8K / "decide.json").read_text())["looks"]  # the study's record: 0..1
     listed = ", ".join(f"{100 * look['diff']:.1f}" for look in looks[:-1]) + f" and {100 * looks[-1]['diff']:.1f}"
     assert f"{listed} at 3, 4, 5 and 6 seeds" in answer
 
@@ -194,10 +194,9 @@ def test_the_answers_other_numbers_are_the_exports():
     with open(FLICKR8K / "confirm_runs.csv") as f:
         runs = {row["run"]: row for row in csv.DictReader(f)}
     for run in ("seed-r1-s0", "attention-r1-s0"):
-        scores = ", ".join(f"{metric} {100 * float(runs[run][metric]):.2f}" for metric in ("CIDEr-D", "BLEU-4",
-                                                                                             "METEOR"))
+        scores = ", ".join(f"{metric} {float(runs[run][metric]):.2f}" for metric in ("CIDEr-D", "BLEU-4", "METEOR"))
         assert f"`study reproduce results/flickr8k {run}`" in answer and f"({scores})" in answer, run
-    chosen = json.loads((FLICKR8K / "comparator.json").read_text())["values"]
+    chosen = json.loads((FLICKR8K / "comparator.json").read_text())["values"]  # the study's record: 0..1
     assert chosen["par"] == max(chosen.values())
     val = {m: f"{100 * v:.1f}" for m, v in chosen.items()}
     assert f"`par` led ({val['par']} against {val['init']} for `init` and {val['attention']} for `attention`)" in answer

@@ -139,7 +139,7 @@ def evaluated(tmp_path_factory, small_shapes, feature_cache_dir):
     tmp = tmp_path_factory.mktemp("evaluate")
     spec_path = study_spec(tmp, "crossdata", small_shapes, search={"trials": 2, "seed": 1},
                            asha={"max_epochs": 2, "grace_period": 2, "reduction_factor": 2},
-                           confirm={"top_k": 1, "seeds": 1, "epochs": 2, "beam_size": 2, "margin": 0.05})
+                           confirm={"top_k": 1, "seeds": 1, "epochs": 2, "beam_size": 2, "margin_points": 5})
     run = _study("run", str(spec_path), cwd=tmp)
     assert run.returncode == 0, run.stderr[-3000:]
     rerun = _study("run", str(spec_path), cwd=tmp)  # refused: the study exists
@@ -275,7 +275,8 @@ def test_the_verdict_on_the_other_dataset_is_a_frame_the_report_a_section_mlflow
     for name, text in evaluated.results.items():
         result, row = json.loads(text), confirm.loc["confirm-" + name.removesuffix(".json")]
         for metric in ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L"):
-            assert row[f"metrics.shapes-b/{metric}"] == pytest.approx(result["scores"][metric])
+            # the record keeps 0..1; MLflow shows points, as every other place
+            assert row[f"metrics.shapes-b/{metric}"] == pytest.approx(100 * result["scores"][metric])
         artifacts = {a.path for a in MlflowClient(uri).list_artifacts(row["run_id"], "evaluate/shapes-b")}
         assert artifacts == {f"evaluate/shapes-b/{name}"}
 
@@ -396,7 +397,7 @@ def test_study_verify_recomputes_every_interval_from_the_export_alone_and_names_
     assert sorted(per_image.groupby(["method", "seed"]).size().to_dict()) == [("init", 0), ("merge", 0)]
     assert per_image["image_id"].nunique() == 20 and "CIDEr-D" in per_image
     settings = json.loads((results / "verdict_settings.json").read_text())
-    assert (settings["n_boot"], settings["seed"], settings["level"], settings["margin"]) == (2000, 0, 0.95, 0.05)
+    assert (settings["n_boot"], settings["seed"], settings["level"], settings["margin"]) == (2000, 0, 0.95, 5.0)
     # The confirm stage fixed the comparator from the search's validation scores (merge: the only competitor).
     assert list(settings["sets"]) == ["shapes test (the study's)", "shapes-b"] and settings["comparator"] == "merge"
 
@@ -410,11 +411,11 @@ def test_study_verify_recomputes_every_interval_from_the_export_alone_and_names_
             assert (frame["diff"], frame["lo"], frame["hi"]) == tuple(verdicts.loc[name, ["diff", "lo", "hi"]])
     report = (evaluated.folder / "report" / "report.md").read_text()
     test = verdicts.loc["shapes test (the study's)"]
-    shown = f"[{100 * test['lo']:.1f}, {100 * test['hi']:.1f}]"
-    assert f"Difference init - merge (CIDEr-D): {100 * test['diff']:.1f} {shown}" in report
-    assert f"| shapes test (the study's) | 20 | 1 | {100 * test['diff']:.1f} | {shown} |" in report
+    shown = f"[{test['lo']:.1f}, {test['hi']:.1f}]"  # the export holds points, the report prints them to one decimal
+    assert f"Difference init - merge (CIDEr-D): {test['diff']:.1f} {shown}" in report
+    assert f"| shapes test (the study's) | 20 | 1 | {test['diff']:.1f} | {shown} |" in report
     margins = pd.read_csv(results / "margins.csv")
-    assert list(margins[margins["set"] == "pooled"]["margin"])[:3] == [0.01, 0.02, 0.03]
+    assert list(margins[margins["set"] == "pooled"]["margin"])[:3] == [1.0, 2.0, 3.0]
     assert "The verdict at other equivalence margins" in report and "## Earlier looks at these test splits" in report
 
     # Recomputed from the export alone, in a process that never imports torch.
@@ -430,7 +431,7 @@ def test_study_verify_recomputes_every_interval_from_the_export_alone_and_names_
     edited = tmp_path / "edited"
     shutil.copytree(results, edited)
     table = pd.read_csv(edited / "verdict.csv")
-    table.loc[table["method"] == "init", "CIDEr-D_lo"] += 0.001
+    table.loc[table["method"] == "init", "CIDEr-D_lo"] += 0.1
     table.to_csv(edited / "verdict.csv", index=False)
     failed = _cli("verify", edited)
     assert failed.exit_code == 1, failed.output
@@ -442,8 +443,9 @@ def test_study_verify_recomputes_every_interval_from_the_export_alone_and_names_
     # The test-split ledger beside the studies: one row per set, however often the report ran; the export has them.
     ledger = pd.read_csv(evaluated.tmp / "runs" / "ledger.csv")
     assert sorted(ledger["set"]) == ["shapes test (the study's)", "shapes-b"] and set(ledger["study"]) == {"crossdata"}
-    assert (ledger.set_index("set")["diff"] == verdicts["diff"].drop("pooled")).all()
-    assert len(pd.read_csv(results / "ledger.csv")) == 2
+    # the ledger is a record: one format, the 0..1 scale it began on, beside the studies and in the export alike
+    assert (100 * ledger.set_index("set")["diff"] == verdicts["diff"].drop("pooled")).all()
+    assert pd.read_csv(results / "ledger.csv").equals(ledger)
 
 
 def test_report_never_prepares_the_data(evaluated, feature_cache_dir):

@@ -1,5 +1,7 @@
-"""Issue 34, items 3, 4 and 8, on one small real study (init against the image-blind none, two confirm seeds):
+"""Issue 34, items 2, 3, 4 and 8, on one small real study (init against the image-blind none, two confirm seeds):
 
+* one scale: a search trial's CIDEr-D reads the same number of points in the console, the report, the frames,
+  the export's CSV, MLflow and the exported optuna.db, and the study's own record holds it on the 0..1 scale;
 * one seed label: a confirm run's seed index reads the same in its run name, the frames, the export, MLflow and
   its note, with the torch seed (1000 + index) beside it as ``torch_seed``;
 * MLflow set up for the question: ``params`` a run parameter (never a curve), search trials and confirm runs told
@@ -35,7 +37,7 @@ def finished(tmp_path_factory, small_shapes):
     tmp = tmp_path_factory.mktemp("mlflowsetup")
     spec_path = study_spec(tmp, "setup", small_shapes, methods=("init", "none"), search={"trials": 2, "seed": 1},
                            asha={"max_epochs": 2, "grace_period": 2, "reduction_factor": 2},
-                           confirm={"top_k": 1, "seeds": 2, "epochs": 2, "beam_size": 2, "margin": 0.05})
+                           confirm={"top_k": 1, "seeds": 2, "epochs": 2, "beam_size": 2, "margin_points": 5})
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     run = subprocess.run([sys.executable, "-m", "study", "run", str(spec_path)], cwd=tmp, env=env,
                          capture_output=True, text=True, timeout=900)
@@ -85,6 +87,55 @@ def test_one_confirm_run_carries_one_seed_label_in_its_name_the_frames_the_expor
     # ... as it does for an export from before torch_seed (results/flickr8k): the index alone, 1000 + it.
     pd.read_csv(csv).drop(columns=["torch_seed"]).to_csv(csv, index=False)
     assert run_config(finished.tmp / "results", "init-r1-s1")[0].seed == 1001
+
+
+@pytest.mark.slow
+def test_one_trials_cider_reads_the_same_points_in_the_console_report_frames_export_mlflow_and_optuna(
+        finished, tmp_path):
+    import optuna
+
+    from study.results import trials_frame
+    from study.study import Study
+
+    found = Study.open(finished.folder)
+    trials = found.trials().set_index("run")
+    run = trials["val_CIDEr-D"].idxmax()
+    trial_id, points = trials.loc[run, "trial_id"], float(trials.loc[run, "val_CIDEr-D"])
+    # The study's own record keeps pycocoevalcap's 0..1 scale; every place below reads it x100.
+    stored = float(trials_frame(found).set_index("run").loc[run, "val_CIDEr-D"])
+    assert points == pytest.approx(100 * stored, rel=1e-12) and stored < points
+    shown = f"{points:.1f}"  # a person's reading: one decimal
+    # the console: the leaderboard `study run` printed after the search
+    console = next(line for line in finished.run.stdout.splitlines() if run in line)
+    assert shown in console.split(), console
+    # the report: the leaderboard row of that trial
+    report = (finished.folder / "report" / "report.md").read_text()
+    row = next(line for line in report.splitlines() if f"| {trial_id} |" in line)
+    assert shown in [cell.strip() for cell in row.split("|")], row
+    # the export's CSV, at full precision
+    assert _cli("export", finished.folder, tmp_path / "export").exit_code == 0
+    exported = pd.read_csv(tmp_path / "export" / "trials.csv").set_index("run")
+    assert float(exported.loc[run, "val_CIDEr-D"]) == pytest.approx(points, rel=1e-12)
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["scores"] == "points"
+    # A report written before points (its verdict.csv on the 0..1 scale) is not exported as if it were points.
+    origin = finished.folder / "report" / "provenance.json"
+    kept = origin.read_text()
+    origin.write_text(json.dumps({k: v for k, v in json.loads(kept).items() if k != "scores"}))
+    try:
+        refused = _cli("export", finished.folder, tmp_path / "old")
+    finally:
+        origin.write_text(kept)
+    assert refused.exit_code != 0 and "predates scores in points" in " ".join(refused.output.split())
+    # MLflow: the trial's run, its best epoch's score and its curve
+    client, _, logged = _runs(finished, f"tags.kind = 'trial' and attributes.run_name = '{run}'")
+    assert logged[0].data.metrics["best_val_CIDEr-D"] == pytest.approx(points, rel=1e-12)
+    curve = client.get_metric_history(logged[0].info.run_id, "val_CIDEr-D")
+    assert max(m.value for m in curve) == pytest.approx(points, rel=1e-12)
+    # optuna-dashboard's database: the trial's value
+    storage = f"sqlite:///{finished.folder / 'optuna.db'}"
+    values = [t.value for name in optuna.get_all_study_names(storage)
+              for t in optuna.load_study(study_name=name, storage=storage).trials if t.user_attrs.get("run") == run]
+    assert values == [pytest.approx(points, rel=1e-12)]
 
 
 @pytest.mark.slow

@@ -175,3 +175,17 @@ def test_a_spec_error_names_the_line_suggests_the_name_and_carries_no_pydantic_p
     with pytest.raises(ConfigError) as err:
         load_spec(broken)
     assert "<unicode string>" not in str(err.value) and f'in "{broken}", line 2' in str(err.value)
+
+
+@pytest.mark.parametrize("confirm, margin", [("{}", 0.02), ("{margin_points: 5}", 0.05), ("{margin: 0.03}", 0.03)])
+def test_the_margin_is_written_in_points_and_an_older_specs_0_to_1_margin_still_reads_as_it_did(tmp_path, confirm,
+                                                                                                margin):
+    """Issue 34 item 2: the spec's margin is in points, like every score a person reads (``margin_points: 5``); a
+    study's stored spec from before points says ``margin: 0.03`` on the 0..1 scale and judges as it did."""
+    spec = load_spec(_write(tmp_path, GOOD + f"confirm: {confirm}\n"))
+    assert spec.confirm.equivalence_margin == pytest.approx(margin, rel=1e-12)
+
+
+def test_a_spec_giving_the_margin_on_both_scales_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="margin .the 0..1 scale. and margin_points both given"):
+        load_spec(_write(tmp_path, GOOD + "confirm: {margin: 0.02, margin_points: 2}\n"))

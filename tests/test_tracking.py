@@ -41,7 +41,7 @@ def test_replayed_journal_creates_no_duplicates_and_closes_every_run(tmp_path):
     assert sorted(runs["tags.trial_id"]) == ["a", "b"]
     assert (runs["status"] == "FINISHED").all()
     b = runs[runs["tags.trial_id"] == "b"].iloc[0]
-    assert b["metrics.val_CIDEr-D"] == 0.7 and b["tags.status"] == "stopped"
+    assert b["metrics.val_CIDEr-D"] == 70.0 and b["tags.status"] == "stopped"  # MLflow shows scores in points
     assert again.pending == 0
 
 
@@ -89,7 +89,7 @@ def test_confirm_runs_params_once_and_stopped_trials(tmp_path):
     trial = client.get_run(trials.iloc[0]["run_id"])
     assert trial.data.tags["status"] == "stopped" and "error" not in trial.data.tags
     assert trial.data.params["params"] == "1234" and "params" not in trial.data.metrics
-    assert trial.data.metrics["best_val_CIDEr-D"] == 0.6 and trial.data.metrics["best_epoch"] == 2
+    assert trial.data.metrics["best_val_CIDEr-D"] == 60.0 and trial.data.metrics["best_epoch"] == 2  # in points
     assert trial.data.tags["mlflow.source.name"] == "study run"
 
 
@@ -166,7 +166,7 @@ def test_torn_and_garbled_journal_lines_are_named_and_skipped_never_a_server_pro
     assert not [r for r in caplog.records if "not reachable" in r.getMessage()]
     parents, runs = study_runs(uri, "exp")
     assert parents.iloc[0]["status"] == "FINISHED"
-    assert runs.iloc[0]["metrics.val_CIDEr-D"] == 0.4 and runs.iloc[0]["status"] == "FINISHED"
+    assert runs.iloc[0]["metrics.val_CIDEr-D"] == 40.0 and runs.iloc[0]["status"] == "FINISHED"
     assert _study_start(StudyPaths.at(folder))["kind"] == "study_start"  # the report's reader too
 
 
@@ -193,7 +193,7 @@ def _assert_one_run_each(uri: str) -> None:
     parents, trials = study_runs(uri, "exp")
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
     assert sorted(trials["tags.trial_id"]) == ["a", "b"] and (trials["status"] == "FINISHED").all()
-    assert list(trials.sort_values("tags.trial_id")["metrics.val_CIDEr-D"]) == [0.4, 0.2]
+    assert list(trials.sort_values("tags.trial_id")["metrics.val_CIDEr-D"]) == [40.0, 20.0]  # 0.4, 0.2 in points
     confirm = confirm_runs(uri, "exp")
     assert list(confirm["tags.mlflow.runName"]) == ["confirm-init-r1-s0"] and confirm.iloc[0]["status"] == "FINISHED"
 

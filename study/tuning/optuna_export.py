@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.metric_table import in_points
 from study.paths import StudyPaths
 from study.records import missing
 from study.spec import StudySpec
@@ -25,9 +26,10 @@ def export_optuna_studies(spec: StudySpec) -> Path | None:
     """Write the study's search as Optuna studies into ``<study>/optuna.db`` (an Optuna RDB storage, one study per
     method group, named ``<study>.<method>``) for ``optuna-dashboard sqlite:///<study>/optuna.db`` and
     ``optuna.load_study(...).trials_dataframe()``. Written from the study's own records, so it shows what happened:
-    each trial COMPLETE with its best epoch's value, PRUNED where ASHA stopped it, FAIL where it errored; its real
-    start and end (from the journal's epoch times), one intermediate value per epoch of the spec's metric, and
-    user attributes linking it to its ``trial_id``, run name, MLflow run and method. Running trials are left out.
+    each trial COMPLETE with its best epoch's value (a score in points), PRUNED where ASHA stopped it, FAIL where it
+    errored; its real start and end (from the journal's epoch times), one intermediate value per epoch of the spec's
+    metric, and user attributes linking it to its ``trial_id``, run name, MLflow run and method. Running trials are
+    left out.
     Rebuilt whole after each search."""
     import optuna
 
@@ -35,7 +37,8 @@ def export_optuna_studies(spec: StudySpec) -> Path | None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per study written, as in GroupSearch
     paths = StudyPaths.of(spec.storage, spec.name)
-    trials, history = load_trial_tables(spec)
+    # values in points, as every other place a person reads a score (analysis.metric_table)
+    trials, history = (in_points(frame) for frame in load_trial_tables(spec))
     if trials.empty:
         return None
     times = _trial_times(paths)
