@@ -279,8 +279,8 @@ def export(
     provenance, the spec, the search's trials and learning curves, the confirm runs and the verdict as CSV.
     No checkpoints, no features. DEST must be outside the study folder and empty (or a previous export, with
     --force)."""
+    from study.exporting import ExportRefused
     from study.records import EXPORT_MANIFEST
-    from study.results import ExportRefused
 
     found = open_study(study, storage)
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import pandas as pd
 
@@ -26,43 +26,12 @@ from study.files import atomic_write_bytes, atomic_write_json
 from study.paths import StudyPaths
 from study.records import missing, read_test_split, write_test_split
 from study.spec import StudySpec
-from study.trial_tables import NoScoredTrial, confirmed_trials
+from study.trial_tables import NoScoredTrial, confirm_configs, confirmed_trials, run_name
 
 if TYPE_CHECKING:
     from study.context import StudyContext
 
 log = logging.getLogger(__name__)
-
-
-def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | None = None,
-                    methods: list[str] | None = None) -> list[tuple[str, int, int, TrialConfig]]:
-    """(method, rank, seed, config) of every confirm run: the best ``top_k`` trials of each method, with
-    ``seeds`` (default: the spec's ``confirm.seeds`` first ones) for ``methods`` (default: all)."""
-    runs = []
-    chosen = confirmed_trials(spec, trials)
-    # One rule for every arm: each run ends with its best validation epoch's model (or its last), chosen on the
-    # study's metric decoded with the test's beam, before the test split is read (study.training.BestEpoch).
-    selection = {"select_metric": spec.metric if spec.confirm.select == "best_val" else None}
-    if spec.confirm.select == "best_val":
-        selection.update(val_beam_size=spec.confirm.beam_size, val_images=spec.confirm.val_images)
-    for _, row in chosen[chosen["method"].isin(methods or spec.methods)].iterrows():
-        sampled = {k: _plain(row[k]) for k in spec.space if k in row and not missing(row[k])}
-        # The schedule length: confirm.epochs, else the configuration's own (searched), else the search's.
-        epochs = spec.confirm.epochs or int(sampled.get("epochs", spec.asha.max_epochs))
-        for seed in seeds if seeds is not None else range(spec.confirm.seeds):
-            cfg = spec.trial_config({**sampled, "seed": 1000 + seed, "epochs": epochs,
-                                     "beam_size": spec.confirm.beam_size, **selection})
-            runs.append((row["method"], int(row["config_rank"]), seed, cfg))
-    return runs
-
-
-def _plain(value: Any) -> Any:
-    """A frame cell as a config field wants it (numpy scalars to Python numbers)."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def run_name(method: str, rank: int, seed: int) -> str:
-    return f"{method}-r{rank}-s{seed}"
 
 
 def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
@@ -95,9 +64,11 @@ def confirm_one(cfg: TrialConfig, data) -> dict[str, Any]:
             "seconds": time.perf_counter() - t0, "checkpoint": checkpoint}
 
 
-def confirm_stage(ctx: "StudyContext", *, address: str | None = None, progress: bool = True,
+def confirm_stage(ctx: "StudyContext", ray_session: Callable[[], ContextManager], *, progress: bool = True,
                   runs: list[tuple[str, int, int, TrialConfig]] | None = None) -> Path:
-    """``Study.confirm``: the missing confirm runs on Ray (a local Ray unless ``address``), shut down after."""
+    """``Study.confirm``: the missing confirm runs as Ray tasks, inside ``ray_session()`` (the search's Ray,
+    handed in by ``Study.confirm`` so that no stage imports another; entered only when there is something to
+    train, since it imports and starts Ray)."""
     trials, _ = ctx.tables()
     planned = confirm_configs(ctx.spec, trials) if runs is None else runs
     if all(ctx.paths.confirm_result(run_name(m, r, s)).exists() for m, r, s, _ in planned) \
@@ -108,15 +79,10 @@ def confirm_stage(ctx: "StudyContext", *, address: str | None = None, progress: 
                 break
         else:
             return ctx.paths.confirm  # nothing to train: no data to prepare, no Ray to start (study report)
-    from study import tuning  # imports Ray: only when there is something to train
-
     data = ctx.data(progress=progress)
     write_test_split(ctx.paths, data)  # what the report needs of the data, so it never prepares it
-    tuning.ensure_ray(address)
-    try:
+    with ray_session():
         return run_confirm(ctx.spec, ctx.paths, trials, data, progress=progress, runs=runs)
-    finally:
-        tuning.shutdown()
 
 
 def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, *, progress: bool = True,

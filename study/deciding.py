@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from analysis.metric_table import format_metric
 from study.files import atomic_write_json
@@ -21,11 +21,13 @@ if TYPE_CHECKING:
     from study.context import StudyContext
 
 
-def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None, hours: float | None = None,
-                            address: str | None = None, console: Any = None, progress: bool = True,
+def add_seeds_until_decided(ctx: "StudyContext", confirm: Callable[[list | None], Any], *,
+                            max_seeds: int | None = None, hours: float | None = None, console: Any = None,
                             stricter: bool = False) -> list[dict]:
     """Add seeds to the target and the best competitor, one at a time, until the plan's verdict is conclusive,
     ``max_seeds`` is reached or ``hours`` are spent; every look goes to ``decide.json``. Returns the looks.
+    ``confirm(runs)`` trains confirm runs (None: the spec's): the confirm stage, handed in by ``Study.decide`` so
+    that no stage imports another.
 
     A study whose fixed-design (95%) verdict is already decided, and that planned no sequential looks, is left
     as it is (no look, no run) unless ``stricter``: re-judging that look at a plan's stricter level may call it
@@ -33,7 +35,7 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
     from analysis.sequential import verdict_at
     from analysis.verdict import INCONCLUSIVE, compute_verdict
     from study.comparing import read_comparator, test_set_name
-    from study.confirm import confirm_configs, confirm_stage
+    from study.trial_tables import confirm_configs
 
     spec, paths = ctx.spec, ctx.paths
     compare = dict(roles=spec.arm_set.roles(), margin=spec.confirm.equivalence_margin,
@@ -45,7 +47,7 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
     trials, _ = ctx.tables()
     looks = json.loads(paths.decide.read_text())["looks"] if paths.decide.is_file() else []
     started = time.monotonic()
-    confirm_stage(ctx, address=address, progress=progress)  # the first look needs the confirm stage
+    confirm(None)  # the first look needs the confirm stage
     if not looks and spec.confirm.max_seeds is None and not stricter:
         per_image, runs, _ = load_confirm(paths)
         fixed = compute_verdict(per_image, runs, **compare)
@@ -78,4 +80,4 @@ def add_seeds_until_decided(ctx: "StudyContext", *, max_seeds: int | None = None
         more = [run for m, n in counts.items() if n < plan.max_seeds
                 for run in confirm_configs(spec, trials, seeds=range(n, n + 1), methods=[m])
                 if run[1] == 1]  # the search's best configuration: the one the verdict compares
-        confirm_stage(ctx, address=address, progress=progress, runs=more)
+        confirm(more)

@@ -89,7 +89,7 @@ def log_evidence(ctx: "StudyContext", verdict, report_dir: Path) -> None:
     (``verdict.csv``, the ``verdict.json`` table, tags and headline metrics), every arm's test scores side by side
     (the ``test_scores.json`` table: one row per arm, mean and sd over seeds, in points) and the report's folder."""
     from analysis.metric_table import in_points
-    from study.results import confirm_frame, test_scores
+    from study.frames import confirm_frame, test_scores
     from study.tracking import log_confirm_runs, source_tags
 
     spec, paths = ctx.spec, ctx.paths

@@ -9,20 +9,21 @@
 Each stage is a function of the study's context (``study.context.StudyContext``: spec, folder, tracker, data,
 trial tables) and reads what the one before wrote, from the study folder, so each can run (and resume) on its
 own. The readers (``trials()``, ``leaderboard()``, ``confirm_runs()``, ``verdict()``, ...) are
-``study.results``'s and return pandas frames: no Ray, no MLflow, no GPU; their scores (and differences of
+``study.frames``' and return pandas frames: no Ray, no MLflow, no GPU; their scores (and differences of
 scores) in points, x100 of pycocoevalcap's 0..1 scale, as the console, the report, MLflow and the exports show them
 (``analysis.metric_table.in_points``).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 
 from analysis.metric_table import in_points
-from study import results
+from study import exporting, frames
 from study.context import StudyContext, StudyNotFound
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class Study(StudyContext):
         kept). ``runs`` (method, rank, seed, config) defaults to the spec's confirm stage."""
         from study.confirm import confirm_stage
 
-        return confirm_stage(self, address=address, progress=progress, runs=runs)
+        return confirm_stage(self, functools.partial(_ray_session, address), progress=progress, runs=runs)
 
     def report(self, *, console: Any = None, address: str | None = None, progress: bool = True) -> Path:
         """The confirm stage if needed, then the verdict, the report and its evidence in MLflow."""
@@ -72,8 +73,8 @@ class Study(StudyContext):
         """Add seeds under a sequential plan until the verdict is decided (``study decide``), then report."""
         from study.deciding import add_seeds_until_decided
 
-        add_seeds_until_decided(self, max_seeds=max_seeds, hours=hours, address=address, console=console,
-                                progress=progress, stricter=stricter)
+        add_seeds_until_decided(self, lambda runs: self.confirm(address=address, progress=progress, runs=runs),
+                                max_seeds=max_seeds, hours=hours, console=console, stricter=stricter)
         return self.report(console=console, address=address, progress=progress)
 
     def evaluate(self, dataset_json: str | Path, *, images_root: str | Path | None = None, split: str = "test",
@@ -97,21 +98,21 @@ class Study(StudyContext):
         """One row per search trial: its parameters (None where a conditional one was not sampled), ``status``
         (completed, stopped by ASHA, errored, running), ``epochs`` trained, ``best_epoch`` and the metrics of
         that epoch (a trial's score is its best epoch by the spec's metric, everywhere)."""
-        return in_points(results.trials_frame(self))
+        return in_points(frames.trials_frame(self))
 
     def history(self) -> pd.DataFrame:
         """One row per trial and epoch with every reported metric (``trial_id``, ``inject``, ``epoch``, ...)."""
-        return in_points(results.history_frame(self))
+        return in_points(frames.history_frame(self))
 
     def leaderboard(self, *, metric: str | None = None, best_per_method: bool = True) -> pd.DataFrame:
         """The trials sorted by ``metric`` (default: the spec's), best per method first; what
         ``study leaderboard`` prints."""
-        return in_points(results.leaderboard_frame(self, metric=metric, best_per_method=best_per_method))
+        return in_points(frames.leaderboard_frame(self, metric=metric, best_per_method=best_per_method))
 
     def confirm_runs(self) -> pd.DataFrame:
         """One row per finished confirm run: ``method, config_rank, seed``, the test metrics (beam search, the
         whole test split), ``epochs, train_seconds, seconds, params``, and the trial config's fields."""
-        return in_points(results.confirm_frame(self.paths, self.spec))
+        return in_points(frames.confirm_frame(self.paths, self.spec))
 
     def confirm_history(self) -> pd.DataFrame:
         """One row per confirm run and epoch: ``run, method, config_rank, seed, epoch`` and what the epoch reported
@@ -122,13 +123,13 @@ class Study(StudyContext):
 
     def per_image(self) -> pd.DataFrame:
         """One row per confirm run and test image: ``method, config_rank, seed, image_id`` and its scores."""
-        return in_points(results.per_image_frame(self.paths))
+        return in_points(frames.per_image_frame(self.paths))
 
     def test_scores(self) -> pd.DataFrame:
         """One row per method and configuration rank: ``seeds`` and every test metric's corpus-level score as
         ``<metric>_mean`` and ``<metric>_std`` over seeds (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D: the numbers papers
         print, the table docs/answer.md quotes)."""
-        return in_points(results.test_scores(results.confirm_frame(self.paths, self.spec), self.spec.methods))
+        return in_points(frames.test_scores(frames.confirm_frame(self.paths, self.spec), self.spec.methods))
 
     def verdict(self) -> pd.DataFrame:
         """One row per method (index ``method``): its ``role``, ``seeds``, ``images`` and the mean of CIDEr-D and
@@ -136,12 +137,12 @@ class Study(StudyContext):
         with ``<metric>_lo``/``_hi`` bounds, at the level the report uses (95%, or the sequential plan's per-look
         level after ``study decide``). ``attrs``: ``verdict`` (the words), ``diff`` and ``ci`` (target - best
         other, and its interval), ``best_other``, ``margin``, ``level``, ``text``."""
-        return in_points(results.verdict_frame(self))
+        return in_points(frames.verdict_frame(self))
 
     def export(self, dest: Path, *, force: bool = False) -> list[Path]:
         """Copy the report, figures, provenance, spec and result tables into ``dest`` (no checkpoints); ``dest``
         outside the study and empty, or (``force``) holding a previous export, which is replaced."""
-        return results.export(self, dest, force=force)
+        return exporting.export(self, dest, force=force)
 
     # ----- other photo collections (`study evaluate`, study/verdicts.py) -----------------------------
     def evaluations(self) -> pd.DataFrame:
@@ -168,7 +169,14 @@ class Study(StudyContext):
         set and a last ``pooled`` row; ``attrs``: ``verdict``, ``decides``, ``diff``, ``ci``, ``other``, ``text``."""
         from study.verdicts import pooled_frame
 
-        return in_points(pooled_frame(self.paths, self.spec, results.per_image_frame(self.paths)))
+        return in_points(pooled_frame(self.paths, self.spec, frames.per_image_frame(self.paths)))
 
 
 __all__ = ["Study", "StudyNotFound", "load"]
+
+
+def _ray_session(address: str | None):
+    """The Ray a stage trains on (the search's: a local one unless ``address``), imported only when it is entered."""
+    from study import tuning
+
+    return tuning.ray_session(address)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from study.config import TrialConfig
 from study.paths import StudyPaths
 from study.records import missing
 from study.spec import REPORTED, StudySpec
@@ -217,3 +218,35 @@ def _why_unscored(spec: StudySpec, trials: pd.DataFrame) -> str:
     if counts.get("stopped") or counts.get("completed"):
         text += "; the others ended before finishing an epoch (time budget spent?)"
     return text
+
+
+# ----- the confirm runs the trial tables call for -------------------------------------------------------------
+def confirm_configs(spec: StudySpec, trials: pd.DataFrame, *, seeds: range | None = None,
+                    methods: list[str] | None = None) -> list[tuple[str, int, int, TrialConfig]]:
+    """(method, rank, seed, config) of every confirm run: the best ``top_k`` trials of each method, with
+    ``seeds`` (default: the spec's ``confirm.seeds`` first ones) for ``methods`` (default: all)."""
+    runs = []
+    chosen = confirmed_trials(spec, trials)
+    # One rule for every arm: each run ends with its best validation epoch's model (or its last), chosen on the
+    # study's metric decoded with the test's beam, before the test split is read (study.training.BestEpoch).
+    selection = {"select_metric": spec.metric if spec.confirm.select == "best_val" else None}
+    if spec.confirm.select == "best_val":
+        selection.update(val_beam_size=spec.confirm.beam_size, val_images=spec.confirm.val_images)
+    for _, row in chosen[chosen["method"].isin(methods or spec.methods)].iterrows():
+        sampled = {k: _plain(row[k]) for k in spec.space if k in row and not missing(row[k])}
+        # The schedule length: confirm.epochs, else the configuration's own (searched), else the search's.
+        epochs = spec.confirm.epochs or int(sampled.get("epochs", spec.asha.max_epochs))
+        for seed in seeds if seeds is not None else range(spec.confirm.seeds):
+            cfg = spec.trial_config({**sampled, "seed": 1000 + seed, "epochs": epochs,
+                                     "beam_size": spec.confirm.beam_size, **selection})
+            runs.append((row["method"], int(row["config_rank"]), seed, cfg))
+    return runs
+
+
+def _plain(value: Any) -> Any:
+    """A frame cell as a config field wants it (numpy scalars to Python numbers)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def run_name(method: str, rank: int, seed: int) -> str:
+    return f"{method}-r{rank}-s{seed}"

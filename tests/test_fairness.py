@@ -11,10 +11,9 @@ import pandas as pd
 import pytest
 
 from study.config import TrialConfig
-from study.confirm import confirm_configs
 from study.spec import StudySpec
 from study.training import _lr_lambda
-from study.trial_tables import confirmed_trials
+from study.trial_tables import confirm_configs, confirmed_trials
 from study.tuning.search import StudySearcher
 
 METHODS = ["init", "pre", "par", "merge", "attention", "none"]

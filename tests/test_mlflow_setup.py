@@ -94,7 +94,7 @@ def test_one_trials_cider_reads_the_same_points_in_the_console_report_frames_exp
         finished, tmp_path):
     import optuna
 
-    from study.results import trials_frame
+    from study.frames import trials_frame
     from study.study import Study
 
     found = Study.open(finished.folder)

@@ -10,7 +10,7 @@
 readers of what Tune wrote (``study.trial_tables``) live outside this package: they import no Ray.
 """
 
-from study.tuning.ray_compat import ensure_ray, shutdown, terminated
+from study.tuning.ray_compat import ensure_ray, ray_session, shutdown, terminated
 from study.tuning.runner import StudyOutcome, describe_budget, run_study
 
-__all__ = ["StudyOutcome", "describe_budget", "ensure_ray", "run_study", "shutdown", "terminated"]
+__all__ = ["StudyOutcome", "describe_budget", "ensure_ray", "ray_session", "run_study", "shutdown", "terminated"]

@@ -39,6 +39,7 @@ import logging
 import os
 import posixpath
 from collections import Counter
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 import ray
@@ -291,3 +292,13 @@ def terminated() -> bool:
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """``ensure_ray(address)`` for the work inside, ``shutdown()`` after it (the confirm stage's Ray tasks)."""
+    ensure_ray(address)
+    try:
+        yield
+    finally:
+        shutdown()
