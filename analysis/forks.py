@@ -1,7 +1,7 @@
 """The forking paths: earlier studies that scored the same test split, as the report lists them.
 
 Every look at a test split under a new protocol is one more chance to find what one hoped for; the test-split
-ledger (``study.ledger``) keeps each look, and this section says how many there were before this study's.
+ledger (``study.records.ledger``) keeps each look, and this section says how many there were before this study's.
 Pure: the ledger's rows in (differences on the 0..1 scale), ``analysis.render`` blocks out.
 """
 

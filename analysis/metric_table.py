@@ -8,7 +8,7 @@ Losses and bits per character are as they are, with three decimals. Only a study
 ``history.json``, the confirm records, the tracking journal, the test-split ledger) and the analysis underneath
 keep the 0..1 scale the metrics library computes, so no study written before points were adopted reads wrong.
 
-The spec's checks (``study.spec``), the metric suite (``study.metrics``), the confirm stage, the leaderboard,
+The spec's checks (``study.spec``), the metric suite (``study.trial.metrics``), the confirm stage, the leaderboard,
 the verdict (``analysis.verdict``), the corpus table (``analysis.scores``) and the report all read this table.
 """
 

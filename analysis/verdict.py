@@ -21,7 +21,7 @@ equivalence ``margin`` (same 0..1 units):
 * "competes": the whole interval lies above ``-margin`` (init is at most ``margin`` worse, or better);
 * "does not compete": the whole interval lies below ``-margin``;
 * otherwise "inconclusive" (whether more seeds, or only more test images, could decide it is the report's
-  decision note: ``study.deciding.decision_note``).
+  decision note: ``study.stages.decide.decision_note``).
 
 The same resamples give every interval (``analysis.bootstrap``) and the table of the words at other margins
 (``analysis.margins``). Caveats written into the text: a best other method chosen on the test point estimates is

@@ -25,7 +25,7 @@ import torch
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
 from study.spec import load_spec
-from study.training import run_trial
+from study.trial.training import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIRM = ROOT / "results" / "flickr8k" / "confirm_runs.csv"

@@ -15,8 +15,8 @@ import time
 import warnings
 from pathlib import Path
 
-from study.metrics import find_java, score_captions
-from study.ptb import ptb_tokenize
+from study.trial.metrics import find_java, score_captions
+from study.trial.ptb import ptb_tokenize
 
 
 def held_out_sets(captions: list[list[str]]) -> dict[int, tuple[dict, dict]]:

@@ -7,7 +7,7 @@ matmul peak of that precision, and batched vs per-image beam search.
 Training setup (the study's defaults for a word model): 1 layer, batch 64, T = 20, vocab 1000, embed 128,
 1280-d image features (EfficientNet-lite0), inject ``init`` for each cell, and ``attention`` (GRU,
 attention_dim 256, 7 x 7 grid) as a fourth row; Adam; bf16 is ``torch.autocast`` around the forward pass, as
-training runs it (``study.precision``). FLOPs are counted analytically for the matmuls only (input, recurrent,
+training runs it (``study.trial.precision``). FLOPs are counted analytically for the matmuls only (input, recurrent,
 attention and vocabulary projections; backward = 2x forward), so the FLOP/s figure is a lower bound on the work
 the machine does (element-wise gate math, softmax, dropout and the optimiser are left out). The peak is the best
 ``torch.mm`` of 512^3, 1024^3 and 2048^3 in that dtype: what this CPU's matmul kernels reach, not a datasheet
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from study.config import TrialConfig
 from study.data.encoders import pick_device
 from study.models import build_captioner
-from study.precision import autocast
+from study.trial.precision import autocast
 
 BATCH, STEPS_T, VOCAB, EMBED, FEAT, GRID, ATTENTION = 64, 20, 1000, 128, 1280, 49, 256
 GATES = {"lstm": 4, "lstm_peephole": 4, "gru": 3}

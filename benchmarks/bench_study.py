@@ -40,10 +40,10 @@ import yaml  # noqa: E402
 
 from study import tuning  # noqa: E402
 from study.context import StudyContext  # noqa: E402
-from study.mlflow_store import MlflowStore  # noqa: E402
+from study.records.trial_tables import load_trial_tables  # noqa: E402
 from study.spec import load_spec  # noqa: E402
 from study.tracking import StudyTracker  # noqa: E402
-from study.trial_tables import load_trial_tables  # noqa: E402
+from study.tracking.mlflow_store import MlflowStore  # noqa: E402
 from study.tuning import callbacks, ray_compat, runner  # noqa: E402
 
 FIXED = {"cell": "lstm", "layers": 1, "tokens": "word", "min_count": 1, "embed": 32, "hidden": 64,
@@ -200,7 +200,7 @@ def bench_overhead(args) -> None:
 
 # ----- MLflow micro-benchmark --------------------------------------------------------------------------
 def bench_mlflow(args) -> None:
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
     from study.tracking import StudyTracker
 
     metrics = {"train_loss": 2.5, "val_loss": 2.7, "val_bpc": 1.1, "val_CIDEr-D": 0.3, "val_BLEU-4": 0.1,

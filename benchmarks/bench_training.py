@@ -1,4 +1,4 @@
-"""Training-loop overhead: ``study.training._train_epoch`` against a bare hand-written loop.
+"""Training-loop overhead: ``study.trial.training._train_epoch`` against a bare hand-written loop.
 
     PYTHONPATH=. python benchmarks/bench_training.py [--epochs 3] [--threads 1 2] [--inject init]
 
@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
 from study.data.tokens import PAD
-from study.evaluation import FeatureSource, SplitTensors
 from study.models import build_captioner
-from study.precision import autocast
-from study.training import _lr_lambda, _train_epoch, build_optimizer, length_bucketed_batches
+from study.trial.evaluation import FeatureSource, SplitTensors
+from study.trial.precision import autocast
+from study.trial.training import _lr_lambda, _train_epoch, build_optimizer, length_bucketed_batches
 
 
 def epoch_batches(cfg: TrialConfig, train: SplitTensors, epoch: int) -> list[np.ndarray]:

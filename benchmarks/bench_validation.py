@@ -22,12 +22,12 @@ import torch
 from scipy.stats import spearmanr
 
 from analysis.metric_table import format_metric
-from study.checkpoints import load_checkpoint
 from study.config import checkpoint_config
 from study.data.prepare import TokenSetting, prepare
-from study.evaluation import Decoding, FeatureSource, SplitTensors, score_split, validation_loss
 from study.models import build_captioner
-from study.training import length_bucketed_batches
+from study.trial.checkpoints import load_checkpoint
+from study.trial.evaluation import Decoding, FeatureSource, SplitTensors, score_split, validation_loss
+from study.trial.training import length_bucketed_batches
 
 
 def newest_checkpoints(study: Path) -> list[Path]:

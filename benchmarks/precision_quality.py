@@ -32,9 +32,9 @@ import torch
 
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
-from study.evaluation import Decoding, score_split
 from study.spec import load_spec
-from study.training import run_trial
+from study.trial.evaluation import Decoding, score_split
+from study.trial.training import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "search_spaces" / "flickr8k.yaml"

@@ -7,7 +7,7 @@ The Flickr8k study's shapes: batch 64, 13 tokens (12 input steps), vocabulary 25
 EfficientNet-Lite0 features (1280 channels, 7 x 7 grid), AdamW (fused), gradient clipping, the project's own
 ``build_captioner`` and ``masked_nll``. Prints ms per step (median of ``--steps`` after 3 warm-up steps) for
 ``init`` and ``attention`` and their ratio, then ``torch.profiler``'s table of attention's step by self CPU time.
-``--full-strength LAMBDA`` adds Xu et al.'s options as ``study.training`` runs them: attention with
+``--full-strength LAMBDA`` adds Xu et al.'s options as ``study.trial.training`` runs them: attention with
 ``attention_init`` (the learned initial state), with ``attention_penalty`` LAMBDA (the weights kept and the
 doubly stochastic penalty added to the loss), and with both, each beside plain attention.
 """
@@ -21,17 +21,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from study.config import TrialConfig
-from study.evaluation import masked_nll
 from study.models import build_captioner
 from study.models.inject import doubly_stochastic_penalty
-from study.precision import autocast
+from study.trial.evaluation import masked_nll
+from study.trial.precision import autocast
 
 BATCH, TOKENS, VOCAB, EMBED, FEAT, GRID, ATTENTION = 64, 13, 2500, 256, 1280, 49, 128
 
 
 def training_step(inject: str, cell: str, hidden: int, precision: str, attention_init: bool = False,
                   penalty: float = 0.0):
-    """A closure running one training step of a fresh model on fixed random inputs (study.training's loss)."""
+    """A closure running one training step of a fresh model on fixed random inputs (study.trial.training's loss)."""
     torch.manual_seed(0)
     cfg = TrialConfig(inject=inject, cell=cell, hidden=hidden, embed=EMBED, attention_dim=ATTENTION, dropout=0.3,
                       attention_init=attention_init, attention_penalty=penalty)

@@ -9,7 +9,7 @@ journal and ``study.json``. Only plain files are read (no Ray), so it runs while
 The whole is the search's slot time: concurrent trial slots x the search's wall time (from Tune's start to the
 last trial's last result, summed over resumes). It splits into
 
-* the epochs' own parts, from each trial's reported metrics (``study.training.run_trial``): training steps
+* the epochs' own parts, from each trial's reported metrics (``study.trial.training.run_trial``): training steps
   (``train_seconds - data_seconds``), data loading (``data_seconds``), validation loss, greedy validation
   decoding, metrics. A study whose code predates those fields reports only ``train_seconds`` and
   ``epoch_seconds``: then training (with its data loading) and validation (loss, decoding and metrics
@@ -185,7 +185,7 @@ def measure_mlflow_costs(results: int = 40) -> dict[str, float]:
     """Seconds per tracked event, by kind, on a fresh sqlite store (the store's creation not counted)."""
     import mlflow  # noqa: F401  (it sets its loggers' levels when imported)
 
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
     from study.tracking import StudyTracker
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "creating tables" lines

@@ -25,9 +25,9 @@ import yaml
 from analysis.metric_table import format_metric
 from study.config import TrialConfig
 from study.data.prepare import TokenSetting, prepare
-from study.evaluation import Decoding, score_split
 from study.registry import METHODS
-from study.training import run_trial
+from study.trial.evaluation import Decoding, score_split
+from study.trial.training import run_trial
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -1,4 +1,5 @@
-"""Write ``results/ledger.csv``: the test-split ledger (``study.ledger``) of the studies committed under results/,
+"""Write ``results/ledger.csv``: the test-split ledger (``study.records.ledger``) of the studies committed under
+results/,
 read from the repository's git history, so a study's report can say how often Flickr8k's test split was looked at.
 
     python benchmarks/seed_ledger.py            # rewrite results/ledger.csv
@@ -31,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from study.ledger import COLUMNS, record, spec_sha256  # noqa: E402
+from study.records.ledger import COLUMNS, record, spec_sha256  # noqa: E402
 
 EXPORTS = ("results/flickr8k", "results/flickr8k_tokens")
 BENCHMARK = "benchmarks/precision_quality.py"  # the README's precision table names it
@@ -87,7 +88,7 @@ def _looks(commit: str, folder: str, date: str) -> list[dict]:
     spec = yaml.safe_load(spec_text)
     origin = json.loads(show("provenance.json") or "{}")
     study = json.loads(show("export.json") or "{}").get("study") or spec["name"]
-    dataset = spec.get("dataset", {})  # named as study.comparing.test_set_name names it
+    dataset = spec.get("dataset", {})  # named as study.records.comparing.test_set_name names it
     base = Path(dataset.get("json") or dataset.get("json_path") or "shapes").stem.removeprefix("dataset_")
     common = {"study": study, "spec_sha256": spec_sha256(spec_text), "protocol": _protocol(spec), "date": date,
               "comparator_rule": "best competitor on the test means (none fixed before the test split was scored)",

@@ -1,5 +1,5 @@
 """``python -m study`` is the ``study`` command."""
 
-from study.cli import main
+from study.cli.app import main
 
 main()

@@ -158,7 +158,7 @@ class TrialConfig(StrictModel):
     seed: int = Field(0, ge=0, le=SEED_MAX - 1000, description="model and batch-order seed (confirm runs add 1000+k)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast around the forward pass (weights, optimiser and loss stay fp32); "
-        "auto: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32 (study.precision)")
+        "auto: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32 (study.trial.precision)")
 
     # --- evaluation ----------------------------------------------------------------------------------
     beam_size: int = Field(3, ge=1, le=20, description="beam width for final test captions")

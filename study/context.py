@@ -1,7 +1,8 @@
 """What every stage of a study works from: its spec, its folder, its tracker, its data and its trial tables.
 
-``StudyContext`` is the one thing the stages take (``study.tuning.run_study``, ``study.confirm.confirm_stage``,
-``study.reporting.write_report``, ``study.deciding.add_seeds_until_decided``, ``study.results``'s readers).
+``StudyContext`` is the one thing the stages take (``study.tuning.run_study``, ``study.stages.confirm.confirm_stage``,
+``study.stages.report.write_report``, ``study.stages.decide.add_seeds_until_decided``, ``study.records.frames``'s
+readers).
 None of them imports ``study.study``: ``Study`` (the façade the CLI and the Python API call) is a context that
 also runs the stages, so the imports go one way, from the façade down.
 """
@@ -15,14 +16,14 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from study.paths import StudyPaths, storage_is_remote
+from study.records.paths import StudyPaths, storage_is_remote
 from study.spec import StudySpec
 
 if TYPE_CHECKING:
     from typing import Self
 
     from study.data.prepare import PreparedData
-    from study.lock import StudyLock
+    from study.records.lock import StudyLock
     from study.tracking import StudyTracker
 
 
@@ -83,7 +84,7 @@ class StudyContext:
 
     def exists(self) -> bool:
         """Whether a study of this name was started in this storage: its study.json, or Tune state."""
-        from study.trial_tables import experiment_states
+        from study.records.trial_tables import experiment_states
 
         return self.paths.study_file.is_file() or bool(experiment_states(self.spec)[1])
 
@@ -112,7 +113,7 @@ class StudyContext:
 
     def experiment_id(self) -> str | None:
         """The study's MLflow experiment id (for the UI's address), or None when the store cannot say."""
-        from study.mlflow_store import experiment_id
+        from study.tracking.mlflow_store import experiment_id
 
         return experiment_id(self.tracking_uri, self.experiment)
 
@@ -124,7 +125,7 @@ class StudyContext:
     def data(self, *, progress: bool = True) -> "PreparedData":
         """The features and tokenised captions every stage reads (prepared once per context)."""
         from study.data.prepare import prepare_for_spec
-        from study.provenance import check_dataset_unchanged
+        from study.records.provenance import check_dataset_unchanged
 
         if self._data is None:
             data = prepare_for_spec(self.spec, progress=progress)
@@ -133,8 +134,8 @@ class StudyContext:
         return self._data
 
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(trials, history) of the search as the stages read them (``study.trial_tables``)."""
-        from study.trial_tables import load_trial_tables
+        """(trials, history) of the search as the stages read them (``study.records.trial_tables``)."""
+        from study.records.trial_tables import load_trial_tables
 
         return load_trial_tables(self.spec)
 
@@ -142,7 +143,7 @@ class StudyContext:
         """Resolve ``precision: auto`` once, in this driver, for the device the trials use (CUDA when the spec asks
         for GPUs, else this CPU), so that every trial and confirm run of the study uses the same precision
         whichever node runs it; ``study.json`` keeps it for ``study resume`` and the later stages."""
-        from study.precision import resolve
+        from study.trial.precision import resolve
 
         precision = resolve(self.spec.fixed.get("precision", "auto"), "cuda" if self.spec.resources.gpu else "cpu")
         self.spec = self.spec.with_precision(precision)
@@ -161,8 +162,8 @@ class StudyContext:
         return f"study {verb} {self.name}"
 
     def lock(self, command: str) -> "StudyLock":
-        """This driver's hold on the study (study/lock.py); raises ``StudyInUse`` naming the holder."""
-        from study.lock import acquire
+        """This driver's hold on the study (study/records/lock.py); raises ``StudyInUse`` naming the holder."""
+        from study.records.lock import acquire
 
         return acquire(self.paths.root, command)
 

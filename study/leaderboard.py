@@ -1,6 +1,7 @@
 """The leaderboard: the best trial of each injection method, from the study's own state.
 
-The trials come from ``study.trial_tables.load_trial_tables`` (Tune's trial folders in the study's storage), where a
+The trials come from ``study.records.trial_tables.load_trial_tables`` (Tune's trial folders in the study's storage),
+where a
 trial's score is its best epoch by the spec's metric, the same score Optuna is told and the confirm stage
 ranks by. MLflow is only a mirror of those results: a tracking server that is down, or a store that missed
 events, does not change the leaderboard.

@@ -41,7 +41,7 @@ from study.spec_checks import check_epochs, check_points, check_trial, check_whe
 
 TRIAL_FIELDS = set(TrialConfig.model_fields) - {"dataset"}
 
-# What a trial reports to Tune each epoch (study.training.run_trial's metrics). Kept here, not in study.tuning,
+# What a trial reports to Tune each epoch (study.trial.training.run_trial's metrics). Kept here, not in study.tuning,
 # so a spec is checked against it without importing Ray.
 REPORTED = ("epoch", "train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "current_lr", "train_seconds",
             "epoch_seconds", "tokens_per_second", "params",
@@ -311,7 +311,7 @@ class StudySpec(StrictModel):
         return self.arm_set.of_config({**self.fixed, **config})
 
     def with_precision(self, precision: str) -> "StudySpec":
-        """This spec with ``fixed.precision`` set: how a study pins what ``auto`` resolved to (study.precision)."""
+        """This spec with ``fixed.precision`` set: how a study pins what ``auto`` resolved to (trial.precision)."""
         return self.model_copy(update={"fixed": {**self.fixed, "precision": precision}})
 
     def trial_config(self, sampled: dict[str, Any]) -> TrialConfig:

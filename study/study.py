@@ -1,15 +1,15 @@
 """A study, the top of the package: the ``study`` command and the Python API (``study.load(name)``) call this.
 
     search()   Ray Tune + Optuna + ASHA over the spec's space        -> Tune's trial folders  (study.tuning)
-    confirm()  the best configurations retrained with several seeds  -> confirm/*.json       (study.confirm)
-    report()   verdict with intervals, figures, MLflow evidence      -> report/, verdict.csv (study.reporting)
-    decide()   more seeds under a sequential plan, then report()     -> decide.json          (study.deciding)
-    evaluate() the confirm models scored on another dataset           -> evaluate/NAME/       (study.cross_dataset)
+    confirm()  the best configurations retrained with several seeds  -> confirm/*.json       (study.stages.confirm)
+    report()   verdict with intervals, figures, MLflow evidence      -> report/, verdict.csv (study.stages.report)
+    decide()   more seeds under a sequential plan, then report()     -> decide.json          (study.stages.decide)
+    evaluate() the confirm models scored on another dataset           -> evaluate/NAME/       (study.stages.evaluate)
 
 Each stage is a function of the study's context (``study.context.StudyContext``: spec, folder, tracker, data,
 trial tables) and reads what the one before wrote, from the study folder, so each can run (and resume) on its
 own. The readers (``trials()``, ``leaderboard()``, ``confirm_runs()``, ``verdict()``, ...) are
-``study.frames``' and return pandas frames: no Ray, no MLflow, no GPU; their scores (and differences of
+``study.records.frames``' and return pandas frames: no Ray, no MLflow, no GPU; their scores (and differences of
 scores) in points, x100 of pycocoevalcap's 0..1 scale, as the console, the report, MLflow and the exports show them
 (``analysis.metric_table.in_points``).
 """
@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import pandas as pd
 
 from analysis.metric_table import in_points
-from study import exporting, frames
 from study.context import StudyContext, StudyNotFound
+from study.records import frames
+from study.stages import export as exporting
 
 if TYPE_CHECKING:
-    from study.cross_dataset import EvaluateOutcome
+    from study.stages.evaluate import EvaluateOutcome
     from study.tuning import StudyOutcome
 
 
@@ -57,13 +58,13 @@ class Study(StudyContext):
                 runs: list[tuple[str, int, int, Any]] | None = None) -> Path:
         """Retrain the best configurations with seeds and score the test split (resumable: finished runs are
         kept). ``runs`` (method, rank, seed, config) defaults to the spec's confirm stage."""
-        from study.confirm import confirm_stage
+        from study.stages.confirm import confirm_stage
 
         return confirm_stage(self, functools.partial(_ray_session, address), progress=progress, runs=runs)
 
     def report(self, *, console: Any = None, address: str | None = None, progress: bool = True) -> Path:
         """The confirm stage if needed, then the verdict, the report and its evidence in MLflow."""
-        from study.reporting import write_report
+        from study.stages.report import write_report
 
         self.confirm(address=address, progress=progress)
         return write_report(self, console=console)
@@ -71,7 +72,7 @@ class Study(StudyContext):
     def decide(self, *, max_seeds: int | None = None, hours: float | None = None, address: str | None = None,
                console: Any = None, progress: bool = True, stricter: bool = False) -> Path:
         """Add seeds under a sequential plan until the verdict is decided (``study decide``), then report."""
-        from study.deciding import add_seeds_until_decided
+        from study.stages.decide import add_seeds_until_decided
 
         add_seeds_until_decided(self, lambda runs: self.confirm(address=address, progress=progress, runs=runs),
                                 max_seeds=max_seeds, hours=hours, console=console, stricter=stricter)
@@ -82,8 +83,8 @@ class Study(StudyContext):
         """Caption and score another dataset's ``split`` with every confirm run's model and compute the verdict on
         it (``study evaluate``; resumable: finished runs are reused). With ``report``, the report is rewritten
         when this set's results are newer than it; ``outcome.report`` is its path then, else None."""
-        from study.cross_dataset import run_evaluate
-        from study.reporting import write_report
+        from study.stages.evaluate import run_evaluate
+        from study.stages.report import write_report
 
         outcome = run_evaluate(self, Path(dataset_json), images_root=None if images_root is None else
                                Path(images_root), split=split, name=name, device=device)
@@ -144,30 +145,30 @@ class Study(StudyContext):
         outside the study and empty, or (``force``) holding a previous export, which is replaced."""
         return exporting.export(self, dest, force=force)
 
-    # ----- other photo collections (`study evaluate`, study/verdicts.py) -----------------------------
+    # ----- other photo collections (`study evaluate`, study/records/verdicts.py) -----------------------------
     def evaluations(self) -> pd.DataFrame:
         """One row per dataset evaluated with ``study evaluate`` and confirm run: ``dataset, run, method,
         config_rank, seed`` and that run's corpus scores on the dataset (same metric names as ``confirm_runs``)."""
-        from study.verdicts import evaluations_frame
+        from study.records.verdicts import evaluations_frame
 
         return in_points(evaluations_frame(self.paths))
 
     def evaluation_per_image(self, dataset: str | None = None) -> pd.DataFrame:
         """As ``per_image``, on the evaluated datasets (all, or ``dataset``), with a ``dataset`` column first."""
-        from study.verdicts import evaluation_per_image_frame
+        from study.records.verdicts import evaluation_per_image_frame
 
         return in_points(evaluation_per_image_frame(self.paths, dataset))
 
     def evaluation_verdict(self, dataset: str) -> pd.DataFrame:
         """As ``verdict``, computed on an evaluated dataset's images (``attrs`` also names the ``dataset``)."""
-        from study.verdicts import verdict_frame
+        from study.records.verdicts import verdict_frame
 
         return in_points(verdict_frame(self.paths, self.spec, dataset))
 
     def pooled_verdict(self) -> pd.DataFrame:
         """The pooled verdict over the test split and every evaluated dataset (``analysis.pooled``): one row per
         set and a last ``pooled`` row; ``attrs``: ``verdict``, ``decides``, ``diff``, ``ci``, ``other``, ``text``."""
-        from study.verdicts import pooled_frame
+        from study.records.verdicts import pooled_frame
 
         return in_points(pooled_frame(self.paths, self.spec, frames.per_image_frame(self.paths)))
 

@@ -29,7 +29,7 @@ def study_in_process(*args: object, columns: int | None = None):
     sets the console's width (rich wraps at 80 without one)."""
     from typer.testing import CliRunner
 
-    from study.cli import app
+    from study.cli.app import app
 
     env = {"COLUMNS": str(columns)} if columns else None
     return CliRunner().invoke(app, [str(a) for a in args], env=env)

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 
 def penalised_loss(model, pooled, grid, tokens_in, targets, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the training's loss: mean NLL + lam * penalty / tokens, as study.training adds it; the plain mean NLL)."""
+    """(the training's loss: mean NLL + lam * penalty / tokens, as study.trial.training adds it; the plain mean NLL)."""
     logits, alpha = model.forward_attended(pooled, grid, tokens_in)  # (B, T, V), (B, T, G)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD,
                           reduction="sum")
@@ -74,7 +74,7 @@ def test_initial_state_is_tanh_of_the_mean_annotation_for_every_layer(cell: str)
 def test_full_strength_under_bf16_autocast_stays_near_fp32(cell: str) -> None:
     """The initial state and the penalty under bf16 autocast (the weights stay fp32, the state in the weights'
     dtype): NLL and penalty within 1% of fp32's on an untrained 2-layer model, and beam search runs."""
-    from study.precision import autocast
+    from study.trial.precision import autocast
 
     torch.manual_seed(0)
     model = build_captioner(tiny_cfg(cell, "attention", hidden=64, layers=2, attention_init=True), VOCAB, FEAT)
@@ -223,8 +223,8 @@ def test_full_strength_attention_trial_learns_shapes_and_reports_the_plain_nll(s
 
     import numpy as np
 
-    from study.evaluation import Decoding, score_split
-    from study.training import run_trial
+    from study.trial.evaluation import Decoding, score_split
+    from study.trial.training import run_trial
 
     cfg = TrialConfig.model_validate(dict(
         dataset=small_shapes, inject="attention", cell="lstm", hidden=128, embed=48, attention_dim=32, dropout=0.0,
@@ -242,7 +242,7 @@ def test_full_strength_attention_trial_learns_shapes_and_reports_the_plain_nll(s
     assert real["CIDEr-D"] > 1.5 * shuffled["CIDEr-D"] + 0.05, (real, shuffled)
 
     # Its checkpoint carries the init layers: reloaded, it captions exactly as the trained model.
-    from study.inference import load_captioner
+    from study.trial.inference import load_captioner
 
     reloaded, _, _ = load_captioner(tmp_path / "a" / "checkpoint", torch.device("cpu"))
     assert reloaded.injection.init_c is not None

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from study.cli import app
+from study.cli.app import app
 from study.leaderboard import format_table
 
 
@@ -58,7 +58,7 @@ def test_a_warning_at_the_console_is_one_line_naming_what():
     import subprocess
     import sys
 
-    code = ("from study.cli import quiet_libraries; quiet_libraries(); import warnings; "
+    code = ("from study.cli.app import quiet_libraries; quiet_libraries(); import warnings; "
             "warnings.warn('SPICE is not computed (NaN)', RuntimeWarning)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "warning: SPICE is not computed (NaN)\n", done.stderr
@@ -77,7 +77,7 @@ def test_appending_to_a_study_table_draws_no_download_bar():
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
     code = ("import sys, tempfile, pathlib\n"
             "if sys.argv[1] == 'quiet':\n"
-            "    from study.cli import quiet_libraries; quiet_libraries()\n"
+            "    from study.cli.app import quiet_libraries; quiet_libraries()\n"
             "from mlflow import MlflowClient\n"
             "d = pathlib.Path(tempfile.mkdtemp())\n"
             "client = MlflowClient(tracking_uri=f'sqlite:///{d}/mlflow.db')\n"

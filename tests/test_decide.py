@@ -179,8 +179,8 @@ def _check_mlflow(folder: Path, tmp_path: Path) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from study.mlflow_store import confirm_runs, study_runs
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
+    from study.tracking.mlflow_store import confirm_runs, study_runs
 
     uri = sqlite_uri(folder / "mlflow.db")
     client = MlflowClient(uri)
@@ -268,7 +268,7 @@ def test_reproduce_takes_the_spec_folder_export_recorded_from_the_repository_tha
     """`study export` records where the spec's relative dataset paths start, inside its repository
     (``search_spaces``); `study reproduce` in a reviewer's clone takes that folder of the clone, so the README's
     command needs no --dataset-root. An export from before the key, or a clone without the folder: the export."""
-    from study.reproduce import spec_folder
+    from study.stages.reproduce import spec_folder
 
     clone = tmp_path / "clone"
     (clone / ".git").mkdir(parents=True)

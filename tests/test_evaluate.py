@@ -165,9 +165,9 @@ def evaluated(tmp_path_factory, small_shapes, feature_cache_dir):
 
 @pytest.mark.slow
 def test_evaluate_scores_every_confirm_run_as_scoring_its_checkpoints_captions_directly_does(evaluated):
-    from study.checkpoints import load_checkpoint
-    from study.inference import caption_files
-    from study.metrics import score_captions_per_image
+    from study.trial.checkpoints import load_checkpoint
+    from study.trial.inference import caption_files
+    from study.trial.metrics import score_captions_per_image
 
     folder = evaluated.folder
     assert "2 runs scored, 0 finished ones reused" in " ".join(evaluated.first.stdout.split())
@@ -245,8 +245,8 @@ def test_the_verdict_on_the_other_dataset_is_a_frame_the_report_a_section_mlflow
     from mlflow.tracking import MlflowClient
 
     import study
-    from study.mlflow_store import confirm_runs
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
+    from study.tracking.mlflow_store import confirm_runs
 
     folder = evaluated.folder
     loaded = study.load(str(folder))
@@ -300,8 +300,8 @@ def test_export_carries_the_evaluated_datasets(evaluated):
 @pytest.mark.slow
 def test_evaluate_fails_naming_what_and_where(evaluated, tmp_path):
     from study.context import StudyContext
-    from study.cross_dataset import EvaluateError, run_evaluate
-    from study.paths import StudyPaths
+    from study.records.paths import StudyPaths
+    from study.stages.evaluate import EvaluateError, run_evaluate
     from study.study import Study
 
     folder = evaluated.folder
@@ -338,11 +338,11 @@ def test_evaluate_fails_naming_what_and_where(evaluated, tmp_path):
 def test_coco_mini_references_are_scored_as_raw_text_with_words_outside_the_vocabulary(evaluated, tmp_path):
     if not COCO_MINI.is_file():
         pytest.skip(f"coco-mini not found at {COCO_MINI}")
-    from study.checkpoints import load_checkpoint
-    from study.cross_dataset import run_evaluate
     from study.data.tokens import Vocab, word_tokens
-    from study.metrics import score_captions, score_captions_per_image
+    from study.stages.evaluate import run_evaluate
     from study.study import Study
+    from study.trial.checkpoints import load_checkpoint
+    from study.trial.metrics import score_captions, score_captions_per_image
 
     found = Study.open(evaluated.folder)
     # One confirm run keeps it cheap (the full suite's METEOR costs ~11 s a run).
@@ -369,8 +369,8 @@ def test_coco_mini_references_are_scored_as_raw_text_with_words_outside_the_voca
     # One method scored there: a verdict with nothing to compare, said so rather than failed; the report names the
     # confirm run not scored there.
     assert found.evaluation_verdict("coco-mini").attrs["verdict"] == "not available"
+    from study.records.verdicts import report_blocks
     from study.registry import method_colors, method_roles
-    from study.verdicts import report_blocks
 
     blocks = report_blocks(found.paths, found.spec, found.per_image(), tmp_path, level=0.95, roles=method_roles(),
                            colors=method_colors())
@@ -419,7 +419,7 @@ def test_study_verify_recomputes_every_interval_from_the_export_alone_and_names_
     assert "The verdict at other equivalence margins" in report and "## Earlier looks at these test splits" in report
 
     # Recomputed from the export alone, in a process that never imports torch.
-    code = ("import sys; from study.recompute import verify; r = verify(sys.argv[1]); "
+    code = ("import sys; from study.records.statistics import verify; r = verify(sys.argv[1]); "
             "print(r.ok, r.checked, 'torch' in sys.modules)")
     alone = subprocess.run([sys.executable, "-c", code, str(results)], capture_output=True, text=True, timeout=300)
     ok, checked, torch_loaded = alone.stdout.split()

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from study.config import TrialConfig
+from study.records.trial_tables import confirm_configs, confirmed_trials
 from study.spec import StudySpec
-from study.training import _lr_lambda
-from study.trial_tables import confirm_configs, confirmed_trials
+from study.trial.training import _lr_lambda
 from study.tuning.search import StudySearcher
 
 METHODS = ["init", "pre", "par", "merge", "attention", "none"]
@@ -95,8 +95,8 @@ def test_a_confirm_result_trained_with_another_config_is_set_aside_and_trained_a
     confirm stage must not report them, but move them aside (nothing deleted) and train those runs again."""
     import json
 
-    from study.confirm import set_aside_if_stale
-    from study.paths import StudyPaths
+    from study.records.paths import StudyPaths
+    from study.stages.confirm import set_aside_if_stale
 
     spec = _spec(confirm={"top_k": 1, "seeds": 1})
     trials = pd.DataFrame({"trial_id": ["a", "e"], "inject": ["init", "attention"], "status": ["completed"] * 2,
@@ -189,7 +189,7 @@ def test_the_confirm_stage_starts_its_longest_runs_first():
     """With 2 slots, the 12-epoch Flickr8k study's three ~27-min attention runs, queued after twelve ~9-min
     runs, ended with one training alone; submitted first, the short runs fill the other slot. The expected time
     is the source trial's seconds per epoch times the run's epochs; the seeds of one config stay in order."""
-    from study.confirm import longest_first
+    from study.stages.confirm import longest_first
 
     spec = _spec(confirm={"top_k": 1, "seeds": 2})
     trials = pd.DataFrame({

@@ -193,12 +193,12 @@ def test_reproduce_with_a_truncated_provenance_names_the_file(exported, tmp_path
 
 
 def test_reproduce_of_an_edited_config_is_refused_before_training_naming_the_field(exported, tmp_path, monkeypatch):
-    import study.training
+    import study.trial.training
 
     def no_training(*args, **kwargs):
         raise AssertionError("study reproduce trained a configuration the run never trained")
 
-    monkeypatch.setattr(study.training, "run_trial", no_training)
+    monkeypatch.setattr(study.trial.training, "run_trial", no_training)
     export = _edited_export(exported, tmp_path, hidden="16")  # the run trained hidden 8, as the spec fixes
     result = _study("reproduce", export, "init-r1-s0")
     _sentence(result, f"{export / 'confirm_runs.csv'}: run init-r1-s0's configuration is not the one it trained",
@@ -206,7 +206,7 @@ def test_reproduce_of_an_edited_config_is_refused_before_training_naming_the_fie
     recorded = int(pd.read_csv(exported / "confirm_runs.csv").set_index("run").loc["init-r1-s0", "params"])
     assert f"the run recorded {recorded}" in _flat(result.output)
     # The export as written reproduces up to that check (it passes): the refusal is the edit's.
-    from study.reproduce import _check_recorded_size, run_config
+    from study.stages.reproduce import _check_recorded_size, run_config
 
     cfg, *_ = run_config(exported, "init-r1-s0")
     from study.data.prepare import TokenSetting, prepare
@@ -223,8 +223,8 @@ def _copy(study_folder: Path, tmp_path: Path) -> Path:
 
 def _mlflow_runs(folder: Path) -> tuple[int, list[str]]:
     """(parent runs, the trial and confirm runs' names) in a study folder's own MLflow store."""
-    from study.mlflow_store import confirm_runs, study_runs
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
+    from study.tracking.mlflow_store import confirm_runs, study_runs
 
     uri = sqlite_uri(folder / "mlflow.db")
     parent, trials = study_runs(uri, "faults")

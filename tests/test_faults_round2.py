@@ -94,7 +94,7 @@ def test_weight_decay_beyond_one_is_refused_naming_the_key(tmp_path, small_shape
 
 
 def test_a_trial_that_learns_nothing_ends_as_diverged_at_its_second_epoch(small_shapes, small_prepared, tmp_path):
-    from study.training import TrialDidNotLearn, TrialDiverged, run_trial, unigram_entropy
+    from study.trial.training import TrialDidNotLearn, TrialDiverged, run_trial, unigram_entropy
 
     # lr 1e-9: the weights stay where they started, the loss flat at about log(vocabulary), no NaN (what
     # weight_decay 1e30 under Adam did: trials "completed" and the study decided a verdict from them).
@@ -105,7 +105,7 @@ def test_a_trial_that_learns_nothing_ends_as_diverged_at_its_second_epoch(small_
                   on_epoch=lambda metrics, _: epochs.append(metrics))
     assert [m["epoch"] for m in epochs] == [1]
     assert issubclass(TrialDidNotLearn, TrialDiverged)  # ended as a divergence: errored, never retried or ranked
-    from study.evaluation import SplitTensors
+    from study.trial.evaluation import SplitTensors
 
     tokens = small_prepared.tokens_for(stuck)
     baseline = unigram_entropy(SplitTensors.of(tokens.splits["train"], small_prepared.images["train"].rows))
@@ -164,7 +164,7 @@ def test_data_shapes_with_a_size_or_count_out_of_range_is_refused(tmp_path):
 # ----- item 4: Ctrl-C while METEOR scores -----------------------------------------------------------------------
 METEOR_INTERRUPTED = """
 import signal, sys, time
-from study.metrics import _meteor, find_java
+from study.trial.metrics import _meteor, find_java
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt
@@ -180,7 +180,7 @@ except KeyboardInterrupt:
 
 
 def test_an_interrupt_while_meteor_scores_ends_its_jvm_and_returns():
-    from study.metrics import find_java
+    from study.trial.metrics import find_java
 
     if find_java() is None:
         pytest.skip("no Java for METEOR")
@@ -261,7 +261,7 @@ def test_the_console_script_and_python_m_study_fail_on_a_bad_spec_alike(tmp_path
     from importlib.metadata import entry_points
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "study"]
-    assert script.value == "study.cli:main"  # not study.cli:app, which skipped main()'s configure and handler
+    assert script.value == "study.cli.app:main"  # not study.cli.app:app, which skipped main()'s configure and handler
     spec = study_spec(tmp_path, "bad", small_shapes)
     spec.write_text(spec.read_text() + "search:\n  trials: 40\n")
     study = Path(sys.executable).parent / "study"
@@ -284,7 +284,7 @@ def test_importing_the_package_changes_no_process_setting():
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"]
     code = ("import os, logging; from typer.core import TyperOption; "
             "shown = TyperOption.display_type_rich; "
-            "import study.cli, study.console, study.tuning.runner, study.mlflow_store; "
+            "import study.cli.app, study.console, study.tuning.runner, study.tracking.mlflow_store; "
             f"assert not [k for k in {keys!r} if k in os.environ]; "
             "assert TyperOption.display_type_rich is shown; "
             "assert logging.getLogger('mlflow.store.db.utils').level == logging.NOTSET; "

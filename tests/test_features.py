@@ -256,7 +256,7 @@ def test_real_photos_extract_and_reuse(tmp_path):
 def test_a_captioned_photo_gets_exactly_the_cached_features(tmp_path):
     """`study caption` encodes a file through the cache's own code (float16 grid, pooled from it): the model
     sees the very numbers it was trained on, whatever the batch the photo arrives in."""
-    from study.inference import image_features
+    from study.trial.inference import image_features
 
     photos = sorted((DATA / "images").glob("*.jpg"))[:3]
     cache = F.extract_features([(p.name, p) for p in photos], cache_dir=tmp_path, fingerprint="flickr-3",

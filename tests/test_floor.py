@@ -3,7 +3,7 @@ that writes empty captions, with the likely cause named (trained on another doma
 
 from __future__ import annotations
 
-from study.floor import blind_floor, caption_warnings, floor_warnings
+from study.trial.floor import blind_floor, caption_warnings, floor_warnings
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -12,7 +12,7 @@ REFERENCES = {i: [f"a {COLOURS[i % 8]} {SHAPES[i % 4]} on the left", f"one {COLO
 
 
 def _run(captions: dict[int, str]) -> dict:
-    from study.metrics import score_captions
+    from study.trial.metrics import score_captions
 
     return {"captions": captions, "scores": score_captions(REFERENCES, captions)}
 

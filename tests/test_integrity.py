@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from study.config import ConfigError
+from study.records.trial_tables import load_trial_tables
 from study.spec import load_spec
-from study.trial_tables import load_trial_tables
 from tests.helpers import journal_events, process_group_members, shapes_dataset, study_spec, wait_for
 from tests.test_spec import GOOD as SPEC  # a small valid spec: init and attention, a conditional parameter
 from tests.test_spec import assert_spec_refused
@@ -147,7 +147,7 @@ def test_searcher_state_is_json_and_a_pickle_where_the_old_state_was_is_never_op
 # ----- item 1: one driver per study -------------------------------------------------------------------------
 HOLD_LOCK = """
 import subprocess, sys, time
-from study.lock import acquire
+from study.records.lock import acquire
 lock = acquire(sys.argv[1], "study run held")
 # Stands for the Ray processes a driver starts: same group, and a Ray worker's process title as its command line.
 child = subprocess.Popen(["ray::IDLE", "120"], executable="sleep")
@@ -167,7 +167,7 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over_
     import socket
     import time
 
-    from study.lock import LOCK_FILE, StudyInUse, acquire
+    from study.records.lock import LOCK_FILE, StudyInUse, acquire
 
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               start_new_session=True)  # a driver leading its own process group, as from a shell
@@ -254,9 +254,9 @@ def test_a_driver_killed_twice_resumes_without_training_any_epoch_twice(tmp_path
     import pickle
     import signal
 
-    from study.mlflow_store import client as mlflow_client
-    from study.mlflow_store import study_runs
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
+    from study.tracking.mlflow_store import client as mlflow_client
+    from study.tracking.mlflow_store import study_runs
 
     # Three configurations to try first (search.points_to_evaluate): asked before and after the kills, each must
     # run exactly once, in its own method's budget.
@@ -532,7 +532,7 @@ import sys
 import study
 from typer.testing import CliRunner
 
-from study.cli import app
+from study.cli.app import app
 
 s = study.load(sys.argv[1], storage=sys.argv[2])
 assert len(s.trials()) == 2 and len(s.leaderboard()) == 2 and len(s.confirm_runs()) > 0

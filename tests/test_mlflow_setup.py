@@ -60,7 +60,7 @@ def _runs(finished, query: str):
 
 @pytest.mark.slow
 def test_one_confirm_run_carries_one_seed_label_in_its_name_the_frames_the_export_mlflow_and_its_note(finished):
-    from study.reproduce import run_config
+    from study.stages.reproduce import run_config
     from study.study import Study
 
     found = Study.open(finished.folder)
@@ -94,7 +94,7 @@ def test_one_trials_cider_reads_the_same_points_in_the_console_report_frames_exp
         finished, tmp_path):
     import optuna
 
-    from study.frames import trials_frame
+    from study.records.frames import trials_frame
     from study.study import Study
 
     found = Study.open(finished.folder)
@@ -157,8 +157,8 @@ def test_mlflow_holds_params_as_a_param_and_tells_trials_from_confirm_runs_by_ta
 def test_the_parent_holds_every_arms_test_scores_in_one_table_and_the_experiment_its_shared_view(finished):
     import mlflow
 
-    from study.mlflow_view import VIEW_TAG, experiment_address
     from study.study import Study
+    from study.tracking.mlflow_view import VIEW_TAG, experiment_address
 
     client, experiment, parents = _runs(finished, "tags.kind = 'study'")
     assert len(parents) == 1

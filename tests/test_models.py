@@ -290,7 +290,7 @@ def test_attention_step_equals_the_per_token_module_call(cell: str, layers: int)
 def test_attention_under_bf16_autocast_stays_near_fp32(cell: str) -> None:
     """Under bf16 autocast the attention step (grid cast once, energy in bf16, softmax in fp32) gives the fp32
     loss to bf16's precision: within 1% relative on an untrained model."""
-    from study.precision import autocast
+    from study.trial.precision import autocast
 
     torch.manual_seed(0)
     model = build_captioner(tiny_cfg(cell, "attention", hidden=64), VOCAB, FEAT).eval()

@@ -34,10 +34,10 @@ def test_killing_a_worker_node_mid_study_loses_no_trial(tmp_path, small_shapes, 
     from ray.cluster_utils import Cluster
 
     from study import tuning
-    from study.mlflow_store import study_runs
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
+    from study.records.trial_tables import experiment_path
     from study.spec import load_spec
-    from study.trial_tables import experiment_path
+    from study.tracking.mlflow_store import study_runs
 
     spec_path = study_spec(tmp_path, "multi", small_shapes, methods=["init", "par"],
                            fixed={"hidden": 48, "embed": 32, "min_count": 1, "batch_size": 40, "val_images": 20},

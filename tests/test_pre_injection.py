@@ -17,9 +17,9 @@ import torch
 
 from study.config import TrialConfig
 from study.data.tokens import START
-from study.evaluation import Decoding, FeatureSource, decode_images
 from study.models import build_captioner
-from study.training import run_trial
+from study.trial.evaluation import Decoding, FeatureSource, decode_images
+from study.trial.training import run_trial
 
 
 def _pre(small_shapes, small_prepared, **overrides) -> tuple[TrialConfig, torch.nn.Module]:

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from study.checkpoints import load_checkpoint
 from study.config import ConfigError, TrialConfig
-from study.precision import cpu_has_bf16, resolve
 from study.spec import load_spec
-from study.training import run_trial, write_metrics
+from study.trial.checkpoints import load_checkpoint
+from study.trial.precision import cpu_has_bf16, resolve
+from study.trial.training import run_trial, write_metrics
 
 torch.set_num_threads(1)
 

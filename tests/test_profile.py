@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from study.checkpoints import load_checkpoint
 from study.config import TrialConfig
 from study.data.tokens import normalize
-from study.evaluation import FeatureSource, SplitTensors, validation_loss
 from study.models import build_captioner
 from study.spec import REPORTED
-from study.training import run_trial
+from study.trial.checkpoints import load_checkpoint
+from study.trial.evaluation import FeatureSource, SplitTensors, validation_loss
+from study.trial.training import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 TIMINGS = ("data_seconds", "val_loss_seconds", "decode_seconds", "metric_seconds")

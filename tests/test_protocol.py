@@ -155,9 +155,9 @@ def test_the_test_split_cannot_choose_the_checkpoint(small_shapes, small_prepare
 
     import torch
 
-    from study.checkpoints import load_checkpoint
     from study.config import TrialConfig
-    from study.confirm import confirm_one
+    from study.stages.confirm import confirm_one
+    from study.trial.checkpoints import load_checkpoint
 
     cfg = TrialConfig(dataset=small_shapes, inject="init", hidden=32, embed=16, epochs=4, lr=2e-2, min_count=1,
                       batch_size=32, seed=1000, precision="fp32", select_metric="val_CIDEr-D", val_beam_size=2)

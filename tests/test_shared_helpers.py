@@ -1,4 +1,4 @@
-"""The helpers every layer shares: one missing-value test (study/records.py), one Markdown table writer."""
+"""The helpers every layer shares: one missing-value test (study/records/), one Markdown table writer."""
 
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ def _spec(tmp_path, name: str, seeds: int = 3):
 
 def test_the_ledger_keeps_one_row_per_look_marks_a_changed_difference_and_lists_earlier_looks(tmp_path, two_sets):
     from analysis.forks import fork_blocks
-    from study.ledger import earlier_looks, ledger_row, read_ledger, record, record_looks
+    from study.records.ledger import earlier_looks, ledger_row, read_ledger, record, record_looks
 
     ledger = tmp_path / "runs" / "ledger.csv"
     spec, text = _spec(tmp_path, "first")

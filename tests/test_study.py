@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 from study.context import StudyContext
-from study.trial_tables import load_trial_tables
+from study.records.trial_tables import load_trial_tables
 from tests.helpers import journal_events, process_group_members, study_spec, wait_for
 
 
 def _trial_runs(tmp_path: Path, name: str):
-    from study.mlflow_store import study_runs
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
+    from study.tracking.mlflow_store import study_runs
 
     parents, trials = study_runs(sqlite_uri(tmp_path / "runs" / name / "mlflow.db"), name)
     return parents, trials
@@ -65,7 +65,7 @@ def test_diverging_trials_end_errored_with_reason_while_the_study_goes_on(tmp_pa
     printed = capfd.readouterr()
     assert "Traceback" not in printed.out + printed.err
     # Had every trial diverged, the confirm stage says that no trial produced a score, and the errors' reasons.
-    from study.trial_tables import NoScoredTrial, confirmed_trials
+    from study.records.trial_tables import NoScoredTrial, confirmed_trials
 
     with pytest.raises(NoScoredTrial, match=r"none of its 2 trials produced a score \(val_CIDEr-D\) to confirm: "
                                             r"2 errored; errors: .*training loss became"):
@@ -238,8 +238,8 @@ def test_confirm_retrains_the_best_trial_of_each_method_for_the_confirm_epochs_a
 
 @pytest.mark.slow
 def test_the_report_is_written_with_a_verdict_also_tagged_on_the_study_run(resumed_study, interrupted_report):
-    from study.mlflow_store import get_run_tags
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
+    from study.tracking.mlflow_store import get_run_tags
 
     folder = interrupted_report.folder
     report = folder / "report" / "report.md"
@@ -262,8 +262,8 @@ def test_the_report_is_written_with_a_verdict_also_tagged_on_the_study_run(resum
 
 @pytest.mark.slow
 def test_each_confirm_run_is_logged_once_with_its_checkpoint_however_often_the_stage_started(interrupted_report):
-    from study.mlflow_store import confirm_runs
-    from study.paths import sqlite_uri
+    from study.records.paths import sqlite_uri
+    from study.tracking.mlflow_store import confirm_runs
 
     folder, results = interrupted_report.folder, interrupted_report.results
     # One child run per confirm run, each with its checkpoint, however often the confirm stage was started.
@@ -322,8 +322,8 @@ def _answers(url: str) -> bool:
 def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_later(tmp_path, small_shapes,
                                                                                      small_prepared):
     from study import tuning
-    from study.mlflow_store import study_runs
     from study.spec import load_spec
+    from study.tracking.mlflow_store import study_runs
 
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"  # nothing listens here yet: the server is "down"
@@ -363,8 +363,8 @@ def test_dead_tracking_server_does_not_kill_the_study_and_sync_logs_everything_l
 def test_resume_deletes_the_folders_of_trials_lost_with_the_last_snapshot_and_nothing_else(tmp_path):
     """Seen in clean-clone CI runs: a lost trial's folder can hold Tune's params.json, or (driver killed
     earlier) only the checkpoints the trial wrote itself. Both go; known trials and other folders stay."""
+    from study.records.trial_tables import experiment_path
     from study.spec import load_spec
-    from study.trial_tables import experiment_path
     from study.tuning.trainable import remove_lost_trial_folders
 
     spec = load_spec(study_spec(tmp_path, "lost", {"kind": "shapes", "images": 60}, methods=["init"]))
@@ -431,7 +431,7 @@ def test_a_checkpoint_tune_wrote_into_a_pruned_folder_survives_pruning_and_the_s
 
     import pyarrow.fs as pafs
 
-    from study.trial_tables import _trial_history, trial_checkpoints
+    from study.records.trial_tables import _trial_history, trial_checkpoints
     from study.tuning.trainable import drop_pruned, prune_checkpoints
 
     trial = tmp_path / "init-lstm-1x48-word-aaaa0001"

@@ -81,7 +81,7 @@ def test_a_study_started_before_checkpoints_carried_history_reads_tunes_result_j
     from Tune's result.json lines (plain JSON), the last report of a repeated epoch winning."""
     import pyarrow.fs as pafs
 
-    from study.trial_tables import _trial_history
+    from study.records.trial_tables import _trial_history
 
     folder = tmp_path / "init-lstm-1x64-word-abc"
     (folder / "checkpoint_000000").mkdir(parents=True)

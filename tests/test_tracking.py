@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from study.mlflow_store import study_runs
-from study.paths import sqlite_uri
+from study.records.paths import sqlite_uri
 from study.tracking import StudyTracker
+from study.tracking.mlflow_store import study_runs
 
 
 def test_replayed_journal_creates_no_duplicates_and_closes_every_run(tmp_path):
@@ -48,8 +48,8 @@ def test_replayed_journal_creates_no_duplicates_and_closes_every_run(tmp_path):
 def test_confirm_runs_params_once_and_stopped_trials(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from study.mlflow_store import confirm_runs
     from study.tracking import source_tags
+    from study.tracking.mlflow_store import confirm_runs
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
     folder = tmp_path / "study"
@@ -123,7 +123,7 @@ def test_a_run_whose_id_was_never_remembered_is_found_by_its_tags(tmp_path):
 
 
 def test_the_journal_keeps_every_event_and_how_far_mlflow_got_across_processes(tmp_path):
-    from study.journal import Journal
+    from study.tracking.journal import Journal
 
     journal = Journal(tmp_path / "j.jsonl", tmp_path / "sent.json")
     for step in (1, 2):
@@ -142,8 +142,8 @@ def test_torn_and_garbled_journal_lines_are_named_and_skipped_never_a_server_pro
     MLflow, or be reported as the server being down; the readers of the journal pass over them."""
     import logging
 
-    from study.paths import StudyPaths
-    from study.provenance import _study_start
+    from study.records.paths import StudyPaths
+    from study.records.provenance import _study_start
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
     folder = tmp_path / "study"
@@ -188,7 +188,7 @@ def _a_journalled_study(uri: str, folder) -> StudyTracker:
 
 
 def _assert_one_run_each(uri: str) -> None:
-    from study.mlflow_store import confirm_runs
+    from study.tracking.mlflow_store import confirm_runs
 
     parents, trials = study_runs(uri, "exp")
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
@@ -231,9 +231,9 @@ def test_two_senders_of_one_journal_make_each_run_once(tmp_path):
 
     from typer.testing import CliRunner
 
-    from study.cli import app
-    from study.lock import acquire
-    from study.paths import StudyPaths
+    from study.cli.app import app
+    from study.records.lock import acquire
+    from study.records.paths import StudyPaths
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
     folder = tmp_path / "study"
@@ -285,8 +285,8 @@ def test_the_reports_wall_times_count_side_by_side_work_once_and_the_gap_before_
     third 60 s epoch: 150 + 60 s of search wall time, not the hour between. Two confirm runs overlap likewise."""
     import json
 
-    from study.journal import Journal
-    from study.provenance import union_seconds, wall_time_rows
+    from study.records.provenance import union_seconds, wall_time_rows
+    from study.tracking.journal import Journal
 
     assert union_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30
     journal = Journal(tmp_path / "j.jsonl", tmp_path / "sent.json")

@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from study import checkpoints
-from study.checkpoints import copy_checkpoint, load_checkpoint
 from study.config import TrialConfig
-from study.evaluation import Decoding, score_split
-from study.training import TrialDiverged, length_bucketed_batches, run_trial
+from study.trial import checkpoints
+from study.trial.checkpoints import copy_checkpoint, load_checkpoint
+from study.trial.evaluation import Decoding, score_split
+from study.trial.training import TrialDiverged, length_bucketed_batches, run_trial
 
 torch.set_num_threads(1)
 
@@ -88,7 +88,7 @@ def test_real_image_features_beat_shuffled_ones(small_shapes, small_prepared, tm
     assert real["CIDEr-D"] > 1.5 * shuffled["CIDEr-D"] + 0.05, (real, shuffled)
 
     # The checkpoint it wrote captions exactly as the model run_trial returned it.
-    from study.inference import load_captioner
+    from study.trial.inference import load_captioner
 
     reloaded, _, _ = load_captioner(work / "checkpoint", torch.device("cpu"))
     beam = Decoding.of(cfg, beam_size=2)

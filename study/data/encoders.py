@@ -2,7 +2,7 @@
 
 An :class:`EncoderSpec` says how to build a CNN and how to preprocess its input; ``get_encoder(name)`` looks
 one up (``TrialConfig.dataset.encoder`` names it). :func:`encode_images` is the one place a CNN runs: the
-feature cache (``study.data.features``) and ``study caption`` (``study.inference``) both call it, so a
+feature cache (``study.data.features``) and ``study caption`` (``study.trial.inference``) both call it, so a
 captioned image gets exactly the numbers the model trained on. A spec's ``version`` and ``preprocessing()``
 are part of the feature cache's key and travel in every checkpoint.
 

@@ -39,8 +39,8 @@ from PIL import Image
 
 from study.data.encoders import EncoderSpec, encode_images, get_encoder, load_encoder, pick_device, preprocess
 from study.data.karpathy import load_image as _load_image  # 8-bit RGB; DatasetError (a ValueError) if bad
-from study.files import atomic_write_json
 from study.progress import progress_bar
+from study.records.files import atomic_write_json
 
 # Errors a broken or missing image raises while being decoded and preprocessed (karpathy.load_image raises
 # DatasetError, a ValueError; the rest is belt and braces for PIL).

@@ -6,7 +6,7 @@ words the model never saw become UNK, as in deployment) and is saved as JSON nex
 checkpoints.
 
 The metrics do not use these tokens: they score the decoded text against the raw reference captions, both
-tokenised by coco-caption's PTB tokenizer (:func:`study.ptb.ptb_tokenize`, or the Java original in the
+tokenised by coco-caption's PTB tokenizer (:func:`study.trial.ptb.ptb_tokenize`, or the Java original in the
 full suite), as the literature does, so hypotheses and references get the same normalisation.
 """
 
@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from study.files import atomic_write_text
+from study.records.files import atomic_write_text
 
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>"]  # itos[:4], in id order

@@ -160,7 +160,7 @@ class AttentionInject(Injection):
     one map per layer (one Linear to L x H each for h and c). The layers are created after the attention's own,
     so a config without the option builds, draws and loads exactly as before. Xu et al.'s doubly stochastic
     penalty on the weights (sec. 4.2.1; ``cfg.attention_penalty``, :func:`doubly_stochastic_penalty`) is added
-    by the training loop (``study.training``), from the weights ``Captioner.forward_attended`` returns.
+    by the training loop (``study.trial.training``), from the weights ``Captioner.forward_attended`` returns.
     """
 
     stepwise = True

@@ -7,7 +7,7 @@
     runner.py     ``run_study``: prepare data once, run or resume the Tuner, return the trial table
 
 ``study.study.Study`` is what the CLI and the Python API call; it calls ``run_study`` for its search stage. The
-readers of what Tune wrote (``study.trial_tables``) live outside this package: they import no Ray.
+readers of what Tune wrote (``study.records.trial_tables``) live outside this package: they import no Ray.
 """
 
 from study.tuning.ray_compat import ensure_ray, ray_session, shutdown, terminated

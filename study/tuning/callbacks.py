@@ -14,11 +14,11 @@ from ray import tune
 from ray.tune.progress_reporter import TrialProgressCallback
 
 from analysis.metric_table import format_metric
-from study.files import atomic_write_json
 from study.records import missing
+from study.records.files import atomic_write_json
+from study.records.trial_tables import diverged_reason, last_line
 from study.spec import REPORTED, StudySpec
 from study.tracking import StudyTracker
-from study.trial_tables import diverged_reason, last_line
 from study.tuning.trainable import prune_checkpoints
 
 # This driver's tracker and printer of each study folder. Tune pickles its callbacks into the experiment state

@@ -15,10 +15,10 @@ from typing import Any
 import pandas as pd
 
 from analysis.metric_table import in_points
-from study.paths import StudyPaths
 from study.records import missing
+from study.records.paths import StudyPaths
+from study.records.trial_tables import space_value
 from study.spec import StudySpec
-from study.trial_tables import space_value
 from study.tuning.search import StudySearcher
 
 
@@ -33,7 +33,7 @@ def export_optuna_studies(spec: StudySpec) -> Path | None:
     Rebuilt whole after each search."""
     import optuna
 
-    from study.trial_tables import load_trial_tables
+    from study.records.trial_tables import load_trial_tables
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per study written, as in GroupSearch
     paths = StudyPaths.of(spec.storage, spec.name)
@@ -127,7 +127,7 @@ def _trial_times(paths: StudyPaths) -> dict[str, tuple[int, int]]:
     """Per trial, its (start, end) in epoch milliseconds from the journal: its first ``trial_start`` and last
     ``trial_end`` (or, in journals from before those carried a time, its first epoch's end minus that epoch's
     seconds, and its last epoch's end)."""
-    from study.journal import Journal
+    from study.tracking.journal import Journal
 
     journal = Journal(paths.journal, paths.journal_sent)
     starts: dict[str, int] = {}

@@ -23,7 +23,7 @@ with a workaround that silently stopped applying. What is relied on:
   its ``trial_fs_path`` and ``storage_filesystem``, where a trial finds its own checkpoints and leaves its
   ``diverged.txt`` (``study.tuning.trainable``).
 * Tune's trial folder layout (``checkpoint_NNNNNN/``, ``params.json``, ``result.json``,
-  ``experiment_state-*.json``), read by ``study.trial_tables``.
+  ``experiment_state-*.json``), read by ``study.records.trial_tables``.
 
 ``calls`` counts how often each patch ran: tests/test_ray_compat.py drives a real Tuner and checks that Tune
 still calls the patched methods.
@@ -50,7 +50,7 @@ from ray.train._internal.storage import StorageContext
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 
-from study.files import is_disk_full
+from study.records.files import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,8 @@ def drop_duplicate_actor_failures() -> None:
         calls["process_trial_failure"] += 1
         if is_disk_full(exception):
             # Every retry would fail the same way and each would print a traceback: stop the driver, which says
-            # so in one sentence (study.cli_study.fail_on_full_disk); the trial resumes from its last checkpoint.
+            # so in one sentence (study.cli.study_commands.fail_on_full_disk); the trial resumes from its last
+            # checkpoint.
             raise OSError(errno.ENOSPC, f"No space left on device: trial {trial} could not write its files")
         if isinstance(exception, RayActorError):
             self._resetting_trials.discard(trial)

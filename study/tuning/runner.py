@@ -23,11 +23,11 @@ from ray import tune
 from study.config import ConfigError
 from study.configure import configure
 from study.context import StudyContext
-from study.files import is_disk_full
-from study.paths import StudyPaths
+from study.records.files import is_disk_full
+from study.records.paths import StudyPaths
+from study.records.trial_tables import experiment_states, experiment_trials, load_trial_tables
 from study.spec import StudySpec
 from study.tracking import StudyTracker, source_tags
-from study.trial_tables import experiment_states, experiment_trials, load_trial_tables
 from study.tuning import ray_compat
 from study.tuning.budget import ArmBudget
 from study.tuning.callbacks import (
@@ -133,7 +133,7 @@ def describe_budget(spec: StudySpec) -> str:
     lines.append("  fixed: " + (", ".join(f"{k}={v}" for k, v in spec.fixed.items()) or "-"))
     precision = spec.fixed.get("precision", "auto")
     if precision == "auto":
-        from study.precision import resolve
+        from study.trial.precision import resolve
 
         device = "cuda" if spec.resources.gpu else "cpu"
         lines.append(f"  precision: auto, {resolve(precision, device)} on this driver's {device} "

@@ -18,7 +18,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from study.arms import Arm
-from study.files import atomic_write_text
+from study.records.files import atomic_write_text
 from study.spec import StudySpec
 from study.tuning.budget import ArmBudget
 

@@ -1,6 +1,6 @@
 """The Tune trainable, and the rules that let a killed study resume without training any epoch twice.
 
-A trial runs the shared training loop (``study.training.run_trial``) and reports each epoch with a checkpoint
+A trial runs the shared training loop (``study.trial.training.run_trial``) and reports each epoch with a checkpoint
 that carries the trial's epochs so far (``history.json``). On a retry or a resume, the trial's own folder, not
 Tune's possibly older snapshot, decides where it continues (``restore_source``). A trial that diverged leaves
 ``diverged.txt`` so its retries end at once. Finished trials keep only their newest checkpoint
@@ -19,9 +19,8 @@ from typing import Any
 from ray import tune
 
 from study.data.prepare import PreparedData
-from study.files import atomic_write_json
-from study.spec import StudySpec
-from study.trial_tables import (
+from study.records.files import atomic_write_json
+from study.records.trial_tables import (
     DIVERGED_NOTE,
     HISTORY_FILE,
     PRUNED_NOTE,
@@ -30,6 +29,7 @@ from study.trial_tables import (
     experiment_trials,
     trial_checkpoints,
 )
+from study.spec import StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def trial_function(config: dict[str, Any], spec: StudySpec, data: PreparedData) 
     import pyarrow.fs as pafs
     import torch
 
-    from study.training import TrialDiverged, run_trial
+    from study.trial.training import TrialDiverged, run_trial
 
     torch.set_num_threads(max(1, int(spec.resources.cpu)))  # follow the trial's CPU share
     cfg = spec.trial_config(config)
@@ -91,7 +91,7 @@ def restore_source(checkpoint, fs, trial_fs_path: str):
     checkpoint only when the folder has none)."""
     import pyarrow.fs as pafs
 
-    from study.checkpoints import CHECKPOINT_FILE
+    from study.trial.checkpoints import CHECKPOINT_FILE
 
     found = trial_checkpoints(fs, trial_fs_path)
     if found:
