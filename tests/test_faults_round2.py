@@ -261,7 +261,7 @@ def test_the_console_script_and_python_m_study_fail_on_a_bad_spec_alike(tmp_path
     from importlib.metadata import entry_points
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "study"]
-    assert script.value == "study.cli.app:main"  # not study.cli.app:app, which skipped main()'s configure and handler
+    assert script.value == "study.cli:main"  # not study.cli:app, which skipped main()'s configure and handler
     spec = study_spec(tmp_path, "bad", small_shapes)
     spec.write_text(spec.read_text() + "search:\n  trials: 40\n")
     study = Path(sys.executable).parent / "study"

@@ -97,13 +97,13 @@ def run(
         existing = study
         study = study.as_new_study()
         out.print(f"study {existing.name} exists at {existing.paths.root}; starting a new study {study.name} "
-                  f"beside it, in {study.records.paths.root}", highlight=False)
+                  f"beside it, in {study.paths.root}", highlight=False)
     _run_and_summarise(study, address, max_concurrent, resume=False, report=report)
 
 
 def _refuse_existing(study) -> None:
     # Running a spec again would add a second round of trials to the study it already made.
-    fail(f"study {study.spec.name} already exists at {study.records.paths.root}. Continue it with:  "
+    fail(f"study {study.spec.name} already exists at {study.paths.root}. Continue it with:  "
          f"{study.resume_command()}   or start a new study beside it with:  study run {study.spec_path} --new")
 
 
@@ -111,13 +111,13 @@ def _run_and_summarise(study, address, max_concurrent, *, resume: bool, report: 
     from study.leaderboard import format_table, leaderboard
 
     spec = study.spec
-    writable_folder(study.records.paths.root)
+    writable_folder(study.paths.root)
     with lock_study(study, f"study {'resume' if resume else 'run'} {spec.name}"):
         if not resume and study.exists() and not study.search_started():
             # It stopped before its first trial (a spec refused while the data was prepared): nothing to keep, and
             # its copy of the spec is the refused one, so `study run` of the fixed spec starts it again (issue 33,
             # item 18).
-            study.records.paths.spec_copy.unlink(missing_ok=True)
+            study.paths.spec_copy.unlink(missing_ok=True)
         elif not resume and study.exists():  # checked again under the lock: another driver may have made it since
             _refuse_existing(study)
         out.print(f"MLflow store: {study.tracking_uri} (experiment {study.experiment})")
@@ -231,10 +231,10 @@ def _report(study, address: str | None = None) -> None:
     except (NoScoredTrial, ConfigError) as exc:  # nothing to confirm; the data changed since the search
         fail(str(exc))
     except OSError as exc:
-        fail_on_full_disk(exc, study, f"study report {study.records.paths.root}")
+        fail_on_full_disk(exc, study, f"study report {study.paths.root}")
     except KeyboardInterrupt:
         console.print(f"[yellow]confirm stage interrupted.[/] Finished confirm runs are kept; continue with:  "
-                      f"study report {study.records.paths.root}", highlight=False)
+                      f"study report {study.paths.root}", highlight=False)
         raise typer.Exit(_interrupted_exit_code()) from None
 
 

@@ -39,11 +39,11 @@ def lock_study(study, command: str):
     from study.records.lock import StudyInUse
 
     try:
-        lock = study.records.lock(command)
+        lock = study.lock(command)
     except StudyInUse as exc:
         fail(str(exc))
     except OSError as exc:  # a read-only mount: one sentence, not Errno 30's traceback (issue 33, item 10)
-        fail(f"cannot write the study's lock {study.records.paths.lock}: {exc.strerror or exc}; `{command.split()[1]}` "
+        fail(f"cannot write the study's lock {study.paths.lock}: {exc.strerror or exc}; `{command.split()[1]}` "
              "writes into the study folder, so it needs the folder writable")
     if lock.took_over:
         console.print(f"[yellow]{lock.took_over}[/]", highlight=False)
@@ -57,7 +57,7 @@ def fail_on_full_disk(exc: OSError, study, then: str) -> None:
     finished survives: ``then`` (``study resume ...``) continues from it."""
     if not is_disk_full(exc):
         raise exc
-    folder = Path(study.records.paths.root).resolve()
+    folder = Path(study.paths.root).resolve()
     mount = folder
     while not os.path.ismount(mount) and mount != mount.parent:
         mount = mount.parent
