@@ -45,7 +45,7 @@ TRIAL_FIELDS = set(TrialConfig.model_fields) - {"dataset"}
 # so a spec is checked against it without importing Ray.
 REPORTED = ("epoch", "train_loss", "val_loss", "val_bpc", "val_CIDEr-D", "val_BLEU-4", "current_lr", "train_seconds",
             "epoch_seconds", "tokens_per_second", "params",
-            # where an epoch's seconds go (benchmarks/profile_study.py): train_seconds includes data_seconds
+            # where an epoch's seconds go (study profile): train_seconds includes data_seconds
             "data_seconds", "val_loss_seconds", "decode_seconds", "metric_seconds")
 
 

@@ -1,18 +1,17 @@
-"""Where a trial's time goes: the per-epoch timing fields of run_trial and benchmarks/profile_study.py's table."""
+"""Where a trial's time goes: the per-epoch timing fields of run_trial and `study profile`'s table."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from study import profiling
 from study.config import TrialConfig
 from study.data.tokens import normalize
 from study.models import build_captioner
@@ -25,14 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 TIMINGS = ("data_seconds", "val_loss_seconds", "decode_seconds", "metric_seconds")
 
 torch.set_num_threads(1)
-
-
-def _profile_module():
-    spec = importlib.util.spec_from_file_location("profile_study", REPO / "benchmarks" / "profile_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_run_trial_reports_where_the_epoch_went(small_shapes, small_prepared, tmp_path):
@@ -117,8 +108,7 @@ def _write_state(path: Path, state: dict, *, written: float) -> None:
 
 @pytest.mark.parametrize("fine", [True, False])
 def test_profile_table_splits_the_slot_time(tmp_path, fine):
-    profile_study = _profile_module()
-    p = profile_study.profile_study(_write_study(tmp_path, fine=fine), cpus=8, mlflow_costs={"*": 0.1})
+    p = profiling.profile_study(_write_study(tmp_path, fine=fine), cpus=8, mlflow_costs={"*": 0.1})
     assert p.slots == 2 and p.epochs == 6 and p.fine is fine
     assert p.wall == pytest.approx(80.0)  # Tune's start to its last write
     rows = {label: seconds for label, seconds, _ in p.rows()}
@@ -140,13 +130,12 @@ def test_profile_table_splits_the_slot_time(tmp_path, fine):
     assert rows["MLflow tracking (estimated)"] == pytest.approx(0.4)
     busy = (3 * 12 + 2) + (12 + 2) + (2 * 12 + 2) + 9
     assert rows["idle slots"] == pytest.approx(160.0 - busy)
-    assert "| idle slots |" in profile_study.format_markdown(p)
+    assert "| idle slots |" in profiling.format_markdown(p)
 
 
 def test_profile_of_a_resumed_study_counts_each_session_once(tmp_path):
     """A driver killed after trial a's epoch 2 (30 s into the search) and resumed 100 s after the first start:
     the resumed trial reports epoch 2 again (its set-up, 2.5 s, no model work), then trains epoch 3."""
-    profile_study = _profile_module()
     tune = tmp_path / "tune"
     (tune / "m-a").mkdir(parents=True)
     rows = [_result("a", 1, at=T0 + 18, iter_s=14, since_restore=1, fine=True),
@@ -161,7 +150,7 @@ def test_profile_of_a_resumed_study_counts_each_session_once(tmp_path):
              json.dumps({"start_time": T0 + 4, "last_result_time": T0 + 118.5, "last_result": {"done": True}})]
     _write_state(tune / "experiment_state-2027-01-15_08-01-40.json",
                  {"stats": {"start_time": T0 + 100}, "trial_data": [trial]}, written=T0 + 118.6)
-    p = profile_study.profile_study(tmp_path, slots=1, mlflow_costs={"*": 0.1})
+    p = profiling.profile_study(tmp_path, slots=1, mlflow_costs={"*": 0.1})
     assert p.epochs == 3 and p.wall == pytest.approx(35 + 18.6)
     rows = {label: seconds for label, seconds, _ in p.rows()}
     assert rows["training steps (forward, backward, optimiser)"] == pytest.approx(3 * 7.0)
@@ -170,3 +159,16 @@ def test_profile_of_a_resumed_study_counts_each_session_once(tmp_path):
     assert rows["epochs cut short or not reported yet (stopped, failed, running)"] == pytest.approx(5.0)
     assert rows["idle slots"] == pytest.approx(53.6 - (26 + 5 + 14.5))
     assert sum(share for _, _, share in p.rows()) == pytest.approx(100.0)
+
+
+def test_study_profile_prints_the_table_of_a_study_folder(tmp_path):
+    """`study profile STUDY` (issue 30 item 5: in the package, not a benchmark script) prints the same table."""
+    from tests.helpers import study_in_process
+
+    folder = _write_study(tmp_path, fine=True)
+    done = study_in_process("profile", folder, "--cpus", "8", "--mlflow-ms", "100", "--markdown")
+    assert done.exit_code == 0, done.output
+    table = profiling.format_markdown(profiling.profile_study(folder, cpus=8, mlflow_costs={"*": 0.1}))
+    assert table in done.output and "model work (training steps, val loss, decoding)" in done.output
+    missing = study_in_process("profile", tmp_path / "nowhere")
+    assert missing.exit_code != 0 and "nowhere" in " ".join(missing.output.split())

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from study.cli import evaluate_command as cli_evaluate
+from study.cli import profile_command as cli_profile
 from study.cli import trial_commands as cli_trial
 from study.cli.study_commands import fail_on_full_disk, lock_study, open_study
 from study.config import ConfigError
@@ -31,6 +32,7 @@ app = typer.Typer(
     rich_markup_mode=HELP_MARKUP)
 app.add_typer(cli_trial.app)  # data shapes, features, train, caption: one configuration, no Ray
 app.add_typer(cli_evaluate.app)  # evaluate: a study's confirm models on another dataset
+app.add_typer(cli_profile.app)  # profile: where a study's search time went
 
 
 @app.callback()
