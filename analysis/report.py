@@ -272,42 +272,67 @@ def _draw_figures(out_dir: Path, verdict: Verdict, trials: pd.DataFrame, history
     }
 
 
-def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None, history: pd.DataFrame | None,
-                 per_image: pd.DataFrame | None, runs: pd.DataFrame | None, space: dict | None,
-                 gallery: pd.DataFrame | None, margin: float, roles: Mapping[str, str], colors: Mapping[str, str],
-                 spec_text: str | None = None, metric: str = PRIMARY, n_boot: int = 2000,
-                 seed: int = 0, level: float = 0.95, resources: Mapping[str, float] | None = None,
-                 confirmed: pd.DataFrame | None = None, provenance: Mapping[str, str] | None = None,
-                 decision: Callable[[Verdict], str | None] | None = None, extra_blocks: list[Block] | None = None,
-                 comparator: str | None = None, set_name: str = TEST_SET) -> ReportResult:
-    """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a report is written from: the search's trials and learning curves, the confirm runs with their
+    per-image test scores, example captions, and what describes the study. A frame left out (None) is empty."""
 
-    ``metric`` is the confirm-stage primary metric; the search is analysed on ``val_<metric>``. ``roles`` and
-    ``colors`` describe the injection methods (see the module docstring). ``level`` is the intervals'
-    confidence (a sequential plan's per-look level, see ``analysis.sequential``); ``decision`` returns the
-    report's line on how many seeds the verdict took or would take.
-    ``extra_blocks``: more sections, after the test split's examples (the other photo collections the study was
-    scored on and the pooled verdict, ``analysis.cross_dataset``; their figures already in ``out_dir``).
-    ``comparator`` and ``set_name``: as ``compute_verdict`` takes them (the fixed comparator, the test split's name).
-    """
+    trials: pd.DataFrame | None = None
+    history: pd.DataFrame | None = None
+    per_image: pd.DataFrame | None = None
+    runs: pd.DataFrame | None = None
+    gallery: pd.DataFrame | None = None  # image_path, method, caption, reference
+    confirmed: pd.DataFrame | None = None  # the trials the confirm stage retrained
+    space: dict | None = None  # the searched parameters, as the spec describes them
+    spec_text: str | None = None
+    provenance: Mapping[str, str] | None = None
+    resources: Mapping[str, float] | None = None  # what one trial held: {"cpu": 1.0, "gpu": 0.0}
+
+
+@dataclass(frozen=True)
+class VerdictSettings:
+    """How the verdict compares the arms (``compute_verdict``'s settings): their roles and colours (see the module
+    docstring), the margin, the confirm-stage metric (the search is analysed on ``val_<metric>``), the bootstrap,
+    the intervals' level (a sequential plan's per-look level, ``analysis.sequential``), the fixed comparator and
+    the test split's name."""
+
+    roles: Mapping[str, str]
+    colors: Mapping[str, str]
+    margin: float
+    metric: str = PRIMARY
+    n_boot: int = 2000
+    seed: int = 0
+    level: float = 0.95
+    comparator: str | None = None
+    set_name: str = TEST_SET
+
+
+def build_report(out_dir: Path, study_name: str, inputs: ReportInputs, settings: VerdictSettings, *,
+                 decision: Callable[[Verdict], str | None] | None = None,
+                 extra_blocks: list[Block] | None = None) -> ReportResult:
+    """Compute the verdict and effects, draw the figures, write ``report.md`` + ``report.html`` in ``out_dir``.
+    ``decision`` returns the report's line on how many seeds the verdict took or would take; ``extra_blocks``:
+    more sections, after the test split's examples (the other photo collections the study was scored on and the
+    pooled verdict, ``analysis.cross_dataset``; their figures already in ``out_dir``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    empty = pd.DataFrame()
-    trials, history = (trials if trials is not None else empty), (history if history is not None else empty)
-    per_image, runs = (per_image if per_image is not None else empty), (runs if runs is not None else empty)
-    gallery = gallery if gallery is not None else empty
-    search_metric = f"val_{metric}"
+    frame = lambda f: f if f is not None else pd.DataFrame()  # noqa: E731
+    trials, history = frame(inputs.trials), frame(inputs.history)
+    per_image, runs = frame(inputs.per_image), frame(inputs.runs)
+    metric, roles, space = settings.metric, settings.roles, inputs.space
 
-    verdict = compute_verdict(per_image, runs, roles=roles, margin=margin, metric=metric, n_boot=n_boot, seed=seed,
-                              level=level, comparator=comparator, set_name=set_name)
-    effects = compute_effects(trials, space, metric=search_metric, seed=seed)
-    figures = _draw_figures(out_dir, verdict, trials, history, space, gallery, metric, colors, margin)
+    verdict = compute_verdict(per_image, runs, roles=roles, margin=settings.margin, metric=metric,
+                              n_boot=settings.n_boot, seed=settings.seed, level=settings.level,
+                              comparator=settings.comparator, set_name=settings.set_name)
+    effects = compute_effects(trials, space, metric=f"val_{metric}", seed=settings.seed)
+    figures = _draw_figures(out_dir, verdict, trials, history, space, frame(inputs.gallery), metric, settings.colors,
+                            settings.margin)
 
     blocks: list[Block] = [("h1", f"Study report: {study_name}"), ("h2", "The question"), ("p", QUESTION)]
     blocks += _verdict_blocks(verdict, figures["methods"], decision(verdict) if decision else None)
     blocks += _corpus_blocks(runs, list(roles))
     blocks += _anomaly_blocks(runs)
-    blocks += _seed_blocks(runs, confirmed, metric, order=list(roles))
+    blocks += _seed_blocks(runs, inputs.confirmed, metric, order=list(roles))
     blocks += _effects_blocks(effects, figures)
     blocks.append(("h2", "Examples from the test split"))
     blocks.append(("img", figures["gallery"], "test images with each method's caption") if figures["gallery"]
@@ -316,10 +341,10 @@ def build_report(out_dir: Path, *, study_name: str, trials: pd.DataFrame | None,
     blocks += [("h2", "Context: what the literature reached (not comparable numbers)"), ("p", LITERATURE_NOTE),
                ("table", ["data", "arch", "BLEU-4", "METEOR", "CIDEr"], [list(r) for r in LITERATURE])]
     blocks += _run_blocks(trials, history, runs)
-    blocks += cost_blocks(trials, history, runs, resources or {"cpu": 1.0})
-    blocks += _provenance_blocks(provenance)
-    if spec_text:
-        blocks += [("h2", "Appendix: the study spec"), ("code", spec_text)]
+    blocks += cost_blocks(trials, history, runs, inputs.resources or {"cpu": 1.0})
+    blocks += _provenance_blocks(inputs.provenance)
+    if inputs.spec_text:
+        blocks += [("h2", "Appendix: the study spec"), ("code", inputs.spec_text)]
 
     md_path = out_dir / "report.md"
     md_path.write_text(to_markdown(blocks, out_dir))

@@ -13,11 +13,16 @@ from PIL import Image
 
 from analysis import verdict as V
 from analysis.effects import compute_effects, edge_warnings
-from analysis.report import build_report
+from analysis.report import ReportInputs, VerdictSettings, build_report
 from study import registry
 from study.registry import Method, method_colors, method_roles, register_method
 
 METHOD_NAMES = ("init", "pre", "par", "merge", "attention", "none")
+
+
+def _settings() -> VerdictSettings:
+    """The registry's roles and colours as they stand now (a test may register a method), a 2-point margin."""
+    return VerdictSettings(method_roles(), method_colors(), margin=0.02)
 
 
 def per_image_frame(true: dict[str, float], *, images: int, seeds: int, noise: float, seed_sd: float = 0.005,
@@ -241,9 +246,8 @@ def test_report_builds_with_real_pngs(tmp_path):
                              "reference": "a plain coloured rectangle"}
                             for i, p in enumerate(img_paths) for m in METHOD_NAMES])
     out = tmp_path / "report"
-    result = build_report(out, study_name="unit", trials=trials, history=history_frame(trials),
-                          per_image=per_image, runs=runs_frame(per_image), space=SPACE, gallery=gallery,
-                          margin=0.02, roles=method_roles(), colors=method_colors(), spec_text="name: unit\n")
+    result = build_report(out, "unit", ReportInputs(trials, history_frame(trials), per_image, runs_frame(per_image),
+                                                    gallery, space=SPACE, spec_text="name: unit\n"), _settings())
     text = result.path.read_text()
     assert result.verdict.verdict == V.COMPETES
     assert "init competes" in text and "Tanti" in text and "other people's numbers" in text.lower()
@@ -292,9 +296,8 @@ def test_hyperparameter_panels_have_no_overlapping_tick_labels(tmp_path, monkeyp
 
 
 def test_report_with_empty_inputs_says_so(tmp_path):
-    result = build_report(tmp_path, study_name="empty", trials=pd.DataFrame(), history=pd.DataFrame(),
-                          per_image=pd.DataFrame(), runs=pd.DataFrame(), space={}, gallery=pd.DataFrame(),
-                          margin=0.02, roles=method_roles(), colors=method_colors(), spec_text=None)
+    empty = pd.DataFrame()
+    result = build_report(tmp_path, "empty", ReportInputs(empty, empty, empty, empty, empty, space={}), _settings())
     text = result.path.read_text()
     assert result.images == [] and result.verdict.verdict == V.NOT_AVAILABLE
     assert "No confirm results" in text and "No search trials" in text and "No example captions" in text
@@ -310,19 +313,16 @@ def test_report_states_the_compute_each_method_used(tmp_path):
                             for e in range(1, n + 1)])
     runs = pd.DataFrame({"method": ["init", "par"], "config_rank": [1, 1], "seed": [0, 0],
                          "seconds": [1800.0, 3600.0], "train_seconds": [1500.0, 3000.0]})
-    result = build_report(tmp_path, study_name="cost", trials=trials, history=history, per_image=pd.DataFrame(),
-                          runs=runs, space={}, gallery=pd.DataFrame(), margin=0.02, roles=method_roles(),
-                          colors=method_colors(), resources={"cpu": 2, "gpu": 0.5})
+    result = build_report(tmp_path, "cost", ReportInputs(trials, history, runs=runs, space={},
+                                                         resources={"cpu": 2, "gpu": 0.5}), _settings())
     text = result.path.read_text()
     # init: 2 trials of 3 epochs = 6 search trial-epochs (what search.epochs_per_arm equalises); par 1 of 1.
     assert "| init | 2 | 6 | 2.00 h | 1 | 1.00 h | 3.00 h | 45.0 min |" in text
     assert "| par | 1 | 1 | 20.0 min | 1 | 2.00 h | 2.33 h | 35.0 min |" in text
     # a quickstart's seconds read as seconds, not as 0.00 h (issue 34, item 9)
-    quick = build_report(tmp_path / "quick", study_name="quick", trials=trials,
-                         history=history.assign(epoch_seconds=2.5), per_image=pd.DataFrame(),
-                         runs=runs.assign(seconds=[20.0, 90.0]), space={},
-                         gallery=pd.DataFrame(), margin=0.02, roles=method_roles(), colors=method_colors(),
-                         resources={"cpu": 1})
+    quick = build_report(tmp_path / "quick", "quick", ReportInputs(
+        trials, history.assign(epoch_seconds=2.5), runs=runs.assign(seconds=[20.0, 90.0]), space={},
+        resources={"cpu": 1}), _settings())
     assert "| init | 2 | 6 | 15 s | 1 | 20 s | 35 s |" in quick.path.read_text()
     assert "| par | 1 | 1 | 2 s | 1 | 1.5 min | 1.5 min |" in quick.path.read_text()
 
@@ -333,10 +333,9 @@ def test_report_shows_each_difference_to_init_the_seeds_the_configurations_anoma
     runs.loc[runs["method"] == "none", "distinct_captions"] = 1  # an image-blind decoder: one caption for all
     confirmed = pd.DataFrame({"method": ["init", "pre"], "config_rank": [1, 1], "trial_id": ["a1b2", "c3d4"],
                               "cell": ["lstm", "gru"], "hidden": [512, 256], "lr": [0.0021, 0.0009]})
-    result = build_report(tmp_path, study_name="unit", trials=pd.DataFrame(), history=pd.DataFrame(),
-                          per_image=per_image, runs=runs, space={}, gallery=pd.DataFrame(), margin=0.02,
-                          roles=method_roles(), colors=method_colors(), confirmed=confirmed,
-                          provenance={"git commit": "abc123", "torch": "2.13.0"})
+    result = build_report(tmp_path, "unit", ReportInputs(per_image=per_image, runs=runs, confirmed=confirmed, space={},
+                                                         provenance={"git commit": "abc123", "torch": "2.13.0"}),
+                          _settings())
     text = result.path.read_text()
     pairwise = result.verdict.pairwise
     assert set(pairwise.index) == set(METHOD_NAMES) - {"init"}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.report import build_report
+from analysis.report import ReportInputs, VerdictSettings, build_report
 from study.registry import method_colors, method_roles
 from tests.test_analysis import EQUAL, history_frame, per_image_frame, runs_frame, trials_frame
 
@@ -22,9 +22,9 @@ BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if 
 def test_the_html_report_renders_its_figures_in_chromium(tmp_path):
     per_image = per_image_frame(EQUAL, images=300, seeds=3, noise=0.1)
     trials = trials_frame()
-    result = build_report(tmp_path / "report", study_name="browser", trials=trials, history=history_frame(trials),
-                          per_image=per_image, runs=runs_frame(per_image), space=None, gallery=None, margin=0.02,
-                          roles=method_roles(), colors=method_colors())
+    result = build_report(tmp_path / "report", "browser",
+                          ReportInputs(trials, history_frame(trials), per_image, runs_frame(per_image)),
+                          VerdictSettings(method_roles(), method_colors(), margin=0.02))
     shot = tmp_path / "shot.png"  # look at it: pytest --basetemp=DIR keeps it
     subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={shot}", "--window-size=1280,6000", result.html.as_uri()],

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     """Verdict + report from the finished confirm runs, logged to the study's MLflow parent run."""
     from analysis.forks import fork_blocks
-    from analysis.report import build_report
+    from analysis.report import ReportInputs, VerdictSettings, build_report
     from analysis.training_length import length_blocks
     from study.records import confirm_history, load_confirm, read_test_split, write_test_split
     from study.records.comparing import BOOT_SEED, N_BOOT, read_comparator, read_comparator_record, test_set_name
@@ -61,15 +61,13 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     extra = arm_blocks(spec) + extra
     splits = split_fingerprints(paths, spec, data_info)  # the test splits scored, and the earlier looks at them
     extra += fork_blocks(earlier_looks(paths.ledger, spec, ctx.spec_text, splits))
-    result = build_report(paths.report, study_name=spec.name, trials=trials, history=history,
-                          per_image=per_image, runs=runs, space=spec.space_description(), gallery=gallery,
-                          margin=spec.confirm.equivalence_margin, roles=spec.arm_set.roles(),
-                          colors=spec.arm_set.colors(), spec_text=ctx.spec_text, level=level, n_boot=N_BOOT,
-                          seed=BOOT_SEED,
-                          decision=lambda verdict: notes.setdefault("decision", decision_note(
-                              spec, verdict, plan, per_image, comparator=comparator)),
-                          resources=spec.resources.model_dump(), confirmed=confirmed_trials(spec, trials),
-                          provenance=origin, extra_blocks=extra, comparator=comparator, set_name=test_name)
+    inputs = ReportInputs(trials, history, per_image, runs, gallery, confirmed_trials(spec, trials),
+                          spec.space_description(), ctx.spec_text, origin, spec.resources.model_dump())
+    settings = VerdictSettings(spec.arm_set.roles(), spec.arm_set.colors(), spec.confirm.equivalence_margin,
+                               level=level, n_boot=N_BOOT, seed=BOOT_SEED, comparator=comparator, set_name=test_name)
+    result = build_report(paths.report, spec.name, inputs, settings, extra_blocks=extra, decision=lambda verdict:
+                          notes.setdefault("decision", decision_note(spec, verdict, plan, per_image,
+                                                                  comparator=comparator)))
     atomic_write_json(paths.report / "provenance.json", origin, indent=2)
     verdict = result.verdict
     record_looks(paths.ledger, spec, ctx.spec_text, {test_name: verdict, **evaluated}, splits,
