@@ -156,6 +156,27 @@ def _log_axis(ax, low: float, high: float) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _panel_x(ax, desc: dict, values: pd.Series, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A panel's x positions and axis: a numeric parameter over its searched range (log for loguniform), so points
+    bunched at an edge are visible as such; a choice as jittered strips, with each value's mean as a short bar."""
+    if desc.get("type") in NUMERIC_TYPES:
+        low, high = float(desc["low"]), float(desc["high"])
+        if desc["type"] == "loguniform":
+            _log_axis(ax, low, high)
+        else:
+            pad = 0.03 * (high - low)
+            ax.set_xlim(low - pad, high + pad)
+        return values.to_numpy(float)
+    order = [v for v in desc.get("values", []) if v in set(values.dropna())]
+    order += sorted(set(values.dropna()) - set(order), key=str)
+    index = {v: i for i, v in enumerate(order)}
+    x = np.array([index.get(v, np.nan) for v in values], float) + rng.uniform(-0.15, 0.15, len(values))
+    ax.set_xticks(range(len(order)), [str(v) for v in order], rotation=20 if len(order) > 3 else 0)
+    for i, v in enumerate(order):  # the per-value mean as a short bar
+        ax.hlines(y[(values == v).to_numpy()].mean(), i - 0.3, i + 0.3, color="black", lw=2)
+    return x
+
+
 def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, metric: str, path: Path, *,
                          colors: Mapping[str, str]) -> Path | None:
     """One panel per varied parameter: metric vs value (scatter, log x for loguniform; strips for choices).
@@ -178,26 +199,9 @@ def plot_hyperparameters(trials: pd.DataFrame, space: dict[str, dict] | None, me
     stopped = (rows["status"] == "stopped").to_numpy() if "status" in rows else np.zeros(len(rows), bool)
     y = rows[metric].to_numpy(float) * s
     for ax, p in zip(axes.flat, params):
-        desc = space[p]
         values = rows[p]
         present = values.notna().to_numpy()
-        if desc.get("type") in NUMERIC_TYPES:
-            x = values.to_numpy(float)
-            low, high = float(desc["low"]), float(desc["high"])
-            # The x axis spans the searched range, so points bunched at an edge are visible as such.
-            if desc["type"] == "loguniform":
-                _log_axis(ax, low, high)
-            else:
-                pad = 0.03 * (high - low)
-                ax.set_xlim(low - pad, high + pad)
-        else:
-            order = [v for v in desc.get("values", []) if v in set(values.dropna())]
-            order += sorted(set(values.dropna()) - set(order), key=str)
-            index = {v: i for i, v in enumerate(order)}
-            x = np.array([index.get(v, np.nan) for v in values], float) + rng.uniform(-0.15, 0.15, len(values))
-            ax.set_xticks(range(len(order)), [str(v) for v in order], rotation=20 if len(order) > 3 else 0)
-            for i, v in enumerate(order):  # the per-value mean as a short bar
-                ax.hlines(y[(values == v).to_numpy()].mean(), i - 0.3, i + 0.3, color="black", lw=2)
+        x = _panel_x(ax, space[p], values, y, rng)
         for hollow in (False, True):
             sel = present & (stopped == hollow)
             c = [point_colors[i] for i in np.flatnonzero(sel)]

@@ -151,6 +151,26 @@ def _check_arguments(margin: float, metric: str) -> None:
                          f"{', '.join(MEAN_OVER_IMAGES)}; {metric} is a corpus statistic (see analysis.scores)")
 
 
+def _checked(per_image: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str]]:
+    """``per_image`` with the columns the verdict needs (a ValueError names the missing ones), a ``config_rank``
+    of 1 where it has none; and the metrics to bootstrap (``metric`` first, then the other means over images)."""
+    missing = {"method", "seed", "image_id", metric} - set(per_image.columns)
+    if missing:
+        raise ValueError(f"per_image lacks columns {sorted(missing)}; it has {sorted(per_image.columns)}")
+    per_image = per_image if "config_rank" in per_image else per_image.assign(config_rank=1)
+    return per_image, [m for m in dict.fromkeys([metric, *MEAN_OVER_IMAGES]) if m in per_image.columns]
+
+
+def _in_display_order(methods, roles: Mapping[str, str], notes: list[str]) -> list[str]:
+    """The methods in the roles' order; one without a role (e.g. since removed) last, and a note says so."""
+    order = list(roles)
+    methods = sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
+    roleless = [m for m in methods if m not in roles]
+    if roleless:
+        notes.append(f"{', '.join(roleless)} had no role in the verdict: shown, not compared.")
+    return methods
+
+
 def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *, roles: Mapping[str, str],
                     margin: float = 0.02, metric: str = PRIMARY, n_boot: int = 2000, seed: int = 0,
                     level: float = 0.95, resample_seeds: bool = True, comparator: str | None = None,
@@ -174,22 +194,12 @@ def compute_verdict(per_image: pd.DataFrame, runs: pd.DataFrame | None = None, *
         return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, empty,
                        "No confirm results: the verdict needs the confirm stage's per-image scores.", 0, notes,
                        target)
-    required = {"method", "seed", "image_id", metric}
-    missing = required - set(per_image.columns)
-    if missing:
-        raise ValueError(f"per_image lacks columns {sorted(missing)}; it has {sorted(per_image.columns)}")
-    per_image = per_image if "config_rank" in per_image else per_image.assign(config_rank=1)
-    metrics = [m for m in dict.fromkeys([metric, *MEAN_OVER_IMAGES]) if m in per_image.columns]
-
+    per_image, metrics = _checked(per_image, metric)
     chosen, ranks, images = _paired_images(per_image, notes)
     if images.size == 0:
         return Verdict(NOT_AVAILABLE, math.nan, (math.nan, math.nan), None, margin, metric, empty,
                        "The methods share no scored test image, so they cannot be compared.", 0, notes, target)
-    order = list(roles)  # display order; a method without a role (e.g. since removed) is listed last
-    methods = sorted(ranks.index, key=lambda m: (order.index(m) if m in order else len(order), m))
-    roleless = [m for m in methods if m not in roles]
-    if roleless:
-        notes.append(f"{', '.join(roleless)} had no role in the verdict: shown, not compared.")
+    methods = _in_display_order(ranks.index, roles, notes)
     arrays = {m: _method_arrays(chosen, m, int(ranks[m]), images, metrics) for m in methods}
     boots = _bootstrap(arrays, metrics, metric, n_boot, seed, set_name, resample_seeds)
     table = _method_table(arrays, boots, runs, ranks, roles, metrics, metric, images.size, level)

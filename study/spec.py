@@ -37,7 +37,7 @@ from study.config import (
     validate_model,
 )
 from study.config_errors import did_you_mean
-from study.spec_checks import check_epochs, check_points, check_trial, check_when
+from study.spec_checks import check_epochs, check_points, check_values, check_when
 
 TRIAL_FIELDS = set(TrialConfig.model_fields) - {"dataset"}
 
@@ -241,22 +241,7 @@ class StudySpec(StrictModel):
             bad = [n for n, p in self.space.items() if p.choice is None]
             if bad:
                 raise ValueError(f"grid search needs choice parameters only; not choices: {bad}")
-        # Every fixed value, every choice value, both ends of every range and the confirm stage's settings must
-        # make a valid TrialConfig: found now, not by a trial (or the confirm stage) after hours of search.
-        probe = {**self.fixed, "epochs": self.asha.max_epochs}
-        check_trial(probe, "fixed" if self.asha.max_epochs <= 1000 else "asha.max_epochs")
-        for name, param in self.space.items():
-            for value in param.choice or []:
-                check_trial({**probe, name: value}, f"space.{name}: value {value!r}")
-            if param.choice is None:
-                described = param.describe()
-                for end in ("low", "high"):
-                    value = described[end]
-                    if name in ("layers", "hidden", "embed", "attention_dim", "batch_size", "min_count", "max_len"):
-                        value = round(value)
-                    check_trial({**probe, name: value}, f"space.{name}: {param.kind} {end} end {described[end]!r}")
-        check_trial({**probe, "epochs": self.confirm.epochs or self.asha.max_epochs,
-                      "beam_size": self.confirm.beam_size}, "confirm")
+        check_values(self.fixed, self.space, self.asha.max_epochs, self.confirm.epochs, self.confirm.beam_size)
         if self.metric not in METRIC_MODES:
             raise ValueError(f"metric: {self.metric!r} is not a metric a trial reports; allowed: "
                              f"{', '.join(METRIC_MODES)}")

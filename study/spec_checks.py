@@ -115,3 +115,22 @@ def check_epochs(fixed: dict[str, Any], space: dict[str, "Param"], max_epochs: i
     if confirm_epochs is not None:
         raise ValueError("confirm.epochs: with epochs searched, each confirm run trains its configuration's own "
                          "epochs; leave confirm.epochs out")
+
+
+def check_values(fixed: dict[str, Any], space: dict[str, "Param"], max_epochs: int, confirm_epochs: int | None,
+                 beam_size: int) -> None:
+    """Every fixed value, every choice value, both ends of every range and the confirm stage's settings make a
+    valid TrialConfig: found now, not by a trial (or the confirm stage) after hours of search."""
+    probe = {**fixed, "epochs": max_epochs}
+    check_trial(probe, "fixed" if max_epochs <= 1000 else "asha.max_epochs")
+    for name, param in space.items():
+        for value in param.choice or []:
+            check_trial({**probe, name: value}, f"space.{name}: value {value!r}")
+        if param.choice is None:
+            described = param.describe()
+            for end in ("low", "high"):
+                value = described[end]
+                if name in ("layers", "hidden", "embed", "attention_dim", "batch_size", "min_count", "max_len"):
+                    value = round(value)
+                check_trial({**probe, name: value}, f"space.{name}: {param.kind} {end} end {described[end]!r}")
+    check_trial({**probe, "epochs": confirm_epochs or max_epochs, "beam_size": beam_size}, "confirm")

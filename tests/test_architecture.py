@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("study", "analysis")
 MAX_MODULE_LINES = 360  # "about 350" (issue 19): a module reads in one sitting
-MAX_FUNCTION_LINES = 60
+MAX_FUNCTION_LINES = 50  # "about 50" (issue 30): from `def` to its last line, docstring included
 
 
 def _modules() -> dict[str, Path]:

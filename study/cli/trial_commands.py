@@ -159,7 +159,6 @@ def train(
     overwrite: bool = typer.Option(False, help="replace the run already in --out"),
 ) -> None:
     """Train one configuration without Ray (the same loop the Tune trainable runs)."""
-    from analysis.metric_table import format_metric
     from study.config import load_trial_config
     from study.trial.checkpoints import CheckpointError, copy_checkpoint
     from study.trial.training import TrialDiverged, run_trial, write_metrics
@@ -190,13 +189,19 @@ def train(
                            device=device, final_test=test)
     except (CheckpointError, TrialDiverged) as exc:
         fail(str(exc))
-    path = write_metrics(result, out_dir)
+    _print_result(result, write_metrics(result, out_dir), out_dir)
+
+
+def _print_result(result, metrics_path: Path, out_dir: Path) -> None:
+    """The epochs' table, the test scores (when the test split was scored) and where the run's files are."""
+    from analysis.metric_table import format_metric
+
     console.print(_epoch_table(result.epochs))
     if "final" in result.record:
         final = result.record["final"]
         console.print(f"test (beam {final['beam_size']}): " + "  ".join(
             f"{k} {format_metric(k, v)}" for k, v in final.items() if isinstance(v, float)), highlight=False)
-    out.print(f"metrics: {path}\ncheckpoint: {out_dir / 'checkpoint.pt'}")
+    out.print(f"metrics: {metrics_path}\ncheckpoint: {out_dir / 'checkpoint.pt'}")
 
 
 def _train_data(cfg, out_dir: Path, *, remove_if_failed: bool, device: str | None):

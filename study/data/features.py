@@ -233,6 +233,27 @@ def _open_partial(partial: Path, identity: dict, pooled_shape: tuple[int, int],
     return pooled, grid, state
 
 
+def _encode_batch(model, decoded: list, batch_keys: list[str], spec: EncoderSpec, device: torch.device,
+                  on_error: str, failed: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """One batch of decoded images through the encoder: pooled (b, C) and grid (b, P, C) float16 features, and how
+    many rows were encoded. An image that failed to decode raises (``on_error="error"``), or its key goes to
+    ``failed`` and its rows stay zero."""
+    ok = []
+    for i, (_, error) in enumerate(decoded):
+        if error is None:
+            ok.append(i)
+        elif on_error == "error":
+            raise ImageReadError(error)
+        else:
+            failed.append(batch_keys[i])
+    batch_grid = np.zeros((len(decoded), spec.grid_size ** 2, spec.feature_dim), np.float16)
+    batch_pooled = np.zeros((len(decoded), spec.feature_dim), np.float16)
+    if ok:
+        pixels = np.stack([decoded[i][0] for i in ok])  # (b, 3, S, S)
+        batch_grid[ok], batch_pooled[ok] = encode_images(model, pixels, spec, device)
+    return batch_pooled, batch_grid, len(ok)
+
+
 def _fill_partial(partial: Path, items: Sequence[tuple[str, Path]], keys: list[str], spec: EncoderSpec,
                   key: str, fingerprint: str, *, batch_size: int, device: torch.device, on_error: str,
                   progress: bool, num_workers: int) -> int:
@@ -252,21 +273,10 @@ def _fill_partial(partial: Path, items: Sequence[tuple[str, Path]], keys: list[s
                            min_interval_s=30, dynamic_ncols=True)
         try:
             for row0, decoded in _batches_prefetched(items, start, batch_size, spec, pool):
-                ok = []
-                for i, (array, error) in enumerate(decoded):
-                    if error is None:
-                        ok.append(i)
-                    elif on_error == "error":
-                        raise ImageReadError(error)
-                    else:
-                        failed.append(keys[row0 + i])
                 rows = len(decoded)
-                batch_grid = np.zeros((rows, n_pos, c), np.float16)  # failed rows stay zero
-                batch_pooled = np.zeros((rows, c), np.float16)
-                if ok:
-                    pixels = np.stack([decoded[i][0] for i in ok])  # (b, 3, S, S)
-                    batch_grid[ok], batch_pooled[ok] = encode_images(model, pixels, spec, device)
-                    computed += len(ok)
+                batch_pooled, batch_grid, encoded = _encode_batch(model, decoded, keys[row0:row0 + rows], spec,
+                                                                  device, on_error, failed)
+                computed += encoded
                 grid[row0:row0 + rows] = batch_grid
                 pooled[row0:row0 + rows] = batch_pooled
                 # Flush the rows first, then record them: progress never claims rows not on disk.

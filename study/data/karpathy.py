@@ -122,6 +122,22 @@ def load_karpathy(
     return CaptionDataset(name, json_path, root, tuple(records), tuple(skipped))
 
 
+def _raw_caption(numbered: tuple[int, object]) -> str:
+    """sentences[k]'s text: its 'raw', or its 'tokens' joined (some exports keep only tokens)."""
+    k, sentence = numbered
+    if not isinstance(sentence, dict):
+        raise ValueError(f"sentences[{k}] must be an object, got {type(sentence).__name__}")
+    if "raw" in sentence:
+        raw = sentence["raw"]
+    elif "tokens" in sentence:
+        raw = " ".join(sentence["tokens"])
+    else:
+        raise ValueError(f"sentences[{k}] has neither 'raw' nor 'tokens'")
+    if not isinstance(raw, str):
+        raise ValueError(f"sentences[{k}]['raw'] must be a string, got {type(raw).__name__}")
+    return raw
+
+
 def _read_entry(entry: object, root: Path, restval: str) -> ImageRecord | None:
     """One JSON entry -> a record (None for a dropped restval). Raises ValueError for malformed structure
     and _EntryProblem for problems that ``on_error='skip'`` may skip."""
@@ -143,20 +159,7 @@ def _read_entry(entry: object, root: Path, restval: str) -> ImageRecord | None:
             return None
         split = "train" if restval == "train" else "restval"
 
-    captions = []
-    for k, sentence in enumerate(sentences):
-        if not isinstance(sentence, dict):
-            raise ValueError(f"sentences[{k}] must be an object, got {type(sentence).__name__}")
-        if "raw" in sentence:
-            raw = sentence["raw"]
-        elif "tokens" in sentence:  # some exports keep only tokens
-            raw = " ".join(sentence["tokens"])
-        else:
-            raise ValueError(f"sentences[{k}] has neither 'raw' nor 'tokens'")
-        if not isinstance(raw, str):
-            raise ValueError(f"sentences[{k}]['raw'] must be a string, got {type(raw).__name__}")
-        if raw.strip():
-            captions.append(raw.strip())
+    captions = [raw.strip() for raw in map(_raw_caption, enumerate(sentences)) if raw.strip()]
     if not captions:
         raise _EntryProblem("no captions (empty 'sentences' list or only empty sentences)")
 

@@ -143,14 +143,8 @@ def feature_items(data: CaptionDataset) -> list[tuple[str, Path]]:
              else str(r.path), r.path) for r in data.records]
 
 
-def prepare(
-    dataset: ShapesDataset | KarpathyDataset,
-    settings: list[TokenSetting],
-    *,
-    need_grid: bool = True,
-    progress: bool = True,
-    device: str | None = None,
-) -> PreparedData:
+def prepare(dataset: ShapesDataset | KarpathyDataset, settings: list[TokenSetting], *, need_grid: bool = True,
+            progress: bool = True, device: str | None = None) -> PreparedData:
     """Read the dataset, extract or reuse features, and tokenise captions for each token setting."""
     data = load_dataset(dataset, progress=progress)
     items = feature_items(data)
@@ -176,21 +170,10 @@ def prepare(
     # object store once per node, and every trial maps that copy.
     pooled = np.asarray(cache.pooled)
     grid = np.asarray(cache.grid) if need_grid else None
-    prepared = PreparedData(
-        name=data.name,
-        pooled=pooled,
-        grid=grid,
-        images=images,
-        info={
-            "dataset": data.name,
-            "dataset_json": str(data.json_path),
-            "dataset_fingerprint": fingerprint,
-            "encoder": dataset.encoder,
-            "feature_cache": str(cache.path),
-            "feature_cache_reused": cache.reused,
-            "images_skipped": len(data.skipped) + len(failed),
-        },
-    )
+    prepared = PreparedData(name=data.name, pooled=pooled, grid=grid, images=images, info={
+        "dataset": data.name, "dataset_json": str(data.json_path), "dataset_fingerprint": fingerprint,
+        "encoder": dataset.encoder, "feature_cache": str(cache.path), "feature_cache_reused": cache.reused,
+        "images_skipped": len(data.skipped) + len(failed)})
     prepared.feature_stats = feature_stats(pooled, grid, images["train"].rows)
     for setting in dict.fromkeys(settings):
         prepared.token_sets[setting] = tokenize_splits(setting, images)

@@ -45,14 +45,17 @@ def greedy(model: "Captioner", pooled: Tensor, grid: Tensor | None, max_len: int
     return out
 
 
-def beam_search(
-    model: "Captioner",
-    pooled: Tensor,
-    grid: Tensor | None,
-    beam_size: int,
-    max_len: int,
-    length_penalty: float = 0.7,
-) -> Tensor:
+def _continuations(logits: Tensor, finished: Tensor) -> Tensor:
+    """(B*K, V) log-probabilities of each row's next word (PAD and START forbidden); a finished row's only
+    continuation is PAD, which costs nothing and adds no length."""
+    logp = _forbid_specials(torch.log_softmax(logits[:, -1].float(), dim=1))
+    pad_only = torch.full_like(logp, float("-inf"))
+    pad_only[:, PAD] = 0.0
+    return torch.where(finished[:, None], pad_only, logp)
+
+
+def beam_search(model: "Captioner", pooled: Tensor, grid: Tensor | None, beam_size: int, max_len: int,
+                length_penalty: float = 0.7) -> Tensor:
     """Beam search batched over images: B*K rows go through the model at once -> (B, max_len) best ids.
 
     Hypotheses are ranked by ``sum log p / length**length_penalty`` (length counts END). A hypothesis that
@@ -79,12 +82,8 @@ def beam_search(
 
     for t in range(max_len):
         logits, state = model.step(token, ctx, state)  # (B*K, 1, V)
-        logp = _forbid_specials(torch.log_softmax(logits[:, -1].float(), dim=1))  # (B*K, V)
+        logp = _continuations(logits, finished)  # (B*K, V)
         vocab = logp.shape[1]
-        # Finished rows: the only continuation is PAD, which costs nothing and adds no length.
-        pad_only = torch.full_like(logp, float("-inf"))
-        pad_only[:, PAD] = 0.0
-        logp = torch.where(finished[:, None], pad_only, logp)
         cand_len = length + (~finished).float()  # (B*K,)
         total = logp_sum[:, None] + logp  # (B*K, V)
         score = total / cand_len[:, None] ** length_penalty

@@ -21,44 +21,50 @@ if TYPE_CHECKING:
     from study.context import StudyContext
 
 
+def _decided_already(ctx: "StudyContext", compare: dict, console: Any) -> bool:
+    """Whether the fixed-design (95%) verdict is decided already (then ``study decide`` adds nothing, and says so)."""
+    from analysis.verdict import INCONCLUSIVE, compute_verdict
+
+    fixed = compute_verdict(*load_confirm(ctx.paths)[:2], **compare)
+    if fixed.verdict == INCONCLUSIVE or fixed.best_other is None:
+        return False
+    if console is not None:
+        diff, low, high = (format_metric(fixed.metric, v) for v in (fixed.diff, *fixed.ci))
+        console.print(f"study {ctx.spec.name} is already decided at the fixed 95% level: {fixed.verdict} "
+                      f"({fixed.target} - {fixed.best_other} = {diff} [{low}, {high}]); nothing to add. "
+                      "`study decide --stricter` re-judges it under a sequential plan, whose stricter level "
+                      "may call it inconclusive and train more seeds.", highlight=False)
+    return True
+
+
 def add_seeds_until_decided(ctx: "StudyContext", confirm: Callable[[list | None], Any], *,
                             max_seeds: int | None = None, hours: float | None = None, console: Any = None,
                             stricter: bool = False) -> list[dict]:
     """Add seeds to the target and the best competitor, one at a time, until the plan's verdict is conclusive,
     ``max_seeds`` is reached or ``hours`` are spent; every look goes to ``decide.json``. Returns the looks.
-    ``confirm(runs)`` trains confirm runs (None: the spec's): the confirm stage, handed in by ``Study.decide`` so
-    that no stage imports another.
+    ``confirm(runs)`` trains confirm runs (None: the spec's), handed in by ``Study.decide``: no stage imports one.
 
     A study whose fixed-design (95%) verdict is already decided, and that planned no sequential looks, is left
     as it is (no look, no run) unless ``stricter``: re-judging that look at a plan's stricter level may call it
     inconclusive and train more runs, which the user must ask for."""
     from analysis.sequential import verdict_at
-    from analysis.verdict import INCONCLUSIVE, compute_verdict
+    from analysis.verdict import INCONCLUSIVE
     from study.records.comparing import read_comparator, test_set_name
     from study.records.trial_tables import confirm_configs
 
     spec, paths = ctx.spec, ctx.paths
     compare = dict(roles=spec.arm_set.roles(), margin=spec.confirm.equivalence_margin,
                    comparator=read_comparator(paths), set_name=test_set_name(spec))
-    plan = sequential_plan(spec, paths, max_seeds)
-    needs_seeds = ValueError("study decide needs --max-seeds (the spec plans no extra seeds: confirm.max_seeds)")
+    plan, needs_seeds = sequential_plan(spec, paths, max_seeds), ValueError(
+        "study decide needs --max-seeds (the spec plans no extra seeds: confirm.max_seeds)")
     if plan is None and not paths.confirm_results():  # no verdict yet to say it is decided
         raise needs_seeds
     trials, _ = ctx.tables()
     looks = json.loads(paths.decide.read_text())["looks"] if paths.decide.is_file() else []
     started = time.monotonic()
     confirm(None)  # the first look needs the confirm stage
-    if not looks and spec.confirm.max_seeds is None and not stricter:
-        per_image, runs, _ = load_confirm(paths)
-        fixed = compute_verdict(per_image, runs, **compare)
-        if fixed.verdict != INCONCLUSIVE and fixed.best_other is not None:
-            if console is not None:
-                diff, low, high = (format_metric(fixed.metric, v) for v in (fixed.diff, *fixed.ci))
-                console.print(f"study {spec.name} is already decided at the fixed 95% level: {fixed.verdict} "
-                              f"({fixed.target} - {fixed.best_other} = {diff} [{low}, {high}]); nothing to add. "
-                              "`study decide --stricter` re-judges it under a sequential plan, whose stricter level "
-                              "may call it inconclusive and train more seeds.", highlight=False)
-            return []
+    if not looks and spec.confirm.max_seeds is None and not stricter and _decided_already(ctx, compare, console):
+        return []
     if plan is None:  # asked only once the study is known not to be decided already (issue 33, item 21)
         raise needs_seeds
     while True:

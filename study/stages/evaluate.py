@@ -156,6 +156,21 @@ def prepare_split(data, *, encoder: str, cache_dir: Path, need_grid: bool, progr
                         info={"feature_cache": str(cache.path), "feature_cache_reused": cache.reused})
 
 
+def _to_score(paths, folder: Path, confirm: dict[str, Path], fingerprint: str, split: str,
+              outcome: EvaluateOutcome) -> list[tuple[str, Path, dict]]:
+    """(run, its confirm result, its identity) of each run to score; a finished result of the same split and
+    checkpoint is reused (``outcome.reused``)."""
+    todo = []
+    for run, result_path in confirm.items():
+        identity = {"dataset_fingerprint": fingerprint, "split": split,
+                    "checkpoint_sha256": _sha256(paths.confirm_model(run))}
+        if _reusable(folder, run, identity):
+            outcome.reused.append(run)
+        else:
+            todo.append((run, result_path, identity))
+    return todo
+
+
 def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | None = None, split: str = "test",
                  name: str | None = None, runs: list[str] | None = None, progress: bool = True,
                  device: str | None = None, track: bool = True) -> EvaluateOutcome:
@@ -179,14 +194,7 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     atomic_write_json(folder / SET_FILE, manifest, indent=1)
 
     outcome = EvaluateOutcome(name, folder)
-    todo = []
-    for run, result_path in confirm.items():
-        identity = {"dataset_fingerprint": fingerprint, "split": split,
-                    "checkpoint_sha256": _sha256(paths.confirm_model(run))}
-        if _reusable(folder, run, identity):
-            outcome.reused.append(run)
-        else:
-            todo.append((run, result_path, identity))
+    todo = _to_score(paths, folder, confirm, fingerprint, split, outcome)
     if todo:
         methods = [json.loads(p.read_text())["config"]["inject"] for _, p, _ in todo]
         prepared = prepare_split(data, encoder=spec.dataset.encoder, cache_dir=spec.dataset.cache_dir,

@@ -56,6 +56,31 @@ def _clear_destination(ctx: "StudyContext", dest: Path, force: bool) -> None:
         (dest / Path(name).name).unlink(missing_ok=True)
 
 
+def _check_report(ctx: "StudyContext") -> None:
+    """Refuse a study with no report, or one whose report predates scores in points."""
+    paths = ctx.paths
+    if not (paths.report / "report.md").is_file():
+        raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `{ctx.command('report')}` first")
+    origin = paths.report / "provenance.json"
+    if not scores_in_points(json.loads(origin.read_text()) if origin.is_file() else {}):
+        raise ExportRefused(f"the report of {ctx.name} predates scores in points (its verdict.csv holds the 0..1 "
+                            f"scale): run `{ctx.command('report')}` again first (no run is retrained)")
+
+
+def _refuse_others_files(ctx: "StudyContext", dest: Path, evaluated: list[str]) -> None:
+    """Refuse, by name, a file of the user's in ``dest`` that the export would overwrite."""
+    paths = ctx.paths
+    names = [p.name for p in paths.report.iterdir() if p.name in _REPORT_FILES or p.suffix == ".png"]
+    names += ["spec.yaml", *(p.name for p in (paths.verdict_csv, paths.search_time, paths.decide) if p.is_file()),
+              "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "confirm_history.csv",
+              "test_scores.csv", "test_scores.md"]
+    names += evaluated + list(STATISTICS_FILES) + ["comparator.json"]
+    taken = sorted(name for name in names if (dest / name).exists())
+    if taken:
+        raise ExportRefused(f"{dest} holds files that are not a previous export's: {', '.join(taken)}; move them, "
+                            "or export into another folder")
+
+
 def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path]:
     """Copy what a study produced into ``dest`` (e.g. ``results/<name>/`` of a repository), never a checkpoint or a
     feature: the report and its figures, its provenance, the spec it ran, the search's trials and learning curves,
@@ -67,29 +92,16 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     the export would overwrite is refused by name. Returns the files written."""
     import shutil
 
-    dest = Path(dest)
-    paths = ctx.paths
-    if not (paths.report / "report.md").is_file():
-        raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `{ctx.command('report')}` first")
-    origin = paths.report / "provenance.json"
-    if not scores_in_points(json.loads(origin.read_text()) if origin.is_file() else {}):
-        raise ExportRefused(f"the report of {ctx.name} predates scores in points (its verdict.csv holds the 0..1 "
-                            f"scale): run `{ctx.command('report')}` again first (no run is retrained)")
-    _clear_destination(ctx, dest, force)
     from study.records import confirm_history
     from study.records.verdicts import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
 
+    dest = Path(dest)
+    paths = ctx.paths
+    _check_report(ctx)
+    _clear_destination(ctx, dest, force)
     test_per_image = per_image_frame(paths)
     evaluated = export_frames(paths, ctx.spec, test_per_image)
-    names = [p.name for p in paths.report.iterdir() if p.name in _REPORT_FILES or p.suffix == ".png"]
-    names += ["spec.yaml", *(p.name for p in (paths.verdict_csv, paths.search_time, paths.decide) if p.is_file()),
-              "leaderboard.csv", "trials.csv", "history.csv", "confirm_runs.csv", "confirm_history.csv",
-              "test_scores.csv", "test_scores.md"]
-    names += list(evaluated) + list(STATISTICS_FILES) + ["comparator.json"]
-    taken = sorted(name for name in names if (dest / name).exists())
-    if taken:
-        raise ExportRefused(f"{dest} holds files that are not a previous export's: {', '.join(taken)}; move them, "
-                            "or export into another folder")
+    _refuse_others_files(ctx, dest, list(evaluated))
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for path in sorted(paths.report.iterdir()):

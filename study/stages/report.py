@@ -74,13 +74,18 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
                  comparator_rule(read_comparator_record(paths)))
     log_evidence(ctx, verdict, result.path.parent)
     if console is not None:
-        from study.console import wrapped
-
-        note = notes.get("decision")
-        console.print(wrapped(f"\nverdict: {verdict.verdict}\n{verdict.text}" + (f"\n{note}" if note else ""))
-                      + f"\nreport: {result.path}", highlight=False)
-        console.print(next_steps(ctx, result.html), highlight=False, soft_wrap=True, markup=False)
+        _print_verdict(ctx, console, result, notes.get("decision"))
     return result.path
+
+
+def _print_verdict(ctx: "StudyContext", console: Any, result, note: str | None) -> None:
+    """The verdict in words, the decision note, where the report is and where to look next."""
+    from study.console import wrapped
+
+    verdict = result.verdict
+    console.print(wrapped(f"\nverdict: {verdict.verdict}\n{verdict.text}" + (f"\n{note}" if note else ""))
+                  + f"\nreport: {result.path}", highlight=False)
+    console.print(next_steps(ctx, result.html), highlight=False, soft_wrap=True, markup=False)
 
 
 def log_evidence(ctx: "StudyContext", verdict, report_dir: Path) -> None:

