@@ -22,9 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from study.config import TrialConfig
 from study.models import build_captioner
-from study.models.inject import doubly_stochastic_penalty
-from study.trial.evaluation import masked_nll
-from study.trial.precision import autocast
+from study.trial.training import training_loss
 
 BATCH, TOKENS, VOCAB, EMBED, FEAT, GRID, ATTENTION = 64, 13, 2500, 256, 1280, 49, 128
 
@@ -43,15 +41,7 @@ def training_step(inject: str, cell: str, hidden: int, precision: str, attention
     device = torch.device("cpu")
 
     def step() -> None:
-        with autocast(device, precision):
-            if penalty:
-                logits, alpha = model.forward_attended(pooled, grid, tokens[:, :-1])  # (B, T-1, V), (B, T-1, G)
-            else:
-                logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
-        loss_sum, n = masked_nll(logits, tokens[:, 1:])
-        loss = loss_sum / n
-        if penalty:
-            loss = loss + penalty * doubly_stochastic_penalty(alpha, tokens[:, 1:]) / n
+        loss, _, _ = training_loss(model, pooled, grid, tokens, penalty=penalty, device=device, precision=precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -113,6 +113,24 @@ def build_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Opt
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def training_loss(model, pooled: torch.Tensor, grid: torch.Tensor | None, tokens: torch.Tensor, *, penalty: float,
+                  device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One batch's objective (tokens (B, T) with START first): (the loss to minimise, the NLL summed over the
+    predicted tokens, their count). With ``penalty``, Xu et al.'s per-caption objective NLL + lambda * sum_g
+    (1 - sum_t alpha_tg)^2, summed over the batch and divided by its tokens like the NLL; the reported train_loss
+    (and the validation loss) stays the plain NLL, so losses compare across methods and penalties."""
+    with autocast(device, precision):
+        if penalty:
+            logits, alpha = model.forward_attended(pooled, grid, tokens[:, :-1])  # (B, T-1, V), (B, T-1, G)
+        else:
+            logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
+    loss_sum, n = masked_nll(logits, tokens[:, 1:])
+    loss = loss_sum / n
+    if penalty:
+        loss = loss + penalty * doubly_stochastic_penalty(alpha, tokens[:, 1:]) / n
+    return loss, loss_sum, n
+
+
 def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTensors, features: FeatureSource,
                  device: torch.device, rng: np.random.Generator, epoch: int,
                  progress: bool) -> tuple[float, int, float]:
@@ -134,18 +152,8 @@ def _train_epoch(model, optimizer, scheduler, cfg: TrialConfig, train: SplitTens
         tokens = train.ids[torch.from_numpy(idx), : int(train.lengths[idx].max())].to(device, non_blocking=True)
         pooled, grid = features(train.feature_rows[idx])
         data_seconds += time.perf_counter() - t0
-        with autocast(device, cfg.precision):
-            if penalty:
-                logits, alpha = model.forward_attended(pooled, grid, tokens[:, :-1])  # (B, T-1, V), (B, T-1, G)
-            else:
-                logits = model(pooled, grid, tokens[:, :-1])  # (B, T-1, V)
-        loss_sum, n = masked_nll(logits, tokens[:, 1:])
-        loss = loss_sum / n
-        if penalty:
-            # Xu et al.'s per-caption objective NLL + lambda * sum_g (1 - sum_t alpha_tg)^2, summed over the batch
-            # and divided by its tokens like the NLL. The reported train_loss (and the validation loss) stays the
-            # plain NLL, so losses compare across methods and penalties.
-            loss = loss + penalty * doubly_stochastic_penalty(alpha, tokens[:, 1:]) / n
+        loss, loss_sum, n = training_loss(model, pooled, grid, tokens, penalty=penalty, device=device,
+                                          precision=cfg.precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
