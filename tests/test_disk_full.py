@@ -66,5 +66,7 @@ def _every_state_file_is_whole(tune_folder: Path) -> None:
             ops = list(pickletools.genops(state.read_bytes()))
             assert ops[-1][0].name == "STOP", state
         else:
-            json.loads(state.read_text())
+            text = state.read_text()
+            assert text.strip(), f"{state.name} is empty ({sorted(q.name for q in tune_folder.iterdir())})"
+            json.loads(text)
     assert not list(tune_folder.glob(".*.upload-*")), "a partial upload was left behind"
