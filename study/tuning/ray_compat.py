@@ -186,13 +186,8 @@ def atomic_experiment_uploads() -> None:
             for name in names:
                 target = posixpath.join(target_folder, name)
                 partial = posixpath.join(target_folder, f".{name}.upload-{os.getpid()}")
-                source = os.path.join(folder, name)
-                size = os.path.getsize(source)  # before the copy: a file still growing copies at least this
                 try:
-                    pafs.copy_files(source, partial, destination_filesystem=fs)
-                    copied = fs.get_file_info(partial).size
-                    if copied is not None and copied < size:  # a full disk can cut a copy short without an error
-                        raise OSError(errno.ENOSPC, f"No space left on device: {target} got {copied} of {size} bytes")
+                    pafs.copy_files(os.path.join(folder, name), partial, destination_filesystem=fs)
                     fs.move(partial, target)
                 except BaseException:
                     with contextlib.suppress(OSError):
