@@ -118,7 +118,7 @@ class Study(StudyContext):
     def confirm_history(self) -> pd.DataFrame:
         """One row per confirm run and epoch: ``run, method, config_rank, seed, epoch`` and what the epoch reported
         (validation scores and loss, learning rate, seconds): the confirm runs' learning curves."""
-        from study.records import confirm_history
+        from study.records.run_results import confirm_history
 
         return in_points(confirm_history(self.paths))
 

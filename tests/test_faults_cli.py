@@ -400,3 +400,25 @@ def test_hints_for_a_study_outside_runs_name_its_folder(study_folder, unscorable
     shutil.rmtree(copy / "confirm")
     unconfirmed = _study("evaluate", copy, unscorable[0], "--images-root", unscorable[1])
     _sentence(unconfirmed, f"`study report {copy}` trains them first")
+
+
+# ----- issue 30: the records are typed, so a damaged one is named, and the confirm stage trains it again ----------
+def test_a_damaged_confirm_result_is_named_by_export_and_trained_again_by_report(study_folder, tmp_path):
+    copy = _copy(study_folder, tmp_path)
+    damaged = copy / "confirm" / "init-r1-s0.json"
+    original = json.loads(damaged.read_text())
+    damaged.write_text(damaged.read_text()[: len(damaged.read_text()) // 2])  # torn, as by a full disk
+    refused = _command("export", copy, tmp_path / "export", cwd=tmp_path)
+    said = _flat(refused.stdout + refused.stderr)
+    # It was JSONDecodeError's traceback, naming no file.
+    assert refused.returncode == 2 and "Traceback" not in said, said[-3000:]
+    assert f"{damaged} is not a readable ConfirmResult" in said and "`study confirm` trains that run again" in said
+    reported = _command("report", copy, cwd=tmp_path)
+    said = _flat(reported.stdout + reported.stderr)
+    assert reported.returncode == 0, said[-3000:]
+    assert f"confirm run init-r1-s0 was damaged ({damaged} is not a readable ConfirmResult" in said
+    assert (copy / "confirm" / "stale" / damaged.name).is_file()  # kept aside, not deleted
+    retrained = json.loads(damaged.read_text())
+    # The same seed retrains the same model: the damaged run's captions and scores come back.
+    assert retrained["captions"] == original["captions"]
+    assert retrained["scores"]["CIDEr-D"] == original["scores"]["CIDEr-D"]

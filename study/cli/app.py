@@ -325,9 +325,11 @@ def verify(
 def main() -> None:
     """The ``study`` console script and ``python -m study``: one entry, so both configure the process the same
     way and fail on a bad spec the same way (one sentence, exit 2)."""
+    from study.records.run_results import RecordError
+
     configure()
     try:
         app()
-    except ConfigError as exc:
+    except (ConfigError, RecordError) as exc:  # a bad spec; a damaged record of the study folder, named
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(2)

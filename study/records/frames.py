@@ -19,7 +19,6 @@ current, so a running study can be watched by calling the methods again.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -55,17 +54,17 @@ def leaderboard_frame(ctx: "StudyContext", *, metric: str | None = None, best_pe
 
 def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.DataFrame:
     """``Study.confirm_runs``: one row per finished confirm run (conditional parameters <NA> where inactive)."""
-    from study.records import chosen_epoch
+    from study.records.run_results import read_confirm_results
 
     rows = []
-    for path in paths.confirm_results():
-        result = json.loads(path.read_text())
-        row = {"run": path.stem, "method": result["method"], "config_rank": result["config_rank"],
-               "seed": result["seed"], "torch_seed": result["config"].get("seed")}  # the index k, and 1000 + k
-        row.update({m: result["scores"].get(m) for m in CORPUS_METRICS})
-        row.update({k: result.get(k) for k in ("epochs", "train_seconds", "seconds", "params")})
-        row.update(chosen_epoch(result))  # which epoch's model the run was scored with, and why training stopped
-        row.update({k: v for k, v in result["config"].items() if k not in row})
+    for name, result in read_confirm_results(paths).items():
+        row = {"run": name, **result.identity(), "torch_seed": result.config.get("seed")}  # the index k, 1000 + k
+        row.update({m: result.scores.get(m) for m in CORPUS_METRICS})
+        row.update(epochs=result.epochs, train_seconds=result.train_seconds, seconds=result.seconds,
+                   params=result.params)
+        chosen = result.chosen  # which epoch's model the run was scored with, and why training stopped
+        row.update(chosen_epoch=chosen.chosen_epoch, selection=chosen.rule, stopped=chosen.stopped)
+        row.update({k: v for k, v in result.config.items() if k not in row})
         rows.append(row)
     columns = ["run", "method", "config_rank", "seed", "torch_seed", *CORPUS_METRICS, "epochs", "train_seconds",
                "seconds", "params"]
@@ -73,17 +72,17 @@ def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.Data
 
 
 def per_image_frame(paths: StudyPaths) -> pd.DataFrame:
-    """``Study.per_image``: one row per confirm run and test image (``study.records.per_image_rows``)."""
-    from study.records import per_image_rows
+    """``Study.per_image``: one row per confirm run and test image (``ScoredRun.per_image_rows``)."""
+    from study.records.run_results import read_confirm_results
 
-    rows = [row for path in paths.confirm_results() for row in per_image_rows(json.loads(path.read_text()))]
+    rows = [row for result in read_confirm_results(paths).values() for row in result.per_image_rows()]
     return with_reader_types(pd.DataFrame(rows))
 
 
 def verdict_frame(ctx: "StudyContext") -> pd.DataFrame:
     """``Study.verdict``: the verdict table with its words and interval in ``attrs``."""
-    from study.records import report_level
     from study.records.comparing import read_comparator, test_set_name
+    from study.records.decide_log import report_level
     from study.records.verdicts import set_verdict
 
     spec = ctx.spec

@@ -11,12 +11,13 @@
         search_time.json               the search's time budget ledger, summed over drivers
         optuna.db                      the searchers' Optuna studies (for optuna-dashboard)
         tune/                          Ray Tune's experiment: one folder per trial, with its checkpoints
-        confirm/<method>-r<k>-s<seed>.json (.pt)   each confirm run's scores (and its trained model)
-        decide.json                    the looks of ``study decide``
+        confirm/<method>-r<k>-s<seed>.json (.pt)   each confirm run's scores (and its trained model):
+                                       study/records/run_results.py
+        decide.json                    the looks of ``study decide`` (study/records/decide_log.py)
         comparator.json                the arm the verdict compares the target with, fixed before any test scoring
         test_split.json                what the confirm stage knew of the data (provenance, gallery): study.records
         evaluate/<name>/               each confirm run scored on another dataset (study/stages/evaluate.py)
-        verdict.csv, report/           the verdict table and the report
+        verdict.csv, report/           the verdict table and the report (report/provenance.json: its provenance)
     <storage>/ledger.csv               every scoring of a test split by the studies here (study/records/ledger.py)
 
 Tune's own folder (``tune/``) may live in a bucket (``storage: s3://...``); the rest is the driver's
@@ -86,6 +87,7 @@ class StudyPaths:
     decide = property(lambda self: self.root / "decide.json")
     verdict_csv = property(lambda self: self.root / "verdict.csv")
     report = property(lambda self: self.root / "report")
+    report_provenance = property(lambda self: self.report / "provenance.json")  # study.records.provenance
     evaluate = property(lambda self: self.root / "evaluate")  # study evaluate: one folder per dataset
     test_split = property(lambda self: self.root / "test_split.json")  # study.records.TestSplitRecord
     comparator = property(lambda self: self.root / "comparator.json")  # the verdict's comparator, fixed before test

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from study.records import SCORES_IN_POINTS, SCORES_KEY
+from study.records.files import atomic_write_json
 from study.records.paths import StudyPaths
+from study.records.run_results import read_confirm_results
 from study.tracking.journal import Journal
 
 PACKAGES = ("torch", "ray", "optuna", "mlflow", "pycocoevalcap", "numpy", "pandas", "efficientnet-lite-pytorch")
@@ -35,7 +37,9 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
     if paths.search_time.is_file():
         used = json.loads(paths.search_time.read_text())
         rows["search time budget"] = f"{_hours(used['used_s'])} used of {_hours(used['budget_s'])}"
-    rows.update(wall_time_rows(Journal(paths.journal, paths.journal_sent), paths.confirm_results()))
+    spans = [(r.started_ms / 1000, r.ended_ms / 1000) for r in read_confirm_results(paths).values()
+             if r.started_ms and r.ended_ms]  # runs from before spans were recorded have none
+    rows.update(wall_time_rows(Journal(paths.journal, paths.journal_sent), spans))
     rows["hardware"] = _hardware()
     rows["python"] = platform.python_version()
     for name in PACKAGES:
@@ -52,20 +56,15 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
 EPOCH_SECONDS = ("train_seconds", "val_loss_seconds", "decode_seconds", "metric_seconds")
 
 
-def wall_time_rows(journal: Journal, confirm_results: list[Path]) -> dict[str, str]:
+def wall_time_rows(journal: Journal, runs: list[tuple[float, float]]) -> dict[str, str]:
     """``search wall time`` and ``confirm wall time`` rows: how long the machine worked on each stage.
 
-    Each trial-epoch spans the ``EPOCH_SECONDS`` before its journalled time, each confirm run its recorded start
-    and end (``started_ms``/``ended_ms`` in its result file); a stage's wall time is the length of the union of
-    its spans, so trials that ran side by side count once and the hours between an interrupted driver and its
-    ``study resume`` not at all."""
+    Each trial-epoch spans the ``EPOCH_SECONDS`` before its journalled time, each confirm run (``runs``, in
+    seconds) its recorded start and end (``started_ms``/``ended_ms`` in its result file); a stage's wall time is
+    the length of the union of its spans, so trials that ran side by side count once and the hours between an
+    interrupted driver and its ``study resume`` not at all."""
     epochs = [(e["time"] / 1000 - sum(e["metrics"].get(k, 0.0) for k in EPOCH_SECONDS), e["time"] / 1000)
               for e in journal.events("trial_result") if e.get("time")]
-    runs = []
-    for path in confirm_results:
-        result = json.loads(path.read_text())
-        if result.get("started_ms") and result.get("ended_ms"):
-            runs.append((result["started_ms"] / 1000, result["ended_ms"] / 1000))
     rows = {}
     if epochs:
         rows["search wall time"] = (f"{_hours(union_seconds(epochs))} while trials trained "
@@ -142,3 +141,14 @@ def _hardware() -> str:
     except ImportError:
         pass
     return text
+
+
+def write_report_provenance(paths: StudyPaths, rows: dict[str, Any]) -> Path:
+    """The report's provenance table, beside it as ``report/provenance.json`` (``study export`` copies it)."""
+    return atomic_write_json(paths.report_provenance, rows, indent=2)
+
+
+def read_report_provenance(paths: StudyPaths) -> dict[str, Any]:
+    """The provenance the last ``study report`` wrote ({} before the first report)."""
+    path = paths.report_provenance
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -212,8 +212,8 @@ def _by_key(frame: pd.DataFrame, keys: list[str]) -> dict[tuple[str, ...], pd.Se
 
 def write_statistics(ctx, dest: Path, test_per_image: pd.DataFrame) -> list[Path]:
     """Write the files above (all but ``ledger.csv``: ``write_ledger``) into an export folder; returns them."""
-    from study.records import report_level
     from study.records.comparing import verdict_settings
+    from study.records.decide_log import report_level
     from study.records.verdicts import (
         evaluated_sets,
         evaluated_verdicts,

@@ -10,21 +10,41 @@ The stage that scores a set is ``study.stages.evaluate``; scoring one model is `
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
-from study.records import report_level
+from study.records.decide_log import report_level
+from study.records.files import atomic_write_json
 from study.records.paths import StudyPaths
+from study.records.run_results import read_evaluation_result, read_record
 
 if TYPE_CHECKING:
     from study.spec import StudySpec
 
 SET_FILE = "set.json"
 GALLERY_IMAGES = 6
+
+
+class EvaluatedSet(BaseModel):
+    """``set.json``: the dataset a study was evaluated on, as ``study evaluate`` read it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    json_path: str = Field(alias="json")  # the dataset JSON, resolved
+    images_root: str
+    split: str
+    dataset: str
+    fingerprint: str  # the split's (``study.data``): a changed file is scored again
+    images: int
+    created_ms: int = 0  # when first evaluated: orders the sets
+    image_paths: list[str]
+    filenames: list[str] = []
+    references: list[list[str]]  # each image's human captions
 
 
 class EvaluateError(ValueError):
@@ -40,8 +60,7 @@ def evaluated_sets(paths: StudyPaths) -> list[str]:
     root = paths.evaluate
     if not root.is_dir():
         return []
-    found = [(json.loads((d / SET_FILE).read_text()).get("created_ms", 0), d.name)
-             for d in root.iterdir() if (d / SET_FILE).is_file()]
+    found = [(read_set(d / SET_FILE).created_ms, d.name) for d in root.iterdir() if (d / SET_FILE).is_file()]
     return [name for _, name in sorted(found)]
 
 
@@ -57,35 +76,40 @@ def study_test_name(spec: "StudySpec") -> str:
     return test_set_name(spec)
 
 
-def read_manifest(paths: StudyPaths, name: str) -> dict[str, Any]:
+def read_set(path: Path) -> EvaluatedSet:
+    return read_record(EvaluatedSet, path, "move its folder aside and `study evaluate` scores the set again",
+                       what="evaluated set")
+
+
+def write_set(path: Path, evaluated: EvaluatedSet) -> Path:
+    return atomic_write_json(path, evaluated.model_dump(mode="json", by_alias=True), indent=1)
+
+
+def read_manifest(paths: StudyPaths, name: str) -> EvaluatedSet:
     path = set_folder(paths, name) / SET_FILE
     if not path.is_file():
         have = ", ".join(evaluated_sets(paths)) or "none"
         raise EvaluateError(f"study {paths.root.name} was not evaluated on {name!r} (no {path}); evaluated: {have}")
-    return json.loads(path.read_text())
+    return read_set(path)
 
 
 def load_evaluation(paths: StudyPaths, name: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(per_image, runs, gallery) of one evaluated set, the frames ``study.records.load_confirm`` gives for the
     test split (same columns and metric names, the same per-image reader), so ``compute_verdict`` reads them
     unchanged."""
-    from study.records import per_image_rows
-
     manifest = read_manifest(paths, name)
     image_rows, run_rows, gallery_rows = [], [], []
     for path in result_files(paths, name):
-        result = json.loads(path.read_text())
-        method, rank, seed = result["method"], result["config_rank"], result["seed"]
-        image_rows += per_image_rows(result)
-        run_rows.append({"dataset": name, "run": path.stem, "method": method, "config_rank": rank, "seed": seed,
-                         "params": result.get("params"), "train_seconds": result.get("train_seconds"),
-                         "epochs": result.get("epochs"), "seconds": result.get("seconds"),
-                         "images": len(result["captions"]), "distinct_captions": len(set(result["captions"])),
-                         **result["scores"]})
-        if rank == 1 and seed == 0:
-            for i in range(min(GALLERY_IMAGES, len(result["captions"]))):
-                gallery_rows.append({"image_path": manifest["image_paths"][i], "method": method,
-                                     "caption": result["captions"][i], "reference": manifest["references"][i][0]})
+        result = read_evaluation_result(path)
+        image_rows += result.per_image_rows()
+        run_rows.append({"dataset": name, "run": path.stem, **result.identity(), "params": result.params,
+                         "train_seconds": result.train_seconds, "epochs": result.epochs, "seconds": result.seconds,
+                         "images": len(result.captions), "distinct_captions": len(set(result.captions)),
+                         **result.scores})
+        if result.config_rank == 1 and result.seed == 0:
+            gallery_rows += [{"image_path": image_path, "method": result.method, "caption": caption,
+                              "reference": references[0]} for image_path, caption, references
+                             in zip(manifest.image_paths[:GALLERY_IMAGES], result.captions, manifest.references)]
     return pd.DataFrame(image_rows), pd.DataFrame(run_rows), pd.DataFrame(gallery_rows)
 
 
@@ -126,7 +150,7 @@ def pooled(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataFrame, *
     own = str(Path(spec.dataset.json_path).resolve()) if spec.dataset.kind == "karpathy" else None
     for name in evaluated_sets(paths):
         manifest = read_manifest(paths, name)
-        if manifest["json"] == own and manifest["split"] == "test":
+        if manifest.json_path == own and manifest.split == "test":
             continue
         sets[name] = load_evaluation(paths, name)[0]
     return pooled_verdict(sets, roles=spec.arm_set.roles(), margin=spec.confirm.equivalence_margin, level=level,
@@ -137,7 +161,7 @@ def split_fingerprints(paths: StudyPaths, spec: "StudySpec", info: dict[str, Any
     """The test splits this study scored, by name: the study's own (the dataset's fingerprint, from the prepared
     data's ``info``) first, then each evaluated set (its split's fingerprint)."""
     out = {study_test_name(spec): str(info.get("dataset_fingerprint", ""))}
-    out.update({name: str(read_manifest(paths, name).get("fingerprint", "")) for name in evaluated_sets(paths)})
+    out.update({name: read_manifest(paths, name).fingerprint for name in evaluated_sets(paths)})
     return out
 
 
@@ -250,6 +274,7 @@ def report_blocks(paths: StudyPaths, spec: "StudySpec", test_per_image: pd.DataF
         _, runs, gallery = load_evaluation(paths, name)
         picture = plots.plot_gallery(gallery, out_dir / f"gallery-{name}.png", colors=colors)
         missing = sorted({p.stem for p in paths.confirm_results()} - set(runs.get("run", [])))
-        blocks += dataset_blocks(name, manifest, verdicts[name], runs, picture, order=list(roles), missing=missing)
+        blocks += dataset_blocks(name, manifest.model_dump(by_alias=True), verdicts[name], runs, picture,
+                                 order=list(roles), missing=missing)
     blocks += pooled_blocks(pooled(paths, spec, test_per_image, level=level))
     return blocks

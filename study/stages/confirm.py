@@ -23,8 +23,9 @@ import pandas as pd
 
 from study.config import TrialConfig
 from study.records import missing, read_test_split, write_test_split
-from study.records.files import atomic_write_bytes, atomic_write_json
+from study.records.files import atomic_write_bytes
 from study.records.paths import StudyPaths
+from study.records.run_results import ConfirmResult, RecordError, read_confirm_result, write_confirm_result
 from study.records.trial_tables import NoScoredTrial, confirm_configs, confirmed_trials, run_name
 from study.spec import StudySpec
 
@@ -110,12 +111,11 @@ def run_confirm(spec: StudySpec, paths: StudyPaths, trials: pd.DataFrame, data, 
         ready, _ = ray.wait(list(pending), num_returns=1)
         method, rank, seed = pending.pop(ready[0])
         result = ray.get(ready[0])
-        result.update(method=method, config_rank=rank, seed=seed)
         checkpoint = result.pop("checkpoint", None)
         name = run_name(method, rank, seed)
         if checkpoint is not None:  # first: a .json without its .pt is an older run, never the reverse
             atomic_write_bytes(paths.confirm_model(name), checkpoint)
-        atomic_write_json(paths.confirm_result(name), result)
+        write_confirm_result(paths, name, ConfirmResult(method=method, config_rank=rank, seed=seed, **result))
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)
     bar.close()
@@ -175,9 +175,13 @@ def set_aside_if_stale(paths: StudyPaths, name: str, cfg: TrialConfig) -> bool:
     path = paths.confirm_result(name)
     if not path.is_file():
         return False
-    stored = json.loads(path.read_text())["config"]
     wanted = json.loads(json.dumps(cfg.model_dump(mode="json", by_alias=True, exclude={"dataset"})))
-    differs = sorted(k for k in stored.keys() & wanted.keys() if stored[k] != wanted[k])
+    try:
+        stored = read_confirm_result(path).config
+        differs = sorted(k for k in stored.keys() & wanted.keys() if stored[k] != wanted[k])
+        why = "trained with " + ", ".join(f"{k}={stored[k]!r} (now {wanted[k]!r})" for k in differs)
+    except RecordError as err:  # a damaged result scores nothing: kept aside, and the run trained again
+        differs, why = ["unreadable"], f"damaged ({err})"
     if not differs:
         return False
     stale = paths.confirm / "stale"
@@ -185,6 +189,5 @@ def set_aside_if_stale(paths: StudyPaths, name: str, cfg: TrialConfig) -> bool:
     for old in (path, paths.confirm_model(name), path.with_suffix(".per_image.csv")):
         if old.exists():
             old.replace(stale / old.name)
-    log.warning("confirm run %s was trained with %s; set aside in %s and trained again", name,
-                ", ".join(f"{k}={stored[k]!r} (now {wanted[k]!r})" for k in differs), stale)
+    log.warning("confirm run %s was %s; set aside in %s and trained again", name, why, stale)
     return True

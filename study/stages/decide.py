@@ -2,20 +2,19 @@
 
 ``add_seeds_until_decided`` (``study decide``) buys certainty when the verdict is inconclusive: one more seed
 at a time for the target and its comparator, each look at the sequential plan's level (``analysis.sequential``;
-the plan itself is a record, ``study.records.sequential_plan``), until the verdict is conclusive or the seed or
+the plan itself is a record, ``study.records.decide_log``), until the verdict is conclusive or the seed or
 time budget ends; the looks go to ``decide.json``. The report's sentence on what decided it, or what would,
 is ``study.stages.report.decision_note``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from analysis.metric_table import format_metric
-from study.records import load_confirm, sequential_plan
-from study.records.files import atomic_write_json
+from study.records.decide_log import DecideLog, Look, read_decide_log, sequential_plan, write_decide_log
+from study.records.run_results import load_confirm
 
 if TYPE_CHECKING:
     from study.context import StudyContext
@@ -39,7 +38,7 @@ def _decided_already(ctx: "StudyContext", compare: dict, console: Any) -> bool:
 
 def add_seeds_until_decided(ctx: "StudyContext", confirm: Callable[[list | None], Any], *,
                             max_seeds: int | None = None, hours: float | None = None, console: Any = None,
-                            stricter: bool = False) -> list[dict]:
+                            stricter: bool = False) -> list[Look]:
     """Add seeds to the target and the best competitor, one at a time, until the plan's verdict is conclusive,
     ``max_seeds`` is reached or ``hours`` are spent; every look goes to ``decide.json``. Returns the looks.
     ``confirm(runs)`` trains confirm runs (None: the spec's), handed in by ``Study.decide``: no stage imports one.
@@ -60,7 +59,7 @@ def add_seeds_until_decided(ctx: "StudyContext", confirm: Callable[[list | None]
     if plan is None and not paths.confirm_results():  # no verdict yet to say it is decided
         raise needs_seeds
     trials, _ = ctx.tables()
-    looks = json.loads(paths.decide.read_text())["looks"] if paths.decide.is_file() else []
+    looks = list(getattr(read_decide_log(paths), "looks", []))  # a resumed decide goes on from its last look
     started = time.monotonic()
     confirm(None)  # the first look needs the confirm stage
     if not looks and spec.confirm.max_seeds is None and not stricter and _decided_already(ctx, compare, console):
@@ -73,9 +72,9 @@ def add_seeds_until_decided(ctx: "StudyContext", confirm: Callable[[list | None]
         if verdict.best_other is None:
             raise ValueError(f"the confirm results in {paths.confirm} have no target and competitor to compare")
         counts = {m: int(verdict.table.loc[m, "seeds"]) for m in (verdict.target, verdict.best_other)}
-        looks.append({"seeds": counts, "best_other": verdict.best_other, "diff": verdict.diff,
-                      "ci": list(verdict.ci), "level": plan.level, "verdict": verdict.verdict})
-        atomic_write_json(paths.decide, {"max_seeds": plan.max_seeds, "plan": plan.describe(), "looks": looks})
+        looks.append(Look(seeds=counts, best_other=verdict.best_other, diff=verdict.diff, ci=verdict.ci,
+                          level=plan.level, verdict=verdict.verdict))
+        write_decide_log(paths, DecideLog(max_seeds=plan.max_seeds, plan=plan.describe(), looks=looks))
         if console is not None:
             diff, low, high = (format_metric(verdict.metric, v) for v in (verdict.diff, *verdict.ci))
             console.print(f"look {len(looks)}: {counts} seeds, {verdict.target} - {verdict.best_other} = {diff} "

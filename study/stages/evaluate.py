@@ -40,16 +40,26 @@ import numpy as np
 import pandas as pd
 
 from study.records import missing
-from study.records.files import atomic_write_json
 from study.records.paths import StudyPaths
+from study.records.run_results import (
+    ConfirmResult,
+    EvaluationResult,
+    RecordError,
+    read_confirm_results,
+    read_evaluation_result,
+    write_evaluation_result,
+)
 from study.records.verdicts import (
     SET_FILE,
+    EvaluatedSet,
     EvaluateError,
     load_evaluation,
+    read_set,
     result_files,
     set_folder,
     set_verdict,
     verdict_table_of,
+    write_set,
 )
 
 if TYPE_CHECKING:
@@ -156,18 +166,18 @@ def prepare_split(data, *, encoder: str, cache_dir: Path, need_grid: bool, progr
                         info={"feature_cache": str(cache.path), "feature_cache_reused": cache.reused})
 
 
-def _to_score(paths, folder: Path, confirm: dict[str, Path], fingerprint: str, split: str,
-              outcome: EvaluateOutcome) -> list[tuple[str, Path, dict]]:
+def _to_score(paths, folder: Path, confirm: dict[str, ConfirmResult], fingerprint: str, split: str,
+              outcome: EvaluateOutcome) -> list[tuple[str, ConfirmResult, dict]]:
     """(run, its confirm result, its identity) of each run to score; a finished result of the same split and
     checkpoint is reused (``outcome.reused``)."""
     todo = []
-    for run, result_path in confirm.items():
+    for run, confirmed in confirm.items():
         identity = {"dataset_fingerprint": fingerprint, "split": split,
                     "checkpoint_sha256": _sha256(paths.confirm_model(run))}
         if _reusable(folder, run, identity):
             outcome.reused.append(run)
         else:
-            todo.append((run, result_path, identity))
+            todo.append((run, confirmed, identity))
     return todo
 
 
@@ -179,8 +189,8 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     reused (see the module docstring). ``track``: MLflow's confirm runs gain the scores."""
 
     from study.progress import progress_bar
-    from study.records import report_level
     from study.records.comparing import read_comparator
+    from study.records.decide_log import report_level
     from study.registry import any_needs_grid
 
     spec, paths = ctx.spec, ctx.paths
@@ -189,22 +199,22 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     data = load_split(json_path, images_root, split)
     folder = set_folder(paths, name)
     manifest = _check_manifest(folder, name, data, split)
-    fingerprint = manifest["fingerprint"]
+    fingerprint = manifest.fingerprint
     (folder / "runs").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / SET_FILE, manifest, indent=1)
+    write_set(folder / SET_FILE, manifest)
 
     outcome = EvaluateOutcome(name, folder)
     todo = _to_score(paths, folder, confirm, fingerprint, split, outcome)
     if todo:
-        methods = [json.loads(p.read_text())["config"]["inject"] for _, p, _ in todo]
+        methods = [confirmed.config["inject"] for _, confirmed, _ in todo]
         prepared = prepare_split(data, encoder=spec.dataset.encoder, cache_dir=spec.dataset.cache_dir,
                                  need_grid=any_needs_grid(methods), progress=progress, device=device,
                                  fingerprint=fingerprint)
         bar = progress_bar(len(todo), f"evaluate on {name}", unit="run", enabled=progress)
-        for run, result_path, identity in todo:
-            result = evaluate_run(paths.confirm_model(run), json.loads(result_path.read_text()), prepared, split,
-                                  device=device)
-            atomic_write_json(folder / "runs" / f"{run}.json", {"run": run, "dataset": name, **identity, **result})
+        for run, confirmed, identity in todo:
+            result = evaluate_run(paths.confirm_model(run), confirmed, prepared, split, device=device)
+            write_evaluation_result(folder / "runs" / f"{run}.json",
+                                    EvaluationResult(run=run, dataset=name, **identity, **result))
             outcome.computed.append(run)
             bar.set_postfix_str(run, refresh=False)
             bar.update(1)
@@ -218,10 +228,11 @@ def run_evaluate(ctx: "StudyContext", json_path: Path, *, images_root: Path | No
     return outcome
 
 
-def _confirm_models(study: str, paths: StudyPaths, runs: list[str] | None, report: str) -> dict[str, Path]:
-    """The finished confirm runs to score (``runs``: only these), by name: their result files; each must have its
+def _confirm_models(study: str, paths: StudyPaths, runs: list[str] | None, report: str
+                    ) -> dict[str, ConfirmResult]:
+    """The finished confirm runs to score (``runs``: only these), by name: their results; each must have its
     trained model beside it."""
-    confirm = {p.stem: p for p in paths.confirm_results()}
+    confirm = read_confirm_results(paths)
     if not confirm:
         raise EvaluateError(f"study {study} has no finished confirm runs in {paths.confirm}: `{report}` trains "
                             "them first (evaluate scores the confirm stage's models)")
@@ -237,22 +248,22 @@ def _confirm_models(study: str, paths: StudyPaths, runs: list[str] | None, repor
     return confirm
 
 
-def _check_manifest(folder: Path, name: str, data, split: str) -> dict[str, Any]:
-    """The set's ``set.json`` content; refuse a name already used for another file or split."""
-    previous = json.loads((folder / SET_FILE).read_text()) if (folder / SET_FILE).is_file() else None
-    if previous is not None and (previous["json"] != str(data.json_path) or previous["split"] != split):
-        raise EvaluateError(f"{folder} already holds the evaluation named {name!r}, of {previous['json']} split "
-                            f"{previous['split']!r}; this is {data.json_path} split {split!r}: pass --name to "
+def _check_manifest(folder: Path, name: str, data, split: str) -> EvaluatedSet:
+    """The set's ``set.json`` record; refuse a name already used for another file or split."""
+    previous = read_set(folder / SET_FILE) if (folder / SET_FILE).is_file() else None
+    if previous is not None and (previous.json_path != str(data.json_path) or previous.split != split):
+        raise EvaluateError(f"{folder} already holds the evaluation named {name!r}, of {previous.json_path} split "
+                            f"{previous.split!r}; this is {data.json_path} split {split!r}: pass --name to "
                             "evaluate it under another name")
     fingerprint = split_fingerprint(data)
-    if previous is not None and previous["fingerprint"] != fingerprint:
+    if previous is not None and previous.fingerprint != fingerprint:
         log.warning("%s changed since it was evaluated as %s (another fingerprint): every run is scored again",
                     data.json_path, name)
-    return {"name": name, "json": str(data.json_path), "images_root": str(data.images_root), "split": split,
-            "dataset": data.name, "fingerprint": fingerprint, "images": len(data.records),
-            "created_ms": (previous or {}).get("created_ms") or int(time.time() * 1000),
-            "image_paths": [str(r.path) for r in data.records], "filenames": [r.filename for r in data.records],
-            "references": [list(r.captions) for r in data.records]}
+    return EvaluatedSet(name=name, json=str(data.json_path), images_root=str(data.images_root), split=split,
+                        dataset=data.name, fingerprint=fingerprint, images=len(data.records),
+                        created_ms=(previous.created_ms if previous else 0) or int(time.time() * 1000),
+                        image_paths=[str(r.path) for r in data.records], filenames=[r.filename for r in data.records],
+                        references=[list(r.captions) for r in data.records])
 
 
 def _reusable(folder: Path, run: str, identity: dict[str, str]) -> bool:
@@ -262,8 +273,8 @@ def _reusable(folder: Path, run: str, identity: dict[str, str]) -> bool:
     if not path.is_file():
         return False
     try:
-        stored = json.loads(path.read_text())
-    except ValueError:
+        stored = read_evaluation_result(path).model_dump()
+    except RecordError:  # damaged: set aside and scored again
         stored = {}
     if all(stored.get(k) == v for k, v in identity.items()):
         return True
@@ -274,7 +285,7 @@ def _reusable(folder: Path, run: str, identity: dict[str, str]) -> bool:
     return False
 
 
-def evaluate_run(checkpoint: Path, confirm_result: dict[str, Any], data: "PreparedData", split: str, *,
+def evaluate_run(checkpoint: Path, confirm_result: ConfirmResult, data: "PreparedData", split: str, *,
                  device: str | None = None) -> dict[str, Any]:
     """One confirm run's model captions the split with its own beam settings; scores as the confirm stage's."""
     import torch
@@ -300,10 +311,9 @@ def evaluate_run(checkpoint: Path, confirm_result: dict[str, Any], data: "Prepar
     model = model.to(pick_device(device)).eval()
     with torch.inference_mode():  # the vocabulary only decodes: the references stay raw text
         scored = score_split(model, data, split, vocab=vocab, decoding=Decoding.of(cfg), full=True, per_image=True)
-    return {"method": confirm_result["method"], "config_rank": confirm_result["config_rank"],
-            "seed": confirm_result["seed"], "beam_size": cfg.beam_size, "length_penalty": cfg.length_penalty,
-            "params": confirm_result.get("params"), "train_seconds": confirm_result.get("train_seconds"),
-            "epochs": confirm_result.get("epochs"), "scores": scored.scores, "captions": scored.captions,
+    return {**confirm_result.identity(), "beam_size": cfg.beam_size, "length_penalty": cfg.length_penalty,
+            "params": confirm_result.params, "train_seconds": confirm_result.train_seconds,
+            "epochs": confirm_result.epochs, "scores": scored.scores, "captions": scored.captions,
             "per_image": {m: {str(k): v for k, v in d.items()} for m, d in scored.per_image.items()},
             "decode_seconds": scored.decode_seconds, "metric_seconds": scored.metric_seconds,
             "seconds": time.perf_counter() - t0}
@@ -318,9 +328,9 @@ def log_evaluation(spec: "StudySpec", paths: StudyPaths, tracker: "StudyTracker"
     log_confirm_runs(spec, paths, tracker)
     new = 0
     for path in result_files(paths, name):
-        result = json.loads(path.read_text())
-        metrics = {f"{name}/{k}": v for k, v in result["scores"].items() if not missing(v)}
-        tag = f"{name}/{path.stem}/{result['dataset_fingerprint'][:16]}/{result['checkpoint_sha256'][:16]}"
+        result = read_evaluation_result(path)
+        metrics = {f"{name}/{k}": v for k, v in result.scores.items() if not missing(v)}
+        tag = f"{name}/{path.stem}/{result.dataset_fingerprint[:16]}/{result.checkpoint_sha256[:16]}"
         new += tracker.confirm_metrics(path.stem, metrics, tag=tag, artifacts=[path],
                                        artifact_path=f"evaluate/{name}")
     return new

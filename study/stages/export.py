@@ -5,15 +5,20 @@ recomputes every interval (``study.records.statistics``). Never a checkpoint or 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from analysis.metric_table import in_points
-from study.records import EXPORT_MANIFEST, SCORES_IN_POINTS, SCORES_KEY, scores_in_points
-from study.records.files import atomic_write_json
+from study.records import (
+    EXPORT_MANIFEST,
+    SCORES_IN_POINTS,
+    ExportManifest,
+    read_export_manifest,
+    scores_in_points,
+    write_export_manifest,
+)
 from study.records.frames import (
     confirm_frame,
     history_frame,
@@ -23,6 +28,7 @@ from study.records.frames import (
     test_scores_markdown,
     trials_frame,
 )
+from study.records.provenance import read_report_provenance
 from study.records.statistics import FILES as STATISTICS_FILES
 
 if TYPE_CHECKING:
@@ -47,11 +53,10 @@ def _clear_destination(ctx: "StudyContext", dest: Path, force: bool) -> None:
                             f"results/{ctx.name}")
     if not dest.is_dir() or not any(dest.iterdir()):
         return
-    manifest = dest / EXPORT_MANIFEST
     if not force:
         raise ExportRefused(f"{dest} is not empty: export into a new folder, or pass --force to replace what a "
                             "previous export wrote there (other files are left alone)")
-    previous = json.loads(manifest.read_text())["files"] if manifest.is_file() else []
+    previous = read_export_manifest(dest).files
     for name in [*previous, EXPORT_MANIFEST]:
         (dest / Path(name).name).unlink(missing_ok=True)
 
@@ -61,8 +66,7 @@ def _check_report(ctx: "StudyContext") -> None:
     paths = ctx.paths
     if not (paths.report / "report.md").is_file():
         raise FileNotFoundError(f"{paths.report / 'report.md'} does not exist: run `{ctx.command('report')}` first")
-    origin = paths.report / "provenance.json"
-    if not scores_in_points(json.loads(origin.read_text()) if origin.is_file() else {}):
+    if not scores_in_points(read_report_provenance(paths)):
         raise ExportRefused(f"the report of {ctx.name} predates scores in points (its verdict.csv holds the 0..1 "
                             f"scale): run `{ctx.command('report')}` again first (no run is retrained)")
 
@@ -92,7 +96,7 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     the export would overwrite is refused by name. Returns the files written."""
     import shutil
 
-    from study.records import confirm_history
+    from study.records.run_results import confirm_history
     from study.records.verdicts import export_frames  # study evaluate's sets and pooled verdict ({} if never evaluated)
 
     dest = Path(dest)
@@ -124,9 +128,8 @@ def export(ctx: "StudyContext", dest: Path, *, force: bool = False) -> list[Path
     (dest / "test_scores.md").write_text(test_scores_markdown(frames["test_scores.csv"]))
     written.append(dest / "test_scores.md")
     written += _statistics(ctx, dest, test_per_image)
-    manifest = {"study": ctx.name, "files": [p.name for p in written], "spec_folder": _spec_folder(ctx.spec_path),
-                SCORES_KEY: SCORES_IN_POINTS}
-    atomic_write_json(dest / EXPORT_MANIFEST, manifest, indent=2)
+    write_export_manifest(dest, ExportManifest(study=ctx.name, files=[p.name for p in written],
+                                               spec_folder=_spec_folder(ctx.spec_path), scores=SCORES_IN_POINTS))
     return written
 
 
@@ -143,10 +146,9 @@ def _statistics(ctx: "StudyContext", dest: Path, test_per_image: pd.DataFrame) -
     written = write_statistics(ctx, dest, test_per_image)
     if paths.comparator.is_file():
         written.append(Path(shutil.copy2(paths.comparator, dest / paths.comparator.name)))
-    origin = paths.report / "provenance.json"
-    test_fp = json.loads(origin.read_text()).get("dataset fingerprint", "") if origin.is_file() else ""
+    test_fp = read_report_provenance(paths).get("dataset fingerprint", "")
     splits = {study_test_name(ctx.spec): str(test_fp or ""),
-              **{n: str(read_manifest(paths, n).get("fingerprint", "")) for n in evaluated_sets(paths)}}
+              **{n: read_manifest(paths, n).fingerprint for n in evaluated_sets(paths)}}
     return written + write_ledger(ctx, dest, splits)
 
 

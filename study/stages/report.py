@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from analysis.metric_table import format_metric
-from study.records import sequential_plan
-from study.records.files import atomic_write_json
+from study.records.decide_log import report_level, sequential_plan
 from study.tracking.mlflow_view import experiment_address
 
 if TYPE_CHECKING:
@@ -34,10 +33,11 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     from analysis.forks import fork_blocks
     from analysis.report import ReportInputs, VerdictSettings, build_report
     from analysis.training_length import length_blocks
-    from study.records import confirm_history, load_confirm, read_test_split, write_test_split
+    from study.records import read_test_split, write_test_split
     from study.records.comparing import BOOT_SEED, N_BOOT, read_comparator, read_comparator_record, test_set_name
     from study.records.ledger import comparator_rule, earlier_looks, record_looks
-    from study.records.provenance import provenance
+    from study.records.provenance import provenance, write_report_provenance
+    from study.records.run_results import confirm_history, load_confirm
     from study.records.trial_tables import confirmed_trials
     from study.records.verdicts import evaluated_verdicts, report_blocks, split_fingerprints
     from study.tracking import git_commit
@@ -50,7 +50,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     origin = provenance(paths, data_info, report_commit=git_commit())
     per_image, runs, gallery = load_confirm(paths, test_split)
     plan = sequential_plan(spec, paths)
-    level, comparator, test_name = plan.level if plan else 0.95, read_comparator(paths), test_set_name(spec)
+    level, comparator, test_name = report_level(spec, paths), read_comparator(paths), test_set_name(spec)
     notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
     # study evaluate's sets and the pooled verdict (study/records/verdicts.py): [] for a study never evaluated
     evaluated = evaluated_verdicts(paths, spec, level=level)
@@ -68,7 +68,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     result = build_report(paths.report, spec.name, inputs, settings, extra_blocks=extra, decision=lambda verdict:
                           notes.setdefault("decision", decision_note(spec, verdict, plan, per_image,
                                                                   comparator=comparator)))
-    atomic_write_json(paths.report / "provenance.json", origin, indent=2)
+    write_report_provenance(paths, origin)
     verdict = result.verdict
     record_looks(paths.ledger, spec, ctx.spec_text, {test_name: verdict, **evaluated}, splits,
                  comparator_rule(read_comparator_record(paths)))

@@ -23,7 +23,7 @@ import pandas as pd
 
 from analysis.metric_table import CORPUS_METRICS, POINTS
 from study.config import ConfigError, TrialConfig, validate_model
-from study.records import EXPORT_MANIFEST, scores_in_points
+from study.records import read_export_manifest
 from study.records.files import repository_root
 from study.spec import load_spec
 
@@ -84,7 +84,7 @@ def run_config(export_dir: Path, run: str, dataset_root: Path | None = None) -> 
     if not isinstance(provenance, dict):
         raise ConfigError(f"{export_dir / 'provenance.json'} is not the export's provenance (a JSON object)")
     threads = max(1, int(spec.resources.cpu))  # a confirm run's Ray task has as many (float sums depend on it)
-    scale = 1 if scores_in_points(_manifest(export_dir)) else POINTS  # an export from before points holds 0..1
+    scale = 1 if read_export_manifest(export_dir).in_points else POINTS  # an export from before points holds 0..1
     committed = {m: float(row[m]) * scale for m in CORPUS_METRICS if m in row}
     return cfg, committed, str(provenance.get("dataset fingerprint")), threads
 
@@ -93,19 +93,13 @@ def spec_folder(export_dir: Path) -> Path:
     """Where the exported spec's relative dataset paths start: the folder ``study export`` recorded
     (``spec_folder`` in export.json, inside the repository that holds the export, e.g. ``search_spaces``), else the
     export folder itself (exports from before it was recorded)."""
-    recorded = _manifest(export_dir).get("spec_folder")
+    recorded = read_export_manifest(export_dir).spec_folder
     if recorded:
         root = repository_root(export_dir)
         folder = Path(recorded) if Path(recorded).is_absolute() or root is None else root / recorded
         if folder.is_dir():
             return folder
     return export_dir
-
-
-def _manifest(export_dir: Path) -> dict:
-    """The export's ``export.json`` ({} for an export from before it)."""
-    manifest = Path(export_dir) / EXPORT_MANIFEST
-    return json.loads(manifest.read_text()) if manifest.is_file() else {}
 
 
 def reproduce(export_dir: Path, run: str, *, dataset_root: Path | None = None, progress: bool = True,

@@ -271,38 +271,33 @@ def log_confirm_runs(spec: StudySpec, paths: StudyPaths, tracker) -> int:
     """Each confirm run not yet in MLflow as a child run of the study's parent: its searched parameters
     (only those active for its configuration), seed and budget; its test scores; as artifacts its result
     (per-image scores and captions), its per-image scores as CSV and its checkpoint. Returns how many were new."""
-    import json
-
     import pandas as pd
 
     from study.records import missing
+    from study.records.run_results import read_confirm_results
 
     new = 0
-    for path in paths.confirm_results():
-        name = path.stem
+    for name, result in read_confirm_results(paths).items():
         if CONFIRM_PREFIX + name in tracker.confirm_logged:  # journalled before: only new runs are logged
             continue
-        result = json.loads(path.read_text())
-        config = result["config"]
+        path, config = paths.confirm_result(name), result.config
         params = {k: config[k] for k, p in spec.space.items() if k in config and p.matches(config)}
         # seed: the run's seed index (the -s<k> of its name, the frames' seed column); torch_seed: what torch was
         # seeded with (1000 + k, see confirm_configs).
-        params.update(method=result["method"], config_rank=result["config_rank"], seed=result["seed"],
-                      torch_seed=config.get("seed"), epochs=config.get("epochs"), beam_size=config.get("beam_size"),
-                      params=result["params"])
-        metrics = {f"test_{k}": v for k, v in result["scores"].items()}
-        metrics.update(train_seconds=result["train_seconds"], seconds=result.get("seconds", float("nan")))
-        per_image = pd.DataFrame({m: pd.Series(d) for m, d in result["per_image"].items()})
+        params.update(**result.identity(), torch_seed=config.get("seed"), epochs=config.get("epochs"),
+                      beam_size=config.get("beam_size"), params=result.params)
+        metrics = {f"test_{k}": v for k, v in result.scores.items()}
+        metrics.update(train_seconds=result.train_seconds, seconds=result.seconds)
+        per_image = pd.DataFrame({m: pd.Series(d) for m, d in result.per_image.items()})
         per_image.index.name = "image_id"
         csv = path.with_suffix(".per_image.csv")
         per_image.sort_index(key=lambda ids: ids.astype(int)).to_csv(csv)
         artifacts = [path, csv] + [p for p in [path.with_suffix(".pt")] if p.exists()]
-        note = (f"Confirm run: the search's rank-{result['config_rank']} {result['method']} configuration retrained "
-                f"with seed {result['seed']} (torch seed {config.get('seed')}) for {config.get('epochs')} epochs, then "
+        note = (f"Confirm run: the search's rank-{result.config_rank} {result.method} configuration retrained "
+                f"with seed {result.seed} (torch seed {config.get('seed')}) for {config.get('epochs')} epochs, then "
                 f"the test split captioned with "
                 f"beam {config.get('beam_size')} and scored with the full coco-caption suite (study report).")
         new += tracker.confirm_run(name, params, {k: v for k, v in metrics.items() if not missing(v)}, artifacts,
-                                   history=result.get("history", []), span=(result.get("started_ms"),
-                                                                            result.get("ended_ms")), note=note,
-                                   arm=result["method"])
+                                   history=result.history, span=(result.started_ms, result.ended_ms), note=note,
+                                   arm=result.method)
     return new

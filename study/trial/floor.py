@@ -132,14 +132,16 @@ def evaluation_warnings(folder, dataset: str, *, trained: str, metric: str = "CI
                         roles: Mapping[str, str] | None = None) -> list[str]:
     """``floor_warnings`` of a ``study evaluate`` folder (``<study>/evaluate/<name>``): its set's references and
     every run's captions and scores there; ``roles``: the study's arms' (its image-blind arm the floor too)."""
-    import json
     from pathlib import Path
 
+    from study.records.run_results import read_evaluation_result
+    from study.records.verdicts import SET_FILE, read_set
+
     folder = Path(folder)
-    references = dict(enumerate(json.loads((folder / "set.json").read_text())["references"]))
+    references = dict(enumerate(read_set(folder / SET_FILE).references))
     runs = {}
     for path in sorted((folder / "runs").glob("*.json")):
-        result = json.loads(path.read_text())
-        runs[path.stem] = {"captions": dict(enumerate(result["captions"])), "scores": result["scores"],
-                           "method": result.get("method", "")}
+        result = read_evaluation_result(path)
+        runs[path.stem] = {"captions": dict(enumerate(result.captions)), "scores": result.scores,
+                           "method": result.method}
     return floor_warnings(runs, references, dataset=dataset, trained_on=trained, metric=metric, roles=roles)
