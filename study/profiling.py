@@ -22,7 +22,6 @@ trials seen at once than that wins.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -31,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from study.records import read_search_time
+from study.records.paths import StudyPaths
 from study.records.search_timeline import (
     FINE,
     TRACKED_KINDS,
@@ -151,8 +152,8 @@ def profile_study(study_dir: Path, *, slots: int | None = None, cpus: int | None
     if not count.segments:
         raise ValueError(f"{study_dir}: no trial has started yet")
     wall = _wall_time(count, timeline, notes)
-    if (study_dir / "search_time.json").is_file():
-        used = json.loads((study_dir / "search_time.json").read_text()).get("used_s")
+    if StudyPaths.at(study_dir).search_time.is_file():
+        used = read_search_time(StudyPaths.at(study_dir).search_time).used_s
         notes.append(f"search_time.json: {used} s of search wall time used (the budget's clock)")
     spec = read_spec(study_dir)
     used_slots = _slots(spec, count.segments, slots, cpus, gpus, notes)

@@ -16,6 +16,7 @@ from analysis.effects import compute_effects, edge_warnings
 from analysis.report import ReportInputs, VerdictSettings, build_report
 from study import registry
 from study.registry import Method, method_colors, method_roles, register_method
+from tests.helpers import EQUAL, SPACE, history_frame, per_image_frame, runs_frame, trials_frame
 
 METHOD_NAMES = ("init", "pre", "par", "merge", "attention", "none")
 
@@ -23,30 +24,6 @@ METHOD_NAMES = ("init", "pre", "par", "merge", "attention", "none")
 def _settings() -> VerdictSettings:
     """The registry's roles and colours as they stand now (a test may register a method), a 2-point margin."""
     return VerdictSettings(method_roles(), method_colors(), margin=0.02)
-
-
-def per_image_frame(true: dict[str, float], *, images: int, seeds: int, noise: float, seed_sd: float = 0.005,
-                    seed: int = 0) -> pd.DataFrame:
-    """Per-image scores: method mean x shared image difficulty + per-seed offset + per-image noise."""
-    rng = np.random.default_rng(seed)
-    difficulty = rng.gamma(4.0, 0.25, images)  # mean 1; shared by all methods, as real image difficulty is
-    frames = []
-    for method, mu in true.items():
-        for s in range(seeds):
-            v = mu * difficulty + rng.normal(0, seed_sd) + rng.normal(0, noise, images)
-            frames.append(pd.DataFrame({"method": method, "config_rank": 1, "seed": s,
-                                        "image_id": np.arange(images), "CIDEr-D": v, "BLEU-4": v / 3,
-                                        "METEOR": np.nan, "ROUGE-L": v / 2}))
-    return pd.concat(frames, ignore_index=True)
-
-
-def runs_frame(per_image: pd.DataFrame) -> pd.DataFrame:
-    runs = per_image.groupby(["method", "config_rank", "seed"], as_index=False)[["CIDEr-D", "BLEU-4"]].mean()
-    return runs.assign(params=runs["method"].map(lambda m: 2e6 if m == "attention" else 1e6),
-                       train_seconds=120.0, epochs=10)
-
-
-EQUAL = {"init": 0.50, "pre": 0.49, "par": 0.48, "merge": 0.47, "attention": 0.505, "none": 0.20}
 
 
 def test_competes_when_init_equals_best_other_with_many_images():
@@ -156,33 +133,6 @@ def test_registry_rejects_a_second_target_and_bad_entries():
         V.compute_verdict(per_image_frame(EQUAL, images=5, seeds=1, noise=0.1), roles={"pre": "competitor"})
 
 
-SPACE = {
-    "inject": {"type": "choice", "values": ["init", "pre", "par", "merge", "attention", "none"]},
-    "cell": {"type": "choice", "values": ["lstm", "gru", "lstm_peephole"]},
-    "tokens": {"type": "choice", "values": ["word", "char"]},
-    "lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
-    "dropout": {"type": "uniform", "low": 0.0, "high": 0.5},
-    "hidden": {"type": "quniform", "low": 128, "high": 1024, "step": 128},
-}
-
-
-def trials_frame(n: int = 30, seed: int = 0) -> pd.DataFrame:
-    """Trials whose val_CIDEr-D is driven by dropout alone (peaks in the middle of its range)."""
-    rng = np.random.default_rng(seed)
-    t = pd.DataFrame({
-        "trial_id": [f"t{i:02d}" for i in range(n)], "inject": rng.choice(SPACE["inject"]["values"], n),
-        "cell": rng.choice(SPACE["cell"]["values"], n), "tokens": rng.choice(["word", "char"], n),
-        "lr": np.exp(rng.uniform(np.log(1e-4), np.log(1e-2), n)), "dropout": rng.uniform(0, 0.5, n),
-        "hidden": rng.choice(np.arange(128, 1025, 128), n).astype(float),
-        "status": rng.choice(["completed", "stopped"], n, p=[0.4, 0.6]), "epochs": rng.integers(2, 8, n),
-        "train_seconds": 60.0, "params": 1e6,
-    })
-    t["val_CIDEr-D"] = 0.5 - 4 * (t["dropout"] - 0.25) ** 2 + rng.normal(0, 0.005, n)
-    t.loc[0, "status"] = "errored"
-    t.loc[0, "val_CIDEr-D"] = np.nan
-    return t
-
-
 def test_effects_rank_the_driving_parameter_first_and_answer_side_questions():
     e = compute_effects(trials_frame(), SPACE)
     assert e.n_trials == 29  # the errored trial is left out
@@ -222,16 +172,6 @@ def test_edge_warning_fires_at_the_edge_and_not_in_the_middle():
     # The high edge of a loss (lower is better) uses the minimum as the best trial.
     t2 = pd.DataFrame({"dropout": [0.48, 0.1], "val_loss": [1.0, 2.0]})
     assert [w.side for w in edge_warnings(t2, {"dropout": SPACE["dropout"]}, "val_loss", by=None)] == ["high"]
-
-
-def history_frame(trials: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for _, t in trials.iterrows():
-        for epoch in range(1, int(t["epochs"]) + 1):
-            rows.append({"trial_id": t["trial_id"], "inject": t["inject"], "epoch": epoch,
-                         "val_CIDEr-D": (t["val_CIDEr-D"] if pd.notna(t["val_CIDEr-D"]) else 0.1) * epoch / 8,
-                         "val_loss": 3 - epoch * 0.1, "train_loss": 3 - epoch * 0.15})
-    return pd.DataFrame(rows)
 
 
 def test_report_builds_with_real_pngs(tmp_path):

@@ -183,3 +183,36 @@ def test_mlflow_is_called_from_one_module_and_ray_tune_from_one_package():
             tune_users.add(name)
     assert mlflow_users == {"study.tracking.mlflow_store"}
     assert not tune_users, tune_users
+
+
+# Where JSON is parsed above the records layer, and why none of it is a record one stage writes and another reads:
+# those are parsed in study/records alone, typed (issue 30: no stage reads another stage's raw JSON). The search
+# (study/tuning) parses only its own and Tune's state, which the others read through study.records.trial_tables.
+JSON_PARSED_ABOVE_THE_RECORDS = {
+    "study.stages.confirm": 1,  # a config's JSON round trip, no file
+    "study.stages.evaluate": 1,  # the dataset JSON the user names, for the set's name
+    "study.stages.report": 1,  # a frame's values as JSON for MLflow, no file
+    "study.stages.reproduce": 1,  # an export folder's provenance.json, not a study folder's file
+}
+
+
+def test_only_the_records_layer_parses_what_a_stage_wrote():
+    above = ("study.stages", "study.cli", "study.study", "study.context", "study.profiling", "study.leaderboard")
+    found = {}
+    for name, path in _modules().items():
+        if name.startswith(above):
+            calls = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+                     and ast.unparse(node.func) in ("json.loads", "json.load")]
+            if calls:
+                found[name] = len(calls)
+    assert found == JSON_PARSED_ABOVE_THE_RECORDS
+
+
+def test_no_test_module_imports_another_what_they_share_is_in_helpers():
+    borrowed = {}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("tests.test_", "conftest")) \
+                    and node.module != f"tests.{path.stem}":
+                borrowed.setdefault(path.name, []).append(node.module)
+    assert not borrowed, borrowed

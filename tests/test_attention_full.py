@@ -15,7 +15,7 @@ from study.data.tokens import PAD
 from study.models import build_captioner
 from study.models.inject import doubly_stochastic_penalty
 from study.registry import CELLS
-from tests.test_models import CLASSES, FEAT, VOCAB, WORDS, synthetic_task, tiny_cfg
+from tests.helpers import CLASSES, FEAT, VOCAB, WORDS, synthetic_task, tiny_cfg
 
 torch.set_num_threads(1)
 

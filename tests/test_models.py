@@ -8,40 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from study.config import ConfigError, TrialConfig
+from study.config import ConfigError
 from study.data.tokens import END, PAD, START
 from study.models import build_captioner, build_cell_stack
 from study.models.cells import PeepholeLSTM
 from study.registry import CELLS, METHODS
+from tests.helpers import CLASSES, FEAT, VOCAB, WORDS, synthetic_task, tiny_cfg
 
 torch.set_num_threads(1)
-
-FEAT, GRID, CLASSES, WORDS, VOCAB = 16, 4, 8, 5, 24
-
-
-def tiny_cfg(cell: str, inject: str, **kw) -> TrialConfig:
-    base = dict(cell=cell, inject=inject, hidden=32, embed=16, attention_dim=16, dropout=0.0, layers=1)
-    return TrialConfig(**(base | kw))
-
-
-def synthetic_task(images: int = 32, seed: int = 0):
-    """Each image shows one of CLASSES prototypes in a random grid cell; its caption is that class's fixed
-    random word sequence. Without the image the best achievable loss is ln(CLASSES) / (WORDS + 1) per token."""
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(CLASSES, FEAT, generator=g) * 2
-    sentences = torch.randint(4, VOCAB, (CLASSES, WORDS), generator=g)
-    cls = torch.arange(images) % CLASSES
-    grid = torch.randn(images, GRID, FEAT, generator=g) * 0.3
-    where = torch.randint(0, GRID, (images,), generator=g)
-    grid[torch.arange(images), where] += protos[cls]
-    pooled = grid.mean(dim=1)
-    words = sentences[cls]  # (N, WORDS)
-    start = torch.full((images, 1), START)
-    end = torch.full((images, 1), END)
-    tokens_in, targets = torch.cat([start, words], 1), torch.cat([words, end], 1)  # (N, WORDS + 1)
-    # Features come from the cache as float16.
-    return pooled.half(), grid.half(), tokens_in, targets
-
 
 def loss_of(model, pooled, grid, tokens_in, targets) -> torch.Tensor:
     logits = model(pooled, grid, tokens_in)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from analysis.report import ReportInputs, VerdictSettings, build_report
 from study.registry import method_colors, method_roles
-from tests.test_analysis import EQUAL, history_frame, per_image_frame, runs_frame, trials_frame
+from tests.helpers import EQUAL, history_frame, per_image_frame, runs_frame, trials_frame
 
 BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 

@@ -11,21 +11,10 @@ import pytest
 
 from study.config import ConfigError
 from study.spec import load_spec
+from tests.helpers import GOOD_SPEC as GOOD  # a small valid spec
 
 REPO = Path(__file__).resolve().parents[1]
 
-GOOD = """
-name: t
-dataset: {kind: shapes, images: 60}
-fixed: {cell: lstm}
-space:
-  inject: {choice: [init, attention]}
-  lr: {loguniform: [1.0e-3, 1.0e-2]}
-  attention_dim: {choice: [32, 64], when: {inject: attention}}
-stratify: inject
-search: {trials: 4}
-asha: {max_epochs: 3, grace_period: 1}
-"""
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -189,3 +178,63 @@ def test_the_margin_is_written_in_points_and_an_older_specs_0_to_1_margin_still_
 def test_a_spec_giving_the_margin_on_both_scales_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="margin .the 0..1 scale. and margin_points both given"):
         load_spec(_write(tmp_path, GOOD + "confirm: {margin: 0.02, margin_points: 2}\n"))
+
+
+def _points(points: str) -> str:
+    return GOOD.replace("search: {trials: 4}", f"search: {{trials: 4, points_to_evaluate: [{points}]}}")
+
+
+# ----- spec mistakes found before Ray starts (issue 11, item 5) -------------------------------------------------------
+@pytest.mark.parametrize("text, needles", [
+    (GOOD + "metric: val_cider\n", ["metric", "val_cider", "val_CIDEr-D", "val_loss"]),
+    (GOOD + "metric: epoch_seconds\n", ["metric", "epoch_seconds", "allowed"]),
+    (GOOD + "metric: val_loss\nmode: max\n", ["mode", "val_loss", "mode: min"]),
+    (GOOD + "mode: maxx\n", ["mode", "max", "min"]),
+    (GOOD.replace("when: {inject: attention}", "when: {inject: attentoin}"),
+     ["space.attention_dim.when.inject", "attentoin", "['init', 'attention']"]),
+    (GOOD.replace("when: {inject: attention}", "when: {inject: [init, atention]}"),
+     ["space.attention_dim.when.inject", "atention"]),
+    (GOOD.replace("fixed: {cell: lstm}", "fixed: {cell: lstm, layers: 1}").replace(
+        "when: {inject: attention}", "when: {layers: 2}"), ["when.layers", "fixed to 1"]),
+    (GOOD.replace("when: {inject: attention}", "when: {lr: 0.5}"), ["when.lr", "drawn from a continuous range"]),
+    # search.points_to_evaluate: a point of the space, in its method's budget
+    (_points("{inject: init, lr: 0.5}"),
+     ["points_to_evaluate[0]", "lr = 0.5", "outside space.lr"]),
+    (_points("{inject: init, hiden: 64}"),
+     ["points_to_evaluate[0]", "hiden", "not searched"]),
+    (_points("{inject: init, attention_dim: 32}"),
+     ["points_to_evaluate[0]", "attention_dim", "sampled only where"]),
+    (_points("{inject: init}, {inject: init}, {inject: init}"),
+     ["points_to_evaluate", "more points for init than its 2 trials"]),
+])
+def test_metric_mode_and_when_values_are_checked_when_the_spec_loads(tmp_path, text, needles):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    assert_spec_refused(path, needles)
+
+
+def test_a_condition_on_a_later_parameter_is_refused_since_it_could_never_hold(tmp_path):
+    # Optuna samples space in file order: a `when` naming a parameter listed after it never sees its value.
+    path = tmp_path / "spec.yaml"
+    in_order = """  inject: {choice: [init, attention]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+  attention_dim: {choice: [32, 64], when: {inject: attention}}"""
+    condition_first = """  attention_dim: {choice: [32, 64], when: {inject: attention}}
+  inject: {choice: [init, attention]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}"""
+    path.write_text(GOOD.replace(in_order, condition_first))
+    with pytest.raises(ConfigError, match="space.attention_dim.when.inject: 'inject' is searched after"):
+        load_spec(path)
+
+
+def test_dry_run_catches_a_bad_metric_and_a_misspelt_condition(tmp_path):
+    for i, (text, needle) in enumerate([(GOOD + "metric: val_cider\n", "val_cider"),
+                                        (GOOD.replace("when: {inject: attention}", "when: {inject: attentoin}"),
+                                         "attentoin")]):
+        path = tmp_path / f"spec{i}.yaml"
+        path.write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "study", "run", str(path), "--dry-run"], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, proc.stdout
+        assert needle in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from study.context import StudyContext
-from study.tuning.callbacks import SearchTimeBudget, read_search_time
+from study.records import read_search_time
+from study.tuning.callbacks import SearchTimeBudget
 from tests.helpers import study_spec
 
 
@@ -20,7 +21,7 @@ def test_the_budget_is_summed_over_drivers(tmp_path):
     ledger.write_text(json.dumps({"budget_s": 100.0, "used_s": 100.0, "spent": False}))  # an earlier driver
     restored = SearchTimeBudget(100.0, ledger)
     assert restored.stop_all()  # reads what was used and stops at once
-    assert read_search_time(ledger)["spent"]
+    assert read_search_time(ledger).spent
 
 
 @pytest.mark.slow
@@ -42,7 +43,7 @@ def test_a_spent_budget_ends_the_search_normally_and_resume_adds_no_trials(tmp_p
     finally:
         shutdown()
     ledger = read_search_time(outcome.study_dir / "search_time.json")
-    assert ledger["spent"] and ledger["used_s"] >= 15
+    assert ledger.spent and ledger.used_s >= 15
     assert not outcome.interrupted
     ran = len(outcome.trials)
     assert 0 < ran < 5000

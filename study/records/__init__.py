@@ -1,6 +1,8 @@
 """Records: what one stage writes into the study folder and another reads, with its reader and writer, below every
-stage (this module imports none: ``tests/test_architecture.py`` checks), so stages read each other's results here
-instead of importing each other (issue 30's records layer, begun).
+stage (the layer imports none: ``tests/test_architecture.py`` checks), so stages read each other's results here
+instead of importing each other, and parse nothing another stage wrote themselves (that test counts where JSON
+is parsed above this layer). Each record is a pydantic model, validated on read: a damaged file is a
+``RecordError`` naming it and what to do (``run_results.read_record``), never a ``KeyError`` in a report.
 
 - ``TestSplitRecord`` (``test_split.json``): what the confirm stage knew of the data when it scored the test split,
   the prepared data's ``info`` (the report's provenance) and the first test images with a reference each (the
@@ -8,6 +10,7 @@ instead of importing each other (issue 30's records layer, begun).
   data just to learn those few facts.
 - ``ExportManifest`` (``export.json`` in an export folder): the study and the files its export wrote, and
   ``SCORES_KEY``: whether a report's and an export's tables hold scores in points.
+- ``SearchTime`` (``search_time.json``): the search's time budget and the seconds it used.
 - ``missing``, the one test for an absent value.
 
 The other records have modules of their own here: the runs' results on test sets (``run_results``), the decide
@@ -29,6 +32,27 @@ from study.records.files import atomic_write_json, atomic_write_text
 if TYPE_CHECKING:
     from study.data.prepare import PreparedData
     from study.records.paths import StudyPaths
+
+
+class SearchTime(BaseModel):
+    """``search_time.json``: the search's time budget, summed over every driver of the study (written by
+    ``study.tuning.callbacks.SearchTimeBudget``; read by the report's provenance and ``study profile``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    budget_s: float | None = None
+    used_s: float = 0.0  # wall seconds the search has run, over every driver
+    spent: bool = False
+
+
+def read_search_time(path: Path) -> SearchTime:
+    """The budget's ledger (nothing used before the search starts)."""
+    from study.records.run_results import read_record
+
+    if not Path(path).is_file():
+        return SearchTime()
+    return read_record(SearchTime, Path(path), "delete it to restart the budget's clock from zero",
+                       what="search time ledger")
 
 
 def missing(value: Any) -> bool:

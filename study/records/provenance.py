@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from study.records import SCORES_IN_POINTS, SCORES_KEY
+from study.records import SCORES_IN_POINTS, SCORES_KEY, read_search_time
 from study.records.files import atomic_write_json
 from study.records.paths import StudyPaths
 from study.records.run_results import read_confirm_results
@@ -35,8 +35,8 @@ def provenance(paths: StudyPaths, data_info: dict[str, Any], *, report_commit: s
             "image encoder": str(data_info.get("encoder")),
             "precision": _precision(paths)}
     if paths.search_time.is_file():
-        used = json.loads(paths.search_time.read_text())
-        rows["search time budget"] = f"{_hours(used['used_s'])} used of {_hours(used['budget_s'])}"
+        used = read_search_time(paths.search_time)
+        rows["search time budget"] = f"{_hours(used.used_s)} used of {_hours(used.budget_s)}"
     spans = [(r.started_ms / 1000, r.ended_ms / 1000) for r in read_confirm_results(paths).values()
              if r.started_ms and r.ended_ms]  # runs from before spans were recorded have none
     rows.update(wall_time_rows(Journal(paths.journal, paths.journal_sent), spans))

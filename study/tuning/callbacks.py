@@ -3,7 +3,6 @@ tracker, where every MLflow call lives), the time budget, and the trials' run na
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -14,7 +13,7 @@ from ray import tune
 from ray.tune.progress_reporter import TrialProgressCallback
 
 from analysis.metric_table import format_metric
-from study.records import missing
+from study.records import missing, read_search_time
 from study.records.files import atomic_write_json
 from study.records.trial_tables import diverged_reason, last_line
 from study.spec import REPORTED, StudySpec
@@ -59,7 +58,7 @@ class SearchProgress:
     def _postfix(self) -> None:
         parts = [f"{m} {format_metric(self.spec.metric, v)}" for m, v in self.best.items()]
         if self.budget is not None and self.spec.search.time_budget_h:
-            left = self.spec.search.time_budget_h * 3600 - read_search_time(self.budget)["used_s"]
+            left = self.spec.search.time_budget_h * 3600 - read_search_time(self.budget).used_s
             parts.insert(0, f"budget left {max(left, 0) / 60:.0f} min")
         self.bar.set_postfix_str(f"best {self.spec.metric}: " + ", ".join(parts) if self.best else
                                  ", ".join(parts), refresh=True)
@@ -218,7 +217,7 @@ class SearchTimeBudget(tune.Stopper):
     def stop_all(self) -> bool:
         now = time.monotonic()
         if self._clock is None:
-            self._clock, self._before, self._written = now, read_search_time(self.ledger)["used_s"], 0.0
+            self._clock, self._before, self._written = now, read_search_time(self.ledger).used_s, 0.0
         # Parenthesised: (before + now) - clock rounds at the scale of the monotonic clock, so a ledger already
         # at the budget could read 99.99999999 of 100 s and never stop.
         used = self._before + (now - self._clock)
@@ -240,8 +239,3 @@ class SearchTimeBudget(tune.Stopper):
             self.ledger = Path(next(iter(_LIVE))) / self.ledger.name
 
 
-def read_search_time(ledger: Path) -> dict[str, Any]:
-    """``{"budget_s", "used_s", "spent"}`` of a study's time budget (zeros before the search starts)."""
-    if not Path(ledger).is_file():
-        return {"budget_s": None, "used_s": 0.0, "spent": False}
-    return json.loads(Path(ledger).read_text())

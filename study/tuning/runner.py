@@ -23,6 +23,7 @@ from ray import tune
 from study.config import ConfigError
 from study.configure import configure
 from study.context import StudyContext
+from study.records import read_search_time
 from study.records.files import is_disk_full
 from study.records.paths import StudyPaths
 from study.records.trial_tables import experiment_states, experiment_trials, load_trial_tables
@@ -35,7 +36,6 @@ from study.tuning.callbacks import (
     SearchTimeBudget,
     SilentTrialProgress,
     TrackingCallback,
-    read_search_time,
     trial_name,
 )
 from study.tuning.optuna_export import export_optuna_studies
@@ -176,7 +176,7 @@ def _interrupted(spec, paths, table: pd.DataFrame) -> bool:
     """Whether the search stopped before its end: a trial unfinished, or fewer trials than the cap while neither
     the time budget nor every arm's trial-epoch budget is spent (those end a search normally)."""
     unfinished = table[~table["status"].isin(["completed", "stopped", "errored"])] if len(table) else table
-    all_ran = (len(table) >= total_trials(spec) or read_search_time(paths.search_time)["spent"]
+    all_ran = (len(table) >= total_trials(spec) or read_search_time(paths.search_time).spent
                or arm_budgets_spent(spec, table))
     return len(unfinished) > 0 or not all_ran
 
