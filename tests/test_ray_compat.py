@@ -3,6 +3,8 @@ import, and still called by Tune's real controller (a real Tuner on a local Ray,
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from study.tuning import ray_compat
@@ -60,3 +62,10 @@ def test_tunes_real_controller_calls_the_patched_methods(tmp_path):
     stored = sorted(p.name for p in (tmp_path / "compat").iterdir() if p.is_file())
     assert any(name.startswith("experiment_state-") for name in stored) and "tuner.pkl" in stored
     assert not [name for name in stored if ".upload-" in name]  # each file renamed into place once whole
+    # Tune's snapshot is written beside itself and renamed (the upload thread never copies it half-written),
+    # and the stored one is the state Tune saved: the finished trial, read back with Tune's own decoder.
+    assert ray_compat.calls["save_to_dir"] > before.get("save_to_dir", 0)
+    assert not [name for name in stored if name.startswith(".") and name != ".validate_storage_marker"]
+    state = json.loads((tmp_path / "compat" / next(n for n in stored if n.startswith("experiment_state-")))
+                       .read_text())
+    assert len(state["trial_data"]) == 1 and "runner_data" in state and "start_time" in state["stats"]

@@ -10,6 +10,9 @@ with a workaround that silently stopped applying. What is relied on:
 * ``ray.train._internal.storage._upload_to_fs_path``, which copies the driver's experiment snapshot over the
   stored one in place, so a full disk left it torn: each file is now written beside its target and renamed
   (``atomic_experiment_uploads``).
+* ``TuneController.save_to_dir``, which rewrote ``experiment_state-*.json`` in place in the driver's staging
+  folder while the previous snapshot's upload (a background thread) could be copying it: it is now written
+  beside itself and renamed (``atomic_experiment_state_writes``).
 * The loggers ``ray.tune.execution.tune_controller`` and ``ray.tune.execution.experiment_state``, which print a
   traceback for each write a full disk refuses (``quiet_full_disk_logs``).
 * ``TuneController.resume`` and the search generator's pickled ``Experiment`` (``_experiment.storage``, also its
@@ -59,6 +62,8 @@ _EXPECTED = {
     "_process_trial_failure": ["self", "trial", "exception"],
     "_set_trial_status": ["self", "trial", "status"],
     "resume": ["self", "resume_config"],
+    "save_to_dir": ["self"],
+    "_get_trial_checkpoints": ["self"],
 }
 
 calls: Counter[str] = Counter()  # patch name -> times Tune called it in this process
@@ -96,6 +101,7 @@ def install() -> None:
     drop_duplicate_actor_failures()
     snapshot_on_trial_start_and_end()
     quiet_full_disk_logs()
+    atomic_experiment_state_writes()
     atomic_experiment_uploads()
     new_trials_where_the_study_is_now()
 
@@ -184,6 +190,8 @@ def atomic_experiment_uploads() -> None:
             target_folder = fs_path if relative == "." else posixpath.join(fs_path, *relative.split(os.sep))
             fs.create_dir(target_folder, recursive=True)
             for name in names:
+                if name.startswith("."):  # a temporary being written (Tune's and ours): the next upload has it
+                    continue
                 target = posixpath.join(target_folder, name)
                 partial = posixpath.join(target_folder, f".{name}.upload-{os.getpid()}")
                 try:
@@ -196,6 +204,42 @@ def atomic_experiment_uploads() -> None:
 
     upload.uploads_atomically = True
     storage_module._upload_to_fs_path = upload
+
+
+def atomic_experiment_state_writes() -> None:
+    """Write Tune's ``experiment_state-*.json`` in the driver's staging folder through a temporary name, renamed
+    over it once whole, as Tune already writes the search generator's state.
+
+    Tune rewrote it in place (``open(..., "w")``) at each snapshot, before waiting for the previous snapshot's
+    upload, which runs in a background thread and copies the staging folder file by file; an upload that read
+    the file between the truncation and the write stored it empty or torn, and ``study resume`` could not read
+    the study. The upload opens the file once, so it now copies either the old state or the new one, whole.
+    The body is Tune's own ``save_to_dir`` but for the write (Ray is pinned; ``check_ray`` checks the
+    signatures it uses)."""
+    import json
+    from pathlib import Path
+
+    from ray.tune.utils.serialization import TuneFunctionEncoder
+
+    if getattr(TuneController.save_to_dir, "writes_atomically", False):
+        return
+
+    def save_to_dir(self) -> None:
+        calls["save_to_dir"] += 1
+        runner_state = {"trial_data": list(self._get_trial_checkpoints().values()),
+                        "runner_data": self.__getstate__(), "stats": {"start_time": self._start_time}}
+        staging = Path(self._storage.experiment_driver_staging_path)
+        staging.mkdir(parents=True, exist_ok=True)
+        target = staging / self.experiment_state_file_name
+        partial = staging / f".{target.name}.writing-{os.getpid()}"  # a dotfile: no upload copies it
+        with open(partial, "w") as f:
+            json.dump(runner_state, f, cls=TuneFunctionEncoder)
+        os.replace(partial, target)
+        self._search_alg.save_to_dir(str(staging), session_str=self._session_str)
+        self._callbacks.save_to_dir(str(staging), session_str=self._session_str)
+
+    save_to_dir.writes_atomically = True
+    TuneController.save_to_dir = save_to_dir
 
 
 class _DropFullDiskTracebacks(logging.Filter):
@@ -221,7 +265,7 @@ def snapshot_on_trial_start_and_end() -> None:
     those status changes shrinks that window to the time one snapshot takes to reach storage. The flag set
     here is the one Tune itself sets to force a snapshot, and is honoured at the end of the controller's
     current step, after the trial's own state is updated. Ray is pinned (pyproject.toml) because this touches
-    the controller's private state; tests/test_integrity.py's kill test proves it still works."""
+    the controller's private state; tests/test_driver_kills.py's kill test proves it still works."""
     original = TuneController._set_trial_status
     if getattr(original, "snapshots_on_trial_status", False):
         return
@@ -247,7 +291,7 @@ def ensure_ray(address: str | None) -> None:
     machine's outward address on purpose, and only its single-machine mode (``ENABLE_RAY_CLUSTER`` off, what
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` sets) picks 127.0.0.1 instead; that switch is read when
     ``ray.init`` asks for the node's address, so it is turned off for this call only. With it nothing listens
-    beyond loopback (tests/test_integrity.py checks every socket Ray's processes listen on)."""
+    beyond loopback (tests/test_offline_study.py checks every socket Ray's processes listen on)."""
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
