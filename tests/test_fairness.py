@@ -108,7 +108,9 @@ def test_a_confirm_result_trained_with_another_config_is_set_aside_and_trained_a
     def stored(name: str, cfg: TrialConfig, **changes) -> None:
         config = {**cfg.model_dump(mode="json", by_alias=True, exclude={"dataset"}), **changes}
         config.pop("val_captions", None)  # a field added since: not compared
-        paths.confirm_result(name).write_text(json.dumps({"config": config, "scores": {}}))
+        paths.confirm_result(name).write_text(json.dumps({  # a whole result as the stage writes it (no images)
+            "method": name.split("-")[0], "config_rank": 1, "seed": 0, "config": config, "scores": {},
+            "captions": [], "per_image": {}}))
         paths.confirm_model(name).write_bytes(b"model")
 
     stored("init-r1-s0", init_run[3])
