@@ -67,10 +67,11 @@ class ScoredRun(BaseModel):
 
         names = list(dict.fromkeys([*PER_IMAGE, *self.per_image]))
         image_ids = sorted({k for by_image in self.per_image.values() for k in by_image}, key=int)
-        return [{"method": self.method, "config_rank": self.config_rank, "seed": self.seed, "image_id": int(i),
-                 **{m: _number(self.per_image.get(m, {}).get(i)) for m in names}} for i in image_ids]
+        return [{**self.identity(), "image_id": int(i), **{m: _number(self.per_image.get(m, {}).get(i)) for m in names}}
+                for i in image_ids]
 
     def identity(self) -> dict[str, Any]:
+        """``method, config_rank, seed``: which run this is (the keys every frame joins on)."""
         return {"method": self.method, "config_rank": self.config_rank, "seed": self.seed}
 
 
