@@ -15,7 +15,7 @@ from study.data.tokens import PAD
 from study.models import build_captioner
 from study.models.inject import doubly_stochastic_penalty
 from study.registry import CELLS
-from tests.helpers import CLASSES, FEAT, VOCAB, WORDS, synthetic_task, tiny_cfg
+from tests.helpers import CLASSES, FEAT, GOOD_SPEC, VOCAB, WORDS, synthetic_task, tiny_cfg
 
 torch.set_num_threads(1)
 
@@ -179,18 +179,14 @@ def test_other_methods_ignore_the_attention_fields_and_return_no_weights() -> No
     assert alpha is None and torch.equal(logits, plain.eval()(pooled, grid, tokens_in))
 
 
-SPEC = """
-name: t
-dataset: {kind: shapes, images: 60}
-fixed: {cell: lstm}
-space:
-  inject: {choice: [init, attention]}
-  attention_init: {choice: [false, true], when: {inject: attention}}
-  attention_penalty: {PENALTY, when: {inject: attention}}
-stratify: inject
-search: {trials: 4}
-asha: {max_epochs: 3, grace_period: 1}
-"""
+# The shared small spec with attention's two fields searched in place of lr and attention_dim; PENALTY: the
+# penalty's distribution.
+_SEARCHED = """  lr: {loguniform: [1.0e-3, 1.0e-2]}
+  attention_dim: {choice: [32, 64], when: {inject: attention}}"""
+_ATTENTION_FIELDS = """  attention_init: {choice: [false, true], when: {inject: attention}}
+  attention_penalty: {PENALTY, when: {inject: attention}}"""
+SPEC = GOOD_SPEC.replace(_SEARCHED, _ATTENTION_FIELDS)
+assert "PENALTY" in SPEC
 
 
 @pytest.mark.parametrize("penalty", ["choice: [0.0, 1.0]", "uniform: [0.0, 2.0]", "quniform: [0.0, 2.0, 0.5]"])
