@@ -84,5 +84,9 @@ def sequential_plan(spec: "StudySpec", paths: "StudyPaths", max_seeds: int | Non
 
 def report_level(spec: "StudySpec", paths: "StudyPaths") -> float:
     """The intervals' level the report uses: 95%, or the sequential plan's per-look level after ``study decide``."""
-    plan = sequential_plan(spec, paths)
+    return plan_level(sequential_plan(spec, paths))
+
+
+def plan_level(plan: "SequentialPlan | None") -> float:
+    """The level of a plan's every look, 95% without one (the fixed design)."""
     return plan.level if plan else 0.95

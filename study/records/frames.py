@@ -62,8 +62,7 @@ def confirm_frame(paths: StudyPaths, spec: "StudySpec | None" = None) -> pd.Data
         row.update({m: result.scores.get(m) for m in CORPUS_METRICS})
         row.update(epochs=result.epochs, train_seconds=result.train_seconds, seconds=result.seconds,
                    params=result.params)
-        chosen = result.chosen  # which epoch's model the run was scored with, and why training stopped
-        row.update(chosen_epoch=chosen.chosen_epoch, selection=chosen.rule, stopped=chosen.stopped)
+        row.update(result.chosen_columns())  # which epoch's model the run was scored with, and why training stopped
         row.update({k: v for k, v in result.config.items() if k not in row})
         rows.append(row)
     columns = ["run", "method", "config_rank", "seed", "torch_seed", *CORPUS_METRICS, "epochs", "train_seconds",

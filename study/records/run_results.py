@@ -94,6 +94,12 @@ class ConfirmResult(ScoredRun):
         """The chosen epoch (a run from before the rule was recorded was scored at its last one)."""
         return self.selection or Selection(chosen_epoch=self.epochs or len(self.history))
 
+    def chosen_columns(self) -> dict[str, Any]:
+        """``chosen_epoch, selection, stopped``: the frames' columns for which epoch's model was scored, and why
+        training stopped."""
+        chosen = self.chosen
+        return {"chosen_epoch": chosen.chosen_epoch, "selection": chosen.rule, "stopped": chosen.stopped}
+
 
 class EvaluationResult(ScoredRun):
     """A confirm run's model scored on a set ``study evaluate`` read, with what identifies that set and model."""
@@ -150,10 +156,8 @@ def load_confirm(paths: "StudyPaths", test: "TestSplitRecord | None" = None
     shown = test.gallery if test is not None else []
     for result in read_confirm_results(paths).values():
         image_rows += result.per_image_rows()
-        chosen = result.chosen  # which epoch's model was scored, and why training stopped
         run_rows.append({**result.identity(), "params": result.params, "train_seconds": result.train_seconds,
-                         "seconds": _number(result.seconds), "epochs": result.epochs,
-                         "chosen_epoch": chosen.chosen_epoch, "selection": chosen.rule, "stopped": chosen.stopped,
+                         "seconds": _number(result.seconds), "epochs": result.epochs, **result.chosen_columns(),
                          "test_images": len(result.captions), "distinct_captions": len(set(result.captions)),
                          **result.scores})
         if result.config_rank == 1 and result.seed == 0:

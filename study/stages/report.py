@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from analysis.metric_table import format_metric
-from study.records.decide_log import report_level, sequential_plan
+from study.records.decide_log import plan_level, sequential_plan
 from study.tracking.mlflow_view import experiment_address
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def write_report(ctx: "StudyContext", *, console: Any = None) -> Path:
     origin = provenance(paths, data_info, report_commit=git_commit())
     per_image, runs, gallery = load_confirm(paths, test_split)
     plan = sequential_plan(spec, paths)
-    level, comparator, test_name = report_level(spec, paths), read_comparator(paths), test_set_name(spec)
+    level, comparator, test_name = plan_level(plan), read_comparator(paths), test_set_name(spec)
     notes: dict[str, str | None] = {}  # the decision note, computed once for the report and the console
     # study evaluate's sets and the pooled verdict (study/records/verdicts.py): [] for a study never evaluated
     evaluated = evaluated_verdicts(paths, spec, level=level)

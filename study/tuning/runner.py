@@ -165,7 +165,7 @@ def space_table(spec: StudySpec) -> list[str]:
             for row in rows]
 
 
-def _finish(spec, paths) -> pd.DataFrame:
+def _finish(spec) -> pd.DataFrame:
     """After a search that returned: pruned checkpoints dropped, the Optuna export written; the trial table."""
     drop_pruned_checkpoints(spec)
     export_optuna_studies(spec)
@@ -225,7 +225,7 @@ def run_study(ctx: StudyContext, *, address: str | None = None, max_concurrent: 
         if resume:
             log.warning("no Tune state at %s yet: starting the study", paths.tune)
         tuner = _new_tuner(spec, paths, trainable, callback, max_concurrent, verbose)
-    table = _finish(spec, paths) if _fit(tuner, paths, progress_bar) is not None else None
+    table = _finish(spec) if _fit(tuner, paths, progress_bar) is not None else None
     interrupted = table is None or _interrupted(spec, paths, table)
     tracker.finish_study("KILLED" if interrupted else "FINISHED")
     return StudyOutcome(spec.name, paths.root, uri, experiment, table, interrupted, time.perf_counter() - t0)
